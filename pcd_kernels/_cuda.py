@@ -1,0 +1,65 @@
+"""Loads the compiled CUDA extension ``pcd_kernels._C`` and says plainly why it is unavailable.
+
+Importing pcd_kernels never fails because the extension is missing: the torch and Triton
+backends do not need it. Code that does need it calls :func:`extension` and gets a RuntimeError
+that explains what is wrong and how to build it.
+"""
+import importlib
+from typing import Optional
+
+_BUILD_HINT = (
+    "Build it with nvcc (CUDA 12+) on PATH or CUDA_HOME set: "
+    "`pip install -e . --no-build-isolation` in the pcd_kernels checkout "
+    "(PCD_KERNELS_CUDA_ARCHS overrides the default '80;90a')."
+)
+
+_module = None
+_error: Optional[str] = None
+
+
+def _load():
+    global _module, _error
+    if _module is not None or _error is not None:
+        return
+    try:
+        _module = importlib.import_module("pcd_kernels._C")
+    except ImportError as exc:
+        _error = (f"the CUDA extension pcd_kernels._C is not built ({exc}); the package was "
+                  "installed without it (nvcc not found or PCD_KERNELS_NO_CUDA=1 at install "
+                  f"time). {_BUILD_HINT}")
+
+
+def is_built() -> bool:
+    """True when the compiled extension can be imported (it may still find no GPU)."""
+    _load()
+    return _module is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the extension cannot be imported, or None when it can."""
+    _load()
+    return _error
+
+
+def extension():
+    """The compiled module; raises RuntimeError saying why when it is missing."""
+    _load()
+    if _module is None:
+        raise RuntimeError(_error)
+    return _module
+
+
+def probe(device=None) -> int:
+    """Run the extension's self-test kernel on ``device`` (default: the current CUDA device).
+
+    Returns 42 when the build carries code for this GPU and launches work; raises RuntimeError
+    naming the failing CUDA step otherwise.
+    """
+    import torch
+
+    ext = extension()
+    if not torch.cuda.is_available():
+        raise RuntimeError("pcd_kernels._C is built, but torch sees no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return ext.probe(device.index if device.index is not None else 0, stream, 41)
