@@ -1,0 +1,7 @@
+"""pcd_kernels: fused Triton and CUDA kernels for dense (pixel-wise) contrastive distillation."""
+from pcd_kernels.nn.pixel_contrastive import PixelContrastiveLoss
+from pcd_kernels.ops.pixel_contrastive import pixel_contrastive_loss
+
+__version__ = "0.1.0"
+
+__all__ = ["pixel_contrastive_loss", "PixelContrastiveLoss", "__version__"]

@@ -1,0 +1,4 @@
+"""nn.Module forms of the ops."""
+from pcd_kernels.nn.pixel_contrastive import PixelContrastiveLoss
+
+__all__ = ["PixelContrastiveLoss"]

@@ -1,0 +1,125 @@
+"""``PixelContrastiveLoss``: the module form of ``pixel_contrastive_loss``, optionally owning a
+MoCo-style queue of negative keys."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pcd_kernels.ops._checks import check_bool, check_choice, check_positive_finite, check_tensor
+from pcd_kernels.ops._dispatch import BACKENDS
+from pcd_kernels.ops.pixel_contrastive import NEGATIVES, REDUCTIONS, pixel_contrastive_loss
+
+
+class PixelContrastiveLoss(nn.Module):
+    """Pixel-wise InfoNCE loss module (see :func:`pcd_kernels.pixel_contrastive_loss`).
+
+    Args:
+        temperature, negatives, normalize, reduction: as in the functional form.
+        queue_size: when > 0 the module owns a ``queue`` buffer of ``queue_size`` keys of ``dim``
+            channels (unit random vectors at first, as in MoCo), used as negatives by every
+            forward and refreshed with :meth:`enqueue`.
+        dim: channels of the queued keys; required when ``queue_size > 0``.
+        process_group: used for ``negatives="batch"`` keys and for gathering enqueued keys; by
+            default :meth:`enqueue` gathers over the default group when torch.distributed is
+            initialised, and the loss uses this rank's pixels only.
+        backend: as in the functional form.
+
+    Example::
+
+        >>> import torch
+        >>> from pcd_kernels import PixelContrastiveLoss
+        >>> criterion = PixelContrastiveLoss(negatives="none", queue_size=1024, dim=32)
+        >>> s, t = torch.randn(2, 32, 7, 7, requires_grad=True), torch.randn(2, 32, 7, 7)
+        >>> loss = criterion(s, t)
+        >>> loss.backward()
+        >>> criterion.enqueue(t.mean(dim=(2, 3)))  # pooled teacher vectors become negatives
+    """
+
+    queue: Optional[Tensor]
+
+    def __init__(self, temperature: float = 0.2, negatives: str = "batch", normalize: bool = True,
+                 reduction: str = "mean", queue_size: int = 0, dim: Optional[int] = None, *,
+                 process_group=None, backend: str = "auto"):
+        super().__init__()
+        self.temperature = check_positive_finite("temperature", temperature)
+        self.negatives = check_choice("negatives", negatives, NEGATIVES)
+        self.normalize = check_bool("normalize", normalize)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.process_group = process_group
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
+        self.queue_size = queue_size
+        if queue_size > 0:
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"dim (channels of the queued keys) must be an int > 0 when "
+                                 f"queue_size > 0, got {dim!r}")
+            self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        else:
+            if negatives == "none":
+                raise ValueError("negatives='none' needs a queue: set queue_size > 0 and dim")
+            self.queue = None
+        self.dim = dim
+        # Host-side copy of queue_ptr: enqueue never reads the device buffer (no host sync).
+        self._ptr = 0
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        queue = self.queue
+        if queue is not None:
+            # The queue joins the computation in the student's precision, not the buffer's.
+            queue = queue.detach()
+            if student.dtype in (torch.float16, torch.bfloat16):
+                queue = queue.to(student.dtype)
+        return pixel_contrastive_loss(student, teacher, queue, negatives=self.negatives,
+                                      temperature=self.temperature, normalize=self.normalize,
+                                      mask=mask, reduction=self.reduction,
+                                      process_group=self.process_group, backend=self.backend)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Push ``keys`` (n, dim) into the queue, replacing the oldest; all ranks' keys when distributed.
+
+        Keys are L2-normalised first when ``normalize=True``. For maps, pool them first, e.g.
+        ``keys = teacher_map.mean(dim=(2, 3))`` (PCD queues pooled teacher vectors).
+        """
+        if self.queue is None:
+            raise RuntimeError("enqueue needs a queue: construct PixelContrastiveLoss with queue_size > 0")
+        check_tensor("keys", keys, 2, "(n, dim) ")
+        if keys.shape[1] != self.queue.shape[1]:
+            raise ValueError(f"keys must be (n, {self.queue.shape[1]}), got shape {tuple(keys.shape)}"
+                             + (" (pool maps first: keys.mean(dim=(2, 3)))" if keys.dim() == 4 else ""))
+        keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
+        if self.normalize:
+            keys = F.normalize(keys, dim=1)
+        keys = self._gather(keys)
+        n = keys.shape[0]
+        if n > self.queue_size:
+            keys, n = keys[-self.queue_size:], self.queue_size
+        slots = (torch.arange(n, device=self.queue.device) + self._ptr) % self.queue_size
+        self.queue.index_copy_(0, slots, keys)
+        self._ptr = (self._ptr + n) % self.queue_size
+        self.queue_ptr.fill_(self._ptr)
+
+    def _gather(self, keys: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return keys
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return keys
+        gathered = [torch.empty_like(keys) for _ in range(world)]
+        dist.all_gather(gathered, keys.contiguous(), group=self.process_group)
+        return torch.cat(gathered)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.queue is not None and prefix + "queue_ptr" in state_dict:
+            self._ptr = int(state_dict[prefix + "queue_ptr"])
+
+    def extra_repr(self) -> str:
+        queue = f", queue_size={self.queue_size}, dim={self.dim}" if self.queue_size else ""
+        return (f"temperature={self.temperature}, negatives={self.negatives!r}, "
+                f"normalize={self.normalize}, reduction={self.reduction!r}{queue}")

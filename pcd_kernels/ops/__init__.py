@@ -1,0 +1,1 @@
+"""One module per operation: argument checks, backend dispatch, the autograd/custom op."""

@@ -1,0 +1,237 @@
+"""``pixel_contrastive_loss``: pixel-wise InfoNCE without an (anchors x keys) matrix.
+
+This module owns the op's public function (argument checks, dtype promotion, the process-group
+gather, backend dispatch, the reduction) and its two ``torch.library`` custom ops, forward and
+backward, which run either the Triton kernels (``pcd_kernels/triton/pixel_contrastive.py``) or
+the chunked torch backend (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.1.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pcd_kernels import reference
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
+                                     check_same_device, check_tensor)
+from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend
+
+NEGATIVES = ("batch", "image", "none")
+REDUCTIONS = ("mean", "sum", "none")
+_OP = "pixel_contrastive_loss"
+
+
+def _run_forward(backend, *args):
+    if backend == "triton":
+        from pcd_kernels.triton import pixel_contrastive as kernels
+
+        return kernels.forward(*args)
+    return reference.pixel_contrastive_forward_chunked(*args)
+
+
+def _run_backward(backend, *args):
+    if backend == "triton":
+        from pcd_kernels.triton import pixel_contrastive as kernels
+
+        return kernels.backward(*args)
+    return reference.pixel_contrastive_backward_chunked(*args)
+
+
+@torch.library.custom_op("pcd_kernels::pixel_contrastive_forward", mutates_args=())
+def _forward_op(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra_keys: Optional[Tensor],
+                mask: Optional[Tensor], extra_mask: Optional[Tensor], negatives: str,
+                temperature: float, normalize: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-anchor (loss, saved_lse), each (B, H, W), 0 at masked pixels.
+
+    ``saved_lse`` is the state the same backend's backward reads: each anchor's logsumexp, in
+    natural log for the torch backend and base 2 for the Triton kernels (which work in base 2)."""
+    return _run_forward(backend, student, teacher, queue, extra_keys, mask, extra_mask, negatives,
+                        temperature, normalize)
+
+
+@_forward_op.register_fake
+def _forward_fake(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
+                  normalize, backend):
+    B, _, H, W = student.shape
+    loss = student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("pcd_kernels::pixel_contrastive_backward", mutates_args=())
+def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Optional[Tensor],
+                 extra_keys: Optional[Tensor], mask: Optional[Tensor], extra_mask: Optional[Tensor],
+                 loss: Tensor, lse: Tensor, negatives: str, temperature: float, normalize: bool,
+                 backend: str, needs_student: bool, needs_teacher: bool,
+                 needs_queue: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for (student, teacher, queue); an empty tensor stands for one not asked for."""
+    grads = _run_backward(backend, grad_loss, student, teacher, queue, extra_keys, mask, extra_mask,
+                          loss, lse, negatives, temperature, normalize, needs_student,
+                          needs_teacher, needs_queue)
+    return tuple(g if g is not None else student.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse,
+                   negatives, temperature, normalize, backend, needs_student, needs_teacher,
+                   needs_queue):
+    B, C, H, W = student.shape
+    empty = student.new_empty(0)
+    # Both backends return the maps' gradients as channels_last views of (B*H*W, C) rows.
+    as_map = lambda x: x.new_empty((B, H, W, C)).permute(0, 3, 1, 2)
+    return (as_map(student) if needs_student else empty,
+            as_map(teacher) if needs_teacher else empty,
+            queue.new_empty(queue.shape) if (needs_queue and queue is not None) else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize, backend = inputs
+    loss, lse = output
+    ctx.save_for_backward(student, teacher, queue, extra_keys, mask, extra_mask, loss, lse)
+    ctx.options = (negatives, temperature, normalize, backend)
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    student, teacher, queue, extra_keys, mask, extra_mask, loss, lse = ctx.saved_tensors
+    negatives, temperature, normalize, backend = ctx.options
+    need_s, need_t, need_q = ctx.needs_input_grad[:3]
+    need_q = need_q and queue is not None
+    grad_s, grad_t, grad_q = torch.ops.pcd_kernels.pixel_contrastive_backward(
+        grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse, negatives,
+        temperature, normalize, backend, need_s, need_t, need_q)
+    return (grad_s if need_s else None, grad_t if need_t else None, grad_q if need_q else None,
+            None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gather_pixel_keys(teacher: Tensor, mask: Optional[Tensor], group) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Every other rank's teacher pixels (rows, C) and validity, gathered without gradient."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return None, None
+    rank = dist.get_rank(group)
+    rows = reference.pixel_rows(teacher.detach()).contiguous()
+    valid = (mask.reshape(-1) if mask is not None
+             else torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)).to(torch.uint8)
+    all_rows = [torch.empty_like(rows) for _ in range(world)]
+    all_valid = [torch.empty_like(valid) for _ in range(world)]
+    dist.all_gather(all_rows, rows, group=group)
+    dist.all_gather(all_valid, valid, group=group)
+    others = [r for r in range(world) if r != rank]
+    return (torch.cat([all_rows[r] for r in others]),
+            torch.cat([all_valid[r] for r in others]).bool())
+
+
+def _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask, reduction, backend):
+    check_tensor("student", student, 4, "(B, C, H, W) ")
+    check_tensor("teacher", teacher, 4, "(B, C, H, W) ")
+    check_float("student", student)
+    check_float("teacher", teacher)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher must have the same shape, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if student.shape[1] == 0:
+        raise ValueError("student and teacher have 0 channels; need C >= 1")
+    check_choice("negatives", negatives, NEGATIVES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    temperature = check_positive_finite("temperature", temperature)
+    check_bool("normalize", normalize)
+    if queue is not None:
+        check_tensor("queue", queue, 2, "(K, C) ")
+        check_float("queue", queue)
+        if queue.shape[1] != student.shape[1]:
+            raise ValueError(f"queue must be (K, C) with C = {student.shape[1]} channels like student, got "
+                             f"shape {tuple(queue.shape)} (for the official (C, K) queue buffer pass "
+                             "queue.t())")
+    elif negatives == "none":
+        raise ValueError("negatives='none' needs a queue: the keys are the positive and the queue rows")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = valid pixel), got {mask.dtype}")
+        B, _, H, W = student.shape
+        if tuple(mask.shape) != (B, H, W):
+            raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
+    check_same_device("student", student, teacher=teacher, queue=queue, mask=mask)
+    return temperature
+
+
+def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Tensor] = None, *,
+                           negatives: str = "batch", temperature: float = 0.2, normalize: bool = True,
+                           mask: Optional[Tensor] = None, reduction: str = "mean", process_group=None,
+                           backend: str = "auto") -> Tensor:
+    r"""Pixel-wise InfoNCE between a student and a teacher feature map, fused.
+
+    Every valid student pixel ``i`` is an anchor; its positive is the teacher pixel at the same
+    place and its keys are chosen by ``negatives``. With ``s_hat, t_hat, q_hat`` the (optionally
+    L2-normalised) vectors,
+
+    ``L_i = logsumexp_k(s_hat_i . key_k / temperature) - s_hat_i . t_hat_i / temperature``
+
+    with the positive counted once among the keys. No (anchors x keys) tensor is ever stored.
+
+    Args:
+        student, teacher: (B, C, H, W) float maps of the same shape, any strides (NCHW,
+            channels_last, permuted views are read in place).
+        queue: optional (K, C) extra negative keys, e.g. a MoCo queue. The official PCD (C, K)
+            buffer works as ``queue=buffer.t()`` without a copy.
+        negatives: ``"batch"``: every valid teacher pixel of the batch (of every rank, with a
+            ``process_group``) is a key; ``"image"``: those of the anchor's own image;
+            ``"none"``: only the positive and the queue (the official PCD loss; needs a queue).
+        temperature: softmax temperature, a finite number > 0.
+        normalize: divide every vector by ``max(||x||, 1e-12)`` first (as ``F.normalize``).
+        mask: optional (B, H, W) bool, True where a pixel is valid; masked pixels are neither
+            anchors nor keys, and their values (NaN included) do not reach the result.
+        reduction: ``"mean"`` over valid anchors, ``"sum"``, or ``"none"`` for the (B, H, W) map
+            of per-anchor losses with 0 at masked pixels. No valid anchor gives 0, not NaN.
+        process_group: with ``negatives="batch"``, the teacher pixels and masks of every rank of
+            this group are keys (gathered without gradient; every rank must pass the same shapes).
+            The reduction covers this rank's anchors only, so averaging the ranks' losses (as DDP
+            averages gradients) gives the single-process loss of the concatenated batch when the
+            ranks hold equally many valid anchors. Keys of ``"image"``/``"none"`` are local anyway.
+        backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend for CPU or
+            float64), ``"triton"``, ``"torch"``, or ``"cuda"`` (not implemented for this op yet).
+
+    Returns:
+        The loss: a scalar, or (B, H, W) for ``reduction="none"``; float32 (float64 for float64
+        inputs) whatever the input precision, as autocast does for losses.
+
+    Inputs of different float dtypes are promoted to a common one (like ``torch.cat``). The
+    Triton kernels take float16, bfloat16 and float32 and accumulate in float32; float32 inputs
+    use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True. Gradients
+    reach ``student``, ``teacher`` and ``queue`` wherever they require grad.
+
+    Example::
+
+        >>> import torch
+        >>> from pcd_kernels import pixel_contrastive_loss
+        >>> s = torch.randn(2, 64, 7, 7, requires_grad=True)
+        >>> t = torch.randn(2, 64, 7, 7)
+        >>> queue = torch.randn(4096, 64)
+        >>> loss = pixel_contrastive_loss(s, t, queue, negatives="none")
+        >>> loss.backward()
+    """
+    temperature = _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask,
+                                reduction, backend)
+    dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
+    dtype = torch.promote_types(dtype, teacher.dtype)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    queue = queue.to(dtype) if queue is not None else None
+    backend = resolve_backend(_OP, backend, student.device, dtype)
+
+    extra_keys = extra_mask = None
+    if process_group is not None and negatives == "batch":
+        extra_keys, extra_mask = _gather_pixel_keys(teacher, mask, process_group)
+    loss_map, _ = torch.ops.pcd_kernels.pixel_contrastive_forward(
+        student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize, backend)
+    if reduction == "none":
+        return loss_map
+    total = loss_map.sum()
+    if reduction == "sum":
+        return total
+    if mask is None:
+        return total / max(loss_map.numel(), 1)
+    return total / mask.sum().clamp_min(1)

@@ -1,0 +1,262 @@
+"""Plain-PyTorch implementations, written once and shared by the tests, the benchmark and the
+CPU backend.
+
+Two kinds live here:
+
+* **naive formulas** (``naive_*``, ``official_*``): the published methods' math exactly as their
+  official code computes it, building the full (anchors x keys) logit matrix. They are the ground
+  truth of the test suite (run in float64) and the baseline of ``bench/``.
+* **the chunked torch backend** (``*_chunked``): the same numbers with a hand-written backward
+  that recomputes the logits chunk by chunk, so extra memory is O(chunk x keys), never
+  O(anchors x keys). It is the CPU path of ``backend="auto"``.
+
+Notation follows DESIGN.md section 3.1: anchors are student pixels, keys are teacher pixels
+and queue rows, ``lse`` is the per-anchor logsumexp over its keys.
+"""
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NORM_EPS = 1e-12  # F.normalize's eps: vectors are divided by max(||x||, NORM_EPS)
+
+# Elements of one (chunk x keys) logit block in the chunked backend: 4 Mi float32 = 16 MiB,
+# small enough for the memory bound, large enough that the per-chunk matmuls stay efficient.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def pixel_rows(x: Tensor) -> Tensor:
+    """(B, C, H, W) map -> (B*H*W, C) rows in (b, h, w) order: the anchor/key index used everywhere."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Naive (materialising) formulas: ground truth and benchmark baseline
+# --------------------------------------------------------------------------------------------
+
+
+def naive_pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Tensor] = None, *,
+                                 negatives: str = "batch", temperature: float = 0.2,
+                                 normalize: bool = True, mask: Optional[Tensor] = None,
+                                 reduction: str = "mean") -> Tensor:
+    """Pixel-wise InfoNCE (DESIGN.md 3.1) by building the whole (anchors x keys) logit matrix.
+
+    Same arguments and semantics as :func:`pcd_kernels.pixel_contrastive_loss` (no process
+    group): keys are the anchor's positive, the valid teacher pixels of its image ("image") or
+    of the batch ("batch"), and the queue rows; masked pixels are neither anchors nor keys.
+    """
+    B, C, H, W = student.shape
+    s, t = pixel_rows(student), pixel_rows(teacher)
+    q = queue
+    if normalize:
+        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        q = F.normalize(q, dim=1) if q is not None else None
+    n = s.shape[0]
+    valid = mask.reshape(-1) if mask is not None else torch.ones(n, dtype=torch.bool, device=s.device)
+    idx = valid.nonzero().squeeze(1)
+    s_v, t_v = s[idx], t[idx]
+    pos = (s_v * t_v).sum(1) / temperature
+    blocks = []
+    if negatives == "none":
+        blocks.append(pos[:, None])
+    else:
+        pixel_logits = s_v @ t_v.T / temperature
+        if negatives == "image":
+            image = idx // (H * W)
+            pixel_logits = pixel_logits.masked_fill(image[:, None] != image[None, :], float("-inf"))
+        blocks.append(pixel_logits)
+    if q is not None:
+        blocks.append(s_v @ q.T / temperature)
+    per_anchor = torch.logsumexp(torch.cat(blocks, 1), 1) - pos
+    if reduction == "none":
+        return s.new_zeros(n).index_put((idx,), per_anchor).reshape(B, H, W)
+    total = per_anchor.sum()
+    return total if reduction == "sum" else total / max(idx.numel(), 1)
+
+
+def official_pcd_loss(student_output: Tensor, teacher_output: Tensor, queue: Tensor,
+                      temperature: float) -> Tensor:
+    """The official PCD ``_pixelwise_contrastive_loss`` (allo-rene/pcd, pcd/pcd.py), with its
+    queue in the official (C, K) layout: positive = teacher pixel at the same place, negatives =
+    the queue columns, cross-entropy averaged over all B*H*W pixels.
+    """
+    N, C, H, W = student_output.shape
+    student_output = F.normalize(student_output.reshape(N, C, -1), dim=1, p=2)
+    teacher_output = F.normalize(teacher_output.detach().reshape(N, C, -1), dim=1, p=2)
+    pos = (student_output * teacher_output).sum(dim=1).reshape(-1, 1)
+    neg = torch.matmul(student_output.transpose(1, 2), queue.clone().detach()).reshape(-1, queue.shape[1])
+    logit = torch.cat((pos, neg), dim=1).div(temperature)
+    target = torch.zeros(logit.size(0), dtype=torch.long, device=logit.device)
+    return F.cross_entropy(logit, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked torch backend
+# --------------------------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch backend accumulates in float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepared(x: Tensor, dtype: torch.dtype, normalize: bool) -> Tensor:
+    x = x.to(dtype)
+    return F.normalize(x, dim=1, eps=NORM_EPS) if normalize else x
+
+
+def _normalize_backward(x: Tensor, grad_hat: Tensor) -> Tensor:
+    """Gradient through x -> x / max(||x||, eps), exactly as autograd differentiates F.normalize."""
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    x_hat = x / norm.clamp_min(NORM_EPS)
+    projected = grad_hat - x_hat * (x_hat * grad_hat).sum(1, keepdim=True)
+    return torch.where(norm >= NORM_EPS, projected / norm.clamp_min(NORM_EPS), grad_hat / NORM_EPS)
+
+
+def _valid_rows(mask: Optional[Tensor], n: int, device) -> Tensor:
+    if mask is None:
+        return torch.arange(n, device=device)
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _anchor_groups(negatives: str, batch: int, hw: int, valid_idx: Tensor
+                   ) -> Iterator[Tuple[Tensor, Optional[Tensor]]]:
+    """Yields (anchor rows, teacher-pixel key rows or None) sharing one key set."""
+    if negatives == "image":
+        image = valid_idx // hw
+        for b in range(batch):
+            rows = valid_idx[image == b]
+            yield rows, rows
+    elif negatives == "batch":
+        yield valid_idx, valid_idx
+    else:
+        yield valid_idx, None
+
+
+def _group_keys(t_hat: Tensor, key_rows: Optional[Tensor], extra_hat: Optional[Tensor],
+                q_hat: Optional[Tensor]) -> Tensor:
+    parts = [t_hat[key_rows]] if key_rows is not None else []
+    if key_rows is not None and extra_hat is not None:
+        parts.append(extra_hat)
+    if q_hat is not None:
+        parts.append(q_hat)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else t_hat.new_zeros(0, t_hat.shape[1])
+
+
+def _chunks(rows: Tensor, n_keys: int) -> Iterator[Tuple[int, Tensor]]:
+    step = max(1, CHUNK_ELEMENTS // max(n_keys, 1))
+    for start in range(0, rows.numel(), step):
+        yield start, rows[start:start + step]
+
+
+class _Prepared:
+    """Inputs as normalised (rows, C) matrices in the compute dtype, shared by forward and backward."""
+
+    def __init__(self, student, teacher, queue, extra_keys, mask, extra_mask, normalize):
+        self.batch, self.channels, height, width = student.shape
+        self.hw = height * width
+        self.dtype = compute_dtype(student.dtype)
+        self.a_hat = _prepared(pixel_rows(student), self.dtype, normalize)
+        self.t_hat = _prepared(pixel_rows(teacher), self.dtype, normalize)
+        self.q_hat = _prepared(queue, self.dtype, normalize) if queue is not None else None
+        self.extra_hat = None
+        if extra_keys is not None:
+            extra = extra_keys if extra_mask is None else extra_keys[extra_mask]
+            self.extra_hat = _prepared(extra, self.dtype, normalize)
+        self.valid_idx = _valid_rows(mask, self.a_hat.shape[0], student.device)
+
+
+def pixel_contrastive_forward_chunked(student: Tensor, teacher: Tensor, queue: Optional[Tensor],
+                                      extra_keys: Optional[Tensor], mask: Optional[Tensor],
+                                      extra_mask: Optional[Tensor], negatives: str,
+                                      temperature: float, normalize: bool) -> Tuple[Tensor, Tensor]:
+    """Per-anchor loss and lse, (B, H, W) each, 0 at masked pixels; memory O(chunk x keys).
+
+    ``extra_keys`` (rows, C) with ``extra_mask`` are further teacher pixels (other ranks'), used
+    as keys by ``negatives="batch"`` only.
+    """
+    prep = _Prepared(student, teacher, queue, extra_keys, mask, extra_mask, normalize)
+    B, _, H, W = student.shape
+    inv_tau = 1.0 / temperature
+    n = prep.a_hat.shape[0]
+    loss = prep.a_hat.new_zeros(n)
+    lse = prep.a_hat.new_zeros(n)
+    pos = (prep.a_hat * prep.t_hat).sum(1).mul_(inv_tau)
+    for anchor_rows, key_rows in _anchor_groups(negatives, B, prep.hw, prep.valid_idx):
+        keys = _group_keys(prep.t_hat, key_rows, prep.extra_hat, prep.q_hat)
+        for _, rows in _chunks(anchor_rows, keys.shape[0]):
+            lse_rows = torch.logsumexp((prep.a_hat[rows] @ keys.T).mul_(inv_tau), 1)
+            if key_rows is None:  # "none": the positive is a key of its own
+                lse_rows = torch.logaddexp(lse_rows, pos[rows])
+            lse[rows] = lse_rows
+            loss[rows] = lse_rows - pos[rows]
+    return loss.reshape(B, H, W), lse.reshape(B, H, W)
+
+
+def pixel_contrastive_backward_chunked(grad_loss: Tensor, student: Tensor, teacher: Tensor,
+                                       queue: Optional[Tensor], extra_keys: Optional[Tensor],
+                                       mask: Optional[Tensor], extra_mask: Optional[Tensor],
+                                       loss: Tensor, lse: Tensor, negatives: str,
+                                       temperature: float, normalize: bool, needs_student: bool,
+                                       needs_teacher: bool, needs_queue: bool
+                                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of sum(grad_loss * loss) for student, teacher and queue (None where not needed),
+    recomputing the logits chunk by chunk (DESIGN.md 3.1 backward formulas).
+
+    Maps' gradients come back as channels_last (B, C, H, W) tensors, the queue's as (K, C)."""
+    prep = _Prepared(student, teacher, queue, extra_keys, mask, extra_mask, normalize)
+    B, C = prep.batch, prep.channels
+    inv_tau = 1.0 / temperature
+    valid_idx = prep.valid_idx
+    n = prep.a_hat.shape[0]
+    lse = lse.reshape(-1).to(prep.dtype)
+    coef = grad_loss.reshape(-1).to(prep.dtype) * inv_tau  # d loss_i / d logit_ik = coef_i (p_ik - onehot)
+    grad_a = prep.a_hat.new_zeros(n, C) if needs_student else None
+    grad_t = prep.a_hat.new_zeros(n, C) if needs_teacher else None
+    grad_q = prep.q_hat.new_zeros(prep.q_hat.shape) if needs_queue and prep.q_hat is not None else None
+    for anchor_rows, key_rows in _anchor_groups(negatives, B, prep.hw, valid_idx):
+        keys = _group_keys(prep.t_hat, key_rows, prep.extra_hat, prep.q_hat)
+        want_keys = grad_q is not None or (grad_t is not None and key_rows is not None)
+        grad_keys = keys.new_zeros(keys.shape) if want_keys else None
+        for start, rows in _chunks(anchor_rows, keys.shape[0]):
+            weights = (prep.a_hat[rows] @ keys.T).mul_(inv_tau).sub_(lse[rows, None]).exp_()
+            weights.mul_(coef[rows, None])
+            if key_rows is not None:
+                # The positive is key start + r of anchor r: softmax minus one-hot, subtracted
+                # here rather than afterwards so that saturated anchors do not cancel.
+                diagonal = torch.arange(rows.numel(), device=rows.device)
+                weights[diagonal, start + diagonal] -= coef[rows]
+            if grad_a is not None:
+                grad_a[rows] = weights @ keys
+            if grad_keys is not None:
+                grad_keys.addmm_(weights.T, prep.a_hat[rows])
+        if grad_keys is not None:
+            if grad_t is not None and key_rows is not None:
+                grad_t.index_add_(0, key_rows, grad_keys[:key_rows.numel()])
+            if grad_q is not None:
+                grad_q += grad_keys[keys.shape[0] - grad_q.shape[0]:]
+    if negatives == "none":  # the positive is a key of its own, outside the chunks
+        pos = (prep.a_hat[valid_idx] * prep.t_hat[valid_idx]).sum(1) * inv_tau
+        pos_coef = coef[valid_idx] * torch.expm1(pos - lse[valid_idx])  # coef (p_positive - 1)
+        if grad_a is not None:
+            grad_a.index_add_(0, valid_idx, pos_coef[:, None] * prep.t_hat[valid_idx])
+        if grad_t is not None:
+            grad_t.index_add_(0, valid_idx, pos_coef[:, None] * prep.a_hat[valid_idx])
+
+    def finish(grad_hat, x):
+        if grad_hat is None:
+            return None
+        rows = pixel_rows(x) if x.dim() == 4 else x
+        if normalize:
+            grad_hat = _normalize_backward(rows.to(prep.dtype), grad_hat)
+        grad_hat = grad_hat.to(x.dtype)
+        if x.dim() == 2:
+            return grad_hat
+        if mask is not None:  # masked pixels are not used: their (maybe NaN) values get no gradient
+            grad_hat.masked_fill_(~mask.reshape(-1, 1), 0)
+        return grad_hat.view(B, x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
+
+    return finish(grad_a, student), finish(grad_t, teacher), finish(grad_q, queue)

@@ -1,0 +1,77 @@
+"""Ahead-of-time compilation of a kernel launch for a GPU architecture, without a GPU.
+
+Triton compiles to PTX and cubin with its bundled ptxas on any machine; this lets CPU-only CI
+prove that every kernel and autotune configuration compiles for sm_80 and sm_90 and report the
+registers, spills and shared memory ptxas assigns. It cannot show that the code is fast or
+correct on the device: that needs a GPU run. Needs Triton in compile mode (TRITON_INTERPRET unset).
+"""
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+_POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                  torch.float64: "fp64", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _signature(fn, args, constexprs):
+    """Signature, constexpr values and attributes as Triton's launcher would specialise them:
+    integers equal to 1 become constants, integers divisible by 16 and (16-byte aligned)
+    tensors are marked divisible by 16, which is what lets loads vectorise."""
+    signature, values, attrs = {}, dict(constexprs), {}
+    divisible = [["tt.divisibility", 16]]
+    for index, (name, value) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _POINTER_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(index,)] = divisible
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # Triton specialises integer arguments equal to 1 at launch, so do we
+                signature[name] = "constexpr"
+                values[name] = 1
+            else:
+                signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+                if value % 16 == 0:
+                    attrs[(index,)] = divisible
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"cannot type argument {name}={value!r}")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, values, attrs
+
+
+def _cuobjdump():
+    import triton.backends.nvidia as nvidia
+
+    bundled = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else "cuobjdump"
+
+
+def compile_launch(fn, args, constexprs, arch, num_warps, num_stages):
+    """Compile ``fn(*args, **constexprs)`` for sm_<arch>; return its resource usage.
+
+    Returns a dict with ``registers`` per thread, ``stack_bytes`` and ``local_bytes`` per thread
+    (ptxas puts register spills there: both should be 0 for a healthy configuration),
+    ``shared_bytes`` (static + dynamic shared memory) and ``num_warps``.
+    """
+    signature, values, attrs = _signature(fn, args, constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True,
+                               capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(\w+):(\d+)", usage.split("Function", 1)[1]))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "local_bytes": int(fields["LOCAL"]),
+            "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared, "num_warps": num_warps}

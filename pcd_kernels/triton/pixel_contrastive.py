@@ -1,0 +1,597 @@
+"""Triton kernels for ``pixel_contrastive_loss`` (DESIGN.md 3.1).
+
+Three kernels, none of which stores anything of size anchors x keys:
+
+* ``_forward_kernel``: one program per tile of anchors streams the key tiles (teacher pixels of
+  the image or batch, other ranks' pixels, queue rows), keeps a running max and sum per anchor
+  (online logsumexp, base 2), and writes the per-anchor loss and lse.
+* ``_backward_anchor_kernel``: recomputes each anchor's softmax tile by tile and accumulates
+  sum_k (p_ik - [k is i's positive]) k_hat_k (like flash-attention's dQ); with
+  ``negatives="none"`` it also writes the teacher gradient, which then involves only the
+  anchor's own positive.
+* ``_backward_key_kernel``: one program per tile of keys loops over the anchors that see them and
+  accumulates sum_i g_i (p_ik - [k is i's positive]) a_hat_i (like dK). Every output element has
+  exactly one writer: no atomics, deterministic results.
+
+Subtracting the positive inside the tile loop (softmax minus one-hot, as autograd does) rather
+than afterwards keeps saturated anchors (p_positive ~ 1, tiny temperatures) free of cancellation.
+
+L2 normalisation is fused: the kernels read raw vectors and apply the inverse norms (computed once,
+O(rows)) to the logits; the gradient through the normalisation, (G - x_hat (x_hat . G)) / ||x||,
+needs x_hat . G, which equals a per-row sum of (p - onehot) * logit accumulated in the same loop,
+so the epilogue applies it without a second pass over C.
+
+Pixel maps reach the kernels as contiguous (B*H*W, C) matrices (a view for channels_last
+inputs, one copy otherwise), so every tile load is contiguous along C; gradients leave the same
+way, as channels_last maps; queue rows are read through both
+of their strides, so the official (C, K) buffer passed transposed needs no copy.
+"""
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from pcd_kernels.reference import pixel_rows
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+MODES = {"none": 0, "image": 1, "batch": 2}
+NORM_EPS = 1e-12
+# A finite "minus infinity" for the running max, so that a tile whose keys are all masked
+# gives exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN.
+_MAX_INIT = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _load_chunk(X, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
+    """(rows, BLOCK_C) tile of channels [c_start, c_start + BLOCK_C) of a row matrix; 0 outside."""
+    cols = c_start + tl.arange(0, BLOCK_C)
+    ptrs = X + rows.to(tl.int64)[:, None] * s_r + cols[None, :] * s_c
+    return tl.load(ptrs, mask=ok[:, None] & (cols < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_rows(x0, X, x_rows, x_ok, x_sr, x_sc, y0, Y, y_rows, y_ok, y_sr, y_sc, C,
+              BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """(rows of X) . (rows of Y) over all C channels, float32; x0 and y0 are the first chunks."""
+    acc = tl.dot(x0, tl.trans(y0), input_precision=PRECISION)
+    for ci in range(1, C_TILES):
+        x = _load_chunk(X, x_rows, x_ok, x_sr, x_sc, ci * BLOCK_C, C, BLOCK_C)
+        y = _load_chunk(Y, y_rows, y_ok, y_sr, y_sc, ci * BLOCK_C, C, BLOCK_C)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _rowwise_dot(x0, X, Y, rows, ok, s_r, C, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr):
+    """x_i . y_i for each row i of two row-major matrices (the positive pairs), float32."""
+    y = _load_chunk(Y, rows, ok, s_r, 1, 0, C, BLOCK_C)
+    acc = tl.sum(x0.to(tl.float32) * y.to(tl.float32), 1)
+    for ci in range(1, C_TILES):
+        x = _load_chunk(X, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        y = _load_chunk(Y, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        acc += tl.sum(x.to(tl.float32) * y.to(tl.float32), 1)
+    return acc
+
+
+@triton.jit
+def _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, k_in, inv_k_ptr,
+                     valid_k_ptr, C, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 logits (BLOCK_M, BLOCK_N) of anchor rows against key rows, -inf for absent keys.
+
+    Returns the logits, the mask of keys that exist (in range and not masked) and the keys'
+    first channel chunk, loaded as 0 for absent keys (the whole key when C_TILES == 1)."""
+    k_ok = k_in
+    if HAS_MASK:
+        k_ok = k_ok & (tl.load(valid_k_ptr + keys, mask=k_in, other=0) != 0)
+    k0 = _load_chunk(K, keys, k_ok, k_sr, k_sc, 0, C, BLOCK_C)
+    s = _dot_rows(a0, A, rows, a_in, a_sr, 1, k0, K, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
+                  PRECISION)
+    s = s * row_scale[:, None]
+    if NORMALIZE:
+        s = s * tl.load(inv_k_ptr + keys, mask=k_ok, other=0.0)[None, :]
+    return tl.where(k_ok[None, :], s, float("-inf")), k_ok, k0
+
+
+@triton.jit
+def _lse_over_keys(m, l, a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, lo, hi, inv_k_ptr,
+                   valid_k_ptr, C, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Online logsumexp (running max m, running sum l, base 2) over key rows [lo, hi) of one source."""
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        s, _, _ = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, keys < hi,
+                                   inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE, BLOCK_C, C_TILES,
+                                   PRECISION)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m = m_new
+    return m, l
+
+
+@triton.jit
+def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
+                        K, k_sr, k_sc, lo, hi, inv_k_ptr, valid_k_ptr, C,
+                        HOLDS_POSITIVES: tl.constexpr, HAS_MASK: tl.constexpr,
+                        NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                        C_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """Over key rows [lo, hi) of one source, with q = p - onehot(positive):
+    acc += q @ k_hat[:, oc:oc + BLOCK_C] and d += sum_k q * logit2."""
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        s, k_ok, k0 = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
+                                       keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE,
+                                       BLOCK_C, C_TILES, PRECISION)
+        p = tl.exp2(s - lse2[:, None])
+        if HOLDS_POSITIVES:  # teacher pixels: key row i is anchor row i's positive
+            p = tl.where(keys[None, :] == rows[:, None], p - 1.0, p)
+        d += tl.sum(tl.where(k_ok[None, :], p * s, 0.0), 1)
+        if C_TILES == 1:  # the tile the logits were computed from is the whole key
+            k_chunk = k0
+        else:
+            k_chunk = _load_chunk(K, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
+        if NORMALIZE:
+            # Normalise the key tile rather than scale p by 1/||k||: a zero key would give
+            # p * 1e12 = inf in half precision, while its normalised tile is simply 0.
+            inv_k = tl.load(inv_k_ptr + keys, mask=k_ok, other=0.0)
+            k_chunk = (k_chunk.to(tl.float32) * inv_k[:, None]).to(K.dtype.element_ty)
+        acc = tl.dot(p.to(k_chunk.dtype), k_chunk, acc, input_precision=PRECISION)
+    return acc, d
+
+
+@triton.jit
+def _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK: tl.constexpr, MODE: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """This program's anchor rows, which exist / are valid, and the pixel-key range they see."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MODE == 1:  # "image": anchors and pixel keys of image program_id(1)
+        seg_start = tl.program_id(1) * HW
+        seg_len = HW
+    else:
+        seg_start = 0
+        seg_len = n_rows
+    rows = seg_start + local
+    a_in = local < seg_len
+    valid = a_in
+    if HAS_MASK:
+        valid = valid & (tl.load(valid_ptr + rows, mask=a_in, other=0) != 0)
+    return rows, a_in, valid, seg_start, seg_start + seg_len
+
+
+@triton.jit
+def _forward_kernel(
+    A, T, X, x_sr, x_sc, n_extra, Q, q_sr, q_sc, n_queue,
+    inv_a_ptr, inv_t_ptr, inv_x_ptr, inv_q_ptr, valid_ptr, valid_x_ptr,
+    loss_ptr, lse_ptr, n_rows, HW, C, logit_scale, TUNE_KEY,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_QUEUE: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_TILES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+    a0 = _load_chunk(A, rows, a_in, C, 1, 0, C, BLOCK_C)
+    row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
+    pos = _rowwise_dot(a0, A, T, rows, a_in, C, C, BLOCK_C, C_TILES)
+    if NORMALIZE:
+        row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
+        pos = pos * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
+    pos = pos * row_scale
+
+    if MODE == 0:  # "none": the positive is a key of its own
+        m = pos
+        l = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        m = tl.full((BLOCK_M,), _MAX_INIT, tl.float32)
+        l = tl.zeros((BLOCK_M,), tl.float32)
+        m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, T, C, 1, key_lo, key_hi,
+                              inv_t_ptr, valid_ptr, C, HAS_MASK, NORMALIZE, BLOCK_N, BLOCK_C,
+                              C_TILES, PRECISION)
+        if HAS_EXTRA:
+            m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, X, x_sr, x_sc, 0, n_extra,
+                                  inv_x_ptr, valid_x_ptr, C, True, NORMALIZE, BLOCK_N, BLOCK_C,
+                                  C_TILES, PRECISION)
+    if HAS_QUEUE:
+        m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, Q, q_sr, q_sc, 0, n_queue,
+                              inv_q_ptr, valid_ptr, C, False, NORMALIZE, BLOCK_N, BLOCK_C,
+                              C_TILES, PRECISION)
+    lse2 = m + tl.log2(l)
+    tl.store(loss_ptr + rows, tl.where(valid, (lse2 - pos) * LN2, 0.0), mask=a_in)
+    # Saved in base 2: converting to natural log and back would move lse by an ulp of the
+    # logits, which is all that p_positive - 1 is for saturated anchors.
+    tl.store(lse_ptr + rows, tl.where(valid, lse2, 0.0), mask=a_in)
+
+
+@triton.jit
+def _backward_anchor_kernel(
+    A, T, X, x_sr, x_sc, n_extra, Q, q_sr, q_sc, n_queue,
+    inv_a_ptr, inv_t_ptr, inv_x_ptr, inv_q_ptr, valid_ptr, valid_x_ptr,
+    loss_ptr, lse_ptr, grad_ptr, DA, DT, n_rows, HW, C, logit_scale, inv_temperature, TUNE_KEY,
+    MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_QUEUE: tl.constexpr,
+    NORMALIZE: tl.constexpr, NEED_DA: tl.constexpr, NEED_DT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+    oc = tl.program_id(2) * BLOCK_C  # this program writes channels [oc, oc + BLOCK_C)
+    g = tl.load(grad_ptr + rows, mask=valid, other=0.0)
+    lse2 = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    loss2 = tl.load(loss_ptr + rows, mask=valid, other=0.0) * LOG2E
+    row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
+    inv_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+    inv_t = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if NORMALIZE:
+        inv_a = tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
+        inv_t = tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
+        row_scale = row_scale * inv_a
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # sum_k (p - onehot)_ik k_hat_k, this chunk
+    d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (p - onehot)_ik logit2_ik: gives a_hat . grad
+    if NEED_DA:
+        a0 = _load_chunk(A, rows, a_in, C, 1, 0, C, BLOCK_C)
+        if MODE != 0:
+            acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+                                         T, C, 1, key_lo, key_hi, inv_t_ptr, valid_ptr, C,
+                                         True, HAS_MASK, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
+                                         PRECISION)
+            if HAS_EXTRA:
+                acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+                                             X, x_sr, x_sc, 0, n_extra, inv_x_ptr, valid_x_ptr, C,
+                                             False, True, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
+                                             PRECISION)
+        if HAS_QUEUE:
+            acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+                                         Q, q_sr, q_sc, 0, n_queue, inv_q_ptr, valid_ptr, C,
+                                         False, False, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
+                                         PRECISION)
+
+    cols = oc + tl.arange(0, BLOCK_C)
+    out_ptrs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    out_ok = a_in[:, None] & (cols < C)[None, :]
+    a_chunk = _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+    coef = g * inv_temperature
+    if MODE == 0:
+        # "none": the positive is not among the key tiles; its softmax share minus one is
+        # exp2(-loss2) - 1, exact (0) for saturated anchors.
+        pos2 = lse2 - loss2
+        pos_weight = tl.exp2(-loss2) - 1.0
+        t_chunk = _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+        acc += (pos_weight * inv_t)[:, None] * t_chunk
+        d += pos_weight * pos2
+
+    if NEED_DA:
+        grad = coef[:, None] * acc
+        if NORMALIZE:
+            dot_hat = g * d * LN2  # a_hat . grad_hat
+            grad = inv_a[:, None] * grad - (inv_a * inv_a * dot_hat)[:, None] * a_chunk
+        grad = tl.where(valid[:, None], grad, 0.0)
+        tl.store(DA + out_ptrs, grad.to(DA.dtype.element_ty), mask=out_ok)
+    if NEED_DT:  # "none" only: the teacher pixel is a key of its own anchor alone
+        grad = (coef * pos_weight * inv_a)[:, None] * a_chunk
+        if NORMALIZE:
+            dot_hat = g * pos_weight * pos2 * LN2  # t_hat . grad_hat
+            grad = inv_t[:, None] * grad - (inv_t * inv_t * dot_hat)[:, None] * t_chunk
+        grad = tl.where(valid[:, None], grad, 0.0)
+        tl.store(DT + out_ptrs, grad.to(DT.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _backward_key_kernel(
+    A, K, k_sr, k_sc, inv_a_ptr, inv_k_ptr, valid_ptr,
+    lse_ptr, grad_scaled_ptr, grad_max_ptr, DK,
+    n_rows, n_keys, HW, C, logit_scale, inv_temperature, TUNE_KEY,
+    MODE: tl.constexpr, KEYS_ARE_PIXELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_TILES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    oc = tl.program_id(2) * BLOCK_C
+    k_start = 0
+    k_len = n_keys
+    a_lo = 0
+    a_hi = n_rows
+    if KEYS_ARE_PIXELS and MODE == 1:  # "image": pixels of image program_id(1), its anchors only
+        k_start = tl.program_id(1) * HW
+        k_len = HW
+        a_lo = k_start
+        a_hi = k_start + HW
+    keys = k_start + local
+    k_in = local < k_len
+    k_ok = k_in
+    if KEYS_ARE_PIXELS and HAS_MASK:
+        k_ok = k_ok & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
+    k0 = _load_chunk(K, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
+    inv_k = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if NORMALIZE:
+        inv_k = tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
+    key_scale = inv_k * logit_scale
+
+    acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik a_hat_i
+    d = tl.zeros((BLOCK_N,), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik logit2_ik
+    for start in range(a_lo, a_hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        r_in = rows < a_hi
+        r_ok = r_in
+        if HAS_MASK:
+            r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
+        # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
+        a0 = _load_chunk(A, rows, r_ok, C, 1, 0, C, BLOCK_C)
+        # transposed logits (keys x anchors), base 2
+        s = _dot_rows(k0, K, keys, k_in, k_sr, k_sc, a0, A, rows, r_ok, C, 1, C, BLOCK_C, C_TILES,
+                      PRECISION)
+        inv_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if NORMALIZE:
+            inv_a = tl.load(inv_a_ptr + rows, mask=r_ok, other=0.0)
+        s = s * key_scale[:, None] * inv_a[None, :]
+        lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
+        p = tl.exp2(s - lse2[None, :])
+        if KEYS_ARE_PIXELS:  # pixel key k is the positive of the anchor at the same pixel
+            p = tl.where(keys[:, None] == rows[None, :], p - 1.0, p)
+        g_scaled = tl.load(grad_scaled_ptr + rows, mask=r_ok, other=0.0)
+        w = tl.where(r_ok[None, :], p * g_scaled[None, :], 0.0)
+        d += tl.sum(tl.where(r_ok[None, :], w * s, 0.0), 1)
+        if C_TILES == 1:
+            a_chunk = a0
+        else:
+            a_chunk = _load_chunk(A, rows, r_ok, C, 1, oc, C, BLOCK_C)
+        if NORMALIZE:
+            a_chunk = (a_chunk.to(tl.float32) * inv_a[:, None]).to(A.dtype.element_ty)
+        acc = tl.dot(w.to(a_chunk.dtype), a_chunk, acc, input_precision=PRECISION)
+
+    # g was divided by max|g| so that w fits half precision (mean reductions make g ~ 1/anchors).
+    grad_max = tl.load(grad_max_ptr)
+    grad = acc * (grad_max * inv_temperature)
+    if NORMALIZE:
+        dot_hat = d * (grad_max * LN2)  # k_hat . grad_hat
+        k_chunk = _load_chunk(K, keys, k_in, k_sr, k_sc, oc, C, BLOCK_C).to(tl.float32)
+        grad = inv_k[:, None] * grad - (inv_k * inv_k * dot_hat)[:, None] * k_chunk
+    grad = tl.where(k_ok[:, None], grad, 0.0)
+    cols = oc + tl.arange(0, BLOCK_C)
+    # The gradient buffers are row-major (rows, C).
+    tl.store(DK + keys.to(tl.int64)[:, None] * C + cols[None, :], grad.to(DK.dtype.element_ty),
+             mask=k_in[:, None] & (cols < C)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for H100-class GPUs; BLOCK_M is the
+# anchor tile, BLOCK_N the key tile. The autotuner keeps the fastest per (C, sizes) bucket.
+_GPU_CONFIGS = {
+    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
+    "anchor": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "key": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+# The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRETER_MAX_BLOCK_C = 32
+MAX_BLOCK_C = 256  # wider C is processed in chunks of this many channels
+_KERNELS = {"forward": _forward_kernel, "anchor": _backward_anchor_kernel, "key": _backward_key_kernel}
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
+def block_c(channels: int) -> int:
+    cap = INTERPRETER_MAX_BLOCK_C if is_interpreter() else MAX_BLOCK_C
+    return max(16, min(triton.next_power_of_2(channels), cap))
+
+
+def _tuned(kind):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _GPU_CONFIGS[kind]]
+    return triton.autotune(configs=configs, key=["C", "TUNE_KEY", "BLOCK_C"])(_KERNELS[kind])
+
+
+_LAUNCHERS = {}
+
+
+def _launcher(kind):
+    if kind not in _LAUNCHERS:
+        _LAUNCHERS[kind] = _KERNELS[kind] if is_interpreter() else _tuned(kind)
+    return _LAUNCHERS[kind]
+
+
+def _blocks():
+    return dict(INTERPRETER_BLOCKS) if is_interpreter() else {}
+
+
+def _tune_key(*sizes):
+    # Re-tune when a size changes by more than 2x, not on every new batch shape.
+    return hash(tuple(int(s).bit_length() for s in sizes)) & 0x7FFFFFFF
+
+
+def _precision(dtype):
+    # float32 inputs use TF32 tensor cores only when the user allowed it for matmuls.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side wrappers
+# ----------------------------------------------------------------------------------------------
+
+
+def _inv_norms(rows):
+    """1 / max(||row||, eps) for each row, float32."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return norms.clamp_min_(NORM_EPS).reciprocal_()
+
+
+def _as_bytes(mask):
+    return mask.reshape(-1).contiguous().view(torch.uint8)
+
+
+class _Inputs:
+    """The tensors and sizes every kernel reads, prepared once per call."""
+
+    def __init__(self, student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
+                 normalize):
+        B, C, H, W = student.shape
+        self.anchors = pixel_matrix(student)
+        self.pixels = pixel_matrix(teacher)
+        self.channels, self.hw, self.n_rows = C, H * W, B * H * W
+        self.mode = MODES[negatives]
+        self.normalize = normalize
+        self.logit_scale = 1.0 / (temperature * math.log(2.0))  # base-2 logits
+        self.inv_temperature = 1.0 / temperature
+        self.has_mask = mask is not None
+        self.has_queue = queue is not None and queue.shape[0] > 0
+        self.has_extra = (extra_keys is not None and extra_keys.shape[0] > 0
+                          and self.mode == MODES["batch"])
+        self.queue = queue if self.has_queue else None
+        self.extra = extra_keys if self.has_extra else None
+        self.n_queue = queue.shape[0] if self.has_queue else 0
+        self.n_extra = extra_keys.shape[0] if self.has_extra else 0
+
+        dummy = self.anchors.new_empty(1, dtype=torch.float32)  # stands for absent pointers
+        norms = _inv_norms if normalize else (lambda x: dummy)
+        self.inv_a, self.inv_t = norms(self.anchors), norms(self.pixels)
+        self.inv_q = norms(queue) if self.has_queue else dummy
+        self.inv_x = norms(extra_keys) if self.has_extra else dummy
+        self.valid = _as_bytes(mask) if self.has_mask else dummy
+        self.valid_x = dummy
+        if self.has_extra:
+            self.valid_x = (_as_bytes(extra_mask) if extra_mask is not None else
+                            torch.ones(self.n_extra, dtype=torch.uint8, device=student.device))
+
+        self.block_c = block_c(C)
+        self.c_tiles = triton.cdiv(C, self.block_c)
+        self.segments = B if self.mode == MODES["image"] else 1
+        self.seg_len = H * W if self.mode == MODES["image"] else self.n_rows
+        self.precision = _precision(student.dtype)
+
+    def sources(self):
+        """Anchors, teacher pixels, extra keys, queue rows: the arguments the anchor-tile kernels
+        start with."""
+        x = self.extra if self.has_extra else self.anchors
+        q = self.queue if self.has_queue else self.anchors
+        x_strides = (x.stride(0), x.stride(1)) if self.has_extra else (0, 0)
+        q_strides = (q.stride(0), q.stride(1)) if self.has_queue else (0, 0)
+        return (self.anchors, self.pixels, x, *x_strides, self.n_extra, q, *q_strides, self.n_queue,
+                self.inv_a, self.inv_t, self.inv_x, self.inv_q, self.valid, self.valid_x)
+
+    def flags(self):
+        return dict(MODE=self.mode, HAS_MASK=self.has_mask, HAS_EXTRA=self.has_extra,
+                    HAS_QUEUE=self.has_queue, NORMALIZE=self.normalize, BLOCK_C=self.block_c,
+                    C_TILES=self.c_tiles, PRECISION=self.precision)
+
+
+def pixel_matrix(x):
+    """(B, C, H, W) map -> contiguous (B*H*W, C) rows: a view for channels_last maps."""
+    return pixel_rows(x).contiguous()
+
+
+class KernelCall:
+    """One kernel launch: which kernel, its arguments, constexpr flags and grid."""
+
+    def __init__(self, kind, args, flags, grid):
+        self.kind, self.args, self.flags, self.grid = kind, args, flags, grid
+
+    def launch(self):
+        _launcher(self.kind)[self.grid](*self.args, **self.flags, **_blocks())
+
+
+def forward_call(inp, loss, lse):
+    tune_key = _tune_key(inp.seg_len, inp.n_queue + inp.n_extra)
+    args = (*inp.sources(), loss, lse, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, tune_key)
+    grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments)
+    return KernelCall("forward", args, inp.flags(), grid)
+
+
+def anchor_backward_call(inp, loss, lse, g, grad_a, grad_t_none_mode):
+    """Student gradient, and the teacher's for negatives="none" (it involves only the positive).
+    Gradient buffers are contiguous (rows, C) matrices."""
+    tune_key = _tune_key(inp.seg_len, inp.n_queue + inp.n_extra)
+    da = grad_a if grad_a is not None else inp.anchors  # never written when not needed
+    dt = grad_t_none_mode if grad_t_none_mode is not None else inp.anchors
+    args = (*inp.sources(), loss, lse, g, da, dt, inp.n_rows, inp.hw, inp.channels, inp.logit_scale,
+            inp.inv_temperature, tune_key)
+    flags = dict(inp.flags(), NEED_DA=grad_a is not None, NEED_DT=grad_t_none_mode is not None)
+    grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
+    return KernelCall("anchor", args, flags, grid)
+
+
+def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
+    """Gradient of the teacher pixels (keys_are_pixels) or of the queue rows, into a contiguous
+    (rows, C) buffer."""
+    if keys_are_pixels:
+        keys, inv_k, n_keys, k_len, segments = inp.pixels, inp.inv_t, inp.n_rows, inp.seg_len, inp.segments
+    else:
+        keys, inv_k, n_keys, k_len, segments = inp.queue, inp.inv_q, inp.n_queue, inp.n_queue, 1
+    args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, inp.valid,
+            lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
+            inp.logit_scale, inp.inv_temperature, _tune_key(inp.seg_len, n_keys))
+    flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
+                 NORMALIZE=inp.normalize, BLOCK_C=inp.block_c, C_TILES=inp.c_tiles,
+                 PRECISION=inp.precision)
+    grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), segments, inp.c_tiles)
+    return KernelCall("key", args, flags, grid)
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
+    """Per-anchor loss and base-2 lse (log2 of the softmax denominator, what the backward
+    kernels read), (B, H, W) float32 each, 0 at masked pixels."""
+    B, _, H, W = student.shape
+    loss = torch.empty((B, H, W), dtype=torch.float32, device=student.device)
+    lse = torch.empty_like(loss)
+    if loss.numel() == 0:
+        return loss, lse
+    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
+    with _device_guard(student):
+        forward_call(inp, loss, lse).launch()
+    return loss, lse
+
+
+def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse, negatives,
+             temperature, normalize, needs_student, needs_teacher, needs_queue):
+    """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
+    as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
+    B, C, H, W = student.shape
+    new_rows = lambda n, dtype: torch.empty((n, C), dtype=dtype, device=student.device)
+    grad_a = new_rows(B * H * W, student.dtype) if needs_student else None
+    grad_t = new_rows(B * H * W, teacher.dtype) if needs_teacher else None
+    grad_q = new_rows(queue.shape[0], queue.dtype) if (needs_queue and queue is not None) else None
+    as_map = lambda rows: rows.view(B, H, W, C).permute(0, 3, 1, 2) if rows is not None else None
+    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
+    if inp.n_rows == 0 or (grad_q is not None and not inp.has_queue):
+        for grad in (grad_a, grad_t, grad_q):
+            if grad is not None:
+                grad.zero_()
+        if inp.n_rows == 0:
+            return as_map(grad_a), as_map(grad_t), grad_q
+    g = grad_loss.reshape(-1).to(torch.float32)
+    if mask is not None:
+        g = g.where(mask.reshape(-1), 0.0)
+    g = g.contiguous()
+    none_mode = inp.mode == MODES["none"]
+    calls = []
+    if grad_a is not None or (grad_t is not None and none_mode):
+        calls.append(anchor_backward_call(inp, loss, lse, g, grad_a, grad_t if none_mode else None))
+    pixel_keys = grad_t is not None and not none_mode
+    queue_keys = grad_q is not None and inp.has_queue
+    if pixel_keys or queue_keys:
+        # Key-side tiles weigh each anchor by g / max|g|, which keeps the weights in half
+        # precision's range when a mean reduction makes every g about 1 / anchors.
+        g_max = g.abs().amax().clamp_min(1e-30).reshape(1)
+        g_scaled = g / g_max
+        if pixel_keys:
+            calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_t, True))
+        if queue_keys:
+            calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_q, False))
+    with _device_guard(student):
+        for call in calls:
+            call.launch()
+    return as_map(grad_a), as_map(grad_t), grad_q

@@ -1,0 +1,46 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1 must be set
+before pcd_kernels' Triton kernels are first imported, so it is set here, before anything else.
+On a CUDA machine the same tests run the kernels on the GPU instead (and bfloat16 with them).
+
+Inputs are fresh random numbers every run; the seed is printed in the header and in every
+failure, and PCD_TEST_SEED=<seed> reproduces a run.
+"""
+import os
+import random
+import shutil
+import subprocess
+
+_has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
+    ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+if not _has_gpu:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import warnings  # noqa: E402
+
+SEED = int(os.environ.get("PCD_TEST_SEED", random.randrange(2**31)))
+
+# The interpreter evaluates masked-out lanes too (e.g. 0 * -inf before a tl.where discards it).
+warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
+
+
+def pytest_report_header(config):
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return [f"pcd_kernels tests: seed {SEED} (PCD_TEST_SEED={SEED} reproduces), CUDA device: {cuda}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    seed = (SEED + hash(request.node.nodeid)) % 2**31
+    torch.manual_seed(seed)
+    random.seed(seed)
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None and call.when == "call":
+        item.add_report_section("call", "seed", f"PCD_TEST_SEED={SEED}")

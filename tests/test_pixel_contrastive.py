@@ -1,0 +1,292 @@
+"""pixel_contrastive_loss against the float64 naive formula, for every backend that can run."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
+from pcd_kernels import pixel_contrastive_loss
+from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
+
+# C not a power of two (and wider than the interpreter's 32-channel tile: two C chunks), H*W = 35
+# not a multiple of any block, a queue of 37 rows.
+B, C, H, W, K = 2, 40, 5, 7, 37
+
+
+def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
+    student = torch.randn(b, c, h, w, dtype=torch.float64)
+    teacher = student + 0.7 * torch.randn(b, c, h, w, dtype=torch.float64)  # positives mean something
+    queue = torch.randn(k, c, dtype=torch.float64) if k else None
+    mask = torch.rand(b, h, w) > 0.3 if masked else None
+    return student, teacher, queue, mask
+
+
+def run(fn, student, teacher, queue, mask, dtype, device, weight=None, grads=(True, True, True), **kwargs):
+    """fn's loss and the gradients of sum(weight * loss) w.r.t. (student, teacher, queue)."""
+    tensors = [x.to(device=device, dtype=dtype).requires_grad_(g) if x is not None else None
+               for x, g in zip((student, teacher, queue), grads)]
+    mask = mask.to(device) if mask is not None else None
+    loss = fn(*tensors, mask=mask, **kwargs)
+    weight = torch.ones(()) if weight is None else weight
+    wanted = [x for x in tensors if x is not None and x.requires_grad]
+    got = torch.autograd.grad((loss * weight.to(device=device, dtype=loss.dtype)).sum(), wanted,
+                              allow_unused=True) if wanted else []
+    it = iter(got)
+    return loss, [next(it) if x is not None and x.requires_grad else None for x in tensors]
+
+
+def check_op(backend, device, dtype, inputs, weight=None, grads=(True, True, True), **kwargs):
+    """Value and every gradient of ``backend`` in ``dtype`` against the float64 naive formula."""
+    ref, ref_grads = run(naive_pixel_contrastive_loss, *inputs, torch.float64, "cpu", weight, grads, **kwargs)
+    plain, plain_grads = run(naive_pixel_contrastive_loss, *inputs, dtype, "cpu", weight, grads, **kwargs)
+    ours, our_grads = run(pixel_contrastive_loss, *inputs, dtype, device, weight, grads, backend=backend,
+                          **kwargs)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ours.dtype == expected_dtype, f"loss dtype {ours.dtype}, expected {expected_dtype}"
+    assert_close("loss", ours.cpu(), plain, ref, dtype)
+    term = gradient_term_scale(ref, inputs, weight, **kwargs)
+    for name, g, g_plain, g_ref, x in zip(("student", "teacher", "queue"), our_grads, plain_grads,
+                                          ref_grads, inputs[:3]):
+        if g_ref is None:
+            assert g is None, f"{name} got a gradient it did not ask for"
+            continue
+        assert g.dtype == dtype and g.shape == x.shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
+        assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
+
+
+def gradient_term_scale(ref, inputs, weight, temperature=0.2, normalize=True, reduction="mean", **_):
+    """Size of one anchor-key term of a gradient, |g| / temperature x |key| / |x| (unit vectors
+    when normalising): the scale its rounding is relative to."""
+    student, teacher, queue, mask = inputs
+    g = (weight.abs().max() if weight is not None else torch.ones(())).item()
+    if reduction == "mean":
+        g /= max(int(mask.sum()) if mask is not None else mask_free_count(student), 1)
+    vectors = [student.transpose(0, 1).flatten(1).T, teacher.transpose(0, 1).flatten(1).T]
+    vectors += [queue] if queue is not None else []
+    norms = torch.cat([v.norm(dim=1) for v in vectors])
+    if normalize:
+        return g / temperature / max(norms[norms > 0].min().item(), 1e-6)
+    return g / temperature * norms.max().item()
+
+
+def mask_free_count(x):
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+def test_matches_reference(backend, device, dtype, negatives, masked, reduction):
+    inputs = make_inputs(masked=masked)
+    weight = torch.randn(B, H, W) if reduction == "none" else torch.randn(())
+    check_op(backend, device, dtype, inputs, weight, negatives=negatives, reduction=reduction)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 13, 20), (3, 16, 4, 4, 0), (2, 70, 2, 9, 5), (1, 33, 1, 1, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_odd_shapes(backend, device, dtype, negatives, shape):
+    if negatives == "none" and shape[-1] == 0:
+        pytest.skip("negatives='none' needs a queue (tested in test_bad_inputs)")
+    inputs = make_inputs(*shape, masked=True)
+    check_op(backend, device, dtype, inputs, negatives=negatives)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("negatives", ["batch", "none"])
+def test_without_normalization(backend, device, dtype, negatives):
+    student, teacher, queue, mask = make_inputs(masked=True)
+    inputs = (0.2 * student, 0.2 * teacher, 0.2 * queue, mask)
+    check_op(backend, device, dtype, inputs, negatives=negatives, normalize=False, temperature=0.5)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_tiny_temperature_is_stable(backend, device, dtype):
+    check_op(backend, device, dtype, make_inputs(masked=True), negatives="batch", temperature=0.01)
+    check_op(backend, device, dtype, make_inputs(), negatives="none", temperature=0.01)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_zero_vectors_follow_f_normalize(backend, device, dtype):
+    student, teacher, queue, mask = make_inputs()
+    student[0, :, 1, 2] = 0
+    teacher[1, :, 3, 4] = 0
+    queue[5] = 0
+    check_op(backend, device, dtype, (student, teacher, queue, mask), negatives="batch")
+
+
+@pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True)], ids=["student", "teacher", "queue", "keys"])
+@pytest.mark.parametrize("negatives", ["image", "none"])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_gradients_only_where_required(backend, device, dtype, negatives, grads):
+    check_op(backend, device, dtype, make_inputs(masked=True), grads=grads, negatives=negatives)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_official_pcd_loss_with_transposed_queue(backend, device, dtype):
+    """Official PCD: (C, K) queue buffer of unit columns, passed as queue=buffer.t() (no copy)."""
+    student, teacher, _, _ = make_inputs()
+    buffer = F.normalize(torch.randn(C, 300, dtype=torch.float64), dim=0)
+    s64 = student.clone().requires_grad_()
+    official = official_pcd_loss(s64, teacher, buffer, 0.2)
+    (official_grad,) = torch.autograd.grad(official, s64)
+    s = student.to(device, dtype).requires_grad_()
+    queue = buffer.to(device, dtype).t()
+    assert not queue.is_contiguous()
+    ours = pixel_contrastive_loss(s, teacher.to(device, dtype), queue, negatives="none", backend=backend)
+    (grad,) = torch.autograd.grad(ours, s)
+    torch.testing.assert_close(ours.double().cpu(), official, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double().cpu(), official_grad, rtol=1e-4, atol=1e-7)
+
+
+def _layouts(x):
+    """The same values in other memory layouts: channels_last, a permuted view, a strided slice."""
+    b, c, h, w = x.shape
+    wide = torch.zeros(b, c, h, 2 * w, dtype=x.dtype)
+    wide[..., ::2] = x
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "permuted_view": x.transpose(2, 3).contiguous().transpose(2, 3),
+        "strided_slice": wide[..., ::2],
+    }
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "permuted_view", "strided_slice"])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_any_strides(backend, device, dtype, layout):
+    student, teacher, queue, mask = make_inputs(masked=True)
+    inputs = (_layouts(student)[layout], _layouts(teacher)[layout], queue, mask)
+    assert not inputs[0].is_contiguous()
+    check_op(backend, device, dtype, inputs, negatives="image")
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_no_valid_anchor_gives_zero_not_nan(backend, device, dtype):
+    student, teacher, queue, _ = make_inputs()
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    for reduction in ("mean", "sum"):
+        loss, grads = run(pixel_contrastive_loss, student, teacher, queue, mask, dtype, device,
+                          backend=backend, reduction=reduction)
+        assert loss.item() == 0.0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_nan_in_nan_out_unless_masked(backend, device, dtype):
+    student, teacher, queue, mask = make_inputs(masked=True)
+    valid = mask.nonzero()[0].tolist()
+    invalid = (~mask).nonzero()[0].tolist()
+    for negatives in ("batch", "none"):
+        s = student.clone()
+        s[valid[0], :, valid[1], valid[2]] = float("nan")
+        loss, _ = run(pixel_contrastive_loss, s, teacher, queue, mask, dtype, device,
+                      backend=backend, negatives=negatives)
+        assert loss.isnan().item(), f"{negatives}: NaN in a valid student pixel was not propagated"
+        t = teacher.clone()
+        t[valid[0], :, valid[1], valid[2]] = float("nan")
+        loss, _ = run(pixel_contrastive_loss, student, t, queue, mask, dtype, device,
+                      backend=backend, negatives=negatives)
+        assert loss.isnan().item(), f"{negatives}: NaN in a valid teacher pixel was not propagated"
+        q = queue.clone()
+        q[3, 0] = float("nan")
+        loss, _ = run(pixel_contrastive_loss, student, teacher, q, mask, dtype, device,
+                      backend=backend, negatives=negatives)
+        assert loss.isnan().item(), f"{negatives}: NaN in the queue was not propagated"
+    # A masked pixel is neither anchor nor key: its values, NaN included, do not reach the result.
+    s, t = student.clone(), teacher.clone()
+    s[invalid[0], :, invalid[1], invalid[2]] = float("nan")
+    t[invalid[0], :, invalid[1], invalid[2]] = float("nan")
+    loss, grads = run(pixel_contrastive_loss, s, t, queue, mask, dtype, device, backend=backend)
+    assert loss.isfinite().item()
+    assert all(g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_mixed_dtypes_are_promoted(backend, device, dtype):
+    student, teacher, queue, _ = make_inputs()
+    s = student.to(device, torch.bfloat16).requires_grad_()
+    q = queue.to(device, torch.float32).requires_grad_()
+    loss = pixel_contrastive_loss(s, teacher.to(device, torch.bfloat16), q, backend=backend)
+    loss.backward()
+    assert s.grad.dtype == torch.bfloat16 and q.grad.dtype == torch.float32
+    expected = pixel_contrastive_loss(s.detach().float(), teacher.to(device, torch.bfloat16).float(),
+                                      q.detach(), backend=backend)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_triton_backward_is_deterministic():
+    device = "cuda" if CUDA else "cpu"
+    student, teacher, queue, mask = make_inputs(masked=True)
+    results = []
+    for _ in range(2):
+        loss, grads = run(pixel_contrastive_loss, student, teacher, queue, mask, torch.float32, device,
+                          backend="triton", negatives="batch")
+        results.append([loss, *grads])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def _bad_cases():
+    s = torch.randn(2, 8, 3, 3)
+    q = torch.randn(5, 8)
+    ok = dict(student=s, teacher=s.clone(), queue=q)
+    return [
+        ("student not a tensor", dict(ok, student=s.numpy()), TypeError, "student must be a torch.Tensor"),
+        ("student 3-D", dict(ok, student=s[0]), ValueError, "student must be a 4-D"),
+        ("shape mismatch", dict(ok, teacher=torch.randn(2, 8, 3, 4)), ValueError, "same shape"),
+        ("integer student", dict(ok, student=s.long(), teacher=s.long()), TypeError, "student must be float"),
+        ("zero channels", dict(ok, student=s[:, :0], teacher=s[:, :0]), ValueError, "0 channels"),
+        ("queue channels", dict(ok, queue=torch.randn(5, 7)), ValueError, r"queue must be \(K, C\) with C = 8"),
+        ("queue 3-D", dict(ok, queue=torch.randn(1, 5, 8)), ValueError, "queue must be a 2-D"),
+        ("queue integer", dict(ok, queue=q.int()), TypeError, "queue must be float"),
+        ("temperature 0", dict(ok, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        ("temperature < 0", dict(ok, temperature=-0.1), ValueError, "temperature"),
+        ("temperature nan", dict(ok, temperature=float("nan")), ValueError, "temperature"),
+        ("temperature inf", dict(ok, temperature=float("inf")), ValueError, "temperature"),
+        ("temperature tensor", dict(ok, temperature=torch.tensor(0.2)), TypeError, r"float\(t\)"),
+        ("negatives", dict(ok, negatives="pixels"), ValueError, "negatives must be one of"),
+        ("reduction", dict(ok, reduction="avg"), ValueError, "reduction must be one of"),
+        ("backend", dict(ok, backend="cudnn"), ValueError, "backend must be one of"),
+        ("normalize", dict(ok, normalize=1), TypeError, "normalize must be True or False"),
+        ("mask shape", dict(ok, mask=torch.ones(2, 3, 4, dtype=torch.bool)), ValueError, r"mask must have shape"),
+        ("mask dtype", dict(ok, mask=torch.ones(2, 3, 3)), TypeError, "mask must be a bool tensor"),
+        ("none without queue", dict(ok, queue=None, negatives="none"), ValueError, "needs a queue"),
+        ("devices", dict(ok, queue=q.to("meta")), ValueError, "queue is on meta"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,error,message", [c[1:] for c in _bad_cases()], ids=[c[0] for c in _bad_cases()])
+def test_bad_inputs(kwargs, error, message):
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=message):
+        pixel_contrastive_loss(kwargs.pop("student"), kwargs.pop("teacher"), kwargs.pop("queue"), **kwargs)
+
+
+def test_backends_that_cannot_run_say_why(monkeypatch):
+    s, t, q, _ = make_inputs()
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="cuda")
+    if INTERPRETER or CUDA:
+        with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
+            pixel_contrastive_loss(s, t, q, backend="triton")
+    from pcd_kernels.triton import pixel_contrastive as kernels
+
+    monkeypatch.setattr(kernels, "is_interpreter", lambda: False)
+    with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu tensors"):
+        pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="triton")
+
+
+def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):
+    from pcd_kernels import reference
+
+    calls = []
+    real = reference.pixel_contrastive_forward_chunked
+    monkeypatch.setattr(reference, "pixel_contrastive_forward_chunked",
+                        lambda *a: calls.append(1) or real(*a))
+    s, t, q, _ = make_inputs()
+    pixel_contrastive_loss(s.float(), t.float(), q.float())
+    assert calls == [1]
