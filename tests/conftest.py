@@ -19,12 +19,7 @@ if not _has_gpu:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import warnings  # noqa: E402
-
 SEED = int(os.environ.get("PCD_TEST_SEED", random.randrange(2**31)))
-
-# The interpreter evaluates masked-out lanes too (e.g. 0 * -inf before a tl.where discards it).
-warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
 
 
 def pytest_report_header(config):

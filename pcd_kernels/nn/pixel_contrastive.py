@@ -86,10 +86,12 @@ class PixelContrastiveLoss(nn.Module):
         """
         if self.queue is None:
             raise RuntimeError("enqueue needs a queue: construct PixelContrastiveLoss with queue_size > 0")
-        check_tensor("keys", keys, 2, "(n, dim) ")
-        if keys.shape[1] != self.queue.shape[1]:
-            raise ValueError(f"keys must be (n, {self.queue.shape[1]}), got shape {tuple(keys.shape)}"
-                             + (" (pool maps first: keys.mean(dim=(2, 3)))" if keys.dim() == 4 else ""))
+        check_tensor("keys", keys)
+        if keys.dim() == 4:
+            raise ValueError(f"keys must be (n, {self.queue.shape[1]}) vectors, got a map of shape "
+                             f"{tuple(keys.shape)}; pool it first, e.g. keys.mean(dim=(2, 3))")
+        if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
+            raise ValueError(f"keys must be (n, {self.queue.shape[1]}), got shape {tuple(keys.shape)}")
         keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
         if self.normalize:
             keys = F.normalize(keys, dim=1)

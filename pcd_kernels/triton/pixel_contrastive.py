@@ -368,7 +368,10 @@ _GPU_CONFIGS = {
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 INTERPRETER_MAX_BLOCK_C = 32
-MAX_BLOCK_C = 256  # wider C is processed in chunks of this many channels
+# C up to 256 is one tile (the anchor tile stays in registers across key tiles); wider C is
+# processed in chunks of 128 channels, which keeps the pipelined tiles within shared memory.
+SINGLE_TILE_MAX_C = 256
+CHUNK_C = 128
 _KERNELS = {"forward": _forward_kernel, "anchor": _backward_anchor_kernel, "key": _backward_key_kernel}
 
 
@@ -380,8 +383,12 @@ def is_interpreter() -> bool:
 
 
 def block_c(channels: int) -> int:
-    cap = INTERPRETER_MAX_BLOCK_C if is_interpreter() else MAX_BLOCK_C
-    return max(16, min(triton.next_power_of_2(channels), cap))
+    """Channels per tile: all of them up to SINGLE_TILE_MAX_C, else CHUNK_C-wide chunks."""
+    if is_interpreter():
+        return max(16, min(triton.next_power_of_2(channels), INTERPRETER_MAX_BLOCK_C))
+    if channels <= SINGLE_TILE_MAX_C:
+        return max(16, triton.next_power_of_2(channels))
+    return CHUNK_C
 
 
 def _tuned(kind):

@@ -1,0 +1,64 @@
+"""Every Triton kernel compiles for sm_90 (H100/H200) and sm_80 (A100) with Triton's own ptxas,
+no GPU needed, and the configurations tried first fit the chip's shared memory.
+
+This does not show the kernels are right or fast on a GPU (that needs `make gpu-check`); it
+catches what the CPU interpreter cannot: code that does not compile, or does not fit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _helpers import CUDA
+
+_SCRIPT = r"""
+import json, sys, torch
+from pcd_kernels.triton import pixel_contrastive as pc
+from pcd_kernels.triton._aot import compile_launch
+
+def calls(dtype, C, negatives, masked):
+    B, H, W, K = 4, 16, 16, 4096
+    s = torch.empty(B, C, H, W, dtype=dtype); t = torch.empty_like(s); q = torch.empty(K, C, dtype=dtype)
+    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
+    inp = pc._Inputs(s, t, q, None, mask, None, negatives, 0.2, True)
+    loss = torch.empty(B, H, W); lse = torch.empty_like(loss); g = loss.reshape(-1)
+    rows = torch.empty(B * H * W, C, dtype=dtype); q_rows = torch.empty(K, C, dtype=dtype)
+    out = [pc.forward_call(inp, loss, lse),
+           pc.anchor_backward_call(inp, loss, lse, g, rows, rows if negatives == "none" else None),
+           pc.key_backward_call(inp, lse, g, torch.ones(1), q_rows, False)]
+    if negatives != "none":
+        out.append(pc.key_backward_call(inp, lse, g, torch.ones(1), rows, True))
+    return out
+
+arch, dtype, C, negatives, masked = sys.argv[1:]
+results = []
+for call in calls(getattr(torch, dtype), int(C), negatives, masked == "1"):
+    bm, bn, warps, stages = pc._GPU_CONFIGS[call.kind][0]
+    usage = compile_launch(pc._KERNELS[call.kind], call.args, dict(call.flags, BLOCK_M=bm, BLOCK_N=bn),
+                           int(arch), warps, stages)
+    results.append(dict(usage, kernel=call.kind, pixels=call.flags.get("KEYS_ARE_PIXELS")))
+print(json.dumps(results))
+"""
+
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+CASES = [  # (arch, dtype, C, negatives, masked): the flags and tilings each kernel is built with
+    (90, "bfloat16", 256, "batch", 1),
+    (90, "float16", 384, "none", 0),   # C > 256: chunked channels
+    (90, "float32", 40, "image", 1),   # C not a multiple of 16, TF32/IEEE dot
+    (80, "bfloat16", 128, "image", 0),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernels_compile_for_gpu(case):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, case)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(results) == (3 if case[3] == "none" else 4)
+    for r in results:
+        assert r["shared_bytes"] <= SHARED_LIMIT[case[0]], r
+        assert r["registers"] <= 255, r
