@@ -1,0 +1,46 @@
+# pcd_kernels developer commands. CI runs `make test` (through .ci/run) on a fresh clone.
+#
+#   make venv       .venv with torch, the package (editable, CUDA extension built when nvcc is
+#                   found) and the test dependencies; idempotent
+#   make test       the whole test suite (Triton kernels in the CPU interpreter when no GPU)
+#   make bench      python bench/run.py: every provider side by side, table + JSON in bench/results
+#   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, save results
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU wheel of torch 2.13.0 (found locally on this project's machines, so
+# no CUDA build is downloaded); on a machine with its own torch, e.g. TORCH_SPEC="torch>=2.4".
+TORCH_SPEC ?= torch==2.13.0
+BUILD_DEPS := setuptools>=64 wheel pybind11>=2.12 cmake>=3.24 ninja
+# The GPU machine has torch, triton, pybind11, cmake and ninja installed and no package registry.
+GPU_PYTHON ?= python3
+RESULTS := bench/results
+
+.PHONY: venv test bench gpu-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h python/*.cpp)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(BUILD_DEPS)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/run.py
+
+gpu-check:
+	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"
+	$(GPU_PYTHON) -m pip install -q -e . --no-build-isolation --no-deps
+	mkdir -p $(RESULTS)
+	set -o pipefail; stamp=$$($(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
+	  print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + datetime.datetime.utcnow().strftime('%Y%m%d-%H%M%S'))"); \
+	  $(GPU_PYTHON) -m pytest -q -rs 2>&1 | tee $(RESULTS)/gpu-check-tests_$$stamp.log; \
+	  $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) 2>&1 | tee $(RESULTS)/gpu-check-bench_$$stamp.log
+
+clean:
+	rm -rf build $(VENV) pcd_kernels/_C*.so *.egg-info

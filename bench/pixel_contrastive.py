@@ -1,0 +1,147 @@
+"""Benchmark cases and providers for ``pixel_contrastive_loss``.
+
+Every provider computes the same loss from the same inputs; the naive baselines are imported from
+``pcd_kernels.reference`` (the test suite's ground truth), so they cannot drift from what is tested.
+
+FLOPs: a forward pass costs 2*N*K*C (one multiply-add per anchor, key and channel); the backward
+for the student recomputes the logits (2*N*K*C) and forms p @ keys (2*N*K*C). Forward + backward
+is counted as 6*N*K*C, N = anchors, K = keys per anchor (whatever an implementation does beyond
+that is its own overhead).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pcd_kernels import pixel_contrastive_loss
+from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
+
+OP = "pixel_contrastive_loss"
+TEMPERATURE = 0.2
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    negatives: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    queue: int
+
+    @property
+    def anchors(self) -> int:
+        return self.batch * self.height * self.width
+
+    @property
+    def keys(self) -> int:
+        pixels = {"none": 1, "image": self.height * self.width, "batch": self.anchors}[self.negatives]
+        return pixels + self.queue
+
+    def flops(self, mode: str) -> int:
+        per_pass = 2 * self.anchors * self.keys * self.channels
+        return {"forward": per_pass, "backward": 2 * per_pass, "total": 3 * per_pass}[mode]
+
+    def describe(self) -> str:
+        return (f"{self.negatives}: B={self.batch} C={self.channels} {self.height}x{self.width} "
+                f"K={self.queue} (N={self.anchors}, keys/anchor={self.keys})")
+
+
+def cases(device: str, quick: bool):
+    if device == "cuda":
+        if quick:
+            return [Case("pcd-small", "none", 8, 128, 32, 32, 8192)]
+        return [
+            # The issue's GPU target: 32,768 anchors, 65,536 queue keys, C=256.
+            Case("pcd-target", "none", 32, 256, 32, 32, 65536),
+            Case("in-batch", "batch", 8, 256, 64, 64, 0),
+            Case("in-image", "image", 8, 256, 64, 64, 0),
+        ]
+    if quick:
+        return [Case("pcd-quick", "none", 2, 64, 16, 16, 8192)]
+    # The issue's CPU target (torch backend within 1.5x of naive time, <300 MB extra), and a
+    # smaller in-batch case.
+    return [Case("pcd-cpu", "none", 4, 64, 32, 32, 65536),
+            Case("in-batch-cpu", "batch", 2, 64, 32, 32, 4096)]
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.channels, case.height, case.width)
+    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
+    queue = F.normalize(torch.randn(case.queue, case.channels, generator=gen), dim=1).to(device, dtype)
+    return student, teacher, queue
+
+
+def _naive(case):
+    if case.negatives == "none":
+        # the official PCD code, with its (C, K) queue buffer
+        return lambda s, t, q: official_pcd_loss(s, t, q.t(), TEMPERATURE)
+    return lambda s, t, q: naive_pixel_contrastive_loss(
+        s, t, q if case.queue else None, negatives=case.negatives, temperature=TEMPERATURE)
+
+
+def _ours(case, backend):
+    return lambda s, t, q: pixel_contrastive_loss(
+        s, t, q if case.queue else None, negatives=case.negatives, temperature=TEMPERATURE, backend=backend)
+
+
+def _flex(case, device):
+    """FlexAttention with return_lse=True: the logsumexp over keys without the logit matrix,
+    loss = lse - positive (logaddexp with the positive for "none"). Values are a 16-wide zero
+    tensor: only the lse is used."""
+    if device != "cuda":
+        raise Unavailable("FlexAttention has no backward on CPU (and no return_lse under compile)")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    hw = case.height * case.width
+    block_mask = None
+    if case.negatives == "image":
+        n = case.anchors
+        block_mask = create_block_mask(lambda b, h, q, k: (q // hw) == (k // hw), None, None, n, n,
+                                       device=device)
+
+    def loss(s, t, q):
+        s_hat = F.normalize(s.permute(0, 2, 3, 1).reshape(-1, case.channels), dim=1)
+        t_hat = F.normalize(t.permute(0, 2, 3, 1).reshape(-1, case.channels), dim=1)
+        pos = (s_hat * t_hat).sum(1).float() / TEMPERATURE
+        keys = t_hat if case.negatives in ("batch", "image") else None
+        if case.queue:
+            keys = q if keys is None else torch.cat([keys, q])
+        value = keys.new_zeros(1, 1, keys.shape[0], 16)
+        _, lse = flex(s_hat[None, None], keys[None, None], value, block_mask=block_mask,
+                      scale=1.0 / TEMPERATURE, return_lse=True)
+        lse = lse[0, 0].float()
+        if case.negatives == "none":
+            lse = torch.logaddexp(lse, pos)
+        return (lse - pos).mean()
+
+    return loss
+
+
+def providers(case: Case, device: str):
+    """name -> factory() returning loss_fn(student, teacher, queue), or raising Unavailable."""
+    from pcd_kernels.ops._dispatch import triton_unavailable_reason
+
+    def triton():
+        if device != "cuda":
+            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
+        reason = triton_unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise Unavailable(reason)
+        return _ours(case, "triton")
+
+    return {
+        "naive": lambda: _naive(case),
+        "naive+compile": lambda: torch.compile(_naive(case)),
+        "ours-torch": lambda: _ours(case, "torch"),
+        "ours-triton": triton,
+        "flex-attention": lambda: _flex(case, device),
+    }

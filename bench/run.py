@@ -1,0 +1,320 @@
+"""python bench/run.py: pcd_kernels side by side with what users would otherwise run.
+
+For every case and provider it measures forward, backward and forward+backward (medians and
+p20/p80 over repeats), peak memory above the inputs, the ratio to the naive official formula and,
+on CUDA, achieved TFLOP/s and the share of the bf16 matmul rate measured at start on the same
+device. It prints a markdown table and writes JSON under bench/results/.
+
+On CPU each provider runs in a subprocess of its own, so its peak RSS is its own; on CUDA all run
+in this process and peak memory is torch.cuda.max_memory_allocated above the inputs. A provider
+that cannot run is listed with the reason; running out of memory is recorded as OOM.
+
+    python bench/run.py                    # every op, this machine's device, full sizes
+    python bench/run.py --quick            # small sizes (CPU: well under a minute)
+    python bench/run.py --device cuda --dtype bfloat16 --out bench/results
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+import pixel_contrastive  # noqa: E402
+
+OPS = {"pixel_contrastive": pixel_contrastive}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------
+# Measurement
+# ------------------------------------------------------------------------------------------
+
+
+def _percentiles(samples):
+    ordered = sorted(samples)
+
+    def pick(q):
+        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+    return {"p50": statistics.median(ordered), "p20": pick(0.2), "p80": pick(0.8), "n": len(ordered)}
+
+
+class _RssSampler:
+    """Peak resident memory of this process above a baseline, sampled every millisecond."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.baseline = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra_mb(self):
+        return (self.peak - self.baseline) / 2**20
+
+
+def _timed_steps(loss_fn, inputs, device, repeats, warmup):
+    """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward."""
+    student = inputs[0]
+    fwd, bwd, tot = [], [], []
+    for i in range(warmup + repeats):
+        student.grad = None
+        if device == "cuda":
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            events[0].record()
+            loss = loss_fn(*inputs)
+            events[1].record()
+            loss.backward()
+            events[2].record()
+            torch.cuda.synchronize()
+            f, b = events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2])
+        else:
+            t0 = time.perf_counter()
+            loss = loss_fn(*inputs)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            f, b = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        if i >= warmup:
+            fwd.append(f)
+            bwd.append(b)
+            tot.append(f + b)
+    return fwd, bwd, tot, float(loss.detach().float())
+
+
+def _is_oom(exc):
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
+    """One provider on one case: a result dict (status ok / unavailable / oom / error)."""
+    result = {"op": op.OP, "case": case.name, "provider": provider, "describe": case.describe()}
+    try:
+        loss_fn = op.providers(case, device)[provider]()
+    except op.Unavailable as exc:
+        return dict(result, status="unavailable", reason=str(exc))
+    try:
+        inputs = op.make_inputs(case, device, dtype, seed)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            # warm-up (compilation, autotuning) before the peak-memory pass
+            _timed_steps(loss_fn, inputs, device, 0, warmup)
+            inputs[0].grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            _timed_steps(loss_fn, inputs, device, 1, 0)
+            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            fwd, bwd, tot, loss = _timed_steps(loss_fn, inputs, device, repeats, 0)
+        else:
+            _timed_steps(loss_fn, inputs, device, 0, warmup)
+            inputs[0].grad = None
+            with _RssSampler() as rss:
+                _timed_steps(loss_fn, inputs, device, 1, 0)
+            peak_mb = rss.extra_mb
+            fwd, bwd, tot, loss = _timed_steps(loss_fn, inputs, device, repeats, 0)
+    except Exception as exc:  # a provider failing must not end the benchmark
+        if _is_oom(exc):
+            return dict(result, status="oom", reason="out of memory")
+        return dict(result, status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(result, status="ok", loss=loss, peak_mb=peak_mb, forward=_percentiles(fwd),
+                backward=_percentiles(bwd), total=_percentiles(tot),
+                flops={m: case.flops(m) for m in ("forward", "backward", "total")})
+
+
+def matmul_peak_tflops(device):
+    """bf16 matmul rate of this device, measured now (8192^3, median of 20)."""
+    if device != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    return 2 * 8192**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+# ------------------------------------------------------------------------------------------
+# Driver and report
+# ------------------------------------------------------------------------------------------
+
+
+def _device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _versions():
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version()}
+
+
+def _run_in_subprocess(job, timeout):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout} s"}
+    if out.returncode != 0:
+        if out.returncode in (-9, 137):
+            return {"status": "oom", "reason": "killed (out of memory)"}
+        return {"status": "error", "reason": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(x, digits=2):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def report(results, peak_tflops):
+    lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % of peak | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    naive = {(r["op"], r["case"]): r["total"]["p50"] for r in results
+             if r["provider"] == "naive" and r["status"] == "ok"}
+    for r in results:
+        if r["status"] != "ok":
+            lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['status']}: {r.get('reason', '')} "
+                         "| | | | | | | |")
+            continue
+        total = r["total"]["p50"]
+        base = naive.get((r["op"], r["case"]))
+        tflops = r["flops"]["total"] / (total * 1e-3) / 1e12
+        r["speedup_vs_naive"] = base / total if base else None
+        r["tflops"] = tflops
+        r["share_of_peak"] = tflops / peak_tflops if peak_tflops else None
+        lines.append(" | ".join([
+            f"| {r['op']}", r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]),
+            _fmt(total), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]), _fmt(tflops, 1 if tflops >= 1 else 3),
+            _fmt(100 * r["share_of_peak"], 0) if peak_tflops else "—", f"{r['loss']:.4f} |"]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--providers", nargs="+", default=None, help="only these providers")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # one provider, in its own process (CPU peak RSS)
+        job = json.loads(args.worker)
+        op = OPS[job["op"]]
+        case = op.Case(**job["case"])
+        print(json.dumps(run_provider(op, case, job["provider"], job["device"], DTYPES[job["dtype"]],
+                                      job["repeats"], job["warmup"])))
+        return 0
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.repeats:
+        repeats = args.repeats
+    elif args.quick:
+        repeats = 2 if args.device == "cpu" else 5
+    else:
+        repeats = 3 if args.device == "cpu" else 20
+    warmup = 1 if args.device == "cpu" else 3
+    device_name = _device_name(args.device)
+    peak = matmul_peak_tflops(args.device)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print(f"# pcd_kernels benchmark — {device_name}, {dtype_name}, {started:%Y-%m-%d %H:%M} UTC")
+    print(f"# torch {torch.__version__}; " + (f"measured bf16 matmul peak {peak:.0f} TFLOP/s"
+                                               if peak else "no GPU: timings are CPU wall-clock"))
+    results = []
+    for op_name in args.ops:
+        op = OPS[op_name]
+        for case in op.cases(args.device, args.quick):
+            print(f"## {op.OP} {case.name}: {case.describe()}", flush=True)
+            for provider in op.providers(case, args.device):
+                if args.providers and provider not in args.providers:
+                    continue
+                if args.device == "cpu":
+                    job = {"op": op_name, "case": case.__dict__, "provider": provider, "device": "cpu",
+                           "dtype": dtype_name, "repeats": repeats, "warmup": warmup}
+                    r = _run_in_subprocess(job, timeout=900)
+                    r.setdefault("op", op.OP)
+                    r.setdefault("case", case.name)
+                    r.setdefault("provider", provider)
+                else:
+                    r = run_provider(op, case, provider, "cuda", DTYPES[dtype_name], repeats, warmup)
+                status = (f"{r['total']['p50']:.2f} ms, {r['peak_mb']:.0f} MB" if r["status"] == "ok"
+                          else f"{r['status']}: {r.get('reason', '')}")
+                print(f"   {provider:15s} {status}", flush=True)
+                results.append(r)
+    table = report(results, peak)
+    print()
+    print(table)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
+    path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
+    meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
+            "versions": _versions(), "git_commit": _git_commit(), "matmul_peak_tflops": peak,
+            "flop_formula": pixel_contrastive.__doc__.split("FLOPs:")[1].strip()}
+    path.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
