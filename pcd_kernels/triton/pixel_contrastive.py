@@ -28,6 +28,7 @@ of their strides, so the official (C, K) buffer passed transposed needs no copy.
 """
 import contextlib
 import math
+import zlib
 
 import torch
 import triton
@@ -410,9 +411,13 @@ def _blocks():
     return dict(INTERPRETER_BLOCKS) if is_interpreter() else {}
 
 
-def _tune_key(*sizes):
-    # Re-tune when a size changes by more than 2x, not on every new batch shape.
-    return hash(tuple(int(s).bit_length() for s in sizes)) & 0x7FFFFFFF
+def _tune_key(flags, *sizes):
+    """One autotuning bucket per kernel variant (its constexpr flags) and per power-of-two size
+    range: re-tune when a size changes by more than 2x, not on every new batch shape."""
+    variant = sorted(flags.items()), [int(s).bit_length() for s in sizes]
+    # crc32, not hash(): string hashes change between processes, and Triton specialises
+    # integer arguments by value (== 1, divisible by 16).
+    return zlib.crc32(repr(variant).encode()) & 0x7FFFFFFF
 
 
 def _precision(dtype):
@@ -508,21 +513,22 @@ class KernelCall:
 
 
 def forward_call(inp, loss, lse):
-    tune_key = _tune_key(inp.seg_len, inp.n_queue + inp.n_extra)
+    flags = inp.flags()
+    tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
     args = (*inp.sources(), loss, lse, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, tune_key)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments)
-    return KernelCall("forward", args, inp.flags(), grid)
+    return KernelCall("forward", args, flags, grid)
 
 
 def anchor_backward_call(inp, loss, lse, g, grad_a, grad_t_none_mode):
     """Student gradient, and the teacher's for negatives="none" (it involves only the positive).
     Gradient buffers are contiguous (rows, C) matrices."""
-    tune_key = _tune_key(inp.seg_len, inp.n_queue + inp.n_extra)
+    flags = dict(inp.flags(), NEED_DA=grad_a is not None, NEED_DT=grad_t_none_mode is not None)
+    tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
     da = grad_a if grad_a is not None else inp.anchors  # never written when not needed
     dt = grad_t_none_mode if grad_t_none_mode is not None else inp.anchors
     args = (*inp.sources(), loss, lse, g, da, dt, inp.n_rows, inp.hw, inp.channels, inp.logit_scale,
             inp.inv_temperature, tune_key)
-    flags = dict(inp.flags(), NEED_DA=grad_a is not None, NEED_DT=grad_t_none_mode is not None)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
     return KernelCall("anchor", args, flags, grid)
 
@@ -534,12 +540,12 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
         keys, inv_k, n_keys, k_len, segments = inp.pixels, inp.inv_t, inp.n_rows, inp.seg_len, inp.segments
     else:
         keys, inv_k, n_keys, k_len, segments = inp.queue, inp.inv_q, inp.n_queue, inp.n_queue, 1
-    args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, inp.valid,
-            lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
-            inp.logit_scale, inp.inv_temperature, _tune_key(inp.seg_len, n_keys))
     flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
                  NORMALIZE=inp.normalize, BLOCK_C=inp.block_c, C_TILES=inp.c_tiles,
                  PRECISION=inp.precision)
+    args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, inp.valid,
+            lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
+            inp.logit_scale, inp.inv_temperature, _tune_key(flags, inp.seg_len, n_keys))
     grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), segments, inp.c_tiles)
     return KernelCall("key", args, flags, grid)
 
