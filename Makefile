@@ -9,19 +9,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU machines take the CPU wheel of torch 2.13.0 (found locally on this project's machines, so
-# no CUDA build is downloaded); on a machine with its own torch, e.g. TORCH_SPEC="torch>=2.4".
+# torch for the venv. This project's CPU machines hold a local CPU wheel of 2.13.0, so nothing
+# large is downloaded there; elsewhere pick a spec and, for a CPU-only build, an index, e.g.
+#   make venv TORCH_SPEC="torch>=2.4" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
-BUILD_DEPS := setuptools>=64 wheel pybind11>=2.12 cmake>=3.24 ninja
+TORCH_INDEX ?=
+BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
 # The GPU machine has torch, triton, pybind11, cmake and ninja installed and no package registry.
 GPU_PYTHON ?= python3
 RESULTS := bench/results
 
+SHELL := /bin/bash
 .PHONY: venv test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(BUILD_DEPS)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install -q $(BUILD_DEPS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
@@ -37,10 +41,12 @@ gpu-check:
 	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"
 	$(GPU_PYTHON) -m pip install -q -e . --no-build-isolation --no-deps
 	mkdir -p $(RESULTS)
-	set -o pipefail; stamp=$$($(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
-	  print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + datetime.datetime.utcnow().strftime('%Y%m%d-%H%M%S'))"); \
-	  $(GPU_PYTHON) -m pytest -q -rs 2>&1 | tee $(RESULTS)/gpu-check-tests_$$stamp.log; \
-	  $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) 2>&1 | tee $(RESULTS)/gpu-check-bench_$$stamp.log
+	stamp=$$($(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
+	  print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))"); \
+	  $(GPU_PYTHON) -m pytest -q -rs 2>&1 | tee $(RESULTS)/gpu-check-tests_$$stamp.log; tests=$${PIPESTATUS[0]}; \
+	  $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) 2>&1 | tee $(RESULTS)/gpu-check-bench_$$stamp.log; \
+	  bench=$${PIPESTATUS[0]}; echo "gpu-check: tests exit $$tests, bench exit $$bench"; \
+	  test $$tests -eq 0 -a $$bench -eq 0
 
 clean:
 	rm -rf build $(VENV) pcd_kernels/_C*.so *.egg-info

@@ -16,6 +16,9 @@ _has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
     ["nvidia-smi", "-L"], capture_output=True).returncode == 0
 if not _has_gpu:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, tuning every kernel variant the suite compiles would take far longer than the tests:
+# they use each kernel's first configuration (the benchmark tunes).
+os.environ.setdefault("PCD_KERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
