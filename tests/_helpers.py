@@ -46,6 +46,8 @@ def assert_close(name, ours, plain, reference, dtype, scale=0.0):
     ~0 while its terms, recomputed in ``dtype``, keep their rounding). Prints the worst elements
     when it fails."""
     assert ours.shape == reference.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(reference.shape)}"
+    if reference.numel() == 0:
+        return
     ref = reference.detach().double()
     err = (ours.detach().double() - ref).abs()
     err_plain = (plain.detach().double() - ref).abs().max() if plain is not None else 0.0

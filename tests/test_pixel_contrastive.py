@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
 from pcd_kernels import pixel_contrastive_loss
-from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
+from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss, pixel_rows
 
 # C not a power of two (and wider than the interpreter's 32-channel tile: two C chunks), H*W = 35
 # not a multiple of any block, a queue of 37 rows.
@@ -15,7 +15,7 @@ B, C, H, W, K = 2, 40, 5, 7, 37
 def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
     student = torch.randn(b, c, h, w, dtype=torch.float64)
     teacher = student + 0.7 * torch.randn(b, c, h, w, dtype=torch.float64)  # positives mean something
-    queue = torch.randn(k, c, dtype=torch.float64) if k else None
+    queue = torch.randn(k, c, dtype=torch.float64) if k is not None else None
     mask = torch.rand(b, h, w) > 0.3 if masked else None
     return student, teacher, queue, mask
 
@@ -63,8 +63,8 @@ def gradient_term_scale(ref, inputs, weight, temperature=0.2, normalize=True, re
     vectors = [student.transpose(0, 1).flatten(1).T, teacher.transpose(0, 1).flatten(1).T]
     vectors += [queue] if queue is not None else []
     norms = torch.cat([v.norm(dim=1) for v in vectors])
-    if normalize:
-        return g / temperature / max(norms[norms > 0].min().item(), 1e-6)
+    if normalize:  # (degenerate, near-zero vectors have a test of their own)
+        return g / temperature / norms[norms > 1e-3].min().item()
     return g / temperature * norms.max().item()
 
 
@@ -82,19 +82,30 @@ def test_matches_reference(backend, device, dtype, negatives, masked, reduction)
     check_op(backend, device, dtype, inputs, weight, negatives=negatives, reduction=reduction)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 3, 13, 20), (3, 16, 4, 4, 0), (2, 70, 2, 9, 5), (1, 33, 1, 1, 3)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 3, 3, 13, 20), (3, 16, 4, 4, None), (2, 70, 2, 9, 5), (1, 33, 1, 1, 3),
+                                   (2, 24, 3, 3, 0)],
+                         ids=["C3-3x13", "no-queue", "C70-2x9", "1x1-map", "empty-queue"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
 def test_odd_shapes(backend, device, dtype, negatives, shape):
-    if negatives == "none" and shape[-1] == 0:
+    if negatives == "none" and shape[-1] is None:
         pytest.skip("negatives='none' needs a queue (tested in test_bad_inputs)")
     inputs = make_inputs(*shape, masked=True)
     check_op(backend, device, dtype, inputs, negatives=negatives)
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
-@pytest.mark.parametrize("negatives", ["batch", "none"])
+def test_empty_batch(backend, device, dtype):
+    for negatives in ("batch", "none"):
+        loss, grads = run(pixel_contrastive_loss, *make_inputs(b=0), torch.float32, device, backend=backend,
+                          negatives=negatives)
+        assert loss.item() == 0.0
+        assert [tuple(g.shape) for g in grads] == [(0, C, H, W), (0, C, H, W), (K, C)]
+        assert not grads[2].any()
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
 def test_without_normalization(backend, device, dtype, negatives):
     student, teacher, queue, mask = make_inputs(masked=True)
     inputs = (0.2 * student, 0.2 * teacher, 0.2 * queue, mask)
@@ -108,17 +119,33 @@ def test_tiny_temperature_is_stable(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
-def test_zero_vectors_follow_f_normalize(backend, device, dtype):
+@pytest.mark.parametrize("negatives", ["batch", "none"])
+@pytest.mark.parametrize("norm", [0.0, 1e-13], ids=["zero", "below-eps"])
+def test_tiny_vectors_follow_f_normalize(backend, device, dtype, norm, negatives):
+    """F.normalize divides by max(||x||, 1e-12): below that the clamp is constant, so the
+    gradient has no projection term (and is ~1e12 times larger than its neighbours')."""
     student, teacher, queue, mask = make_inputs()
-    student[0, :, 1, 2] = 0
-    teacher[1, :, 3, 4] = 0
-    queue[5] = 0
-    check_op(backend, device, dtype, (student, teacher, queue, mask), negatives="batch")
+    tiny = [(student, (0, slice(None), 1, 2)), (teacher, (1, slice(None), 3, 4)),
+            (teacher, (0, slice(None), 1, 2)), (queue, (5,))]
+    for x, index in tiny:
+        x[index] *= norm / x[index].norm()
+    inputs = (student, teacher, queue, mask)
+    ref, ref_grads = run(naive_pixel_contrastive_loss, *inputs, torch.float64, "cpu", negatives=negatives)
+    ours, our_grads = run(pixel_contrastive_loss, *inputs, dtype, device, backend=backend, negatives=negatives)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for name, g, g_ref in zip(("student", "teacher", "queue"), our_grads, ref_grads):
+        # Row by row (a pixel's or queue row's gradient vector), relative to the row's largest
+        # entry: the tiny rows' gradients are ~1e12 times their neighbours'.
+        rows, ref_rows = (g.double().cpu(), g_ref) if g.dim() == 2 else (
+            pixel_rows(g.double().cpu()), pixel_rows(g_ref))
+        scale = ref_rows.abs().amax(1, keepdim=True).clamp_min(1e-300)
+        error = ((rows - ref_rows).abs() / scale).amax(1)
+        assert error.max() < 1e-4, f"d{name}: worst row error {error.max():.3g} at row {int(error.argmax())}"
 
 
 @pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True)], ids=["student", "teacher", "queue", "keys"])
-@pytest.mark.parametrize("negatives", ["image", "none"])
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
 def test_gradients_only_where_required(backend, device, dtype, negatives, grads):
     check_op(backend, device, dtype, make_inputs(masked=True), grads=grads, negatives=negatives)

@@ -31,7 +31,8 @@ def calls(dtype, C, negatives, masked):
         out.append(pc.key_backward_call(inp, lse, g, torch.ones(1), rows, True))
     return out
 
-arch, dtype, C, negatives, masked = sys.argv[1:]
+arch, dtype, C, negatives, masked, tf32 = sys.argv[1:]
+torch.backends.cuda.matmul.allow_tf32 = tf32 == "1"
 results = []
 for call in calls(getattr(torch, dtype), int(C), negatives, masked == "1"):
     bm, bn, warps, stages = pc._GPU_CONFIGS[call.kind][0]
@@ -42,11 +43,12 @@ print(json.dumps(results))
 """
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-CASES = [  # (arch, dtype, C, negatives, masked): the flags and tilings each kernel is built with
-    (90, "bfloat16", 256, "batch", 1),
-    (90, "float16", 384, "none", 0),   # C > 256: chunked channels
-    (90, "float32", 40, "image", 1),   # C not a multiple of 16, TF32/IEEE dot
-    (80, "bfloat16", 128, "image", 0),
+CASES = [  # (arch, dtype, C, negatives, masked, allow_tf32): flags and tilings kernels are built with
+    (90, "bfloat16", 256, "batch", 1, 0),
+    (90, "float16", 384, "none", 0, 0),    # C > 256: chunked channels
+    (90, "float32", 40, "image", 1, 0),    # C not a multiple of 16, IEEE float32 dot
+    (90, "float32", 256, "batch", 0, 1),   # float32 rows wider than one tile, TF32 dot
+    (80, "bfloat16", 128, "image", 0, 0),
 ]
 
 

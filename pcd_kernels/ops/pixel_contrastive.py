@@ -189,9 +189,10 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
             of per-anchor losses with 0 at masked pixels. No valid anchor gives 0, not NaN.
         process_group: with ``negatives="batch"``, the teacher pixels and masks of every rank of
             this group are keys (gathered without gradient; every rank must pass the same shapes).
-            The reduction covers this rank's anchors only, so averaging the ranks' losses (as DDP
-            averages gradients) gives the single-process loss of the concatenated batch when the
-            ranks hold equally many valid anchors. Keys of ``"image"``/``"none"`` are local anyway.
+            The loss covers this rank's anchors; ``"mean"`` divides by the average number of valid
+            anchors per rank (one all-reduce), so averaging the ranks' losses, as DDP averages
+            gradients, gives exactly the single-process mean of the concatenated batch, masks or
+            not. Keys of ``"image"``/``"none"`` are local in any case.
         backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend for CPU or
             float64), ``"triton"``, ``"torch"``, or ``"cuda"`` (not implemented for this op yet).
 
@@ -232,6 +233,22 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
     total = loss_map.sum()
     if reduction == "sum":
         return total
-    if mask is None:
-        return total / max(loss_map.numel(), 1)
-    return total / mask.sum().clamp_min(1)
+    count = mask.sum() if mask is not None else loss_map.numel()
+    if process_group is not None:
+        count = _mean_valid_count_over_ranks(count, loss_map.device, process_group)
+    if isinstance(count, int):
+        return total / max(count, 1)
+    return total / count.clamp_min(1)
+
+
+def _mean_valid_count_over_ranks(count, device, group):
+    """The average number of valid anchors per rank: dividing this rank's sum by it makes the
+    ranks' mean loss (and DDP's averaged gradients) exactly the single-process mean."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return count
+    total = torch.as_tensor(count, dtype=torch.float32, device=device).clone()
+    dist.all_reduce(total, group=group)
+    return total / world

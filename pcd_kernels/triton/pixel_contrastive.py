@@ -50,7 +50,7 @@ _MAX_INIT = tl.constexpr(-1.0e30)
 def _load_chunk(X, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
     """(rows, BLOCK_C) tile of channels [c_start, c_start + BLOCK_C) of a row matrix; 0 outside."""
     cols = c_start + tl.arange(0, BLOCK_C)
-    ptrs = X + rows.to(tl.int64)[:, None] * s_r + cols[None, :] * s_c
+    ptrs = X + rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
     return tl.load(ptrs, mask=ok[:, None] & (cols < C)[None, :], other=0.0)
 
 
@@ -84,8 +84,9 @@ def _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, k_
                      BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 logits (BLOCK_M, BLOCK_N) of anchor rows against key rows, -inf for absent keys.
 
-    Returns the logits, the mask of keys that exist (in range and not masked) and the keys'
-    first channel chunk, loaded as 0 for absent keys (the whole key when C_TILES == 1)."""
+    Returns the logits, the mask of keys that exist (in range and not masked), the keys' first
+    channel chunk, loaded as 0 for absent keys (the whole key when C_TILES == 1), and their
+    inverse norms (1 without normalisation)."""
     k_ok = k_in
     if HAS_MASK:
         k_ok = k_ok & (tl.load(valid_k_ptr + keys, mask=k_in, other=0) != 0)
@@ -93,41 +94,49 @@ def _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, k_
     s = _dot_rows(a0, A, rows, a_in, a_sr, 1, k0, K, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
                   PRECISION)
     s = s * row_scale[:, None]
+    inv_k = tl.full(keys.shape, 1.0, tl.float32)
     if NORMALIZE:
-        s = s * tl.load(inv_k_ptr + keys, mask=k_ok, other=0.0)[None, :]
-    return tl.where(k_ok[None, :], s, float("-inf")), k_ok, k0
+        inv_k = tl.load(inv_k_ptr + keys, mask=k_ok, other=0.0)
+        s = s * inv_k[None, :]
+    return tl.where(k_ok[None, :], s, float("-inf")), k_ok, k0, inv_k
 
 
 @triton.jit
-def _lse_over_keys(m, l, a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, lo, hi, inv_k_ptr,
-                   valid_k_ptr, C, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Online logsumexp (running max m, running sum l, base 2) over key rows [lo, hi) of one source."""
+def _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, a_sr, row_scale, K, k_sr, k_sc, lo, hi,
+                   inv_k_ptr, valid_k_ptr, C, HOLDS_POSITIVES: tl.constexpr, HAS_MASK: tl.constexpr,
+                   NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
+    """Online logsumexp (running max m, running sum l, base 2) over key rows [lo, hi) of one
+    source. For teacher pixels it also picks each anchor's positive logit out of the tile holding
+    it, so that loss = lse - positive uses the very number the lse summed."""
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, _, _ = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, keys < hi,
-                                   inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE, BLOCK_C, C_TILES,
-                                   PRECISION)
+        s, _, _, _ = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
+                                      keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE,
+                                      BLOCK_C, C_TILES, PRECISION)
+        if HOLDS_POSITIVES:
+            if (start < row0 + BLOCK_M) & (start + BLOCK_N > row0):
+                pos += tl.sum(tl.where(keys[None, :] == rows[:, None], s, 0.0), 1)
         m_new = tl.maximum(m, tl.max(s, 1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m = m_new
-    return m, l
+    return m, l, pos
 
 
 @triton.jit
 def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
                         K, k_sr, k_sc, lo, hi, inv_k_ptr, valid_k_ptr, C,
                         HOLDS_POSITIVES: tl.constexpr, HAS_MASK: tl.constexpr,
-                        NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                        C_TILES: tl.constexpr, PRECISION: tl.constexpr):
+                        NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+                        PRECISION: tl.constexpr):
     """Over key rows [lo, hi) of one source, with q = p - onehot(positive):
     acc += q @ k_hat[:, oc:oc + BLOCK_C] and d += sum_k q * logit2."""
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, k_ok, k0 = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
-                                       keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE,
-                                       BLOCK_C, C_TILES, PRECISION)
+        s, k_ok, k0, inv_k = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
+                                              keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK,
+                                              NORMALIZE, BLOCK_C, C_TILES, PRECISION)
         p = tl.exp2(s - lse2[:, None])
         if HOLDS_POSITIVES:  # teacher pixels: key row i is anchor row i's positive
             p = tl.where(keys[None, :] == rows[:, None], p - 1.0, p)
@@ -137,10 +146,12 @@ def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
         else:
             k_chunk = _load_chunk(K, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
         if NORMALIZE:
-            # Normalise the key tile rather than scale p by 1/||k||: a zero key would give
-            # p * 1e12 = inf in half precision, while its normalised tile is simply 0.
-            inv_k = tl.load(inv_k_ptr + keys, mask=k_ok, other=0.0)
-            k_chunk = (k_chunk.to(tl.float32) * inv_k[:, None]).to(K.dtype.element_ty)
+            if SCALE_WEIGHTS:  # q / ||k|| @ k: one multiply per logit, the raw tile feeds the MMA
+                p = p * inv_k[None, :]
+            else:
+                # float16: a zero key's 1/||k|| = 1e12 overflows q / ||k||, so normalise the tile
+                # instead (a zero key's tile is simply 0).
+                k_chunk = (k_chunk.to(tl.float32) * inv_k[:, None]).to(K.dtype.element_ty)
         acc = tl.dot(p.to(k_chunk.dtype), k_chunk, acc, input_precision=PRECISION)
     return acc, d
 
@@ -164,7 +175,7 @@ def _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK: tl.constexpr, MODE: tl.constex
     return rows, a_in, valid, seg_start, seg_start + seg_len
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _forward_kernel(
     A, T, X, x_sr, x_sc, n_extra, Q, q_sr, q_sc, n_queue,
     inv_a_ptr, inv_t_ptr, inv_x_ptr, inv_q_ptr, valid_ptr, valid_x_ptr,
@@ -174,31 +185,34 @@ def _forward_kernel(
     C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+    row0 = key_lo + tl.program_id(0) * BLOCK_M
     a0 = _load_chunk(A, rows, a_in, C, 1, 0, C, BLOCK_C)
     row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
-    pos = _rowwise_dot(a0, A, T, rows, a_in, C, C, BLOCK_C, C_TILES)
     if NORMALIZE:
         row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
-        pos = pos * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
-    pos = pos * row_scale
 
     if MODE == 0:  # "none": the positive is a key of its own
+        pos = _rowwise_dot(a0, A, T, rows, a_in, C, C, BLOCK_C, C_TILES)
+        if NORMALIZE:
+            pos = pos * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
+        pos = pos * row_scale
         m = pos
         l = tl.full((BLOCK_M,), 1.0, tl.float32)
-    else:
+    else:  # the positive is among the teacher-pixel keys; picked out of its tile
+        pos = tl.zeros((BLOCK_M,), tl.float32)
         m = tl.full((BLOCK_M,), _MAX_INIT, tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
-        m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, T, C, 1, key_lo, key_hi,
-                              inv_t_ptr, valid_ptr, C, HAS_MASK, NORMALIZE, BLOCK_N, BLOCK_C,
-                              C_TILES, PRECISION)
+        m, l, pos = _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, C, row_scale, T, C, 1, key_lo,
+                                   key_hi, inv_t_ptr, valid_ptr, C, True, HAS_MASK, NORMALIZE,
+                                   BLOCK_M, BLOCK_N, BLOCK_C, C_TILES, PRECISION)
         if HAS_EXTRA:
-            m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, X, x_sr, x_sc, 0, n_extra,
-                                  inv_x_ptr, valid_x_ptr, C, True, NORMALIZE, BLOCK_N, BLOCK_C,
-                                  C_TILES, PRECISION)
+            m, l, pos = _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, C, row_scale, X, x_sr, x_sc,
+                                       0, n_extra, inv_x_ptr, valid_x_ptr, C, False, True, NORMALIZE,
+                                       BLOCK_M, BLOCK_N, BLOCK_C, C_TILES, PRECISION)
     if HAS_QUEUE:
-        m, l = _lse_over_keys(m, l, a0, A, rows, a_in, C, row_scale, Q, q_sr, q_sc, 0, n_queue,
-                              inv_q_ptr, valid_ptr, C, False, NORMALIZE, BLOCK_N, BLOCK_C,
-                              C_TILES, PRECISION)
+        m, l, pos = _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, C, row_scale, Q, q_sr, q_sc, 0,
+                                   n_queue, inv_q_ptr, valid_ptr, C, False, False, NORMALIZE,
+                                   BLOCK_M, BLOCK_N, BLOCK_C, C_TILES, PRECISION)
     lse2 = m + tl.log2(l)
     tl.store(loss_ptr + rows, tl.where(valid, (lse2 - pos) * LN2, 0.0), mask=a_in)
     # Saved in base 2: converting to natural log and back would move lse by an ulp of the
@@ -206,15 +220,16 @@ def _forward_kernel(
     tl.store(lse_ptr + rows, tl.where(valid, lse2, 0.0), mask=a_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _backward_anchor_kernel(
     A, T, X, x_sr, x_sc, n_extra, Q, q_sr, q_sc, n_queue,
     inv_a_ptr, inv_t_ptr, inv_x_ptr, inv_q_ptr, valid_ptr, valid_x_ptr,
-    loss_ptr, lse_ptr, grad_ptr, DA, DT, n_rows, HW, C, logit_scale, inv_temperature, TUNE_KEY,
+    loss_ptr, lse_ptr, grad_ptr, proj_a_ptr, proj_t_ptr, DA, DT, n_rows, HW, C, logit_scale,
+    inv_temperature, TUNE_KEY,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_QUEUE: tl.constexpr,
-    NORMALIZE: tl.constexpr, NEED_DA: tl.constexpr, NEED_DT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
-    PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
     oc = tl.program_id(2) * BLOCK_C  # this program writes channels [oc, oc + BLOCK_C)
@@ -236,18 +251,18 @@ def _backward_anchor_kernel(
         if MODE != 0:
             acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
                                          T, C, 1, key_lo, key_hi, inv_t_ptr, valid_ptr, C,
-                                         True, HAS_MASK, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
-                                         PRECISION)
+                                         True, HAS_MASK, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
+                                         C_TILES, PRECISION)
             if HAS_EXTRA:
                 acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
                                              X, x_sr, x_sc, 0, n_extra, inv_x_ptr, valid_x_ptr, C,
-                                             False, True, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
-                                             PRECISION)
+                                             False, True, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
+                                             C_TILES, PRECISION)
         if HAS_QUEUE:
             acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
                                          Q, q_sr, q_sc, 0, n_queue, inv_q_ptr, valid_ptr, C,
-                                         False, False, NORMALIZE, BLOCK_N, BLOCK_C, C_TILES,
-                                         PRECISION)
+                                         False, False, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
+                                         C_TILES, PRECISION)
 
     cols = oc + tl.arange(0, BLOCK_C)
     out_ptrs = rows.to(tl.int64)[:, None] * C + cols[None, :]
@@ -267,26 +282,28 @@ def _backward_anchor_kernel(
         grad = coef[:, None] * acc
         if NORMALIZE:
             dot_hat = g * d * LN2  # a_hat . grad_hat
-            grad = inv_a[:, None] * grad - (inv_a * inv_a * dot_hat)[:, None] * a_chunk
+            proj_a = tl.load(proj_a_ptr + rows, mask=a_in, other=0.0)
+            grad = inv_a[:, None] * grad - (proj_a * dot_hat)[:, None] * a_chunk
         grad = tl.where(valid[:, None], grad, 0.0)
         tl.store(DA + out_ptrs, grad.to(DA.dtype.element_ty), mask=out_ok)
     if NEED_DT:  # "none" only: the teacher pixel is a key of its own anchor alone
         grad = (coef * pos_weight * inv_a)[:, None] * a_chunk
         if NORMALIZE:
             dot_hat = g * pos_weight * pos2 * LN2  # t_hat . grad_hat
-            grad = inv_t[:, None] * grad - (inv_t * inv_t * dot_hat)[:, None] * t_chunk
+            proj_t = tl.load(proj_t_ptr + rows, mask=a_in, other=0.0)
+            grad = inv_t[:, None] * grad - (proj_t * dot_hat)[:, None] * t_chunk
         grad = tl.where(valid[:, None], grad, 0.0)
         tl.store(DT + out_ptrs, grad.to(DT.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TUNE_KEY"])
 def _backward_key_kernel(
-    A, K, k_sr, k_sc, inv_a_ptr, inv_k_ptr, valid_ptr,
+    A, K, k_sr, k_sc, inv_a_ptr, inv_k_ptr, proj_k_ptr, valid_ptr,
     lse_ptr, grad_scaled_ptr, grad_max_ptr, DK,
     n_rows, n_keys, HW, C, logit_scale, inv_temperature, TUNE_KEY,
     MODE: tl.constexpr, KEYS_ARE_PIXELS: tl.constexpr, HAS_MASK: tl.constexpr,
-    NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    C_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     local = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     oc = tl.program_id(2) * BLOCK_C
@@ -339,7 +356,10 @@ def _backward_key_kernel(
         else:
             a_chunk = _load_chunk(A, rows, r_ok, C, 1, oc, C, BLOCK_C)
         if NORMALIZE:
-            a_chunk = (a_chunk.to(tl.float32) * inv_a[:, None]).to(A.dtype.element_ty)
+            if SCALE_WEIGHTS:
+                w = w * inv_a[None, :]
+            else:  # float16: see _softmax_times_keys
+                a_chunk = (a_chunk.to(tl.float32) * inv_a[:, None]).to(A.dtype.element_ty)
         acc = tl.dot(w.to(a_chunk.dtype), a_chunk, acc, input_precision=PRECISION)
 
     # g was divided by max|g| so that w fits half precision (mean reductions make g ~ 1/anchors).
@@ -348,7 +368,8 @@ def _backward_key_kernel(
     if NORMALIZE:
         dot_hat = d * (grad_max * LN2)  # k_hat . grad_hat
         k_chunk = _load_chunk(K, keys, k_in, k_sr, k_sc, oc, C, BLOCK_C).to(tl.float32)
-        grad = inv_k[:, None] * grad - (inv_k * inv_k * dot_hat)[:, None] * k_chunk
+        proj_k = tl.load(proj_k_ptr + keys, mask=k_in, other=0.0)
+        grad = inv_k[:, None] * grad - (proj_k * dot_hat)[:, None] * k_chunk
     grad = tl.where(k_ok[:, None], grad, 0.0)
     cols = oc + tl.arange(0, BLOCK_C)
     # The gradient buffers are row-major (rows, C).
@@ -373,10 +394,12 @@ _GPU_CONFIGS = {
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 INTERPRETER_MAX_BLOCK_C = 32
-# C up to 256 is one tile (the anchor tile stays in registers across key tiles); wider C is
-# processed in chunks of 128 channels, which keeps the pipelined tiles within shared memory.
-SINGLE_TILE_MAX_C = 256
-CHUNK_C = 128
+# Rows of up to 512 bytes (C <= 256 in 16-bit, C <= 128 in float32) are one tile: the anchor
+# tile stays on chip across all key tiles. Wider rows go in 256-byte chunks (128 / 64 channels),
+# which keeps the pipelined tiles within shared memory; the backward then recomputes the logits
+# once per output chunk.
+SINGLE_TILE_MAX_BYTES = 512
+CHUNK_BYTES = 256
 _KERNELS = {"forward": _forward_kernel, "anchor": _backward_anchor_kernel, "key": _backward_key_kernel}
 
 
@@ -387,13 +410,13 @@ def is_interpreter() -> bool:
     return isinstance(_forward_kernel, InterpretedFunction)
 
 
-def block_c(channels: int) -> int:
-    """Channels per tile: all of them up to SINGLE_TILE_MAX_C, else CHUNK_C-wide chunks."""
+def block_c(channels: int, element_size: int) -> int:
+    """Channels per tile (a power of two, at least 16 for tl.dot)."""
     if is_interpreter():
         return max(16, min(triton.next_power_of_2(channels), INTERPRETER_MAX_BLOCK_C))
-    if channels <= SINGLE_TILE_MAX_C:
+    if channels * element_size <= SINGLE_TILE_MAX_BYTES:
         return max(16, triton.next_power_of_2(channels))
-    return CHUNK_C
+    return CHUNK_BYTES // element_size
 
 
 def autotune_enabled() -> bool:
@@ -448,6 +471,13 @@ def _inv_norms(rows):
     return norms.clamp_min_(NORM_EPS).reciprocal_()
 
 
+def _projection_scales(rows, inv):
+    """The gradient through x / max(||x||, eps) is inv * (G - x_hat (x_hat . G)) where the norm
+    reaches eps and inv * G below it (the clamp is constant there): the kernels take inv^2 or 0."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
+
+
 def _as_bytes(mask):
     return mask.reshape(-1).contiguous().view(torch.uint8)
 
@@ -485,11 +515,14 @@ class _Inputs:
             self.valid_x = (_as_bytes(extra_mask) if extra_mask is not None else
                             torch.ones(self.n_extra, dtype=torch.uint8, device=student.device))
 
-        self.block_c = block_c(C)
+        self.block_c = block_c(C, student.element_size())
         self.c_tiles = triton.cdiv(C, self.block_c)
         self.segments = B if self.mode == MODES["image"] else 1
         self.seg_len = H * W if self.mode == MODES["image"] else self.n_rows
         self.precision = _precision(student.dtype)
+        # Backward weights are divided by the key norms (one multiply per logit) unless float16,
+        # whose range a zero vector's 1/||k|| = 1e12 would overflow.
+        self.scale_weights = student.dtype != torch.float16
 
     def sources(self):
         """Anchors, teacher pixels, extra keys, queue rows: the arguments the anchor-tile kernels
@@ -505,6 +538,9 @@ class _Inputs:
         return dict(MODE=self.mode, HAS_MASK=self.has_mask, HAS_EXTRA=self.has_extra,
                     HAS_QUEUE=self.has_queue, NORMALIZE=self.normalize, BLOCK_C=self.block_c,
                     C_TILES=self.c_tiles, PRECISION=self.precision)
+
+    def weight_flags(self):
+        return dict(SCALE_WEIGHTS=self.scale_weights)
 
 
 def pixel_matrix(x):
@@ -533,12 +569,15 @@ def forward_call(inp, loss, lse):
 def anchor_backward_call(inp, loss, lse, g, grad_a, grad_t_none_mode):
     """Student gradient, and the teacher's for negatives="none" (it involves only the positive).
     Gradient buffers are contiguous (rows, C) matrices."""
-    flags = dict(inp.flags(), NEED_DA=grad_a is not None, NEED_DT=grad_t_none_mode is not None)
+    flags = dict(inp.flags(), **inp.weight_flags(), NEED_DA=grad_a is not None,
+                 NEED_DT=grad_t_none_mode is not None)
     tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
     da = grad_a if grad_a is not None else inp.anchors  # never written when not needed
     dt = grad_t_none_mode if grad_t_none_mode is not None else inp.anchors
-    args = (*inp.sources(), loss, lse, g, da, dt, inp.n_rows, inp.hw, inp.channels, inp.logit_scale,
-            inp.inv_temperature, tune_key)
+    proj = _projection_scales if inp.normalize else (lambda rows, inv: inv)
+    proj_a, proj_t = proj(inp.anchors, inp.inv_a), proj(inp.pixels, inp.inv_t)
+    args = (*inp.sources(), loss, lse, g, proj_a, proj_t, da, dt, inp.n_rows, inp.hw, inp.channels,
+            inp.logit_scale, inp.inv_temperature, tune_key)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
     return KernelCall("anchor", args, flags, grid)
 
@@ -552,8 +591,9 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
         keys, inv_k, n_keys, k_len, segments = inp.queue, inp.inv_q, inp.n_queue, inp.n_queue, 1
     flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
                  NORMALIZE=inp.normalize, BLOCK_C=inp.block_c, C_TILES=inp.c_tiles,
-                 PRECISION=inp.precision)
-    args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, inp.valid,
+                 PRECISION=inp.precision, **inp.weight_flags())
+    proj_k = _projection_scales(keys, inv_k) if inp.normalize else inv_k
+    args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, proj_k, inp.valid,
             lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, _tune_key(flags, inp.seg_len, n_keys))
     grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), segments, inp.c_tiles)
