@@ -94,8 +94,8 @@ def _ours(case, backend):
 
 def _flex(case, device):
     """FlexAttention with return_lse=True: the logsumexp over keys without the logit matrix,
-    loss = lse - positive (logaddexp with the positive for "none"). Values are a 16-wide zero
-    tensor: only the lse is used."""
+    loss = lse - positive (logaddexp with the positive for "none"). Only the lse is used, so the
+    values are a 16-wide zero tensor (C-wide where a torch version wants equal head dims)."""
     if device != "cuda":
         raise Unavailable("FlexAttention has no backward on CPU (and no return_lse under compile)")
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -108,6 +108,13 @@ def _flex(case, device):
         block_mask = create_block_mask(lambda b, h, q, k: (q // hw) == (k // hw), None, None, n, n,
                                        device=device)
 
+    value_dim = [16]
+
+    def attend(query, keys):
+        value = keys.new_zeros(1, 1, keys.shape[0], value_dim[0])
+        return flex(query, keys[None, None], value, block_mask=block_mask, scale=1.0 / TEMPERATURE,
+                    return_lse=True)[1]
+
     def loss(s, t, q):
         s_hat = F.normalize(s.permute(0, 2, 3, 1).reshape(-1, case.channels), dim=1)
         t_hat = F.normalize(t.permute(0, 2, 3, 1).reshape(-1, case.channels), dim=1)
@@ -115,9 +122,13 @@ def _flex(case, device):
         keys = t_hat if case.negatives in ("batch", "image") else None
         if case.queue:
             keys = q if keys is None else torch.cat([keys, q])
-        value = keys.new_zeros(1, 1, keys.shape[0], 16)
-        _, lse = flex(s_hat[None, None], keys[None, None], value, block_mask=block_mask,
-                      scale=1.0 / TEMPERATURE, return_lse=True)
+        try:
+            lse = attend(s_hat[None, None], keys)
+        except Exception:
+            if value_dim[0] == case.channels:
+                raise
+            value_dim[0] = case.channels
+            lse = attend(s_hat[None, None], keys)
         lse = lse[0, 0].float()
         if case.negatives == "none":
             lse = torch.logaddexp(lse, pos)

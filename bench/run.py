@@ -222,8 +222,7 @@ def _fmt(x, digits=2):
 def report(results, peak_tflops):
     lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % of peak | loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    naive = {(r["op"], r["case"]): r["total"]["p50"] for r in results
-             if r["provider"] == "naive" and r["status"] == "ok"}
+    naive = {(r["op"], r["case"]): r for r in results if r["provider"] == "naive" and r["status"] == "ok"}
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['status']}: {r.get('reason', '')} "
@@ -232,13 +231,17 @@ def report(results, peak_tflops):
         total = r["total"]["p50"]
         base = naive.get((r["op"], r["case"]))
         tflops = r["flops"]["total"] / (total * 1e-3) / 1e12
-        r["speedup_vs_naive"] = base / total if base else None
+        r["speedup_vs_naive"] = base["total"]["p50"] / total if base else None
+        # every provider computes the same loss from the same inputs: say so when one does not
+        r["agrees_with_naive"] = (abs(r["loss"] - base["loss"]) <= 2e-2 * abs(base["loss"]) + 1e-3
+                                  if base else None)
         r["tflops"] = tflops
         r["share_of_peak"] = tflops / peak_tflops if peak_tflops else None
         lines.append(" | ".join([
             f"| {r['op']}", r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]),
             _fmt(total), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]), _fmt(tflops, 1 if tflops >= 1 else 3),
-            _fmt(100 * r["share_of_peak"], 0) if peak_tflops else "—", f"{r['loss']:.4f} |"]))
+            _fmt(100 * r["share_of_peak"], 0) if peak_tflops else "—",
+            f"{r['loss']:.4f}{'' if r['agrees_with_naive'] is not False else ' (differs from naive!)'} |"]))
     return "\n".join(lines)
 
 

@@ -32,17 +32,19 @@ def test_opcheck_backward_op():
                            normalize, backend, True, True, True))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="no CUDA device"))])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
+def test_torch_compile_fullgraph(compiler, device):
     torch._dynamo.reset()
-    criterion = PixelContrastiveLoss(negatives="none", queue_size=9, dim=12)
+    criterion = PixelContrastiveLoss(negatives="none", queue_size=9, dim=12).to(device)
 
     def step(s, t, mask):
         features = torch.relu(s) * 2.0  # something around the op for the compiler to fuse
         return criterion(features, t, mask) + 0.1 * pixel_contrastive_loss(features, t, negatives="image")
 
-    s = torch.randn(2, 12, 3, 5, requires_grad=True)
-    t, mask = torch.randn(2, 12, 3, 5), torch.rand(2, 3, 5) > 0.3
+    s = torch.randn(2, 12, 3, 5, device=device, requires_grad=True)
+    t, mask = torch.randn(2, 12, 3, 5, device=device), torch.rand(2, 3, 5, device=device) > 0.3
     expected = step(s, t, mask)
     (expected_grad,) = torch.autograd.grad(expected, s)
     compiled = torch.compile(step, fullgraph=True, backend=compiler)

@@ -1,0 +1,23 @@
+"""bench/run.py, the README's main job, runs end to end (CPU, quick sizes) and writes its JSON."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs_and_providers_agree(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
+                          "--providers", "naive", "ours-torch", "ours-triton", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| pixel_contrastive_loss |" in out.stdout
+    (result_file,) = tmp_path.glob("pixel_contrastive_*_quick.json")
+    data = json.loads(result_file.read_text())
+    assert data["meta"]["device"].startswith("CPU") and data["meta"]["versions"]["torch"]
+    by_provider = {r["provider"]: r for r in data["results"]}
+    assert by_provider["naive"]["status"] == "ok" and by_provider["ours-torch"]["status"] == "ok"
+    assert by_provider["ours-torch"]["agrees_with_naive"] is True
+    assert by_provider["ours-torch"]["peak_mb"] < by_provider["naive"]["peak_mb"]
+    assert by_provider["ours-triton"]["status"] == "unavailable" and "CUDA" in by_provider["ours-triton"]["reason"]
