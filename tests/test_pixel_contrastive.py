@@ -245,6 +245,20 @@ def test_mixed_dtypes_are_promoted(backend, device, dtype):
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_autocast_runs_the_op_in_the_autocast_dtype(backend, device, dtype):
+    student, teacher, queue, _ = make_inputs()
+    s = student.to(device, torch.float32).requires_grad_()
+    t, q = teacher.to(device, torch.float32), queue.to(device, torch.float32)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=low):
+        loss = pixel_contrastive_loss(s, t, q, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == torch.float32
+    expected = pixel_contrastive_loss(s.detach().to(low), t.to(low), q.to(low), backend=backend)
+    torch.testing.assert_close(loss, expected)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU: the CPU interpreter runs programs one at a time, "
                                        "so it cannot show (non-)determinism")
 def test_triton_backward_is_deterministic():

@@ -20,20 +20,21 @@ REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_contrastive_loss"
 
 
-def _run_forward(backend, *args):
+def _implementation(backend, direction):
     if backend == "triton":
         from pcd_kernels.triton import pixel_contrastive as kernels
 
-        return kernels.forward(*args)
-    return reference.pixel_contrastive_forward_chunked(*args)
+        return kernels.forward if direction == "forward" else kernels.backward
+    if direction == "forward":
+        return reference.pixel_contrastive_forward_chunked
+    return reference.pixel_contrastive_backward_chunked
 
 
-def _run_backward(backend, *args):
-    if backend == "triton":
-        from pcd_kernels.triton import pixel_contrastive as kernels
-
-        return kernels.backward(*args)
-    return reference.pixel_contrastive_backward_chunked(*args)
+def _run(backend, direction, device, *args):
+    # The inputs already are in the dtype to compute in; autocast must not recast the
+    # implementation's own float32 accumulations.
+    with torch.autocast(device.type, enabled=False):
+        return _implementation(backend, direction)(*args)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_contrastive_forward", mutates_args=())
@@ -44,8 +45,8 @@ def _forward_op(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra
 
     ``saved_lse`` is the state the same backend's backward reads: each anchor's logsumexp, in
     natural log for the torch backend and base 2 for the Triton kernels (which work in base 2)."""
-    return _run_forward(backend, student, teacher, queue, extra_keys, mask, extra_mask, negatives,
-                        temperature, normalize)
+    return _run(backend, "forward", student.device, student, teacher, queue, extra_keys, mask,
+                extra_mask, negatives, temperature, normalize)
 
 
 @_forward_op.register_fake
@@ -63,9 +64,9 @@ def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Opt
                  backend: str, needs_student: bool, needs_teacher: bool,
                  needs_queue: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for (student, teacher, queue); an empty tensor stands for one not asked for."""
-    grads = _run_backward(backend, grad_loss, student, teacher, queue, extra_keys, mask, extra_mask,
-                          loss, lse, negatives, temperature, normalize, needs_student,
-                          needs_teacher, needs_queue)
+    grads = _run(backend, "backward", student.device, grad_loss, student, teacher, queue, extra_keys,
+                 mask, extra_mask, loss, lse, negatives, temperature, normalize, needs_student,
+                 needs_teacher, needs_queue)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
@@ -102,6 +103,17 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device``: the op then runs in it, as a matmul
+    would (the loss itself is still float32)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device autocast queries differ
+        pass
+    return None
 
 
 def _gather_pixel_keys(teacher: Tensor, mask: Optional[Tensor], group) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -200,8 +212,9 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
         The loss: a scalar, or (B, H, W) for ``reduction="none"``; float32 (float64 for float64
         inputs) whatever the input precision, as autocast does for losses.
 
-    Inputs of different float dtypes are promoted to a common one (like ``torch.cat``). The
-    Triton kernels take float16, bfloat16 and float32 and accumulate in float32; float32 inputs
+    Inputs of different float dtypes are promoted to a common one (like ``torch.cat``); under
+    ``torch.autocast`` the op runs in the autocast dtype, as a matmul would. The Triton kernels take
+    float16, bfloat16 and float32 and accumulate in float32; float32 inputs
     use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True. Gradients
     reach ``student``, ``teacher`` and ``queue`` wherever they require grad.
 
@@ -217,8 +230,10 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
     """
     temperature = _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask,
                                 reduction, backend)
-    dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
-    dtype = torch.promote_types(dtype, teacher.dtype)
+    dtype = _autocast_dtype(student.device)
+    if dtype is None:
+        dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
+        dtype = torch.promote_types(dtype, teacher.dtype)
     student, teacher = student.to(dtype), teacher.to(dtype)
     queue = queue.to(dtype) if queue is not None else None
     backend = resolve_backend(_OP, backend, student.device, dtype)

@@ -22,9 +22,9 @@ needs x_hat . G, which equals a per-row sum of (p - onehot) * logit accumulated 
 so the epilogue applies it without a second pass over C.
 
 Pixel maps reach the kernels as contiguous (B*H*W, C) matrices (a view for channels_last
-inputs, one copy otherwise), so every tile load is contiguous along C; gradients leave the same
-way, as channels_last maps; queue rows are read through both
-of their strides, so the official (C, K) buffer passed transposed needs no copy.
+inputs, one copy otherwise), so every tile load is contiguous along C, and their gradients leave
+the same way, as channels_last maps. Queue rows are read through both of their strides, so the
+official (C, K) buffer passed transposed needs no copy.
 """
 import contextlib
 import math
