@@ -5,6 +5,7 @@
 #   make test       the whole test suite (Triton kernels in the CPU interpreter when no GPU)
 #   make bench      python bench/run.py: every provider side by side, table + JSON in bench/results
 #   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, save results
+#                   (= make gpu-test, then make gpu-bench)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ GPU_PYTHON ?= python3
 RESULTS := bench/results
 
 SHELL := /bin/bash
-.PHONY: venv test bench gpu-check clean
+.PHONY: venv test bench gpu-install gpu-test gpu-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,16 +38,30 @@ test: venv
 bench: venv
 	$(PY) bench/run.py
 
-gpu-check:
-	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"
-	$(GPU_PYTHON) -m pip install -q -e . --no-build-isolation --no-deps
+# On a CUDA machine (no package registry needed). Each step fits a 10-minute command limit on its
+# own; RESULTS=<dir> puts the logs and JSON elsewhere, BENCH_ARGS narrows the benchmark (e.g.
+# BENCH_ARGS="--cases pcd-target --providers naive ours-triton flex-attention").
+BENCH_ARGS ?=
+STAMP = $(shell $(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
+  print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + \
+  datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))")
+
+gpu-install:
+	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'needs a CUDA device')"
+	$(GPU_PYTHON) -m pip install -q --disable-pip-version-check -e . --no-build-isolation --no-deps
 	mkdir -p $(RESULTS)
-	stamp=$$($(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
-	  print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))"); \
-	  $(GPU_PYTHON) -m pytest -q -rs 2>&1 | tee $(RESULTS)/gpu-check-tests_$$stamp.log; tests=$${PIPESTATUS[0]}; \
-	  $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) 2>&1 | tee $(RESULTS)/gpu-check-bench_$$stamp.log; \
-	  bench=$${PIPESTATUS[0]}; echo "gpu-check: tests exit $$tests, bench exit $$bench"; \
-	  test $$tests -eq 0 -a $$bench -eq 0
+
+gpu-test: gpu-install
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m pytest -q -rs --maxfail=20 2>&1 | tee $(RESULTS)/gpu-check-tests_$(STAMP).log; \
+	  exit $${PIPESTATUS[0]}
+
+gpu-bench: gpu-install
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) $(BENCH_ARGS) 2>&1 \
+	  | tee $(RESULTS)/gpu-check-bench_$(STAMP).log; exit $${PIPESTATUS[0]}
+
+gpu-check:
+	$(MAKE) gpu-test; tests=$$?; $(MAKE) gpu-bench; bench=$$?; \
+	  echo "gpu-check: tests exit $$tests, bench exit $$bench"; test $$tests -eq 0 -a $$bench -eq 0
 
 clean:
 	rm -rf build $(VENV) pcd_kernels/_C*.so *.egg-info

@@ -12,6 +12,7 @@ that cannot run is listed with the reason; running out of memory is recorded as 
     python bench/run.py                    # every op, this machine's device, full sizes
     python bench/run.py --quick            # small sizes (CPU: well under a minute)
     python bench/run.py --device cuda --dtype bfloat16 --out bench/results
+    python bench/run.py --cases pcd-target --providers naive ours-triton   # a subset
 """
 import argparse
 import datetime
@@ -123,6 +124,8 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
         loss_fn = op.providers(case, device)[provider]()
     except op.Unavailable as exc:
         return dict(result, status="unavailable", reason=str(exc))
+    except Exception as exc:  # a provider failing to set up must not end the benchmark
+        return dict(result, status="error", reason=_one_line(exc))
     try:
         inputs = op.make_inputs(case, device, dtype, seed)
         if device == "cuda":
@@ -146,13 +149,23 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
     except Exception as exc:  # a provider failing must not end the benchmark
         if _is_oom(exc):
             return dict(result, status="oom", reason="out of memory")
-        return dict(result, status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+        return dict(result, status="error", reason=_one_line(exc))
     finally:
         if device == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except RuntimeError:  # after a sticky CUDA error; the next provider will say so
+                pass
+    notes = getattr(loss_fn, "notes", None)
     return dict(result, status="ok", loss=loss, peak_mb=peak_mb, forward=_percentiles(fwd),
                 backward=_percentiles(bwd), total=_percentiles(tot),
-                flops={m: case.flops(m) for m in ("forward", "backward", "total")})
+                flops={m: case.flops(m) for m in ("forward", "backward", "total")},
+                **({"notes": dict(notes)} if notes else {}))
+
+
+def _one_line(exc):
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def matmul_peak_tflops(device):
@@ -220,7 +233,7 @@ def _fmt(x, digits=2):
 
 
 def report(results, peak_tflops):
-    lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % of peak | loss |",
+    lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % of bf16 peak | loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     naive = {(r["op"], r["case"]): r for r in results if r["provider"] == "naive" and r["status"] == "ok"}
     for r in results:
@@ -253,6 +266,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--providers", nargs="+", default=None, help="only these providers")
+    parser.add_argument("--cases", nargs="+", default=None, help="only these cases (by name)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -282,10 +296,23 @@ def main(argv=None):
     print(f"# pcd_kernels benchmark — {device_name}, {dtype_name}, {started:%Y-%m-%d %H:%M} UTC")
     print(f"# torch {torch.__version__}; " + (f"measured bf16 matmul peak {peak:.0f} TFLOP/s"
                                                if peak else "no GPU: timings are CPU wall-clock"))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
+    path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
+    meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
+            "versions": _versions(), "git_commit": _git_commit(), "matmul_peak_tflops": peak,
+            "flop_formula": pixel_contrastive.__doc__.split("FLOPs:")[1].strip()}
+
+    def save(results, table=None):  # after every provider: a run cut short still leaves its numbers
+        path.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
+
     results = []
     for op_name in args.ops:
         op = OPS[op_name]
         for case in op.cases(args.device, args.quick):
+            if args.cases and case.name not in args.cases:
+                continue
             print(f"## {op.OP} {case.name}: {case.describe()}", flush=True)
             for provider in op.providers(case, args.device):
                 if args.providers and provider not in args.providers:
@@ -303,18 +330,11 @@ def main(argv=None):
                           else f"{r['status']}: {r.get('reason', '')}")
                 print(f"   {provider:15s} {status}", flush=True)
                 results.append(r)
+                save(results)
     table = report(results, peak)
     print()
     print(table)
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
-    path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
-    meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
-            "versions": _versions(), "git_commit": _git_commit(), "matmul_peak_tflops": peak,
-            "flop_formula": pixel_contrastive.__doc__.split("FLOPs:")[1].strip()}
-    path.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
+    save(results, table)
     print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 

@@ -314,8 +314,9 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="cuda")
     if INTERPRETER or CUDA:
+        device = "cuda" if CUDA else "cpu"
         with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
-            pixel_contrastive_loss(s, t, q, backend="triton")
+            pixel_contrastive_loss(s.to(device), t.to(device), q.to(device), backend="triton")
     from pcd_kernels.triton import pixel_contrastive as kernels
 
     monkeypatch.setattr(kernels, "is_interpreter", lambda: False)

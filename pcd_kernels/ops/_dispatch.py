@@ -11,11 +11,13 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Looked up once: torch.compile (before torch 2.12) cannot trace importlib calls.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on ``device``, or None when they can."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "Triton is not installed (pip install triton; it ships for Linux)"
     if device.type == "cuda":
         return None
