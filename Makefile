@@ -41,7 +41,9 @@ bench: venv
 # On a CUDA machine (no package registry needed). Each step fits a 10-minute command limit on its
 # own; RESULTS=<dir> puts the logs and JSON elsewhere, BENCH_ARGS narrows the benchmark (e.g.
 # BENCH_ARGS="--cases pcd-target --providers naive ours-triton flex-attention").
+# PYTEST_ARGS adds pytest options (e.g. "-n 8" where pytest-xdist is installed, or "-k cuda").
 BENCH_ARGS ?=
+PYTEST_ARGS ?=
 STAMP = $(shell $(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
   print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + \
   datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))")
@@ -52,7 +54,7 @@ gpu-install:
 	mkdir -p $(RESULTS)
 
 gpu-test: gpu-install
-	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m pytest -q -rs --maxfail=20 2>&1 | tee $(RESULTS)/gpu-check-tests_$(STAMP).log; \
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m pytest -q -rs --maxfail=20 $(PYTEST_ARGS) 2>&1 | tee $(RESULTS)/gpu-check-tests_$(STAMP).log; \
 	  exit $${PIPESTATUS[0]}
 
 gpu-bench: gpu-install
