@@ -32,9 +32,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+import omni_contrastive  # noqa: E402
 import pixel_contrastive  # noqa: E402
 
-OPS = {"pixel_contrastive": pixel_contrastive}
+OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrastive}
+OPS_BY_NAME = {module.OP: module for module in OPS.values()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -249,11 +251,12 @@ def report(results, peak_tflops):
         r["agrees_with_naive"] = (abs(r["loss"] - base["loss"]) <= 2e-2 * abs(base["loss"]) + 1e-3
                                   if base else None)
         r["tflops"] = tflops
-        r["share_of_peak"] = tflops / peak_tflops if peak_tflops else None
+        tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)
+        r["share_of_peak"] = tflops / peak_tflops if (peak_tflops and tensor_cores) else None
         lines.append(" | ".join([
             f"| {r['op']}", r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]),
             _fmt(total), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]), _fmt(tflops, 1 if tflops >= 1 else 3),
-            _fmt(100 * r["share_of_peak"], 0) if peak_tflops else "—",
+            _fmt(100 * r["share_of_peak"], 0) if r["share_of_peak"] is not None else "—",
             f"{r['loss']:.4f}{'' if r['agrees_with_naive'] is not False else ' (differs from naive!)'} |"]))
     return "\n".join(lines)
 
@@ -302,7 +305,7 @@ def main(argv=None):
     path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
     meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
             "versions": _versions(), "git_commit": _git_commit(), "matmul_peak_tflops": peak,
-            "flop_formula": pixel_contrastive.__doc__.split("FLOPs:")[1].strip()}
+            "flop_formulas": {OPS[name].OP: OPS[name].__doc__.split("FLOPs:")[1].strip() for name in args.ops}}
 
     def save(results, table=None):  # after every provider: a run cut short still leaves its numbers
         path.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))

@@ -1,7 +1,10 @@
 """pcd_kernels: fused Triton and CUDA kernels for dense (pixel-wise) contrastive distillation."""
+from pcd_kernels.nn.afdcd import AfDCDLoss
 from pcd_kernels.nn.pixel_contrastive import PixelContrastiveLoss
+from pcd_kernels.ops.omni_contrastive import omni_contrastive_loss
 from pcd_kernels.ops.pixel_contrastive import pixel_contrastive_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["pixel_contrastive_loss", "PixelContrastiveLoss", "__version__"]
+__all__ = ["pixel_contrastive_loss", "PixelContrastiveLoss", "omni_contrastive_loss", "AfDCDLoss",
+           "__version__"]

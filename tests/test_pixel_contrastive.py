@@ -42,7 +42,7 @@ def check_op(backend, device, dtype, inputs, weight=None, grads=(True, True, Tru
                           **kwargs)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert ours.dtype == expected_dtype, f"loss dtype {ours.dtype}, expected {expected_dtype}"
-    assert_close("loss", ours.cpu(), plain, ref, dtype)
+    assert_close("loss", ours.cpu(), plain, ref, dtype, scale=loss_term_scale(inputs, **kwargs))
     term = gradient_term_scale(ref, inputs, weight, **kwargs)
     for name, g, g_plain, g_ref, x in zip(("student", "teacher", "queue"), our_grads, plain_grads,
                                           ref_grads, inputs[:3]):
@@ -51,6 +51,18 @@ def check_op(backend, device, dtype, inputs, weight=None, grads=(True, True, Tru
             continue
         assert g.dtype == dtype and g.shape == x.shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
         assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
+
+
+def loss_term_scale(inputs, temperature=0.2, normalize=True, reduction="mean", **_):
+    """Size of the logits a loss is a difference of (lse - positive): 1 / temperature for unit
+    vectors, times the number of anchors for a sum. A saturated loss is ~0 while its two terms,
+    computed in the test's dtype, keep their rounding."""
+    student, _, _, mask = inputs
+    logit = 1.0 / temperature if normalize else None
+    if logit is None:
+        return 0.0
+    count = int(mask.sum()) if mask is not None else mask_free_count(student)
+    return logit * (count if reduction == "sum" else 1)
 
 
 def gradient_term_scale(ref, inputs, weight, temperature=0.2, normalize=True, reduction="mean", **_):

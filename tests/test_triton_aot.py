@@ -52,6 +52,55 @@ CASES = [  # (arch, dtype, C, negatives, masked, allow_tf32): flags and tilings 
 ]
 
 
+_OMNI_SCRIPT = r"""
+import json, math, sys, torch
+from pcd_kernels.triton import omni_contrastive as oc
+from pcd_kernels.triton._aot import compile_launch
+
+arch, dtype, dims, samples, groups = sys.argv[1:]
+dims, samples, groups = int(dims), int(samples), int(groups)
+dtype = getattr(torch, dtype)
+packed = torch.empty(8, dims, samples, dtype=dtype)
+per_sample = torch.empty(8, samples)
+block = oc.tile(samples)
+blocks = dict(SAMPLES_BLOCK=oc.samples_block(samples))
+scales = (dims, samples, groups, 1.0 / (0.07 * math.log(2.0)))
+launches = [
+    (oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales), dict(blocks, BLOCK_A=block)),
+    (oc._anchor_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
+     dict(blocks, BLOCK_A=block)),
+    (oc._key_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
+     dict(blocks, BLOCK_K=block)),
+]
+options = oc._launch_options()
+print(json.dumps([dict(compile_launch(fn, args, constexprs, int(arch), options["num_warps"], options["num_stages"]),
+                       kernel=fn.__name__) for fn, args, constexprs in launches]))
+"""
+OMNI_CASES = [  # (arch, dtype, dims per group, samples per patch, groups)
+    (90, "bfloat16", 128, 256, 16),  # Cityscapes: C = 2048, 16 groups, 4x4 patches
+    (90, "float32", 12, 96, 8),      # samples not a power of two
+    (80, "float16", 32, 256, 16),
+]
+
+
+def _compile(script, case):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script, *map(str, case)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
+@pytest.mark.parametrize("case", OMNI_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_omni_kernels_compile_for_gpu(case):
+    results = _compile(_OMNI_SCRIPT, case)
+    assert len(results) == 3
+    for r in results:
+        assert r["shared_bytes"] <= SHARED_LIMIT[case[0]], r
+        assert r["registers"] <= 255, r
+
+
 @pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernels_compile_for_gpu(case):

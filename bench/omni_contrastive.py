@@ -1,0 +1,102 @@
+"""Benchmark cases and providers for ``omni_contrastive_loss`` (Af-DCD).
+
+The official formula (``torch.cdist(p=1)`` over every patch's 256 x 256 samples, whose CUDA
+backward allocates a (patches, 256, 256, C/groups) buffer) is imported from
+``pcd_kernels.reference``, the test suite's ground truth.
+
+FLOPs: the forward forms P*K*K*D absolute differences (subtract, abs, add: 3 FLOPs each), P
+patches, K samples per patch, D = C / groups dims; the backward forms the sign-weighted sums for
+both maps (subtract, sign, multiply-add: 3 FLOPs each, twice). Forward 3*P*K*K*D, backward
+6*P*K*K*D. These are CUDA-core operations: no share of the tensor-core peak is quoted.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from pcd_kernels import omni_contrastive_loss
+from pcd_kernels.reference import official_omni_contrastive_loss
+
+OP = "omni_contrastive_loss"
+TENSOR_CORES = False
+TEMPERATURE = 0.07
+
+
+class Unavailable(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    pool: int
+    groups: int = 16
+    patch: int = 4
+
+    @property
+    def pooled(self):
+        f = self.pool or 1
+        return self.height // f, self.width // f
+
+    @property
+    def patches(self) -> int:
+        h, w = self.pooled
+        return self.batch * (h // self.patch) * (w // self.patch)
+
+    @property
+    def samples(self) -> int:
+        return self.patch * self.patch * self.groups
+
+    def flops(self, mode: str) -> int:
+        per = 3 * self.patches * self.samples ** 2 * (self.channels // self.groups)
+        return {"forward": per, "backward": 2 * per, "total": 3 * per}[mode]
+
+    def describe(self) -> str:
+        return (f"B={self.batch} C={self.channels} {self.height}x{self.width} pool {self.pool} "
+                f"groups {self.groups} patch {self.patch}x{self.patch} ({self.patches} patches)")
+
+
+def cases(device: str, quick: bool):
+    if device == "cuda":
+        if quick:
+            return [Case("citys-small", 2, 512, 64, 128, 4)]
+        return [Case("citys", 16, 2048, 64, 128, 4),          # Cityscapes, after the generator
+                Case("citys-unpooled", 16, 2048, 64, 128, 0)]  # the official formula cannot fit this
+    if quick:
+        return [Case("citys-quick", 1, 256, 32, 64, 4)]
+    return [Case("citys-cpu", 2, 512, 64, 128, 4), Case("citys-unpooled-cpu", 1, 256, 32, 64, 0)]
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.channels, case.height, case.width)
+    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
+    return student, teacher
+
+
+def providers(case: Case, device: str):
+    from pcd_kernels.ops._dispatch import triton_unavailable_reason
+
+    options = dict(groups=case.groups, patch_size=(case.patch, case.patch), pool_size=case.pool,
+                   temperature=TEMPERATURE)
+
+    def official():
+        return lambda s, t: official_omni_contrastive_loss(s, t, case.groups, (case.patch, case.patch),
+                                                           case.pool, TEMPERATURE)
+
+    def ours(backend):
+        return lambda s, t: omni_contrastive_loss(s, t, backend=backend, **options)
+
+    def triton():
+        if device != "cuda":
+            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
+        reason = triton_unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise Unavailable(reason)
+        return ours("triton")
+
+    return {"naive": official, "ours-torch": lambda: ours("torch"), "ours-triton": triton}

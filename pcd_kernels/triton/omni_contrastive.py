@@ -1,0 +1,193 @@
+"""Triton kernels for ``omni_contrastive_loss`` (Af-DCD, DESIGN.md 3.2).
+
+The maps arrive packed as (patches, dims, samples): every patch's samples (position n, group m)
+with one dimension of all of them contiguous. Inside a patch every anchor sample meets every key
+sample, so a program holds a whole (anchor tile x all samples) block of L1 distances in registers,
+built one dimension at a time from two contiguous vectors: CUDA-core work, no tensor cores, and no
+(pairs x dims) buffer anywhere.
+
+* ``_forward_kernel``: distances, logits -|s - t|_1 / tau over the allowed keys (the positive and
+  every sample of another group), logsumexp, per-sample loss and lse.
+* ``_anchor_backward_kernel``: recomputes the block, weights w_ij = g_i (p_ij - [i = j]), then per
+  dimension d/ds_i = -sum_j w_ij sign(s_i - t_j) / tau for its anchors.
+* ``_key_backward_kernel``: the transposed block (all anchors x a tile of keys), per dimension
+  d/dt_j = +sum_i w_ij sign(s_i - t_j) / tau.
+
+Each gradient element has exactly one writer: deterministic, no atomics.
+"""
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Elements of the (tile x samples) block a program keeps in registers; the tile of anchors (or
+# keys) is this divided by the padded number of samples per patch.
+BLOCK_ELEMENTS = 8192
+INTERPRETER_BLOCK_ELEMENTS = 4096
+MAX_SAMPLES = 4096  # samples per patch (positions x groups) the kernels take
+
+
+@triton.jit
+def _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES,
+               BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
+    """L1 distances (BLOCK_A, BLOCK_K) between anchor samples of S and key samples of T."""
+    dist = tl.zeros((BLOCK_A, BLOCK_K), tl.float32)
+    for d in range(D):
+        row = base + d * SAMPLES
+        s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
+        t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
+        dist += tl.abs(s[:, None] - t[None, :])
+    return dist
+
+
+@triton.jit
+def _logits2(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale):
+    """Base-2 logits over the allowed keys (the positive, or another group), -inf elsewhere."""
+    allowed = ((keys[None, :] % GROUPS) != (anchors[:, None] % GROUPS)) | (keys[None, :] == anchors[:, None])
+    allowed = allowed & k_ok[None, :] & a_ok[:, None]
+    return tl.where(allowed, -dist * logit_scale, float("-inf")), allowed
+
+
+@triton.jit
+def _forward_kernel(S, T, loss_ptr, lse_ptr, D, SAMPLES, GROUPS, logit_scale,
+                    BLOCK_A: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
+    patch = tl.program_id(0).to(tl.int64)
+    anchors = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = anchors < SAMPLES
+    keys = tl.arange(0, SAMPLES_BLOCK)
+    k_ok = keys < SAMPLES
+    base = patch * D * SAMPLES
+    dist = _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES, BLOCK_A, SAMPLES_BLOCK)
+    logits, _ = _logits2(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale)
+    # every existing anchor has its positive among the allowed keys, so the max is finite
+    m = tl.max(logits, 1)
+    m = tl.where(a_ok, m, 0.0)
+    lse2 = m + tl.log2(tl.sum(tl.exp2(logits - m[:, None]), 1))
+    positive = tl.sum(tl.where(keys[None, :] == anchors[:, None], logits, 0.0), 1)
+    out = patch * SAMPLES + anchors
+    tl.store(loss_ptr + out, (lse2 - positive) * LN2, mask=a_ok)
+    tl.store(lse_ptr + out, lse2, mask=a_ok)  # base 2, what the backward kernels read
+
+
+@triton.jit
+def _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g):
+    """w_ij = g_i (p_ij - [i = j]) over allowed pairs, 0 elsewhere."""
+    logits, allowed = _logits2(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale)
+    p = tl.exp2(logits - lse2[:, None])
+    p = tl.where(keys[None, :] == anchors[:, None], p - 1.0, p)
+    return tl.where(allowed, p * g[:, None], 0.0)
+
+
+@triton.jit
+def _sign(x):
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _anchor_backward_kernel(S, T, lse_ptr, grad_ptr, DS, D, SAMPLES, GROUPS, logit_scale,
+                            inv_temperature, BLOCK_A: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
+    patch = tl.program_id(0).to(tl.int64)
+    anchors = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
+    a_ok = anchors < SAMPLES
+    keys = tl.arange(0, SAMPLES_BLOCK)
+    k_ok = keys < SAMPLES
+    base = patch * D * SAMPLES
+    lse2 = tl.load(lse_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    g = tl.load(grad_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    dist = _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES, BLOCK_A, SAMPLES_BLOCK)
+    w = _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g)
+    for d in range(D):
+        row = base + d * SAMPLES
+        s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
+        t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
+        grad = -tl.sum(w * _sign(s[:, None] - t[None, :]), 1) * inv_temperature
+        tl.store(DS + row + anchors, grad.to(DS.dtype.element_ty), mask=a_ok)
+
+
+@triton.jit
+def _key_backward_kernel(S, T, lse_ptr, grad_ptr, DT, D, SAMPLES, GROUPS, logit_scale,
+                         inv_temperature, BLOCK_K: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
+    patch = tl.program_id(0).to(tl.int64)
+    keys = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = keys < SAMPLES
+    anchors = tl.arange(0, SAMPLES_BLOCK)
+    a_ok = anchors < SAMPLES
+    base = patch * D * SAMPLES
+    lse2 = tl.load(lse_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    g = tl.load(grad_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    dist = _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES, SAMPLES_BLOCK, BLOCK_K)
+    w = _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g)
+    for d in range(D):
+        row = base + d * SAMPLES
+        s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
+        t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
+        grad = tl.sum(w * _sign(s[:, None] - t[None, :]), 0) * inv_temperature
+        tl.store(DT + row + keys, grad.to(DT.dtype.element_ty), mask=k_ok)
+
+
+def is_interpreter() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
+def samples_block(samples: int) -> int:
+    return triton.next_power_of_2(samples)
+
+
+def tile(samples: int) -> int:
+    """Anchors (or keys) per program: the (tile x padded samples) block fits BLOCK_ELEMENTS."""
+    budget = INTERPRETER_BLOCK_ELEMENTS if is_interpreter() else BLOCK_ELEMENTS
+    return max(1, min(samples_block(samples), budget // samples_block(samples)))
+
+
+def _launch_options():
+    return {} if is_interpreter() else {"num_warps": 8, "num_stages": 2}
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def forward(student, teacher, groups, temperature):
+    """Per-sample loss (natural log) and base-2 lse, (patches, samples) float32 each."""
+    P, D, K = student.shape
+    student, teacher = student.contiguous(), teacher.contiguous()
+    loss = torch.empty((P, K), dtype=torch.float32, device=student.device)
+    lse = torch.empty_like(loss)
+    if loss.numel() == 0:
+        return loss, lse
+    block = tile(K)
+    with _device_guard(student):
+        _forward_kernel[(P, triton.cdiv(K, block))](
+            student, teacher, loss, lse, D, K, groups, 1.0 / (temperature * math.log(2.0)),
+            BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
+    return loss, lse
+
+
+def backward(grad_loss, student, teacher, lse, groups, temperature, needs_student, needs_teacher):
+    """Gradients of sum(grad_loss * loss) for the packed maps (None where not needed)."""
+    P, D, K = student.shape
+    student, teacher = student.contiguous(), teacher.contiguous()
+    grad_loss = grad_loss.to(torch.float32).contiguous()
+    grad_s = torch.empty_like(student) if needs_student else None
+    grad_t = torch.empty_like(teacher) if needs_teacher else None
+    if P * K == 0:
+        return (grad_s.zero_() if grad_s is not None else None,
+                grad_t.zero_() if grad_t is not None else None)
+    block = tile(K)
+    args = (student, teacher, lse, grad_loss)
+    scales = (D, K, groups, 1.0 / (temperature * math.log(2.0)), 1.0 / temperature)
+    with _device_guard(student):
+        if grad_s is not None:
+            _anchor_backward_kernel[(P, triton.cdiv(K, block))](
+                *args, grad_s, *scales, BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
+        if grad_t is not None:
+            _key_backward_kernel[(P, triton.cdiv(K, block))](
+                *args, grad_t, *scales, BLOCK_K=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
+    return grad_s, grad_t
+

@@ -1,0 +1,90 @@
+"""AfDCDLoss: the official OmniContrastiveFeatureLoss semantics, its two terms, its checkpoints."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pcd_kernels import AfDCDLoss
+from pcd_kernels.nn.afdcd import EnhancedProjector
+from pcd_kernels.reference import official_omni_contrastive_loss
+
+
+def official_terms(criterion, feat_S, feat_T, crop=None):
+    """The official forward with rand_mask=False, written out with the module's own layers."""
+    feat_S = criterion.align(feat_S)
+    B, _, H, W = feat_T.shape
+    mask = torch.ones(B, 1, H, W, dtype=feat_S.dtype)
+    mask[:, :, H // 3:2 * H // 3, W // 3:2 * W // 3] = 0
+    generated = criterion.generator(feat_S * mask)
+    fd = F.mse_loss(generated, feat_T, reduction="sum") / B
+    ctr = official_omni_contrastive_loss(generated, feat_T, criterion.M_ocd, criterion.patch_size,
+                                         criterion.pool_size, criterion.tau_ocd, crop=crop)
+    return fd, ctr
+
+
+@pytest.mark.parametrize("enhance", [False, True], ids=["conv-generator", "enhanced-projector"])
+@pytest.mark.parametrize("channels", [(8, 32), (32, 32)], ids=["align-conv", "equal-channels"])
+def test_terms_match_the_official_formula(channels, enhance):
+    student_channels, teacher_channels = channels
+    criterion = AfDCDLoss(student_channels, teacher_channels, M_ocd=8, pool_size=2, patch_size=(2, 2),
+                          rand_mask=False, enhance_projector=enhance).double()
+    assert isinstance(criterion.align, torch.nn.Identity) == (student_channels == teacher_channels)
+    assert isinstance(criterion.generator, EnhancedProjector) == enhance
+    feat_S = torch.randn(2, student_channels, 12, 12, dtype=torch.float64)
+    feat_T = torch.randn(2, teacher_channels, 12, 12, dtype=torch.float64)
+    fd, ctr = criterion(feat_S, feat_T)
+    fd_ref, ctr_ref = official_terms(criterion, feat_S, feat_T)
+    torch.testing.assert_close(fd, fd_ref)
+    torch.testing.assert_close(ctr, ctr_ref)
+    params = [p for p in criterion.parameters()]
+    grads = torch.autograd.grad(fd + ctr, params)
+    grads_ref = torch.autograd.grad(fd_ref + ctr_ref, params)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_camvid_crops_to_44_without_pooling():
+    criterion = AfDCDLoss(16, 16, M_ocd=4, patch_size=(4, 4), rand_mask=False, dataset="camvid").double()
+    feat_S = torch.randn(1, 16, 48, 50, dtype=torch.float64)
+    feat_T = torch.randn(1, 16, 48, 50, dtype=torch.float64)
+    _, ctr = criterion(feat_S, feat_T)
+    _, ctr_ref = official_terms(criterion, feat_S, feat_T, crop=44)
+    torch.testing.assert_close(ctr, ctr_ref)
+
+
+def test_random_mask_zeroes_the_given_share_of_pixels():
+    criterion = AfDCDLoss(4, 4, M_ocd=2, mask_ratio=0.75)
+    mask = criterion.pixel_mask(8, 64, 64, "cpu")
+    assert mask.shape == (8, 1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs((mask == 0).float().mean().item() - 0.75) < 0.02
+    assert (criterion.pixel_mask(2, 16, 16, "cpu") != mask[:2, :, :16, :16]).any()  # fresh each call
+
+
+def test_official_checkpoint_keys_load():
+    criterion = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
+    official_state = {}
+    for key, value in criterion.state_dict().items():
+        key = key.replace("generator.", "projetor.").replace("adaptor_", "adpator_")
+        official_state[key] = torch.randn_like(value)
+    restored = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
+    restored.load_state_dict(official_state)
+    torch.testing.assert_close(restored.generator.adaptor_1.weight, official_state["projetor.adpator_1.weight"])
+    torch.testing.assert_close(restored.align.weight, official_state["align.weight"])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(teacher_channels=30), "teacher_channels = 30 must be divisible by M_ocd = 16"),
+    (dict(tau_ocd=0), "tau_ocd"),
+    (dict(mask_ratio=1.5), "mask_ratio"),
+    (dict(patch_size=(0, 4)), "patch_size"),
+    (dict(pool_size=-2), "pool_size"),
+    (dict(backend="gpu"), "backend"),
+])
+def test_bad_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AfDCDLoss(**{"student_channels": 8, "teacher_channels": 32, **kwargs})
+
+
+def test_mismatched_maps_are_named():
+    criterion = AfDCDLoss(8, 16, M_ocd=4)
+    with pytest.raises(ValueError, match="aligned student features"):
+        criterion(torch.randn(1, 8, 8, 8), torch.randn(1, 16, 8, 4))

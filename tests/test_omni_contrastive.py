@@ -1,0 +1,164 @@
+"""omni_contrastive_loss (Af-DCD) against a float64 re-implementation of the official formula."""
+import pytest
+import torch
+
+from _helpers import CUDA, assert_close, backend_cases
+from pcd_kernels import omni_contrastive_loss, reference
+from pcd_kernels.reference import official_omni_contrastive_loss
+
+TEMPERATURE = 0.07
+# (B, C, H, W, groups, patch_size, pool_size): groups 4/8/16, pooled and not, a floor-pooled
+# 34x66 map, a non-square patch, D = C / groups odd.
+SHAPES = [
+    (2, 32, 8, 8, 4, (2, 2), 0),
+    (1, 64, 34, 66, 16, (4, 4), 4),
+    (2, 24, 6, 6, 8, (2, 3), 0),
+    (1, 40, 9, 17, 8, (2, 2), 2),
+]
+
+
+def run(fn, student, teacher, dtype, device, **kwargs):
+    s = student.to(device=device, dtype=dtype).requires_grad_()
+    t = teacher.to(device=device, dtype=dtype).requires_grad_()
+    loss = fn(s, t, **kwargs)
+    return loss, torch.autograd.grad(loss, (s, t))
+
+
+def official(s, t, groups, patch_size, pool_size):
+    return official_omni_contrastive_loss(s, t, groups, patch_size, pool_size, TEMPERATURE)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}C{s[1]}-{s[2]}x{s[3]}-M{s[4]}-p{s[5][0]}{s[5][1]}-pool{s[6]}")
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+def test_matches_official_formula(backend, device, dtype, shape):
+    B, C, H, W, groups, patch_size, pool_size = shape
+    student = torch.randn(B, C, H, W, dtype=torch.float64)
+    teacher = student + 0.5 * torch.randn(B, C, H, W, dtype=torch.float64)
+    options = dict(groups=groups, patch_size=patch_size, pool_size=pool_size)
+    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
+    # plain PyTorch: the official formula on the inputs rounded to dtype (cdist has no CPU half)
+    plain, plain_grads = run(official, student.to(dtype), teacher.to(dtype), torch.float64, "cpu", **options)
+    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
+                      temperature=TEMPERATURE, **options)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close("loss", ours.cpu(), plain, ref, dtype)
+    pooled = (H // pool_size) * (W // pool_size) if pool_size else H * W
+    term = 1.0 / (pooled * B * TEMPERATURE)  # one sign term of a gradient: g / tau
+    for name, g, g_plain, g_ref in zip(("student", "teacher"), grads, plain_grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_any_strides_and_one_sided_gradients(backend, device, dtype):
+    student = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    teacher = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    options = dict(groups=8, patch_size=(2, 2), pool_size=0)
+    ref, (ref_s, ref_t) = run(official, student, teacher, torch.float64, "cpu", **options)
+    s = student.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = teacher.to(device, dtype).transpose(2, 3).contiguous().transpose(2, 3)  # no grad
+    loss = omni_contrastive_loss(s, t, backend=backend, temperature=TEMPERATURE, **options)
+    (grad_s,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_s.double().cpu(), ref_s, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_single_group_has_only_the_positive(backend, device, dtype):
+    s, t = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
+    loss, grads = run(omni_contrastive_loss, s, t, dtype, device, backend=backend, groups=1, patch_size=(2, 2),
+                      pool_size=0)
+    assert loss.item() == 0.0 and all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_nan_in_nan_out(backend, device, dtype):
+    s, t = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
+    s[0, 3, 1, 1] = float("nan")
+    loss, _ = run(omni_contrastive_loss, s, t, dtype, device, backend=backend, groups=4, patch_size=(2, 2),
+                  pool_size=0)
+    assert loss.isnan().item()
+
+
+@pytest.mark.parametrize("sign_pass", [True, False], ids=["sign-pass", "cpu-cdist-backward"])
+def test_torch_backend_never_allocates_pairs_by_dims(monkeypatch, sign_pass):
+    from test_memory import LargestAllocation
+
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(reference, "OMNI_SIGN_ELEMENTS", 1 << 17)
+    s = reference.omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))  # 16 patches, 4 dims, 256 samples
+    t = reference.omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))
+    pairs_by_dims = s.shape[0] * s.shape[2] ** 2 * s.shape[1]
+    with LargestAllocation() as mode:
+        loss, lse = reference.omni_contrastive_forward_chunked(s, t, 16, TEMPERATURE)
+        reference.omni_contrastive_backward_chunked(torch.ones_like(loss), s, t, lse, 16, TEMPERATURE, True, True,
+                                                    sign_pass=sign_pass)
+    assert mode.largest <= pairs_by_dims // 8, (mode.largest, pairs_by_dims)
+    # The probe does see a (pairs x dims) tensor: here the L1 distances by broadcasting (what
+    # torch.cdist's CUDA backward allocates as its buffer).
+    with LargestAllocation() as control:
+        (s.transpose(1, 2)[:, :, None] - t.transpose(1, 2)[:, None]).abs().sum(-1)
+    assert control.largest >= pairs_by_dims
+
+
+def test_both_torch_backward_paths_agree():
+    """The explicit sign pass (used off CPU) and cdist's CPU backward give the same gradients."""
+    s = reference.omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
+    t = reference.omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
+    loss, lse = reference.omni_contrastive_forward_chunked(s, t, 8, TEMPERATURE)
+    g = torch.rand_like(loss)
+    by_sign = reference.omni_contrastive_backward_chunked(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=True)
+    by_cdist = reference.omni_contrastive_backward_chunked(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=False)
+    for a, b in zip(by_sign, by_cdist):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(s, t):
+        return omni_contrastive_loss(torch.relu(s), t, groups=4, patch_size=(2, 2), pool_size=2)
+
+    s = torch.randn(2, 16, 8, 8, requires_grad=True)
+    t = torch.randn(2, 16, 8, 8)
+    expected = f(s, t)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(s, t)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got, s)[0], torch.autograd.grad(expected, s)[0])
+
+
+def test_opcheck():
+    backend = "triton" if CUDA else "torch"
+    device = "cuda" if CUDA else "cpu"
+    s = torch.randn(3, 4, 16, device=device, requires_grad=True)
+    t = torch.randn(3, 4, 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.pcd_kernels.omni_contrastive_forward.default, (s, t, 4, 0.1, backend))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(groups=5), ValueError, "C = 32 must be divisible by groups = 5"),
+    (dict(groups=0), ValueError, "groups must be an int >= 1"),
+    (dict(patch_size=(3, 3), pool_size=0), ValueError, r"8x8, must be divisible by patch_size"),
+    (dict(patch_size=(4, 4), pool_size=4), ValueError, r"pooled by 4 to 2x2"),
+    (dict(patch_size=4), ValueError, "patch_size must be two ints"),
+    (dict(pool_size=-1), ValueError, "pool_size must be an int >= 0"),
+    (dict(pool_size=16), ValueError, "smaller than pool_size"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(backend="cudnn"), ValueError, "backend must be one of"),
+    (dict(teacher=torch.randn(2, 32, 8, 4)), ValueError, "same shape"),
+    (dict(student=torch.randn(2, 32, 8, 8).long()), TypeError, "student must be float"),
+])
+def test_bad_inputs(kwargs, error, message):
+    kwargs = dict(kwargs)
+    s = kwargs.pop("student", torch.randn(2, 32, 8, 8))
+    t = kwargs.pop("teacher", torch.randn(2, 32, 8, 8))
+    options = dict(groups=4, patch_size=(2, 2), pool_size=0)
+    options.update(kwargs)
+    with pytest.raises(error, match=message):
+        omni_contrastive_loss(s, t, **options)
+
+
+def test_cuda_backend_says_why():
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        omni_contrastive_loss(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4), groups=2, patch_size=(2, 2),
+                              pool_size=0, backend="cuda")
