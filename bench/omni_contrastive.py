@@ -18,6 +18,9 @@ from pcd_kernels.reference import official_omni_contrastive_loss
 
 OP = "omni_contrastive_loss"
 TENSOR_CORES = False
+# torch.cdist has no half-precision kernels (and the official code trains in float32): this op
+# is measured in float32 whatever --dtype says.
+DTYPE = torch.float32
 TEMPERATURE = 0.07
 
 
@@ -99,4 +102,6 @@ def providers(case: Case, device: str):
             raise Unavailable(reason)
         return ours("triton")
 
+    # (off CPU the torch backend forms its gradient sums with a Python loop over dimension
+    # chunks: a memory-bounded reference, not a competitor)
     return {"naive": official, "ours-torch": lambda: ours("torch"), "ours-triton": triton}

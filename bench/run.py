@@ -121,7 +121,9 @@ def _is_oom(exc):
 
 def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
     """One provider on one case: a result dict (status ok / unavailable / oom / error)."""
-    result = {"op": op.OP, "case": case.name, "provider": provider, "describe": case.describe()}
+    dtype = getattr(op, "DTYPE", None) or dtype
+    result = {"op": op.OP, "case": case.name, "provider": provider, "describe": case.describe(),
+              "dtype": str(dtype).replace("torch.", "")}
     try:
         loss_fn = op.providers(case, device)[provider]()
     except op.Unavailable as exc:

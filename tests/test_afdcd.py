@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import backend_cases
 from pcd_kernels import AfDCDLoss
 from pcd_kernels.nn.afdcd import EnhancedProjector
 from pcd_kernels.reference import official_omni_contrastive_loss
@@ -40,6 +41,34 @@ def test_terms_match_the_official_formula(channels, enhance):
     grads_ref = torch.autograd.grad(fd_ref + ctr_ref, params)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_module_in_float32_on_each_backend(backend, device, dtype):
+    torch.manual_seed(0)
+    reference = AfDCDLoss(8, 16, M_ocd=4, pool_size=2, patch_size=(2, 2), rand_mask=False).double()
+    criterion = AfDCDLoss(8, 16, M_ocd=4, pool_size=2, patch_size=(2, 2), rand_mask=False, backend=backend)
+    criterion.load_state_dict(reference.state_dict())
+    criterion = criterion.to(device, dtype)
+    feat_S, feat_T = torch.randn(2, 8, 8, 8, dtype=torch.float64), torch.randn(2, 16, 8, 8, dtype=torch.float64)
+    expected = official_terms(reference, feat_S, feat_T)
+    got = criterion(feat_S.to(device, dtype), feat_T.to(device, dtype))
+    for value, ref in zip(got, expected):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double().cpu(), ref, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(sum(got), list(criterion.parameters()))
+    grads_ref = torch.autograd.grad(sum(expected), list(reference.parameters()))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=2e-3, atol=1e-3)
+
+
+def test_random_mask_draws_from_the_cpu_generator_like_the_official_code():
+    criterion = AfDCDLoss(4, 4, M_ocd=2, mask_ratio=0.6)
+    torch.manual_seed(7)
+    mask = criterion.pixel_mask(2, 8, 8, "cpu")
+    torch.manual_seed(7)
+    official = torch.where(torch.rand((2, 1, 8, 8)) > 1 - 0.6, 0, 1)
+    assert torch.equal(mask, official.float())
 
 
 def test_camvid_crops_to_44_without_pooling():

@@ -14,6 +14,7 @@ SHAPES = [
     (1, 64, 34, 66, 16, (4, 4), 4),
     (2, 24, 6, 6, 8, (2, 3), 0),
     (1, 40, 9, 17, 8, (2, 2), 2),
+    (1, 16, 10, 10, 8, (5, 5), 0),  # 200 samples per patch: not a power of two, a part-filled tile
 ]
 
 
@@ -61,6 +62,51 @@ def test_any_strides_and_one_sided_gradients(backend, device, dtype):
     (grad_s,) = torch.autograd.grad(loss, s)
     torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_s.double().cpu(), ref_s, rtol=1e-4, atol=1e-6)
+
+
+TRITON_FP32 = [c for c in backend_cases() if c.values[0] == "triton" and c.values[2] == torch.float32]
+
+
+@pytest.mark.parametrize("block_elements", [128, 8192], ids=["one-anchor-tiles", "gpu-sized-tiles"])
+@pytest.mark.parametrize("backend,device,dtype", TRITON_FP32)
+def test_triton_tile_sizes(backend, device, dtype, block_elements, monkeypatch):
+    """The tests otherwise run the interpreter's tile size; the GPU's differs (and a 1-row tile is
+    what very large patches get)."""
+    from pcd_kernels.triton import omni_contrastive as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", block_elements)
+    student = torch.randn(1, 24, 6, 10, dtype=torch.float64)  # (3, 5) patches x 8 groups: 120 samples
+    teacher = torch.randn(1, 24, 6, 10, dtype=torch.float64)
+    options = dict(groups=8, patch_size=(3, 5), pool_size=0)
+    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
+    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
+                      temperature=TEMPERATURE, **options)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_ties_follow_cdist(backend, device, dtype):
+    """|s - t| at s == t: the gradient uses sign(0) = 0, as torch.cdist's backward does."""
+    student = torch.randn(1, 16, 4, 4, dtype=torch.float64)
+    teacher = student.clone()
+    teacher[:, :, :2] = torch.randn(1, 16, 2, 4, dtype=torch.float64)  # half the pixels tie exactly
+    options = dict(groups=4, patch_size=(2, 2), pool_size=0)
+    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
+    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
+                      temperature=TEMPERATURE, **options)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=2e-5)  # terms ~ 1 / (HW tau)
+
+
+@pytest.mark.parametrize("backend,device,dtype", TRITON_FP32)
+def test_triton_refuses_patches_beyond_its_limit(backend, device, dtype):
+    s = torch.randn(1, 512, 8, 8, device=device)
+    with pytest.raises(ValueError, match="up to 4096 samples per patch"):
+        omni_contrastive_loss(s, s, groups=128, patch_size=(8, 8), pool_size=0, backend="triton")
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])

@@ -91,9 +91,13 @@ class AfDCDLoss(nn.Module):
         self.register_load_state_dict_pre_hook(_official_keys)
 
     def pixel_mask(self, batch: int, height: int, width: int, device, dtype=torch.float32) -> Tensor:
-        """(B, 1, H, W) of 0 (masked) and 1 (kept)."""
+        """(B, 1, H, W) of 0 (masked) and 1 (kept).
+
+        The random mask is drawn from the CPU generator and then moved, as the official code
+        does, so that a seeded run draws the same masks and leaves the same random stream."""
         if self.rand_mask:
-            return (torch.rand(batch, 1, height, width, device=device) <= 1 - self.mask_ratio).to(dtype)
+            draw = torch.rand(batch, 1, height, width)
+            return (draw <= 1 - self.mask_ratio).to(device=device, dtype=dtype)
         mask = torch.ones(batch, 1, height, width, dtype=dtype, device=device)
         mask[:, :, height // 3:2 * height // 3, width // 3:2 * width // 3] = 0
         return mask

@@ -19,6 +19,9 @@ from pcd_kernels.ops._checks import (check_choice, check_float, check_positive_f
 from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend
 
 _OP = "omni_contrastive_loss"
+# A Triton program holds a (tile x samples) block of distances in registers: past this many
+# samples per patch the tile would be a single row and spill.
+MAX_TRITON_SAMPLES = 4096
 
 
 def _implementation(backend, direction):
@@ -122,8 +125,9 @@ def omni_contrastive_loss(student: Tensor, teacher: Tensor, *, groups: int = 16,
         patch_size: (rows, cols); the pooled map must be divisible by it.
         pool_size: max-pooling kernel and stride, 0 for none.
         temperature: a finite number > 0.
-        backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend otherwise),
-            ``"triton"``, ``"torch"``; ``"cuda"`` raises (no CUDA kernel for this op).
+        backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend otherwise and
+            beyond 4,096 samples per patch), ``"triton"``, ``"torch"``; ``"cuda"`` raises (no CUDA
+            kernel for this op).
 
     Returns:
         A scalar, float32 (float64 for float64 inputs). Gradients reach both maps.
@@ -164,7 +168,15 @@ def omni_contrastive_loss(student: Tensor, teacher: Tensor, *, groups: int = 16,
 
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     student, teacher = student.to(dtype), teacher.to(dtype)
+    requested = backend
     backend = resolve_backend(_OP, backend, student.device, dtype)
+    samples = patch_size[0] * patch_size[1] * groups
+    if backend == "triton" and samples > MAX_TRITON_SAMPLES:
+        if requested != "auto":
+            raise ValueError(f"backend='triton' takes up to {MAX_TRITON_SAMPLES} samples per patch "
+                             f"(patch positions x groups), got {patch_size[0]}x{patch_size[1]} x {groups} "
+                             f"= {samples}; use backend='torch'")
+        backend = "torch"
     packed_s = reference.omni_pack(student, groups, patch_size)
     packed_t = reference.omni_pack(teacher, groups, patch_size)
     loss, _ = torch.ops.pcd_kernels.omni_contrastive_forward(packed_s, packed_t, groups, temperature, backend)

@@ -28,7 +28,6 @@ LN2 = tl.constexpr(0.6931471805599453)
 # keys) is this divided by the padded number of samples per patch.
 BLOCK_ELEMENTS = 8192
 INTERPRETER_BLOCK_ELEMENTS = 4096
-MAX_SAMPLES = 4096  # samples per patch (positions x groups) the kernels take
 
 
 @triton.jit
