@@ -404,3 +404,34 @@ def omni_contrastive_backward_chunked(grad_loss: Tensor, student: Tensor, teache
                 grad_t[rows, dims] = sign.sum(2)
     cast = lambda g, x: g.to(x.dtype) if g is not None else None
     return cast(grad_s, student), cast(grad_t, teacher)
+
+
+# --------------------------------------------------------------------------------------------
+# pixel_attention (DESIGN.md 3.3)
+# --------------------------------------------------------------------------------------------
+
+
+def attention_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, heads*d, H, W) map -> (B, heads, H*W, d): the (batch, head, token, dim) layout attention
+    libraries expect. A strided view (a transpose), not a copy: SDPA copies it where it needs to."""
+    B, C = x.shape[:2]
+    return x.reshape(B, num_heads, C // num_heads, -1).transpose(2, 3)
+
+
+def naive_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
+                          scale: Optional[float] = None) -> Tensor:
+    """Per-head ``softmax(q k^T * scale) v`` over the pixels of (B, heads*d, H, W) maps, building
+    the whole (queries x keys) attention matrix: the eager formulation users write, the test
+    suite's ground truth (in float64) and the benchmark's baseline."""
+    d = q.shape[1] // num_heads
+    scale = d ** -0.5 if scale is None else scale
+    qh, kh, vh = (attention_heads(x, num_heads) for x in (q, k, v))
+    weights = torch.softmax((qh @ kh.transpose(2, 3)) * scale, dim=-1)
+    return (weights @ vh).transpose(2, 3).reshape(q.shape)
+
+
+def sdpa_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
+    """The same through ``F.scaled_dot_product_attention`` on the reshaped maps, with the permutes a
+    user writes around it: the torch backend of ``pixel_attention`` (memory-efficient on CPU)."""
+    out = F.scaled_dot_product_attention(*(attention_heads(x, num_heads) for x in (q, k, v)), scale=scale)
+    return out.transpose(2, 3).reshape(q.shape)

@@ -57,3 +57,14 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type} tensors")
         return "cuda"
     return backend
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device``: the op then runs in it, as a matmul
+    would."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (TypeError, AttributeError):  # torch < 2.4: per-device autocast queries differ
+        pass
+    return None

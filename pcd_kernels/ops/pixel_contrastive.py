@@ -13,7 +13,7 @@ from torch import Tensor
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
                                      check_same_device, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend
 
 NEGATIVES = ("batch", "image", "none")
 REDUCTIONS = ("mean", "sum", "none")
@@ -103,17 +103,6 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for ``device``: the op then runs in it, as a matmul
-    would (the loss itself is still float32)."""
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-    except (TypeError, AttributeError):  # torch < 2.4: per-device autocast queries differ
-        pass
-    return None
 
 
 def _gather_pixel_keys(teacher: Tensor, mask: Optional[Tensor], group) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -230,7 +219,7 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
     """
     temperature = _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask,
                                 reduction, backend)
-    dtype = _autocast_dtype(student.device)
+    dtype = autocast_dtype(student.device)
     if dtype is None:
         dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
         dtype = torch.promote_types(dtype, teacher.dtype)

@@ -453,7 +453,7 @@ def _tune_key(flags, *sizes):
     return zlib.crc32(repr(variant).encode()) & 0x7FFFFFFF
 
 
-def _precision(dtype):
+def matmul_precision(dtype):
     # float32 inputs use TF32 tensor cores only when the user allowed it for matmuls.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
@@ -519,7 +519,7 @@ class _Inputs:
         self.c_tiles = triton.cdiv(C, self.block_c)
         self.segments = B if self.mode == MODES["image"] else 1
         self.seg_len = H * W if self.mode == MODES["image"] else self.n_rows
-        self.precision = _precision(student.dtype)
+        self.precision = matmul_precision(student.dtype)
         # Backward weights are divided by the key norms (one multiply per logit) unless float16,
         # whose range a zero vector's 1/||k|| = 1e12 would overflow.
         self.scale_weights = student.dtype != torch.float16

@@ -1,0 +1,313 @@
+"""Triton kernels for ``pixel_attention`` (DESIGN.md 3.3): flash attention on channel-major maps.
+
+q, k, v arrive as (B, heads * d, L) tensors with any batch, channel and position strides: the
+layout a 1x1-conv projection produces is (batch HWC, channel L, position 1), and channel slices of
+one fused QKV projection are views of it. Every tile is loaded through those strides, so no
+permute or contiguous copy is ever made; Triton lays each tile out for the tensor cores on chip.
+
+* ``_forward_kernel``: per (batch*head, query tile): online softmax over key tiles, output and
+  the per-query base-2 logsumexp (kept for the backward).
+* ``_delta_kernel``: delta_i = sum_d dO_id * O_id, the softmax-backward row term.
+* ``_key_value_backward_kernel``: per (batch*head, key tile): recomputes P^T tile by tile over all
+  queries, dV = P^T dO and dK = scale * dS^T Q with dS = P * (dO V^T - delta).
+* ``_query_backward_kernel``: per (batch*head, query tile): dQ = scale * dS K over all key tiles.
+
+Each gradient element has exactly one writer: deterministic, no atomics. Head dims that are not a
+power of two are padded on chip (masked loads), as are query/key counts that are not a multiple
+of a tile.
+"""
+import contextlib
+import math
+import zlib
+
+import torch
+import triton
+import triton.language as tl
+
+from pcd_kernels.triton.pixel_contrastive import autotune_enabled, matmul_precision
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile(ptr, rows, row_ok, row_stride, dims, dim_ok, dim_stride):
+    """A (rows, dims) tile: rows are positions, dims are a head's channels."""
+    offsets = rows.to(tl.int64)[:, None] * row_stride + dims.to(tl.int64)[None, :] * dim_stride
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_t(ptr, rows, row_ok, row_stride, dims, dim_ok, dim_stride):
+    """The transposed (dims, rows) tile."""
+    offsets = dims.to(tl.int64)[:, None] * dim_stride + rows.to(tl.int64)[None, :] * row_stride
+    return tl.load(ptr + offsets, mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _head_base(bh, HEADS, D, sb, sc):
+    """Offset of head ``bh % HEADS`` of batch ``bh // HEADS``: its first channel, position 0."""
+    return (bh // HEADS).to(tl.int64) * sb + (bh % HEADS).to(tl.int64) * D * sc
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, O, LSE, LQ, LK, HEADS, D, qk_scale2,
+                    sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sob, soc, sol,
+                    TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    bh = tl.program_id(1)
+    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = queries < LQ
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    Q += _head_base(bh, HEADS, D, sqb, sqc)
+    K += _head_base(bh, HEADS, D, skb, skc)
+    V += _head_base(bh, HEADS, D, svb, svc)
+    q = _tile(Q, queries, q_ok, sql, dims, d_ok, sqc)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_ok = keys < LK
+        k_t = _tile_t(K, keys, k_ok, skl, dims, d_ok, skc)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale2  # base-2 logits
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        v = _tile(V, keys, k_ok, svl, dims, d_ok, svc)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    acc = acc / l[:, None]
+    O += _head_base(bh, HEADS, D, sob, soc)
+    offsets = queries.to(tl.int64)[:, None] * sol + dims.to(tl.int64)[None, :] * soc
+    tl.store(O + offsets, acc.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * LQ + queries, m + tl.log2(l), mask=q_ok)
+
+
+@triton.jit
+def _delta_kernel(O, DO, DELTA, LQ, HEADS, D, sob, soc, sol, sdb, sdc, sdl,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = queries < LQ
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    o = _tile(O + _head_base(bh, HEADS, D, sob, soc), queries, q_ok, sol, dims, d_ok, soc)
+    do = _tile(DO + _head_base(bh, HEADS, D, sdb, sdc), queries, q_ok, sdl, dims, d_ok, sdc)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * LQ + queries, delta, mask=q_ok)
+
+
+@triton.jit
+def _key_value_backward_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LQ, LK, HEADS, D, qk_scale2, scale,
+                               sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
+                               sgkb, sgkc, sgkl, sgvb, sgvc, sgvl, TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(1)
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = keys < LK
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    Q += _head_base(bh, HEADS, D, sqb, sqc)
+    DO += _head_base(bh, HEADS, D, sdb, sdc)
+    k = _tile(K + _head_base(bh, HEADS, D, skb, skc), keys, k_ok, skl, dims, d_ok, skc)
+    v = _tile(V + _head_base(bh, HEADS, D, svb, svc), keys, k_ok, svl, dims, d_ok, svc)
+    LSE += bh.to(tl.int64) * LQ
+    DELTA += bh.to(tl.int64) * LQ
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start in range(0, LQ, BLOCK_M):
+        queries = start + tl.arange(0, BLOCK_M)
+        q_ok = queries < LQ
+        q_t = _tile_t(Q, queries, q_ok, sql, dims, d_ok, sqc)
+        lse = tl.load(LSE + queries, mask=q_ok, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale2  # (keys, queries)
+        p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        do = _tile(DO, queries, q_ok, sdl, dims, d_ok, sdc)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        delta = tl.load(DELTA + queries, mask=q_ok, other=0.0)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    mask = k_ok[:, None] & d_ok[None, :]
+    offsets = keys.to(tl.int64)[:, None] * sgkl + dims.to(tl.int64)[None, :] * sgkc
+    tl.store(DK + _head_base(bh, HEADS, D, sgkb, sgkc) + offsets, (dk * scale).to(DK.dtype.element_ty),
+             mask=mask)
+    offsets = keys.to(tl.int64)[:, None] * sgvl + dims.to(tl.int64)[None, :] * sgvc
+    tl.store(DV + _head_base(bh, HEADS, D, sgvb, sgvc) + offsets, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_scale2, scale,
+                           sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
+                           sgqb, sgqc, sgql, TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    bh = tl.program_id(1)
+    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_ok = queries < LQ
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    q = _tile(Q + _head_base(bh, HEADS, D, sqb, sqc), queries, q_ok, sql, dims, d_ok, sqc)
+    do = _tile(DO + _head_base(bh, HEADS, D, sdb, sdc), queries, q_ok, sdl, dims, d_ok, sdc)
+    lse = tl.load(LSE + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)
+    K += _head_base(bh, HEADS, D, skb, skc)
+    V += _head_base(bh, HEADS, D, svb, svc)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start in range(0, LK, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        k_ok = keys < LK
+        k = _tile(K, keys, k_ok, skl, dims, d_ok, skc)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
+        p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        v_t = _tile_t(V, keys, k_ok, svl, dims, d_ok, svc)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    offsets = queries.to(tl.int64)[:, None] * sgql + dims.to(tl.int64)[None, :] * sgqc
+    tl.store(DQ + _head_base(bh, HEADS, D, sgqb, sgqc) + offsets, (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for H100-class GPUs, BLOCK_M the query
+# tile and BLOCK_N the key tile; the first is used as is with PCD_KERNELS_AUTOTUNE=0 (the test
+# suite) and must compile for sm_90 without spills (tests/test_triton_aot.py checks it). The key/
+# value backward keeps a key tile and walks queries (small BLOCK_M); the query backward the reverse.
+_GPU_CONFIGS = {
+    "forward": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+    "key_value": [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
+    "query": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+}
+# Head dims above 128 halve the tiles of the first configuration so that they still fit.
+_WIDE_HEAD_DIM = 128
+INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+DELTA_BLOCK_M = 64
+# The largest head dimension the kernels take: a query tile of BLOCK_D floats per row stays in
+# registers. Wider heads go to the torch backend.
+MAX_HEAD_DIM = 256
+_KERNELS = {"forward": _forward_kernel, "key_value": _key_value_backward_kernel,
+            "query": _query_backward_kernel}
+
+
+def is_interpreter() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_forward_kernel, InterpretedFunction)
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims padded on chip to a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def gpu_configs(kind: str, head_dim: int):
+    configs = _GPU_CONFIGS[kind]
+    if block_d(head_dim) > _WIDE_HEAD_DIM:
+        configs = [(max(16, bm // 2), max(16, bn // 2), w, min(s, 2)) for bm, bn, w, s in configs]
+    return configs if autotune_enabled() else configs[:1]
+
+
+_LAUNCHERS = {}
+
+
+def _launcher(kind: str, head_dim: int):
+    if is_interpreter():
+        return _KERNELS[kind], dict(INTERPRETER_BLOCKS)
+    wide = block_d(head_dim) > _WIDE_HEAD_DIM
+    if (kind, wide) not in _LAUNCHERS:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in gpu_configs(kind, head_dim)]
+        _LAUNCHERS[kind, wide] = triton.autotune(configs=configs, key=["TUNE_KEY", "BLOCK_D"])(_KERNELS[kind])
+    return _LAUNCHERS[kind, wide], {}
+
+
+def _tune_key(lq: int, lk: int, dtype: torch.dtype, precision: str) -> int:
+    """One autotuning bucket per power-of-two range of query and key counts and per dtype."""
+    return zlib.crc32(repr((lq.bit_length(), lk.bit_length(), str(dtype), precision)).encode()) & 0x7FFFFFFF
+
+
+def _grid(block_name, length, heads):
+    return lambda meta: (triton.cdiv(length, meta[block_name]), heads)
+
+
+def _device_guard(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _strides(x):
+    return tuple(x.stride())
+
+
+class Call:
+    """A kernel launch: its kernel kind, positional arguments and constexpr flags (the AOT
+    compile test builds these without launching)."""
+
+    def __init__(self, kind, grid_length_block, grid_length, args, flags):
+        self.kind, self.args, self.flags = kind, args, flags
+        self.grid_length_block, self.grid_length = grid_length_block, grid_length
+
+    def launch(self, batch_heads):
+        kernel, blocks = _launcher(self.kind, self.flags["HEAD_DIM"])
+        flags = {k: v for k, v in self.flags.items() if k != "HEAD_DIM"}
+        kernel[_grid(self.grid_length_block, self.grid_length, batch_heads)](*self.args, **flags, **blocks)
+
+
+def _common(q, k, num_heads, scale):
+    B, C, LQ = q.shape
+    LK = k.shape[2]
+    D = C // num_heads
+    precision = matmul_precision(q.dtype)
+    flags = {"BLOCK_D": block_d(D), "PRECISION": precision, "HEAD_DIM": D}
+    return B, LQ, LK, D, flags, _tune_key(LQ, LK, q.dtype, precision), scale * LOG2E
+
+
+def forward_call(q, k, v, out, lse, num_heads, scale):
+    B, LQ, LK, D, flags, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    args = (q, k, v, out, lse, LQ, LK, num_heads, D, qk_scale2,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), tune_key)
+    return Call("forward", "BLOCK_M", LQ, args, flags)
+
+
+def backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
+    B, LQ, LK, D, flags, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    shared = (LQ, LK, num_heads, D, qk_scale2, scale, *_strides(q), *_strides(k), *_strides(v),
+              *_strides(grad_out))
+    return [Call("key_value", "BLOCK_N", LK, (q, k, v, grad_out, lse, delta, grad_k, grad_v, *shared,
+                                              *_strides(grad_k), *_strides(grad_v), tune_key), flags),
+            Call("query", "BLOCK_M", LQ, (q, k, v, grad_out, lse, delta, grad_q, *shared,
+                                          *_strides(grad_q), tune_key), flags)]
+
+
+def forward(q, k, v, num_heads, scale):
+    """Output (B, C, LQ) contiguous and the base-2 lse (B * heads, LQ) float32."""
+    B, C, LQ = q.shape
+    out = q.new_empty((B, C, LQ))
+    lse = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    with _device_guard(q):
+        forward_call(q, k, v, out, lse, num_heads, scale).launch(B * num_heads)
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, num_heads, scale):
+    """Gradients of sum(grad_out * out) for q, k, v (each in its input's layout when that is dense)."""
+    B, C, LQ = q.shape
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    D = C // num_heads
+    delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    with _device_guard(q):
+        _delta_kernel[(triton.cdiv(LQ, DELTA_BLOCK_M), B * num_heads)](
+            out, grad_out, delta, LQ, num_heads, D, *_strides(out), *_strides(grad_out),
+            BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d(D))
+        for call in backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
+            call.launch(B * num_heads)
+    return grad_q, grad_k, grad_v
