@@ -413,9 +413,9 @@ def omni_contrastive_backward_chunked(grad_loss: Tensor, student: Tensor, teache
 
 def attention_heads(x: Tensor, num_heads: int) -> Tensor:
     """(B, heads*d, H, W) map -> (B, heads, H*W, d): the (batch, head, token, dim) layout attention
-    libraries expect. A strided view (a transpose), not a copy: SDPA copies it where it needs to."""
-    B, C = x.shape[:2]
-    return x.reshape(B, num_heads, C // num_heads, -1).transpose(2, 3)
+    libraries expect, as a strided view (a transpose)."""
+    B, C, H, W = x.shape
+    return x.reshape(B, num_heads, C // num_heads, H * W).transpose(2, 3)
 
 
 def naive_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
@@ -431,7 +431,11 @@ def naive_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int,
 
 
 def sdpa_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float) -> Tensor:
-    """The same through ``F.scaled_dot_product_attention`` on the reshaped maps, with the permutes a
-    user writes around it: the torch backend of ``pixel_attention`` (memory-efficient on CPU)."""
-    out = F.scaled_dot_product_attention(*(attention_heads(x, num_heads) for x in (q, k, v)), scale=scale)
+    """The same through ``F.scaled_dot_product_attention`` on the reshaped maps, with the permutes and
+    copies a user writes around it: the torch backend of ``pixel_attention``. The fused SDPA kernels
+    (flash on CPU; flash, efficient and cuDNN on CUDA) need token-major inputs with unit dim stride,
+    so the maps are copied to (B, heads, H*W, d); a strided view would fall back to SDPA's math
+    path, which builds the (H*W x Hk*Wk) matrix."""
+    heads = (attention_heads(x, num_heads).contiguous() for x in (q, k, v))
+    out = F.scaled_dot_product_attention(*heads, scale=scale)
     return out.transpose(2, 3).reshape(q.shape)

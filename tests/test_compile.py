@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _helpers import CUDA
+from _helpers import CUDA, INTERPRETER
 from pcd_kernels import PixelContrastiveLoss, pixel_contrastive_loss
 
 
@@ -52,3 +52,17 @@ def test_torch_compile_fullgraph(compiler, device):
     (grad,) = torch.autograd.grad(got, s)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_opcheck_attention_ops():
+    """pixel_attention's Triton custom ops: schema, fake kernels (strides included) and autograd,
+    on a channel slice of a fused projection as MHSA2d passes it."""
+    device = "cuda" if CUDA else "cpu"
+    qkv = torch.randn(2, 3 * 16, 13, device=device)
+    q, k, v = (x.requires_grad_() for x in qkv.chunk(3, dim=1))
+    torch.library.opcheck(torch.ops.pcd_kernels.pixel_attention_forward.default, (q, k, v, 2, 0.3, "triton"))
+    out, lse = torch.ops.pcd_kernels.pixel_attention_forward(q, k, v, 2, 0.3, "triton")
+    torch.library.opcheck(torch.ops.pcd_kernels.pixel_attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 2, 0.3,
+                           "triton"))

@@ -93,3 +93,36 @@ def test_torch_backend_peak_memory_bound():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["grad_finite"]
     assert result["extra_mb"] < 300, f"peak RSS grew by {result['extra_mb']:.0f} MB"
+
+
+def _attention_inputs(device="cpu"):
+    B, C, H, W, Hk, Wk = 1, 16, 16, 16, 12, 20
+    q = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    k, v = (torch.randn(B, C, Hk, Wk, device=device, requires_grad=True) for _ in range(2))
+    return (q, k, v), H * W * Hk * Wk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_attention_torch_backend_never_allocates_queries_by_keys(dtype):
+    """SDPA's fused CPU kernel runs only on token-major copies: on strided views it would take
+    the math path, which builds the matrix."""
+    from pcd_kernels import pixel_attention
+
+    (q, k, v), queries_by_keys = _attention_inputs()
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    with LargestAllocation() as mode:
+        pixel_attention(q, k, v, num_heads=2, backend="torch").sum().backward()
+    assert mode.largest <= queries_by_keys // 8, (mode.largest, queries_by_keys)
+    with LargestAllocation() as naive:
+        reference.naive_pixel_attention(q, k, v, 2).sum().backward()
+    assert naive.largest >= queries_by_keys
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_attention_triton_host_code_never_allocates_queries_by_keys():
+    from pcd_kernels import pixel_attention
+
+    (q, k, v), queries_by_keys = _attention_inputs("cuda" if CUDA else "cpu")
+    with LargestAllocation() as mode:
+        pixel_attention(q, k, v, num_heads=2, backend="triton").sum().backward()
+    assert mode.largest <= queries_by_keys // 8, (mode.largest, queries_by_keys)

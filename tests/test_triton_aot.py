@@ -113,3 +113,48 @@ def test_kernels_compile_for_gpu(case):
     for r in results:
         assert r["shared_bytes"] <= SHARED_LIMIT[case[0]], r
         assert r["registers"] <= 255, r
+
+
+_ATTENTION_SCRIPT = r"""
+import json, sys, torch
+from pcd_kernels.triton import pixel_attention as pa
+from pcd_kernels.triton._aot import compile_launch
+
+arch, dtype, head_dim, heads, tf32, which = sys.argv[1:]
+torch.backends.cuda.matmul.allow_tf32 = tf32 == "1"
+dtype, D, heads = getattr(torch, dtype), int(head_dim), int(heads)
+# q, k, v as channel slices of one fused projection (what MHSA2d passes), 64 x 64 maps
+q = torch.empty(2, 3 * heads * D, 4096, dtype=dtype)[:, :heads * D]
+out = torch.empty(2, heads * D, 4096, dtype=dtype)
+lse = torch.empty(2 * heads, 4096)
+calls = [pa.forward_call(q, q, q, out, lse, heads, D ** -0.5)]
+calls += pa.backward_calls(out, q, q, q, lse, lse, out, out, out, heads, D ** -0.5)
+results = []
+for call in calls:
+    configs = call.configs()
+    for bm, bn, warps, stages in (configs if which == "all" else configs[:1]):
+        usage = compile_launch(pa._KERNELS[call.kind], call.args, dict(call.flags, BLOCK_M=bm, BLOCK_N=bn),
+                               int(arch), warps, stages)
+        results.append(dict(usage, kernel=call.kind, config=[bm, bn, warps, stages]))
+print(json.dumps(results))
+"""
+ATTENTION_CASES = [  # (arch, dtype, head dim, heads, allow_tf32, configurations, spills allowed)
+    (90, "bfloat16", 32, 8, 0, "all", False),   # the benchmark's shape: every autotune candidate
+    (90, "float16", 128, 2, 0, "first", False),
+    (90, "bfloat16", 256, 1, 0, "first", False),
+    (90, "float32", 64, 2, 1, "first", False),  # TF32
+    (90, "float32", 40, 2, 0, "first", True),   # IEEE float32 on CUDA cores: a correctness path
+    (80, "bfloat16", 64, 4, 0, "first", True),
+]
+
+
+@pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_attention_kernels_compile_for_gpu(case):
+    arch, spills_allowed = case[0], case[6]
+    results = _compile(_ATTENTION_SCRIPT, case[:6])
+    assert {r["kernel"] for r in results} == {"forward", "key_value", "query"}
+    for r in results:
+        assert r["shared_bytes"] <= SHARED_LIMIT[arch], r
+        if not spills_allowed:
+            assert r["stack_bytes"] == 0, f"registers spill: {r}"

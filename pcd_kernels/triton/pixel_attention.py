@@ -176,20 +176,28 @@ def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_sca
 # ----------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for H100-class GPUs, BLOCK_M the query
-# tile and BLOCK_N the key tile; the first is used as is with PCD_KERNELS_AUTOTUNE=0 (the test
-# suite) and must compile for sm_90 without spills (tests/test_triton_aot.py checks it). The key/
-# value backward keeps a key tile and walks queries (small BLOCK_M); the query backward the reverse.
+# tile and BLOCK_N the key tile, per padded head dim (up to 64, 128, 256); the key/value backward
+# keeps a key tile and walks the queries (small BLOCK_M), the query backward the reverse. The
+# first entry is used as is with PCD_KERNELS_AUTOTUNE=0 (the test suite): it must compile for sm_90
+# without register spills for 16-bit and TF32 inputs (tests/test_triton_aot.py checks it).
 _GPU_CONFIGS = {
-    "forward": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
-    "key_value": [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
-    "query": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)],
+    64: {"forward": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
+         "key_value": [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
+         "query": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)]},
+    128: {"forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+          "key_value": [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
+          "query": [(128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)]},
+    256: {"forward": [(64, 32, 8, 2), (64, 64, 8, 2)],
+          "key_value": [(16, 32, 8, 2), (16, 64, 8, 2)],
+          "query": [(32, 32, 8, 2), (64, 16, 8, 2)]},
 }
-# Head dims above 128 halve the tiles of the first configuration so that they still fit.
-_WIDE_HEAD_DIM = 128
+# float32 without TF32 multiplies on CUDA cores (tl.dot's "ieee" precision): small tiles.
+_IEEE_CONFIGS = {"forward": [(32, 32, 4, 2), (64, 32, 4, 2)], "key_value": [(16, 32, 4, 2), (32, 32, 4, 2)],
+                 "query": [(32, 32, 4, 2), (64, 32, 4, 2)]}
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 DELTA_BLOCK_M = 64
-# The largest head dimension the kernels take: a query tile of BLOCK_D floats per row stays in
-# registers. Wider heads go to the torch backend.
+# The largest head dimension the kernels take (a query tile of that many floats per row stays in
+# registers); wider heads go to the torch backend.
 MAX_HEAD_DIM = 256
 _KERNELS = {"forward": _forward_kernel, "key_value": _key_value_backward_kernel,
             "query": _query_backward_kernel}
@@ -206,25 +214,33 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def gpu_configs(kind: str, head_dim: int):
-    configs = _GPU_CONFIGS[kind]
-    if block_d(head_dim) > _WIDE_HEAD_DIM:
-        configs = [(max(16, bm // 2), max(16, bn // 2), w, min(s, 2)) for bm, bn, w, s in configs]
+def _config_class(head_dim: int, element_size: int, precision: str):
+    """Which candidate list serves: tiles of 4-byte (TF32) elements take the list of a head dim
+    twice as wide."""
+    if precision == "ieee":
+        return "ieee"
+    return min(256, max(64, block_d(head_dim) * element_size // 2))
+
+
+def gpu_configs(kind: str, head_dim: int, element_size: int, precision: str):
+    """The autotuning candidates for a kernel (just the first with PCD_KERNELS_AUTOTUNE=0)."""
+    width = _config_class(head_dim, element_size, precision)
+    configs = _IEEE_CONFIGS[kind] if width == "ieee" else _GPU_CONFIGS[width][kind]
     return configs if autotune_enabled() else configs[:1]
 
 
 _LAUNCHERS = {}
 
 
-def _launcher(kind: str, head_dim: int):
+def _launcher(kind: str, head_dim: int, element_size: int, precision: str):
     if is_interpreter():
         return _KERNELS[kind], dict(INTERPRETER_BLOCKS)
-    wide = block_d(head_dim) > _WIDE_HEAD_DIM
-    if (kind, wide) not in _LAUNCHERS:
+    key = (kind, _config_class(head_dim, element_size, precision))
+    if key not in _LAUNCHERS:
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in gpu_configs(kind, head_dim)]
-        _LAUNCHERS[kind, wide] = triton.autotune(configs=configs, key=["TUNE_KEY", "BLOCK_D"])(_KERNELS[kind])
-    return _LAUNCHERS[kind, wide], {}
+                   for bm, bn, w, s in gpu_configs(kind, head_dim, element_size, precision)]
+        _LAUNCHERS[key] = triton.autotune(configs=configs, key=["TUNE_KEY", "BLOCK_D"])(_KERNELS[kind])
+    return _LAUNCHERS[key], {}
 
 
 def _tune_key(lq: int, lk: int, dtype: torch.dtype, precision: str) -> int:
@@ -232,56 +248,53 @@ def _tune_key(lq: int, lk: int, dtype: torch.dtype, precision: str) -> int:
     return zlib.crc32(repr((lq.bit_length(), lk.bit_length(), str(dtype), precision)).encode()) & 0x7FFFFFFF
 
 
-def _grid(block_name, length, heads):
-    return lambda meta: (triton.cdiv(length, meta[block_name]), heads)
-
-
 def _device_guard(t):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _strides(x):
-    return tuple(x.stride())
-
-
 class Call:
-    """A kernel launch: its kernel kind, positional arguments and constexpr flags (the AOT
-    compile test builds these without launching)."""
+    """A kernel launch: its kind, positional arguments and constexpr flags, and the sizes its
+    tiles are chosen by (the AOT compile test builds these without launching)."""
 
-    def __init__(self, kind, grid_length_block, grid_length, args, flags):
+    def __init__(self, kind, grid_block, grid_length, args, flags, head_dim, element_size):
         self.kind, self.args, self.flags = kind, args, flags
-        self.grid_length_block, self.grid_length = grid_length_block, grid_length
+        self.grid_block, self.grid_length = grid_block, grid_length
+        self.head_dim, self.element_size = head_dim, element_size
+
+    def configs(self):
+        return gpu_configs(self.kind, self.head_dim, self.element_size, self.flags["PRECISION"])
 
     def launch(self, batch_heads):
-        kernel, blocks = _launcher(self.kind, self.flags["HEAD_DIM"])
-        flags = {k: v for k, v in self.flags.items() if k != "HEAD_DIM"}
-        kernel[_grid(self.grid_length_block, self.grid_length, batch_heads)](*self.args, **flags, **blocks)
+        kernel, blocks = _launcher(self.kind, self.head_dim, self.element_size, self.flags["PRECISION"])
+        grid = lambda meta: (triton.cdiv(self.grid_length, meta[self.grid_block]), batch_heads)
+        kernel[grid](*self.args, **self.flags, **blocks)
 
 
 def _common(q, k, num_heads, scale):
-    B, C, LQ = q.shape
-    LK = k.shape[2]
-    D = C // num_heads
+    LQ, LK = q.shape[2], k.shape[2]
+    D = q.shape[1] // num_heads
     precision = matmul_precision(q.dtype)
-    flags = {"BLOCK_D": block_d(D), "PRECISION": precision, "HEAD_DIM": D}
-    return B, LQ, LK, D, flags, _tune_key(LQ, LK, q.dtype, precision), scale * LOG2E
+    flags = {"BLOCK_D": block_d(D), "PRECISION": precision}
+    sizes = (D, q.element_size())
+    return LQ, LK, D, flags, sizes, _tune_key(LQ, LK, q.dtype, precision), scale * LOG2E
 
 
 def forward_call(q, k, v, out, lse, num_heads, scale):
-    B, LQ, LK, D, flags, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    LQ, LK, D, flags, sizes, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
     args = (q, k, v, out, lse, LQ, LK, num_heads, D, qk_scale2,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), tune_key)
-    return Call("forward", "BLOCK_M", LQ, args, flags)
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), tune_key)
+    return Call("forward", "BLOCK_M", LQ, args, flags, *sizes)
 
 
 def backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
-    B, LQ, LK, D, flags, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
-    shared = (LQ, LK, num_heads, D, qk_scale2, scale, *_strides(q), *_strides(k), *_strides(v),
-              *_strides(grad_out))
-    return [Call("key_value", "BLOCK_N", LK, (q, k, v, grad_out, lse, delta, grad_k, grad_v, *shared,
-                                              *_strides(grad_k), *_strides(grad_v), tune_key), flags),
-            Call("query", "BLOCK_M", LQ, (q, k, v, grad_out, lse, delta, grad_q, *shared,
-                                          *_strides(grad_q), tune_key), flags)]
+    LQ, LK, D, flags, sizes, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    shared = (LQ, LK, num_heads, D, qk_scale2, scale, *q.stride(), *k.stride(), *v.stride(),
+              *grad_out.stride())
+    key_value = (q, k, v, grad_out, lse, delta, grad_k, grad_v, *shared, *grad_k.stride(),
+                 *grad_v.stride(), tune_key)
+    query = (q, k, v, grad_out, lse, delta, grad_q, *shared, *grad_q.stride(), tune_key)
+    return [Call("key_value", "BLOCK_N", LK, key_value, flags, *sizes),
+            Call("query", "BLOCK_M", LQ, query, flags, *sizes)]
 
 
 def forward(q, k, v, num_heads, scale):
@@ -306,7 +319,7 @@ def backward(grad_out, q, k, v, out, lse, num_heads, scale):
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     with _device_guard(q):
         _delta_kernel[(triton.cdiv(LQ, DELTA_BLOCK_M), B * num_heads)](
-            out, grad_out, delta, LQ, num_heads, D, *_strides(out), *_strides(grad_out),
+            out, grad_out, delta, LQ, num_heads, D, *out.stride(), *grad_out.stride(),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d(D))
         for call in backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
             call.launch(B * num_heads)

@@ -1,0 +1,222 @@
+"""pixel_attention against a float64 softmax attention on reshaped maps, on every backend."""
+import math
+
+import pytest
+import torch
+
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
+from pcd_kernels import pixel_attention
+from pcd_kernels.reference import naive_pixel_attention
+
+# (B, C, heads, query map, key map or None for self-attention, scale or None): odd map sizes
+# (5x7, 3x13, 9x9), head dims 8 (padded to 16), 20 (not a power of two), 16, 32 and 128,
+# cross-attention with a different key map size, a custom scale.
+SHAPES = [
+    (2, 24, 3, (5, 7), None, None),
+    (1, 40, 2, (3, 13), None, None),
+    (1, 32, 2, (9, 9), None, 0.3),
+    (2, 64, 2, (4, 6), (3, 5), None),
+    (1, 128, 1, (3, 5), (6, 3), None),
+]
+
+
+def _id(shape):
+    B, C, heads, (H, W), key, scale = shape
+    cross = f"-keys{key[0]}x{key[1]}" if key else ""
+    return f"B{B}C{C}h{heads}-{H}x{W}{cross}" + (f"-scale{scale}" if scale else "")
+
+
+def make(shape, dtype=torch.float64):
+    B, C, heads, (H, W), key, scale = shape
+    Hk, Wk = key or (H, W)
+    q = torch.randn(B, C, H, W, dtype=dtype)
+    k = torch.randn(B, C, Hk, Wk, dtype=dtype)
+    v = torch.randn(B, C, Hk, Wk, dtype=dtype)
+    return q, k, v
+
+
+def run(fn, inputs, grad_out, **kwargs):
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*leaves, **kwargs)
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def naive(q, k, v, num_heads, scale):
+    return naive_pixel_attention(q, k, v, num_heads, scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+def test_matches_reference(backend, device, dtype, shape):
+    heads, scale = shape[2], shape[5]
+    inputs = make(shape)
+    grad_out = torch.randn_like(inputs[0])
+    ref, ref_grads = run(naive, inputs, grad_out, num_heads=heads, scale=scale)
+    # plain PyTorch: the eager formula in dtype, on the device
+    cast = [x.to(device, dtype) for x in inputs]
+    plain, plain_grads = run(naive, cast, grad_out.to(device), num_heads=heads, scale=scale)
+    ours, grads = run(pixel_attention, cast, grad_out.to(device), num_heads=heads, scale=scale, backend=backend)
+    assert ours.dtype == dtype and ours.shape == inputs[0].shape
+    assert_close("output", ours.cpu(), plain.cpu(), ref, dtype)
+    for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
+        assert g.dtype == dtype and g.shape == g_ref.shape
+        assert_close(f"d{name}", g.cpu(), g_plain.cpu(), g_ref, dtype)
+
+
+FP32 = [c for c in backend_cases() if c.values[2] == torch.float32]
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("layout", ["qkv-slices", "channels-last", "transposed-map"])
+def test_any_strides(backend, device, dtype, layout):
+    """q, k, v as channel slices of one fused projection (what MHSA2d passes: read in place),
+    channels-last maps, and maps whose rows are not evenly strided (copied first)."""
+    B, C, H, W, heads = 2, 32, 5, 6, 2
+    if layout == "qkv-slices":
+        qkv = torch.randn(B, 3 * C, H, W, dtype=torch.float64)
+        leaf = qkv.to(device, dtype).requires_grad_()
+        q, k, v = leaf.chunk(3, dim=1)
+    elif layout == "channels-last":
+        qkv = torch.randn(3, B, C, H, W, dtype=torch.float64)
+        leaf = qkv.to(device, dtype).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        q, k, v = leaf.unbind(0)
+    else:
+        qkv = torch.randn(3, B, C, W, H, dtype=torch.float64).transpose(3, 4)
+        leaf = qkv.to(device, dtype).requires_grad_()
+        q, k, v = leaf.unbind(0)
+    grad_out = torch.randn(B, C, H, W, dtype=torch.float64)
+    out = pixel_attention(q, k, v, num_heads=heads, backend=backend)
+    (grad,) = torch.autograd.grad(out, leaf, grad_out.to(device, dtype))
+    ref_leaf = qkv.clone().requires_grad_()
+    rq, rk, rv = ref_leaf.chunk(3, dim=1) if layout == "qkv-slices" else ref_leaf.unbind(0)
+    ref = naive_pixel_attention(rq, rk, rv, heads)
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf, grad_out)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32)
+def test_nan_in_nan_out(backend, device, dtype):
+    """A NaN query pixel poisons its own output in its head; a NaN key pixel every output of its
+    head. Nothing is masked."""
+    q, k, v = (x.to(device, dtype) for x in make((1, 16, 2, (3, 4), None, None)))
+    q[0, 0, 1, 2] = float("nan")  # head 0, query pixel (1, 2)
+    k[0, 9, 0, 0] = float("nan")  # head 1, key pixel (0, 0)
+    out = pixel_attention(q, k, v, num_heads=2, backend=backend).cpu()
+    head0, head1 = out[0, :8], out[0, 8:]
+    assert head0[:, 1, 2].isnan().all()
+    assert head0.isnan().sum() == 8  # only that pixel
+    assert head1.isnan().all()
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32)
+def test_empty_batch_and_empty_query_map(backend, device, dtype):
+    q = torch.randn(0, 8, 3, 3, device=device, requires_grad=True)
+    out = pixel_attention(q, q, q, num_heads=2, backend=backend)
+    assert out.shape == (0, 8, 3, 3)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    q = torch.randn(1, 8, 0, 3, device=device, requires_grad=True)
+    k = torch.randn(1, 8, 2, 2, device=device, requires_grad=True)
+    out = pixel_attention(q, k, k, num_heads=2, backend=backend)
+    assert out.shape == (1, 8, 0, 3)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
+
+
+def test_mixed_dtypes_promote():
+    q = torch.randn(1, 8, 3, 3)
+    k = torch.randn(1, 8, 3, 3, dtype=torch.float64)
+    out = pixel_attention(q, k, k.half(), num_heads=2)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, naive_pixel_attention(q.double(), k, k.half().double(), 2))
+
+
+def test_autocast_runs_float32_inputs_in_the_autocast_dtype():
+    """As scaled_dot_product_attention does under autocast."""
+    q = torch.randn(1, 8, 3, 5, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pixel_attention(q, q, q, num_heads=2)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32
+    ref = naive_pixel_attention(*(q.detach().bfloat16().double(),) * 3, 2)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = make((1, 24, 2, (3, 4), None, None))
+    torch.testing.assert_close(pixel_attention(q, k, v, num_heads=2),
+                               naive_pixel_attention(q, k, v, 2, scale=1 / math.sqrt(12)))
+
+
+def _bad_inputs():
+    x = torch.randn(2, 8, 3, 3)
+    return [
+        (dict(q=x, k=x, v=x, num_heads=3), ValueError, "divisible by num_heads"),
+        (dict(q=x, k=x, v=x, num_heads=0), ValueError, "num_heads"),
+        (dict(q=x, k=x, v=x, num_heads=True), ValueError, "num_heads"),
+        (dict(q=x, k=torch.randn(1, 8, 3, 3), v=torch.randn(1, 8, 3, 3), num_heads=2), ValueError, "batch"),
+        (dict(q=x, k=torch.randn(2, 4, 3, 3), v=torch.randn(2, 4, 3, 3), num_heads=2), ValueError, "channels"),
+        (dict(q=x, k=x, v=torch.randn(2, 8, 3, 4), num_heads=2), ValueError, "k and v"),
+        (dict(q=x, k=torch.randn(2, 8, 0, 3), v=torch.randn(2, 8, 0, 3), num_heads=2), ValueError, "key map"),
+        (dict(q=x[0], k=x, v=x, num_heads=2), ValueError, "q must be a 4-D"),
+        (dict(q=x, k=x.long(), v=x, num_heads=2), TypeError, "k must be float16"),
+        (dict(q=x.numpy(), k=x, v=x, num_heads=2), TypeError, "q must be a torch.Tensor"),
+        (dict(q=x, k=x, v=x, num_heads=2, scale=float("inf")), ValueError, "scale must be finite"),
+        (dict(q=x, k=x, v=x, num_heads=2, scale=torch.tensor(0.5)), TypeError, "scale must be a real"),
+        (dict(q=x, k=x, v=x, num_heads=2, backend="flash"), ValueError, "backend must be one of"),
+        (dict(q=x.double(), k=x.double(), v=x.double(), num_heads=2, backend="triton"), TypeError, "float64"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,error,match", _bad_inputs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_inputs_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        pixel_attention(**kwargs)
+
+
+def test_cuda_backend_says_why_it_cannot_run():
+    x = torch.randn(1, 8, 3, 3)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        pixel_attention(x, x, x, num_heads=2, backend="cuda")
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_triton_refuses_head_dims_beyond_its_limit():
+    from pcd_kernels.triton.pixel_attention import MAX_HEAD_DIM
+
+    x = torch.randn(1, 2 * MAX_HEAD_DIM, 2, 2, device="cuda" if CUDA else "cpu")
+    with pytest.raises(ValueError, match="head dims up to"):
+        pixel_attention(x, x, x, num_heads=1, backend="triton")
+    # auto falls back to the torch backend instead
+    torch.testing.assert_close(pixel_attention(x, x, x, num_heads=1), naive_pixel_attention(x, x, x, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_triton_is_deterministic():
+    device = "cuda" if CUDA else "cpu"
+    q, k, v = (x.float().to(device).requires_grad_() for x in make((1, 32, 2, (5, 6), None, None)))
+    grad_out = torch.randn(1, 32, 5, 6, device=device)
+    first = [torch.autograd.grad(pixel_attention(q, k, v, num_heads=2, backend="triton"), (q, k, v), grad_out)
+             for _ in range(2)]
+    for a, b in zip(*first):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="tile sizes are set per launch only in the interpreter")
+@pytest.mark.parametrize("blocks", [(32, 64), (64, 16)], ids=["wide-key-tiles", "tall-query-tiles"])
+def test_triton_tile_sizes(blocks, monkeypatch):
+    """The suite otherwise runs 16 x 16 tiles; the GPU's are larger and not square."""
+    from pcd_kernels.triton import pixel_attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
+    shape = (1, 32, 2, (5, 9), (7, 11), None)
+    inputs = make(shape)
+    grad_out = torch.randn_like(inputs[0])
+    ref, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
+    ours, grads = run(pixel_attention, [x.float() for x in inputs], grad_out, num_heads=2, backend="triton")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
