@@ -33,9 +33,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import omni_contrastive  # noqa: E402
+import pixel_attention  # noqa: E402
 import pixel_contrastive  # noqa: E402
 
-OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrastive}
+OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrastive,
+       "pixel_attention": pixel_attention}
 OPS_BY_NAME = {module.OP: module for module in OPS.values()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -86,33 +88,46 @@ class _RssSampler:
         return (self.peak - self.baseline) / 2**20
 
 
-def _timed_steps(loss_fn, inputs, device, repeats, warmup):
-    """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward."""
-    student = inputs[0]
+def _timed_steps(loss_fn, inputs, device, repeats, warmup, grad_outputs):
+    """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward, and a
+    checksum of the result (the loss; for a map, its mean square). A map is back-propagated with a
+    fixed random gradient, made once (``grad_outputs`` keeps it across calls), outside the timing."""
     fwd, bwd, tot = [], [], []
+    zero_grad = getattr(loss_fn, "zero_grad", lambda: None)
     for i in range(warmup + repeats):
-        student.grad = None
+        for x in inputs:
+            x.grad = None
+        zero_grad()
         if device == "cuda":
             events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             events[0].record()
-            loss = loss_fn(*inputs)
+        t0 = time.perf_counter()
+        out = loss_fn(*inputs)
+        if device == "cuda":
             events[1].record()
-            loss.backward()
+        t1 = time.perf_counter()
+        if out.dim() and "grad" not in grad_outputs:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            grad_outputs["grad"] = torch.randn_like(out)
+            if device == "cuda":
+                events[1].record()
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+        out.backward(grad_outputs["grad"] if out.dim() else None)
+        if device == "cuda":
             events[2].record()
             torch.cuda.synchronize()
             f, b = events[0].elapsed_time(events[1]), events[1].elapsed_time(events[2])
         else:
-            t0 = time.perf_counter()
-            loss = loss_fn(*inputs)
-            t1 = time.perf_counter()
-            loss.backward()
             t2 = time.perf_counter()
             f, b = (t1 - t0) * 1e3, (t2 - t1) * 1e3
         if i >= warmup:
             fwd.append(f)
             bwd.append(b)
             tot.append(f + b)
-    return fwd, bwd, tot, float(loss.detach().float())
+    checksum = out.detach().float()
+    return fwd, bwd, tot, float(checksum if not checksum.dim() else checksum.square().mean())
 
 
 def _is_oom(exc):
@@ -122,7 +137,7 @@ def _is_oom(exc):
 def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
     """One provider on one case: a result dict (status ok / unavailable / oom / error)."""
     dtype = getattr(op, "DTYPE", None) or dtype
-    result = {"op": op.OP, "case": case.name, "provider": provider, "describe": case.describe(),
+    result = {"op": getattr(case, "op_name", op.OP), "case": case.name, "provider": provider, "describe": case.describe(),
               "dtype": str(dtype).replace("torch.", "")}
     try:
         loss_fn = op.providers(case, device)[provider]()
@@ -132,24 +147,30 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
         return dict(result, status="error", reason=_one_line(exc))
     try:
         inputs = op.make_inputs(case, device, dtype, seed)
+        prepare = getattr(loss_fn, "prepare", None)  # a layout change the provider does untimed
+        inputs = prepare(inputs) if prepare else inputs
+        grads = {}
+        steps = lambda n, warm: _timed_steps(loss_fn, inputs, device, n, warm, grads)
         if device == "cuda":
             torch.cuda.synchronize()
             # warm-up (compilation, autotuning) before the peak-memory pass
-            _timed_steps(loss_fn, inputs, device, 0, warmup)
-            inputs[0].grad = None
+            steps(0, warmup)
+            for x in inputs:
+                x.grad = None
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            _timed_steps(loss_fn, inputs, device, 1, 0)
+            steps(1, 0)
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            fwd, bwd, tot, loss = _timed_steps(loss_fn, inputs, device, repeats, 0)
+            fwd, bwd, tot, loss = steps(repeats, 0)
         else:
-            _timed_steps(loss_fn, inputs, device, 0, warmup)
-            inputs[0].grad = None
+            steps(0, warmup)
+            for x in inputs:
+                x.grad = None
             with _RssSampler() as rss:
-                _timed_steps(loss_fn, inputs, device, 1, 0)
+                steps(1, 0)
             peak_mb = rss.extra_mb
-            fwd, bwd, tot, loss = _timed_steps(loss_fn, inputs, device, repeats, 0)
+            fwd, bwd, tot, loss = steps(repeats, 0)
     except Exception as exc:  # a provider failing must not end the benchmark
         if _is_oom(exc):
             return dict(result, status="oom", reason="out of memory")
@@ -318,7 +339,7 @@ def main(argv=None):
         for case in op.cases(args.device, args.quick):
             if args.cases and case.name not in args.cases:
                 continue
-            print(f"## {op.OP} {case.name}: {case.describe()}", flush=True)
+            print(f"## {getattr(case, 'op_name', op.OP)} {case.name}: {case.describe()}", flush=True)
             for provider in op.providers(case, args.device):
                 if args.providers and provider not in args.providers:
                     continue

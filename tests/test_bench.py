@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_quick_benchmark_runs_and_providers_agree(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
-                          "--providers", "naive", "ours-torch", "ours-triton", "--out", str(tmp_path)],
+                          "--providers", "naive", "ours-torch", "ours-triton", "sdpa-flash", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (result_file,) = tmp_path.glob("*_quick.json")
@@ -22,5 +22,12 @@ def test_quick_benchmark_runs_and_providers_agree(tmp_path):
         assert by_provider["ours-torch"]["agrees_with_naive"] is True
         triton = by_provider["ours-triton"]
         assert triton["status"] == "unavailable" and "CUDA" in triton["reason"]
+    for op in ("pixel_attention", "MHSA2d"):
+        assert f"| {op} |" in out.stdout
+        by_provider = {r["provider"]: r for r in data["results"] if r["op"] == op}
+        for provider in ("naive", "sdpa-flash") + (("ours-torch",) if op == "pixel_attention" else ()):
+            assert by_provider[provider]["status"] == "ok", by_provider[provider]
+            assert by_provider[provider]["agrees_with_naive"] is True
+        assert by_provider["ours-triton"]["status"] == "unavailable"
     pcd = {r["provider"]: r for r in data["results"] if r["op"] == "pixel_contrastive_loss"}
     assert pcd["ours-torch"]["peak_mb"] < pcd["naive"]["peak_mb"]
