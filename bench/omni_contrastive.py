@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import Unavailable
 from pcd_kernels import omni_contrastive_loss
 from pcd_kernels.reference import official_omni_contrastive_loss
 
@@ -22,10 +23,6 @@ TENSOR_CORES = False
 # is measured in float32 whatever --dtype says.
 DTYPE = torch.float32
 TEMPERATURE = 0.07
-
-
-class Unavailable(Exception):
-    """A provider that cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)

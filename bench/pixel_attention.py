@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import Unavailable
 from pcd_kernels import MHSA2d, pixel_attention
 from pcd_kernels.reference import attention_heads, naive_pixel_attention, sdpa_pixel_attention
 
@@ -25,10 +26,6 @@ OP = "pixel_attention"
 TENSOR_CORES = True
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
-
-
-class Unavailable(Exception):
-    """A provider that cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from common import Unavailable
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
 OP = "pixel_contrastive_loss"
 TEMPERATURE = 0.2
-
-
-class Unavailable(Exception):
-    """A provider that cannot run here; the message says why."""
 
 
 @dataclass(frozen=True)

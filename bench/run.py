@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import omni_contrastive  # noqa: E402
+from common import Unavailable  # noqa: E402
 import pixel_attention  # noqa: E402
 import pixel_contrastive  # noqa: E402
 
@@ -141,7 +142,7 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
               "dtype": str(dtype).replace("torch.", "")}
     try:
         loss_fn = op.providers(case, device)[provider]()
-    except op.Unavailable as exc:
+    except Unavailable as exc:
         return dict(result, status="unavailable", reason=str(exc))
     except Exception as exc:  # a provider failing to set up must not end the benchmark
         return dict(result, status="error", reason=_one_line(exc))

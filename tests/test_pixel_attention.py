@@ -183,15 +183,18 @@ def test_cuda_backend_says_why_it_cannot_run():
 
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
-def test_triton_refuses_head_dims_beyond_its_limit():
-    from pcd_kernels.triton.pixel_attention import MAX_HEAD_DIM
+def test_triton_refuses_sizes_beyond_its_limits():
+    from pcd_kernels.triton import pixel_attention as kernels
 
-    x = torch.randn(1, 2 * MAX_HEAD_DIM, 2, 2, device="cuda" if CUDA else "cpu")
+    x = torch.randn(1, 2 * kernels.MAX_HEAD_DIM, 2, 2, device="cuda" if CUDA else "cpu")
     with pytest.raises(ValueError, match="head dims up to"):
         pixel_attention(x, x, x, num_heads=1, backend="triton")
     # auto falls back to the torch backend instead
     torch.testing.assert_close(pixel_attention(x, x, x, num_heads=1), naive_pixel_attention(x, x, x, 1),
                                rtol=1e-4, atol=1e-4)
+    many = torch.randn(kernels.MAX_BATCH_HEADS // 2 + 1, 4, 1, 1, device=x.device)
+    with pytest.raises(ValueError, match="batch x heads up to"):
+        pixel_attention(many, many, many, num_heads=2, backend="triton")
 
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")

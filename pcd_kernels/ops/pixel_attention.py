@@ -147,12 +147,16 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
     requested = backend
     backend = resolve_backend(_OP, backend, q.device, dtype)
     if backend == "triton":
-        from pcd_kernels.triton.pixel_attention import MAX_HEAD_DIM
+        from pcd_kernels.triton.pixel_attention import MAX_BATCH_HEADS, MAX_HEAD_DIM
 
+        limit = None
         if head_dim > MAX_HEAD_DIM:
+            limit = (f"head dims up to {MAX_HEAD_DIM}, got {C} channels / {num_heads} heads = {head_dim}")
+        elif B * num_heads > MAX_BATCH_HEADS:
+            limit = f"batch x heads up to {MAX_BATCH_HEADS}, got {B} x {num_heads}"
+        if limit is not None:
             if requested != "auto":
-                raise ValueError(f"backend='triton' takes head dims up to {MAX_HEAD_DIM}, got "
-                                 f"{C} channels / {num_heads} heads = {head_dim}; use backend='torch'")
+                raise ValueError(f"backend='triton' takes {limit}; use backend='torch'")
             backend = "torch"
     if backend == "torch":
         return reference.sdpa_pixel_attention(q, k, v, num_heads, scale)

@@ -199,6 +199,8 @@ DELTA_BLOCK_M = 64
 # The largest head dimension the kernels take (a query tile of that many floats per row stays in
 # registers); wider heads go to the torch backend.
 MAX_HEAD_DIM = 256
+# (batch x heads) is the grid's second axis, which CUDA caps at 65,535 programs.
+MAX_BATCH_HEADS = 65535
 _KERNELS = {"forward": _forward_kernel, "key_value": _key_value_backward_kernel,
             "query": _query_backward_kernel}
 
