@@ -2,7 +2,7 @@
 
 Kernel level: q, k, v are (B, C, H, W) maps as a 1x1-conv projection produces them. Rivals are
 the eager softmax attention (``pcd_kernels.reference.naive_pixel_attention``, which builds the
-(H*W x H*W) matrix) and ``F.scaled_dot_product_attention`` pinned to each of its backends,
+(H*W x H*W) matrix), ``torch.compile`` of it, and ``F.scaled_dot_product_attention`` pinned to each of its backends,
 called with the reshapes, permutes and copies a user has to write around it
 (``pcd_kernels.reference.sdpa_pixel_attention``), plus SDPA-flash on inputs already in its
 (B, heads, H*W, d) layout, copied outside the timing: the kernel alone.
@@ -127,6 +127,7 @@ def providers(case: Case, device: str):
             return call(x)
 
         run.zero_grad = lambda: block.zero_grad(set_to_none=True)
+        run.parameters = block.parameters
         return run
 
     def kernel(fn, context=None):
@@ -137,6 +138,15 @@ def providers(case: Case, device: str):
         if case.module:
             return module(_EagerAttention)
         return kernel(lambda q, k, v: naive_pixel_attention(q, k, v, case.heads))
+
+    def naive_compiled():
+        # what torch.compile makes of the eager code (inductor may match it to SDPA)
+        if case.module:
+            run = module(_EagerAttention)
+            compiled = torch.compile(run)
+            compiled.zero_grad, compiled.parameters = run.zero_grad, run.parameters
+            return compiled
+        return torch.compile(lambda q, k, v: naive_pixel_attention(q, k, v, case.heads))
 
     def sdpa(name):
         def make():
@@ -155,6 +165,8 @@ def providers(case: Case, device: str):
         fn = _with_context(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), context)
         fn.prepare = lambda inputs: tuple(attention_heads(x.detach(), case.heads).contiguous().requires_grad_()
                                           for x in inputs)
+        map_shape = (case.batch, case.channels, case.height, case.width)
+        fn.grad_output = lambda make: attention_heads(make(map_shape), case.heads).contiguous()
         return fn
 
     def ours_triton():
@@ -165,7 +177,7 @@ def providers(case: Case, device: str):
             return module(backend="triton")
         return kernel(lambda q, k, v: pixel_attention(q, k, v, num_heads=case.heads, backend="triton"))
 
-    out = {"naive": naive}
+    out = {"naive": naive, "naive+compile": naive_compiled}
     out.update({f"sdpa-{name}": sdpa(name) for name in SDPA_BACKENDS})
     if not case.module:
         out["sdpa-flash-prepermuted"] = sdpa_flash_prepermuted

@@ -90,9 +90,10 @@ class _RssSampler:
 
 
 def _timed_steps(loss_fn, inputs, device, repeats, warmup, grad_outputs):
-    """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward, and a
-    checksum of the result (the loss; for a map, its mean square). A map is back-propagated with a
-    fixed random gradient, made once (``grad_outputs`` keeps it across calls), outside the timing."""
+    """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward, and
+    checksums of the result (the loss; for a map, its mean square) and of the inputs' gradients
+    (their mean square). A map is back-propagated with a fixed random gradient, made once
+    (``grad_outputs`` keeps it across calls), outside the timing."""
     fwd, bwd, tot = [], [], []
     zero_grad = getattr(loss_fn, "zero_grad", lambda: None)
     for i in range(warmup + repeats):
@@ -110,7 +111,11 @@ def _timed_steps(loss_fn, inputs, device, repeats, warmup, grad_outputs):
         if out.dim() and "grad" not in grad_outputs:
             if device == "cuda":
                 torch.cuda.synchronize()
-            grad_outputs["grad"] = torch.randn_like(out)
+            # the same values for every provider (one that returns another layout says how the
+            # map's gradient looks in it)
+            make = lambda shape: torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(out)
+            layout = getattr(loss_fn, "grad_output", None)
+            grad_outputs["grad"] = layout(make) if layout else make(out.shape)
             if device == "cuda":
                 events[1].record()
                 torch.cuda.synchronize()
@@ -128,7 +133,11 @@ def _timed_steps(loss_fn, inputs, device, repeats, warmup, grad_outputs):
             bwd.append(b)
             tot.append(f + b)
     checksum = out.detach().float()
-    return fwd, bwd, tot, float(checksum if not checksum.dim() else checksum.square().mean())
+    # (a module's parameters count too: its input's gradient may be dominated by a residual)
+    with_grad = [x for x in (*inputs, *getattr(loss_fn, "parameters", list)()) if x.grad is not None]
+    grads = [x.grad.float().square().sum() for x in with_grad]
+    grad_checksum = float(sum(grads) / sum(x.numel() for x in with_grad)) if grads else None
+    return fwd, bwd, tot, (float(checksum if not checksum.dim() else checksum.square().mean()), grad_checksum)
 
 
 def _is_oom(exc):
@@ -163,7 +172,7 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
             torch.cuda.reset_peak_memory_stats()
             steps(1, 0)
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            fwd, bwd, tot, loss = steps(repeats, 0)
+            fwd, bwd, tot, (loss, grad_checksum) = steps(repeats, 0)
         else:
             steps(0, warmup)
             for x in inputs:
@@ -171,7 +180,7 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
             with _RssSampler() as rss:
                 steps(1, 0)
             peak_mb = rss.extra_mb
-            fwd, bwd, tot, loss = steps(repeats, 0)
+            fwd, bwd, tot, (loss, grad_checksum) = steps(repeats, 0)
     except Exception as exc:  # a provider failing must not end the benchmark
         if _is_oom(exc):
             return dict(result, status="oom", reason="out of memory")
@@ -183,7 +192,8 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
             except RuntimeError:  # after a sticky CUDA error; the next provider will say so
                 pass
     notes = getattr(loss_fn, "notes", None)
-    return dict(result, status="ok", loss=loss, peak_mb=peak_mb, forward=_percentiles(fwd),
+    return dict(result, status="ok", loss=loss, grad_checksum=grad_checksum, peak_mb=peak_mb,
+                forward=_percentiles(fwd),
                 backward=_percentiles(bwd), total=_percentiles(tot),
                 flops={m: case.flops(m) for m in ("forward", "backward", "total")},
                 **({"notes": dict(notes)} if notes else {}))
@@ -271,8 +281,11 @@ def report(results, peak_tflops):
         base = naive.get((r["op"], r["case"]))
         tflops = r["flops"]["total"] / (total * 1e-3) / 1e12
         r["speedup_vs_naive"] = base["total"]["p50"] / total if base else None
-        # every provider computes the same loss from the same inputs: say so when one does not
+        # every provider computes the same loss and gradients from the same inputs: say so when
+        # one does not
+        close = lambda a, b: a is None or b is None or abs(a - b) <= 2e-2 * abs(b) + 1e-6
         r["agrees_with_naive"] = (abs(r["loss"] - base["loss"]) <= 2e-2 * abs(base["loss"]) + 1e-3
+                                  and close(r.get("grad_checksum"), base.get("grad_checksum"))
                                   if base else None)
         r["tflops"] = tflops
         tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)

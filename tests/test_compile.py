@@ -63,6 +63,8 @@ def test_opcheck_attention_ops():
     q, k, v = (x.requires_grad_() for x in qkv.chunk(3, dim=1))
     torch.library.opcheck(torch.ops.pcd_kernels.pixel_attention_forward.default, (q, k, v, 2, 0.3, "triton"))
     out, lse = torch.ops.pcd_kernels.pixel_attention_forward(q, k, v, 2, 0.3, "triton")
-    torch.library.opcheck(torch.ops.pcd_kernels.pixel_attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 2, 0.3,
-                           "triton"))
+    saved = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 2, 0.3,
+             "triton")
+    for needs_q, needs_kv in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(torch.ops.pcd_kernels.pixel_attention_backward.default,
+                              (*saved, needs_q, needs_kv))

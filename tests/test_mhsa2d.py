@@ -165,3 +165,20 @@ def test_wrong_input_says_what_it_expected():
         module(torch.randn(1, 6, 3, 3))
     with pytest.raises(TypeError, match="torch.Tensor"):
         module([1.0])
+
+
+@TRITON
+def test_torch_compile_dynamic_shapes_through_the_triton_custom_op():
+    """One compiled graph for several map sizes (SDPA's own CPU path does not compile dynamically
+    in torch 2.13, a PyTorch limitation, so this covers the Triton path)."""
+    torch._dynamo.reset()
+    module = MHSA2d(16, num_heads=2, backend="triton").to(DEVICE)
+    compiled = torch.compile(module, dynamic=True, backend="inductor")
+    for size in ((3, 5), (4, 7), (6, 2)):
+        x = torch.randn(1, 16, *size, device=DEVICE, requires_grad=True)
+        got = compiled(x)
+        (grad,) = torch.autograd.grad(got.sum(), x)
+        expected = module(x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)

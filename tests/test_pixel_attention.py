@@ -122,6 +122,46 @@ def test_empty_batch_and_empty_query_map(backend, device, dtype):
     assert out.shape == (1, 8, 0, 3)
     out.sum().backward()
     assert torch.equal(k.grad, torch.zeros_like(k))
+    q = torch.randn(1, 8, 0, 3, device=device, requires_grad=True)  # an empty map attends to itself
+    out = pixel_attention(q, q, q, num_heads=2, backend=backend)
+    out.sum().backward()
+    assert out.shape == q.grad.shape == (1, 8, 0, 3)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("wanted", ["q", "kv", "k"])
+def test_one_sided_gradients(backend, device, dtype, wanted):
+    """Frozen queries or frozen keys/values: only the gradients asked for are computed."""
+    inputs = make((1, 16, 2, (3, 5), (4, 3), None))
+    grad_out = torch.randn_like(inputs[0])
+    leaves = [x.to(device, dtype).requires_grad_(name in wanted) for name, x in zip("qkv", inputs)]
+    out = pixel_attention(*leaves, num_heads=2, backend=backend)
+    grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out.to(device, dtype))
+    _, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
+    expected = [g for name, g in zip("qkv", ref_grads) if name in wanted]
+    for g, g_ref in zip(grads, expected):
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-5)
+
+
+_NEW_TF32_API = r"""
+import torch
+from pcd_kernels.triton.pixel_contrastive import matmul_precision
+assert matmul_precision(torch.float32) == "ieee"
+torch.backends.cuda.matmul.fp32_precision = "tf32"   # torch >= 2.9; the legacy flag then raises
+assert matmul_precision(torch.float32) == "tf32", matmul_precision(torch.float32)
+assert matmul_precision(torch.bfloat16) == "tf32"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="this torch has only the legacy allow_tf32 flag")
+def test_tf32_allowed_through_the_new_precision_api():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _NEW_TF32_API], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
 def test_mixed_dtypes_promote():
@@ -153,6 +193,7 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 def _bad_inputs():
     x = torch.randn(2, 8, 3, 3)
     return [
+        (dict(q=x[:, :0], k=x[:, :0], v=x[:, :0], num_heads=1), ValueError, "at least one channel"),
         (dict(q=x, k=x, v=x, num_heads=3), ValueError, "divisible by num_heads"),
         (dict(q=x, k=x, v=x, num_heads=0), ValueError, "num_heads"),
         (dict(q=x, k=x, v=x, num_heads=True), ValueError, "num_heads"),
@@ -223,3 +264,30 @@ def test_triton_tile_sizes(blocks, monkeypatch):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotune candidates are GPU tile shapes (the interpreter's "
+                                     "tiles are covered by test_triton_tile_sizes)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_every_autotune_candidate_on_gpu(head_dim, dtype, monkeypatch):
+    """The suite runs each kernel's first configuration; the benchmark's autotuner may pick any."""
+    from pcd_kernels.triton import pixel_attention as kernels
+
+    shape = (2, 2 * head_dim, 2, (37, 41), (29, 33), None)
+    inputs = make(shape)
+    grad_out = torch.randn_like(inputs[0])
+    ref, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
+    cast = [x.to("cuda", dtype) for x in inputs]
+    plain, plain_grads = run(naive, cast, grad_out.cuda(), num_heads=2, scale=None)
+    width = kernels._config_class(head_dim, 2, "tf32")
+    candidates = kernels._GPU_CONFIGS[width]
+    for i in range(max(len(c) for c in candidates.values())):
+        monkeypatch.setattr(kernels, "gpu_configs",
+                            lambda kind, *sizes, i=i: [candidates[kind][min(i, len(candidates[kind]) - 1)]])
+        kernels._LAUNCHERS.clear()
+        ours, grads = run(pixel_attention, cast, grad_out.cuda(), num_heads=2, backend="triton")
+        assert_close(f"output, candidate {i}", ours.cpu(), plain.cpu(), ref, dtype)
+        for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
+            assert_close(f"d{name}, candidate {i}", g.cpu(), g_plain.cpu(), g_ref, dtype)
+    kernels._LAUNCHERS.clear()

@@ -140,11 +140,13 @@ print(json.dumps(results))
 """
 ATTENTION_CASES = [  # (arch, dtype, head dim, heads, allow_tf32, configurations, spills allowed)
     (90, "bfloat16", 32, 8, 0, "all", False),   # the benchmark's shape: every autotune candidate
+    (90, "bfloat16", 64, 8, 0, "first", False),
     (90, "float16", 128, 2, 0, "first", False),
     (90, "bfloat16", 256, 1, 0, "first", False),
     (90, "float32", 64, 2, 1, "first", False),  # TF32
     (90, "float32", 40, 2, 0, "first", True),   # IEEE float32 on CUDA cores: a correctness path
     (80, "bfloat16", 64, 4, 0, "first", True),
+    (80, "float32", 256, 1, 1, "all", True),     # the widest tiles: must fit the A100's shared memory
 ]
 
 

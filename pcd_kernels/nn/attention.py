@@ -26,7 +26,7 @@ def sinusoidal_position_encoding(channels: int, height: int, width: int, *,
     """
     n = channels // 4
     encoding = torch.zeros(channels, height, width, device=device, dtype=torch.float32)
-    if n:
+    if n and height and width:
         freqs = temperature ** (-torch.arange(n, device=device, dtype=torch.float32) / n)
         rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / height)
         cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (2 * math.pi / width)
@@ -39,7 +39,8 @@ def sinusoidal_position_encoding(channels: int, height: int, width: int, *,
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of every pixel of a (B, C, H, W) map, without a permute."""
+    """LayerNorm over the channels of every pixel of a (B, C, H, W) map, without a permute;
+    statistics in float32 whatever the map's dtype."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -48,17 +49,19 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).square().mean(1, keepdim=True)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        x32 = x.float()
+        mean = x32.mean(1, keepdim=True)
+        var = (x32 - mean).square().mean(1, keepdim=True)
+        normed = ((x32 - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return normed * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 class MHSA2d(nn.Module):
     r"""Multi-head self-attention over the pixels of a (B, C, H, W) feature map.
 
     ``y = x + pos``; ``q, k, v`` = one fused 1x1 conv of ``y`` (3C output channels: q, then k,
-    then v, each heads x d); ``a = pixel_attention(q, k, v)`` per head over all H*W pixels;
+    then v, each heads x d; the position encoding reaches the values too, as in ViT, not only
+    the queries and keys as in DETR); ``a = pixel_attention(q, k, v)`` per head over all H*W pixels;
     ``out = proj(a)`` (1x1 conv), plus ``x`` when ``residual``, then ``norm`` when given. The
     attention reads q, k and v as channel slices of the projection, in place: no permute or
     contiguous copy of the map, and no (H*W x H*W) matrix on the Triton path.

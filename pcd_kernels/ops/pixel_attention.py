@@ -41,14 +41,19 @@ def _forward_fake(q, k, v, num_heads, scale, backend):
 
 @torch.library.custom_op("pcd_kernels::pixel_attention_backward", mutates_args=())
 def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 num_heads: int, scale: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                 num_heads: int, scale: float, backend: str, needs_q: bool,
+                 needs_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients for q, k, v; an empty tensor stands for one not asked for (the kernel that
+    computes it does not run)."""
     with torch.autocast(q.device.type, enabled=False):
-        return _kernels().backward(grad_out, q, k, v, out, lse, num_heads, scale)
+        grads = _kernels().backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q, needs_kv)
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, out, lse, num_heads, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _backward_fake(grad_out, q, k, v, out, lse, num_heads, scale, backend, needs_q, needs_kv):
+    return (torch.empty_like(q) if needs_q else q.new_empty(0), torch.empty_like(k) if needs_kv else q.new_empty(0),
+            torch.empty_like(v) if needs_kv else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,8 +64,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    grads = torch.ops.pcd_kernels.pixel_attention_backward(grad_out, q, k, v, out, lse, *ctx.options)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    grads = torch.ops.pcd_kernels.pixel_attention_backward(grad_out, q, k, v, out, lse, *ctx.options,
+                                                           need_q, need_k or need_v)
+    return (*(g if need else None for g, need in zip(grads, (need_q, need_k, need_v))), None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -103,7 +110,8 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
             cross-attention: any other size).
         num_heads: heads; the channel count must be divisible by it.
         scale: logit scale, default ``d ** -0.5``.
-        backend: ``"auto"`` (Triton for CUDA tensors with head dims up to 256, SDPA otherwise),
+        backend: ``"auto"`` (Triton for CUDA tensors with head dims up to 256, in 16-bit or in
+            float32 with TF32 allowed; SDPA otherwise),
             ``"triton"``, ``"torch"`` (SDPA on reshaped views), ``"cuda"`` (raises: no CUDA
             kernel for this op yet).
 
@@ -132,12 +140,15 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
                          f"and {tuple(k.shape)}")
     check_same_device("q", q, k=k, v=v)
     B, C, H, W = q.shape
+    if C == 0:
+        raise ValueError(f"q, k and v must have at least one channel, got q of shape {tuple(q.shape)}")
     num_heads = _check_num_heads(num_heads, C)
     head_dim = C // num_heads
     scale = _check_scale(scale, head_dim)
     check_choice("backend", backend, BACKENDS)
-    if k.shape[2] * k.shape[3] == 0:
-        raise ValueError(f"the key map must have at least one pixel, got k of shape {tuple(k.shape)}")
+    if k.shape[2] * k.shape[3] == 0 and H * W > 0:
+        raise ValueError(f"the key map must have at least one pixel for the query map's {H}x{W}, got k "
+                         f"of shape {tuple(k.shape)}")
 
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     autocast = autocast_dtype(q.device)
@@ -147,8 +158,11 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
     requested = backend
     backend = resolve_backend(_OP, backend, q.device, dtype)
     if backend == "triton":
-        from pcd_kernels.triton.pixel_attention import MAX_BATCH_HEADS, MAX_HEAD_DIM
+        from pcd_kernels.triton.pixel_attention import MAX_BATCH_HEADS, MAX_HEAD_DIM, matmul_precision
 
+        if requested == "auto" and matmul_precision(dtype) == "ieee":
+            # float32 without TF32 multiplies on CUDA cores in the kernels: SDPA is faster there
+            return reference.sdpa_pixel_attention(q, k, v, num_heads, scale)
         limit = None
         if head_dim > MAX_HEAD_DIM:
             limit = (f"head dims up to {MAX_HEAD_DIM}, got {C} channels / {num_heads} heads = {head_dim}")

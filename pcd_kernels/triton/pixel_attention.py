@@ -176,13 +176,14 @@ def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_sca
 # ----------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for H100-class GPUs, BLOCK_M the query
-# tile and BLOCK_N the key tile, per padded head dim (up to 64, 128, 256); the key/value backward
+# tile and BLOCK_N the key tile, per padded head dim in 16-bit elements (up to 64, 128, 256, and
+# 512 for float32 at 256: tiles of the same bytes); the key/value backward
 # keeps a key tile and walks the queries (small BLOCK_M), the query backward the reverse. The
 # first entry is used as is with PCD_KERNELS_AUTOTUNE=0 (the test suite): it must compile for sm_90
 # without register spills for 16-bit and TF32 inputs (tests/test_triton_aot.py checks it).
 _GPU_CONFIGS = {
     64: {"forward": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3)],
-         "key_value": [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
+         "key_value": [(64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 4)],
          "query": [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4)]},
     128: {"forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
           "key_value": [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
@@ -190,6 +191,8 @@ _GPU_CONFIGS = {
     256: {"forward": [(64, 32, 8, 2), (64, 64, 8, 2)],
           "key_value": [(16, 32, 8, 2), (16, 64, 8, 2)],
           "query": [(32, 32, 8, 2), (64, 16, 8, 2)]},
+    512: {"forward": [(32, 32, 8, 2)], "key_value": [(16, 32, 8, 2), (16, 16, 8, 2)],  # float32, d = 256
+          "query": [(32, 16, 8, 2)]},
 }
 # float32 without TF32 multiplies on CUDA cores (tl.dot's "ieee" precision): small tiles.
 _IEEE_CONFIGS = {"forward": [(32, 32, 4, 2), (64, 32, 4, 2)], "key_value": [(16, 32, 4, 2), (32, 32, 4, 2)],
@@ -221,7 +224,7 @@ def _config_class(head_dim: int, element_size: int, precision: str):
     twice as wide."""
     if precision == "ieee":
         return "ieee"
-    return min(256, max(64, block_d(head_dim) * element_size // 2))
+    return max(64, block_d(head_dim) * element_size // 2)
 
 
 def gpu_configs(kind: str, head_dim: int, element_size: int, precision: str):
@@ -311,18 +314,26 @@ def forward(q, k, v, num_heads, scale):
     return out, lse
 
 
-def backward(grad_out, q, k, v, out, lse, num_heads, scale):
-    """Gradients of sum(grad_out * out) for q, k, v (each in its input's layout when that is dense)."""
+def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_kv=True):
+    """Gradients of sum(grad_out * out) for q, k, v (each in its input's layout when that is
+    dense); None for those not needed, whose kernel does not run."""
     B, C, LQ = q.shape
-    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grad_q = torch.empty_like(q) if needs_q else None
+    grad_k, grad_v = (torch.empty_like(k), torch.empty_like(v)) if needs_kv else (None, None)
     if q.numel() == 0 or k.numel() == 0:
-        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+        return tuple(g.zero_() if g is not None else None for g in (grad_q, grad_k, grad_v))
     D = C // num_heads
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    dummy = q.new_empty((1, 1, 1))  # stands for a gradient not asked for (never written)
     with _device_guard(q):
         _delta_kernel[(triton.cdiv(LQ, DELTA_BLOCK_M), B * num_heads)](
             out, grad_out, delta, LQ, num_heads, D, *out.stride(), *grad_out.stride(),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d(D))
-        for call in backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
-            call.launch(B * num_heads)
+        key_value, query = backward_calls(grad_out, q, k, v, lse, delta, *(g if g is not None else dummy
+                                                                         for g in (grad_q, grad_k, grad_v)),
+                                          num_heads, scale)
+        if needs_kv:
+            key_value.launch(B * num_heads)
+        if needs_q:
+            query.launch(B * num_heads)
     return grad_q, grad_k, grad_v

@@ -453,9 +453,17 @@ def _tune_key(flags, *sizes):
     return zlib.crc32(repr(variant).encode()) & 0x7FFFFFFF
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allowed TF32 for float32 matmuls, through either of torch's APIs."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once fp32_precision was set
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def matmul_precision(dtype):
     # float32 inputs use TF32 tensor cores only when the user allowed it for matmuls.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
 
