@@ -38,8 +38,10 @@ test: venv
 bench: venv
 	$(PY) bench/run.py
 
-# On a CUDA machine (no package registry needed). Each step fits a 10-minute command limit on its
-# own; RESULTS=<dir> puts the logs and JSON elsewhere, BENCH_ARGS narrows the benchmark (e.g.
+# On a CUDA machine (no package registry needed). gpu-test fits a 10-minute command limit; for
+# gpu-bench, where one command may not run longer, split it by op: BENCH_ARGS="--ops
+# pixel_contrastive omni_contrastive", then BENCH_ARGS="--ops pixel_attention". RESULTS=<dir> puts
+# the logs and JSON elsewhere, BENCH_ARGS narrows the benchmark further (e.g.
 # BENCH_ARGS="--cases pcd-target --providers naive ours-triton flex-attention").
 # PYTEST_ARGS adds pytest options (e.g. "-n 8" where pytest-xdist is installed, or "-k cuda").
 BENCH_ARGS ?=

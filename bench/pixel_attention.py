@@ -24,6 +24,7 @@ from pcd_kernels.reference import attention_heads, naive_pixel_attention, sdpa_p
 
 OP = "pixel_attention"
 TENSOR_CORES = True
+COMPILE_MAX_PIXELS = 64 * 64
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
 
@@ -141,6 +142,9 @@ def providers(case: Case, device: str):
 
     def naive_compiled():
         # what torch.compile makes of the eager code (inductor may match it to SDPA)
+        if case.pixels > COMPILE_MAX_PIXELS:
+            raise Unavailable(f"not run above {COMPILE_MAX_PIXELS} pixels: compiling it takes most of "
+                              "a 10-minute GPU slot, and the eager matrix it starts from is the limit")
         if case.module:
             run = module(_EagerAttention)
             compiled = torch.compile(run)
