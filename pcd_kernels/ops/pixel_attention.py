@@ -52,8 +52,9 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, num_heads, scale, backend, needs_q, needs_kv):
-    return (torch.empty_like(q) if needs_q else q.new_empty(0), torch.empty_like(k) if needs_kv else q.new_empty(0),
-            torch.empty_like(v) if needs_kv else q.new_empty(0))
+    # (separate empties: outputs of a custom op must not alias each other)
+    return tuple(torch.empty_like(x) if needed else q.new_empty(0)
+                 for x, needed in ((q, needs_q), (k, needs_kv), (v, needs_kv)))
 
 
 def _setup_context(ctx, inputs, output):

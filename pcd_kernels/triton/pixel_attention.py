@@ -103,8 +103,8 @@ def _delta_kernel(O, DO, DELTA, LQ, HEADS, D, sob, soc, sol, sdb, sdc, sdl,
 @triton.jit
 def _key_value_backward_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LQ, LK, HEADS, D, qk_scale2, scale,
                                sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
-                               sgkb, sgkc, sgkl, sgvb, sgvc, sgvl, TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                               sgkb, sgkc, sgkl, sgvb, sgvc, sgvl, TUNE_KEY, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     bh = tl.program_id(1)
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = keys < LK
