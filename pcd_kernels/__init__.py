@@ -1,4 +1,5 @@
 """pcd_kernels: fused Triton and CUDA kernels for dense (pixel-wise) contrastive distillation."""
+from pcd_kernels.nn.adaptor import SpatialAdaptor, SpatialReLU
 from pcd_kernels.nn.afdcd import AfDCDLoss
 from pcd_kernels.nn.attention import MHSA2d
 from pcd_kernels.nn.pixel_contrastive import PixelContrastiveLoss
@@ -9,4 +10,4 @@ from pcd_kernels.ops.pixel_contrastive import pixel_contrastive_loss
 __version__ = "0.1.0"
 
 __all__ = ["pixel_contrastive_loss", "PixelContrastiveLoss", "omni_contrastive_loss", "AfDCDLoss",
-           "pixel_attention", "MHSA2d", "__version__"]
+           "pixel_attention", "MHSA2d", "SpatialAdaptor", "SpatialReLU", "__version__"]

@@ -77,7 +77,8 @@ def test_setup_without_cuda_says_so():
 def test_public_api():
     import pcd_kernels
 
-    assert sorted(pcd_kernels.__all__) == ["AfDCDLoss", "MHSA2d", "PixelContrastiveLoss", "__version__",
-                                           "omni_contrastive_loss", "pixel_attention", "pixel_contrastive_loss"]
+    assert sorted(pcd_kernels.__all__) == ["AfDCDLoss", "MHSA2d", "PixelContrastiveLoss", "SpatialAdaptor",
+                                           "SpatialReLU", "__version__", "omni_contrastive_loss",
+                                           "pixel_attention", "pixel_contrastive_loss"]
     assert pcd_kernels.pixel_contrastive_loss.__doc__ and ">>>" in pcd_kernels.pixel_contrastive_loss.__doc__
     assert isinstance(torch.ops.pcd_kernels.pixel_contrastive_forward.default, torch._ops.OpOverload)

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pcd_kernels
+import pcd_kernels.nn.adaptor
 import pcd_kernels.nn.afdcd
 import pcd_kernels.nn.attention
 import pcd_kernels.nn.pixel_contrastive
@@ -25,6 +26,6 @@ def test_readme_usage_example_runs():
 def test_docstring_examples_run():
     for module in (pcd_kernels.ops.pixel_contrastive, pcd_kernels.nn.pixel_contrastive,
                    pcd_kernels.ops.omni_contrastive, pcd_kernels.nn.afdcd,
-                   pcd_kernels.ops.pixel_attention, pcd_kernels.nn.attention):
+                   pcd_kernels.ops.pixel_attention, pcd_kernels.nn.attention, pcd_kernels.nn.adaptor):
         failures, tried = doctest.testmod(module, raise_on_error=False)
         assert tried > 0 and failures == 0, module.__name__
