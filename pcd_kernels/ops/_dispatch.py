@@ -68,3 +68,10 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     except (TypeError, AttributeError):  # torch < 2.4: per-device autocast queries differ
         pass
     return None
+
+
+def run_without_autocast(device: torch.device, fn, *args):
+    """Call a backend implementation. Its inputs already are in the dtype to compute in; autocast
+    must not recast the implementation's own float32 accumulations."""
+    with torch.autocast(device.type, enabled=False):
+        return fn(*args)

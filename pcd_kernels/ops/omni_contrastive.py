@@ -16,7 +16,7 @@ from torch import Tensor
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import (check_choice, check_float, check_positive_finite,
                                      check_same_device, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend
+from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend, run_without_autocast
 
 _OP = "omni_contrastive_loss"
 # A Triton program holds a (tile x samples) block of distances in registers: past this many
@@ -35,8 +35,7 @@ def _implementation(backend, direction):
 
 
 def _run(backend, direction, device, *args):
-    with torch.autocast(device.type, enabled=False):
-        return _implementation(backend, direction)(*args)
+    return run_without_autocast(device, _implementation(backend, direction), *args)
 
 
 @torch.library.custom_op("pcd_kernels::omni_contrastive_forward", mutates_args=())

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import check_choice, check_float, check_same_device, check_tensor
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 _OP = "pixel_attention"
 
@@ -29,8 +29,7 @@ def _kernels():
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
     """(output (B, C, Lq), base-2 lse (B * heads, Lq) float32) of (B, C, L) maps, any strides."""
-    with torch.autocast(q.device.type, enabled=False):
-        return _kernels().forward(q, k, v, num_heads, scale)
+    return run_without_autocast(q.device, _kernels().forward, q, k, v, num_heads, scale)
 
 
 @_forward_op.register_fake
@@ -45,8 +44,8 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  needs_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for q, k, v; an empty tensor stands for one not asked for (the kernel that
     computes it does not run)."""
-    with torch.autocast(q.device.type, enabled=False):
-        grads = _kernels().backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q, needs_kv)
+    grads = run_without_autocast(q.device, _kernels().backward, grad_out, q, k, v, out, lse, num_heads, scale,
+                                 needs_q, needs_kv)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 

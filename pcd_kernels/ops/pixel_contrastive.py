@@ -13,7 +13,7 @@ from torch import Tensor
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
                                      check_same_device, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 NEGATIVES = ("batch", "image", "none")
 REDUCTIONS = ("mean", "sum", "none")
@@ -31,10 +31,7 @@ def _implementation(backend, direction):
 
 
 def _run(backend, direction, device, *args):
-    # The inputs already are in the dtype to compute in; autocast must not recast the
-    # implementation's own float32 accumulations.
-    with torch.autocast(device.type, enabled=False):
-        return _implementation(backend, direction)(*args)
+    return run_without_autocast(device, _implementation(backend, direction), *args)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_contrastive_forward", mutates_args=())
