@@ -3,6 +3,8 @@
 #   make venv       .venv with torch, the package (editable, CUDA extension built when nvcc is
 #                   found) and the test dependencies; idempotent
 #   make test       the whole test suite (Triton kernels in the CPU interpreter when no GPU)
+#   make demo       the trainer's embedded demo on CPU: teacher, PCD student, pooled baseline,
+#                   dense evaluation table (runs/demo; a second run reprints the table)
 #   make bench      python bench/run.py: every provider side by side, table + JSON in bench/results
 #   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, save results
 #                   (= make gpu-test, then make gpu-bench)
@@ -21,7 +23,7 @@ GPU_PYTHON ?= python3
 RESULTS := bench/results
 
 SHELL := /bin/bash
-.PHONY: venv test bench gpu-install gpu-test gpu-bench gpu-check clean
+.PHONY: venv test demo bench gpu-install gpu-test gpu-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +36,12 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# DEMO_ARGS adds trainer flags (python -m pcd_kernels.train --help); change DEMO_DIR with them.
+DEMO_DIR ?= runs/demo
+DEMO_ARGS ?=
+demo: venv
+	$(PY) -m pcd_kernels.train --device cpu --output-dir $(DEMO_DIR) --resume $(DEMO_ARGS)
 
 bench: venv
 	$(PY) bench/run.py

@@ -1,0 +1,5 @@
+import sys
+
+from pcd_kernels.train.cli import main
+
+sys.exit(main())

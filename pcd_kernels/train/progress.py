@@ -1,0 +1,104 @@
+"""What a run shows and leaves behind: a progress line, ``log.jsonl`` / ``log.csv``, ``loss.png``."""
+import csv
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
+
+
+class Progress:
+    """A one-line progress bar (step, loss, lr, images/s, ETA), redrawn in place on a terminal and
+    printed every ``every`` steps elsewhere (log files of batch jobs)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, every: int = 10, stream=None):
+        self.total, self.start, self.enabled, self.every = total, start, enabled, every
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.began = time.perf_counter()
+        self.drawn = False
+
+    def update(self, row: Dict) -> None:
+        if not self.enabled:
+            return
+        done, width = row["step"], 24
+        filled = int(width * done / max(self.total, 1))
+        rate = (done - self.start) / max(time.perf_counter() - self.began, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else 0.0
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] step {done}/{self.total} | loss {row['loss']:.4f} | "
+                f"lr {row['lr']:.4g} | {row['images_per_s']:.0f} img/s | eta {_duration(eta)}")
+        if self.tty:
+            self.stream.write("\r" + line + "\033[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricLog:
+    """``log.jsonl`` and ``log.csv`` with one row per logged step. A resumed run first drops the rows
+    after its checkpoint's step (logged by the interrupted run after its last save)."""
+
+    def __init__(self, folder: str, enabled: bool = True, keep_until: int = 0):
+        self.jsonl, self.csv = os.path.join(folder, "log.jsonl"), os.path.join(folder, "log.csv")
+        self.enabled = enabled
+        self.rows: List[Dict] = []
+        if not enabled:
+            return
+        if keep_until > 0 and os.path.exists(self.jsonl):
+            with open(self.jsonl) as f:
+                self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= keep_until]
+        with open(self.jsonl, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
+        with open(self.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def append(self, row: Dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)
+
+
+def plot_loss(rows: List[Dict], path: str) -> bool:
+    """The loss curve as a PNG; False (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)",
+              file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean since the previous point)")
+    ax.set_title("PCD distillation loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True

@@ -1,0 +1,7 @@
+"""Model factories the trainer's command-line tests name as ``--teacher _train_factories:...``."""
+from pcd_kernels.train.models import CompactCNN, mlp_head
+
+
+def teacher_pair():
+    """A (backbone, pooled-feature MLP head) pair: the trainer makes the head a SpatialAdaptor."""
+    return CompactCNN((8, 16)), mlp_head(16, 32, 8)
