@@ -18,6 +18,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
+# The frameworks tests/test_integrations.py builds losses through (their own registries), with the
+# few packages those registries import. --no-deps: torchdistill declares torchvision (which pulls
+# a multi-GB CUDA torch) and mmengine declares OpenCV, and neither registry needs them.
+INTEGRATION_TEST_DEPS := torchdistill==1.1.5 pyyaml mmengine==0.10.7 addict yapf platformdirs termcolor \
+  rich markdown-it-py mdurl pygments "tomli; python_version < '3.11'"
 # The GPU machine has torch, triton, pybind11, cmake and ninja installed and no package registry.
 GPU_PYTHON ?= python3
 RESULTS := bench/results
@@ -30,6 +35,7 @@ $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu 
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PY) -m pip install -q $(BUILD_DEPS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-deps $(INTEGRATION_TEST_DEPS)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -66,7 +66,11 @@ class PixelContrastiveLoss(nn.Module):
         self._ptr = 0
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        queue = self.queue
+        return self.loss(student, teacher, mask, self.queue)
+
+    def loss(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor], queue: Optional[Tensor]) -> Tensor:
+        """The loss against ``queue`` (the buffer, or a snapshot of it when :meth:`enqueue` runs
+        before the backward, which reads the queue)."""
         if queue is not None:
             # The queue joins the computation in the student's precision, not the buffer's.
             queue = queue.detach()

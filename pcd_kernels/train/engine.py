@@ -2,6 +2,7 @@
 against a queue of pooled teacher vectors, DDP, atomic checkpoints and exact resume."""
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -78,7 +79,9 @@ class TrainConfig:
         """Defaults filled in: the embedded demo (no ``data``) trains a compact student on 32x32
         digit composites; real data gets PCD's ResNet-18 student at 224 pixels."""
         demo = self.data is None
-        defaults = dict(teacher="demo" if demo else None, student="cnn" if demo else "resnet18",
+        # PCD's student is ResNet-18; without torchvision the built-in CNN stands in.
+        resnet = importlib.util.find_spec("torchvision") is not None
+        defaults = dict(teacher="demo" if demo else None, student="resnet18" if resnet and not demo else "cnn",
                         image_size=32 if demo else 224, batch_size=128 if demo else 64,
                         lr=0.4 if demo else 0.05, queue_size=1024 if demo else 65536)
         if not demo and self.teacher is None:

@@ -1,0 +1,54 @@
+"""pcd_kernels' losses as torchdistill mid-level losses.
+
+Importing this module registers, with ``register_mid_level_loss``:
+
+- ``PixelContrastiveLoss``: PCD's pixel-wise InfoNCE (optionally with its own MoCo queue, refreshed
+  with the pooled teacher map on each call);
+- ``OmniContrastiveLoss``: Af-DCD's omni-contrastive term.
+
+Each reads its two maps from the io dicts the way torchdistill's own losses do: ``student_module_path``
+/ ``student_module_io`` and ``teacher_module_path`` / ``teacher_module_io`` (e.g. ``'layer4'`` and
+``'output'``, recorded by the ``forward_hook`` of the student/teacher config). torchdistill optimises
+model parameters only, so heads (projector, predictor, ``SpatialAdaptor``) belong in the models, as
+auxiliary modules; the losses hold none. ``docs/integrations.md`` has a YAML example.
+"""
+try:
+    from torchdistill.losses.registry import register_mid_level_loss
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("pcd_kernels.integrations.torchdistill needs torchdistill (pip install torchdistill)") from error
+
+from torch import nn
+
+from pcd_kernels.integrations import _losses
+
+
+class _IOMaps(nn.Module):
+    def _read_paths(self, student_module_path, student_module_io, teacher_module_path, teacher_module_io):
+        self.student_module_path, self.student_module_io = student_module_path, student_module_io
+        self.teacher_module_path, self.teacher_module_io = teacher_module_path, teacher_module_io
+
+    def maps(self, student_io_dict, teacher_io_dict):
+        return (student_io_dict[self.student_module_path][self.student_module_io],
+                teacher_io_dict[self.teacher_module_path][self.teacher_module_io])
+
+
+@register_mid_level_loss
+class PixelContrastiveLoss(_losses.SelfQueueingPixelContrastiveLoss, _IOMaps):
+    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
+                 teacher_module_io="output", **kwargs):
+        super().__init__(**kwargs)
+        self._read_paths(student_module_path, student_module_io, teacher_module_path, teacher_module_io)
+
+    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
+        return super().forward(*self.maps(student_io_dict, teacher_io_dict))
+
+
+@register_mid_level_loss
+class OmniContrastiveLoss(_losses.WeightedOmniContrastiveLoss, _IOMaps):
+    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
+                 teacher_module_io="output", **kwargs):
+        super().__init__(**kwargs)
+        self._read_paths(student_module_path, student_module_io, teacher_module_path, teacher_module_io)
+
+    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
+        return super().forward(*self.maps(student_io_dict, teacher_io_dict))
