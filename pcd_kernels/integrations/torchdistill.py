@@ -17,38 +17,29 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("pcd_kernels.integrations.torchdistill needs torchdistill (pip install torchdistill)") from error
 
-from torch import nn
-
 from pcd_kernels.integrations import _losses
 
 
-class _IOMaps(nn.Module):
-    def _read_paths(self, student_module_path, student_module_io, teacher_module_path, teacher_module_io):
+class _IOMaps:
+    """Reads the two maps from the io dicts, then calls the loss it is mixed into."""
+
+    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
+                 teacher_module_io="output", **kwargs):
+        super().__init__(**kwargs)
         self.student_module_path, self.student_module_io = student_module_path, student_module_io
         self.teacher_module_path, self.teacher_module_io = teacher_module_path, teacher_module_io
 
-    def maps(self, student_io_dict, teacher_io_dict):
-        return (student_io_dict[self.student_module_path][self.student_module_io],
-                teacher_io_dict[self.teacher_module_path][self.teacher_module_io])
+    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
+        return super().forward(student_io_dict[self.student_module_path][self.student_module_io],
+                               teacher_io_dict[self.teacher_module_path][self.teacher_module_io])
 
 
 @register_mid_level_loss
-class PixelContrastiveLoss(_losses.SelfQueueingPixelContrastiveLoss, _IOMaps):
-    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
-                 teacher_module_io="output", **kwargs):
-        super().__init__(**kwargs)
-        self._read_paths(student_module_path, student_module_io, teacher_module_path, teacher_module_io)
-
-    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
-        return super().forward(*self.maps(student_io_dict, teacher_io_dict))
+class PixelContrastiveLoss(_IOMaps, _losses.SelfQueueingPixelContrastiveLoss):
+    """PCD's pixel-wise InfoNCE between two recorded maps (kwargs as ``pcd_kernels.PixelContrastiveLoss``,
+    plus ``auto_enqueue`` and ``loss_weight``)."""
 
 
 @register_mid_level_loss
-class OmniContrastiveLoss(_losses.WeightedOmniContrastiveLoss, _IOMaps):
-    def __init__(self, student_module_path, teacher_module_path, student_module_io="output",
-                 teacher_module_io="output", **kwargs):
-        super().__init__(**kwargs)
-        self._read_paths(student_module_path, student_module_io, teacher_module_path, teacher_module_io)
-
-    def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
-        return super().forward(*self.maps(student_io_dict, teacher_io_dict))
+class OmniContrastiveLoss(_IOMaps, _losses.WeightedOmniContrastiveLoss):
+    """Af-DCD's omni-contrastive term between two recorded maps (kwargs as ``omni_contrastive_loss``)."""
