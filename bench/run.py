@@ -298,6 +298,37 @@ def report(results, peak_tflops):
     return "\n".join(lines)
 
 
+CSV_COLUMNS = ("op", "case", "x", "provider", "mode", "metric", "p50", "p20", "p80", "status", "device", "dtype",
+               "torch", "triton", "git_commit", "timestamp")
+
+
+def append_csv(path, results, meta):
+    """One row per (result, mode, metric) appended to ``path`` (header written when new): time in
+    ms for forward/backward/total with p50/p20/p80, peak MB, and a status row for a provider that
+    did not run (unavailable, oom, error) with its reason in ``metric``."""
+    import csv
+
+    common = {"device": meta["device"], "dtype": meta["dtype"], "torch": meta["versions"]["torch"],
+              "triton": meta["versions"]["triton"] or "", "git_commit": meta["git_commit"] or "",
+              "timestamp": meta["date_utc"]}
+    rows = []
+    for r in results:
+        base = dict(common, op=r["op"], case=r["case"], x=r.get("describe", ""), provider=r["provider"],
+                    status=r["status"])
+        if r["status"] != "ok":
+            rows.append(dict(base, mode="total", metric=r.get("reason", "")))
+            continue
+        for mode in ("forward", "backward", "total"):
+            rows.append(dict(base, mode=mode, metric="ms", **{q: f"{r[mode][q]:.4g}" for q in ("p50", "p20", "p80")}))
+        rows.append(dict(base, mode="total", metric="peak_mb", p50=f"{r['peak_mb']:.4g}"))
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
@@ -375,7 +406,9 @@ def main(argv=None):
     print()
     print(table)
     save(results, table)
-    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    append_csv(out_dir / "results.csv", results, meta)
+    for written in (path, out_dir / "results.csv"):
+        print(f"wrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
     return 0
 
 
