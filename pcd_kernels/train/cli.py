@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
-from pcd_kernels.train.data import ImageFolder, IMAGENET_MEAN, IMAGENET_STD, Augmentation
+from pcd_kernels.train.data import Augmentation, ImageFolder
 from pcd_kernels.train.engine import TrainConfig, resumable_checkpoint, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.models import STUDENTS, TEACHERS, build_teacher
@@ -103,7 +103,7 @@ def run_on_folder(config: TrainConfig):
     distributed = setup_distributed(device)
     teacher = build_teacher(config.teacher, config.teacher_weights, config.teacher_encoder)
     images = ImageFolder(config.data, load_size=2 * config.image_size)
-    views = Augmentation(size=config.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    views = Augmentation(size=config.image_size)  # ImageNet normalisation, as the teachers expect
     return train(config, teacher, images, views, device=device, distributed=distributed)
 
 

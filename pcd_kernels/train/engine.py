@@ -308,6 +308,8 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
         start_step = int(checkpoint["step"])
+    resumed = checkpoint is not None
+    del checkpoint  # the modules now hold (or share) its tensors: keep no second copy through training
 
     model: nn.Module = student
     if distributed.world_size > 1:
@@ -377,7 +379,7 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
         if step % config.save_every == 0 and step < batches.total_steps:
             save(step)
     progress.close()
-    if step > start_step or checkpoint is None:
+    if step > start_step or not resumed:
         save(step)
     if distributed.main and step >= steps:
         plot_loss(log.rows, os.path.join(config.output_dir, "loss.png"))
