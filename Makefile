@@ -5,8 +5,10 @@
 #   make test       the whole test suite (Triton kernels in the CPU interpreter when no GPU)
 #   make demo       the trainer's embedded demo on CPU: teacher, PCD student, pooled baseline,
 #                   dense evaluation table (runs/demo; a second run reprints the table)
-#   make bench      python bench/run.py: every provider side by side, table + JSON in bench/results
-#   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, save results
+#   make bench      python bench/run.py: every provider side by side (table, JSON, CSV, sweep plots in
+#                   bench/results), then bench/readme.py rewrites the README's Performance section
+#   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, plots, README
+#                   section, all under bench/results named by device and date
 #                   (= make gpu-test, then make gpu-bench)
 
 PYTHON ?= python3
@@ -30,7 +32,7 @@ RESULTS := bench/results
 SHELL := /bin/bash
 .PHONY: venv test demo bench gpu-install gpu-test gpu-bench gpu-check clean
 
-$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h python/*.cpp)
+$(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h csrc/include/*/*.cuh python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PY) -m pip install -q $(BUILD_DEPS)
@@ -51,6 +53,7 @@ demo: venv
 
 bench: venv
 	$(PY) bench/run.py
+	$(PY) bench/readme.py
 
 # On a CUDA machine (no package registry needed). gpu-test fits a 10-minute command limit; for
 # gpu-bench, where one command may not run longer, split it by op: BENCH_ARGS="--ops
@@ -75,7 +78,8 @@ gpu-test: gpu-install
 
 gpu-bench: gpu-install
 	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) $(BENCH_ARGS) 2>&1 \
-	  | tee $(RESULTS)/gpu-check-bench_$(STAMP).log; exit $${PIPESTATUS[0]}
+	  | tee $(RESULTS)/gpu-check-bench_$(STAMP).log; status=$${PIPESTATUS[0]}; \
+	  if [ "$(RESULTS)" = bench/results ]; then $(GPU_PYTHON) bench/readme.py; fi; exit $$status
 
 gpu-check:
 	$(MAKE) gpu-test; tests=$$?; $(MAKE) gpu-bench; bench=$$?; \

@@ -8,8 +8,11 @@ FLOPs: the forward forms P*K*K*D absolute differences (subtract, abs, add: 3 FLO
 patches, K samples per patch, D = C / groups dims; the backward forms the sign-weighted sums for
 both maps (subtract, sign, multiply-add: 3 FLOPs each, twice). Forward 3*P*K*K*D, backward
 6*P*K*K*D. These are CUDA-core operations: no share of the tensor-core peak is quoted.
+
+Bytes: each input read once and each output written once, float32 (4 bytes): forward 4*2*B*C*H*W
+(both maps), backward 4*3*B*C*H*W (both maps read, the student's gradient written).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +38,8 @@ class Case:
     pool: int
     groups: int = 16
     patch: int = 4
+    sweep: str = ""  # the size this case varies, in a sweep ("" for a fixed case)
+    x: int = 0  # that size's value
 
     @property
     def pooled(self):
@@ -54,6 +59,11 @@ class Case:
         per = 3 * self.patches * self.samples ** 2 * (self.channels // self.groups)
         return {"forward": per, "backward": 2 * per, "total": 3 * per}[mode]
 
+    def bytes_moved(self, mode: str, element_size: int) -> int:
+        maps = self.batch * self.channels * self.height * self.width
+        forward, backward = 2 * maps * element_size, 3 * maps * element_size
+        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+
     def describe(self) -> str:
         return (f"B={self.batch} C={self.channels} {self.height}x{self.width} pool {self.pool} "
                 f"groups {self.groups} patch {self.patch}x{self.patch} ({self.patches} patches)")
@@ -68,6 +78,22 @@ def cases(device: str, quick: bool):
     if quick:
         return [Case("citys-quick", 1, 256, 32, 64, 4)]
     return [Case("citys-cpu", 2, 512, 64, 128, 4), Case("citys-unpooled-cpu", 1, 256, 32, 64, 0)]
+
+
+SWEEP_PROVIDERS = ("naive", "ours-torch", "ours-triton")
+
+
+def sweeps(device: str, quick: bool):
+    """Cases that vary the map (H x 2H, unpooled: the patches grow with it) and C."""
+    if quick:
+        return []
+    if device == "cuda":
+        base, sides, channels = Case("", 2, 256, 32, 64, 0), [16, 32, 64, 128], [256, 512, 1024, 2048]
+    else:
+        base, sides, channels = Case("", 1, 128, 32, 64, 0), [16, 32, 48], [64, 128, 256]
+    maps = [replace(base, height=v, width=2 * v, name=f"sweep-map-{v}", sweep="map", x=v) for v in sides]
+    dims = [replace(base, channels=c, name=f"sweep-C-{c}", sweep="C", x=c) for c in channels]
+    return maps + dims
 
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):

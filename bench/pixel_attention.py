@@ -13,12 +13,18 @@ its attention done by ours, by each SDPA backend (with the permutes) or eagerly.
 FLOPs: attention forward 4*B*L*Lk*C (two matmuls of 2*B*heads*L*Lk*d, C = heads*d), backward
 2.5x the forward (five matmuls, flash-attention's convention; the recomputation is not counted),
 total 3.5x. The module adds its 1x1 convolutions, 2*B*L*C*4C forward and twice that backward.
+
+Bytes: each input read once and each output written once (e the element size, L = H*W):
+attention forward e*4*B*L*C (q, k, v read, the output written), backward e*8*B*L*C (q, k, v,
+output and its gradient read, three gradients written); the module adds its convolutions' maps,
+e*6*B*L*C forward (x read, q/k/v written, the attention output read, y written) and twice that
+backward.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from common import Unavailable
+from common import Unavailable, cuda_extension_reason
 from pcd_kernels import MHSA2d, pixel_attention
 from pcd_kernels.reference import attention_heads, naive_pixel_attention, sdpa_pixel_attention
 
@@ -38,6 +44,8 @@ class Case:
     width: int
     heads: int = 8
     module: bool = False
+    sweep: str = ""  # the size this case varies, in a sweep ("" for a fixed case)
+    x: int = 0  # that size's value
 
     @property
     def op_name(self) -> str:
@@ -52,6 +60,12 @@ class Case:
         convs = 2 * self.batch * self.pixels * self.channels * 4 * self.channels if self.module else 0
         forward, backward = attention + convs, 2.5 * attention + 2 * convs
         return int({"forward": forward, "backward": backward, "total": forward + backward}[mode])
+
+    def bytes_moved(self, mode: str, element_size: int) -> int:
+        maps = self.batch * self.pixels * self.channels
+        forward = 4 * maps + (6 * maps if self.module else 0)
+        backward = 8 * maps + (12 * maps if self.module else 0)
+        return element_size * {"forward": forward, "backward": backward, "total": forward + backward}[mode]
 
     def describe(self) -> str:
         what = "MHSA2d forward+backward" if self.module else "attention q, k, v"
@@ -71,6 +85,25 @@ def cases(device: str, quick: bool):
         return [Case("attn-quick", 1, 32, 12, 12, heads=2), Case("mhsa-quick", 1, 32, 12, 12, heads=2, module=True)]
     return [Case("attn-cpu-32x32", 2, 64, 32, 32, heads=4), Case("attn-cpu-64x64", 1, 64, 64, 64, heads=4),
             Case("mhsa-cpu-32x32", 2, 64, 32, 32, heads=4, module=True)]
+
+
+# Sweeps run these providers only: each torch.compile'd rival would recompile for every size.
+SWEEP_PROVIDERS = ("naive", "sdpa-flash", "ours-torch", "ours-triton", "ours-cuda")
+
+
+def sweeps(device: str, quick: bool):
+    """Attention cases that vary the map side (pixels grow with its square) and the head dim (C
+    over 8 heads on CUDA, 4 on CPU)."""
+    if quick:
+        return []
+    if device == "cuda":
+        sides, base, channels = [32, 64, 96, 128, 192], Case("", 1, 256, 64, 64), [128, 256, 512, 1024]
+    else:
+        sides, base, channels = [16, 24, 32, 48], Case("", 1, 64, 24, 24, heads=4), [32, 64, 128, 256]
+    maps = [replace(base, height=v, width=v, name=f"sweep-map-{v}", sweep="map", x=v) for v in sides]
+    dims = [replace(base, channels=c, name=f"sweep-d-{c // base.heads}", sweep="d", x=c // base.heads)
+            for c in channels]
+    return maps + dims
 
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
@@ -181,6 +214,14 @@ def providers(case: Case, device: str):
             return module(backend="triton")
         return kernel(lambda q, k, v: pixel_attention(q, k, v, num_heads=case.heads, backend="triton"))
 
+    def ours_cuda():
+        reason = cuda_extension_reason(device)
+        if reason is not None:
+            raise Unavailable(reason)
+        if case.module:
+            return module(backend="cuda")
+        return kernel(lambda q, k, v: pixel_attention(q, k, v, num_heads=case.heads, backend="cuda"))
+
     out = {"naive": naive, "naive+compile": naive_compiled}
     out.update({f"sdpa-{name}": sdpa(name) for name in SDPA_BACKENDS})
     if not case.module:
@@ -188,4 +229,5 @@ def providers(case: Case, device: str):
         out["ours-torch"] = lambda: kernel(lambda q, k, v: pixel_attention(q, k, v, num_heads=case.heads,
                                                                            backend="torch"))
     out["ours-triton"] = ours_triton
+    out["ours-cuda"] = ours_cuda
     return out

@@ -7,13 +7,18 @@ FLOPs: a forward pass costs 2*N*K*C (one multiply-add per anchor, key and channe
 for the student recomputes the logits (2*N*K*C) and forms p @ keys (2*N*K*C). Forward + backward
 is counted as 6*N*K*C, N = anchors, K = keys per anchor (whatever an implementation does beyond
 that is its own overhead).
+
+Bytes: each input read once and each output written once, in the input dtype (e the element
+size): forward e*(2*N*C + Q*C) + 4*N (student and teacher maps, Q queue rows; the per-anchor
+float32 loss), backward e*(3*N*C + Q*C) + 4*N (the maps and queue again, the per-anchor state,
+the student's gradient written).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from common import Unavailable
+from common import Unavailable, cuda_extension_reason
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
@@ -30,6 +35,8 @@ class Case:
     height: int
     width: int
     queue: int
+    sweep: str = ""  # the size this case varies, in a sweep ("" for a fixed case)
+    x: int = 0  # that size's value
 
     @property
     def anchors(self) -> int:
@@ -43,6 +50,12 @@ class Case:
     def flops(self, mode: str) -> int:
         per_pass = 2 * self.anchors * self.keys * self.channels
         return {"forward": per_pass, "backward": 2 * per_pass, "total": 3 * per_pass}[mode]
+
+    def bytes_moved(self, mode: str, element_size: int) -> int:
+        maps, queue = self.anchors * self.channels, self.queue * self.channels
+        forward = element_size * (2 * maps + queue) + 4 * self.anchors
+        backward = element_size * (3 * maps + queue) + 4 * self.anchors
+        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
 
     def describe(self) -> str:
         return (f"{self.negatives}: B={self.batch} C={self.channels} {self.height}x{self.width} "
@@ -65,6 +78,34 @@ def cases(device: str, quick: bool):
     # smaller in-batch case.
     return [Case("pcd-cpu", "none", 4, 64, 32, 32, 65536),
             Case("in-batch-cpu", "batch", 2, 64, 32, 32, 4096)]
+
+
+# Sweeps run these providers only: each torch.compile'd rival would recompile for every size.
+SWEEP_PROVIDERS = ("naive", "ours-torch", "ours-triton", "ours-cuda")
+
+
+def sweeps(device: str, quick: bool):
+    """Cases that vary one size at a time: N (anchors, through the batch), K (queue keys), C, and
+    the map side (in-batch negatives, where the keys grow with the map)."""
+    def vary(base, axis, field, values, x=None):
+        value = x or (lambda case: getattr(case, field))
+        cases = [replace(base, **{field: v}) for v in values]
+        return [replace(case, name=f"sweep-{axis}-{value(case)}", sweep=axis, x=value(case)) for case in cases]
+
+    anchors = lambda case: case.anchors
+    if quick:
+        small = Case("", "none", 1, 32, 8, 8, 1024)
+        return vary(small, "K", "queue", [1024, 4096])
+    if device == "cuda":
+        base, in_batch = Case("", "none", 8, 256, 32, 32, 65536), Case("", "batch", 2, 256, 16, 16, 0)
+        n, k, c = [2, 4, 8, 16, 32], [8192, 16384, 32768, 65536, 131072], [64, 128, 256, 512]
+        sides = [16, 32, 48, 64, 96]
+    else:
+        base, in_batch = Case("", "none", 2, 64, 16, 16, 16384), Case("", "batch", 1, 64, 16, 16, 0)
+        n, k, c, sides = [1, 2, 4, 8], [4096, 16384, 65536], [32, 64, 128, 256], [16, 24, 32, 48]
+    square = [replace(in_batch, height=v, width=v) for v in sides]
+    return (vary(base, "N", "batch", n, anchors) + vary(base, "K", "queue", k) + vary(base, "C", "channels", c)
+            + [replace(case, name=f"sweep-map-{case.height}", sweep="map", x=case.height) for case in square])
 
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
@@ -150,10 +191,17 @@ def providers(case: Case, device: str):
             raise Unavailable(reason)
         return _ours(case, "triton")
 
+    def cuda():
+        reason = cuda_extension_reason(device)
+        if reason is not None:
+            raise Unavailable(reason)
+        return _ours(case, "cuda")
+
     return {
         "naive": lambda: _naive(case),
         "naive+compile": lambda: torch.compile(_naive(case)),
         "ours-torch": lambda: _ours(case, "torch"),
         "ours-triton": triton,
+        "ours-cuda": cuda,
         "flex-attention": lambda: _flex(case, device),
     }

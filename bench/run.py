@@ -89,14 +89,17 @@ class _RssSampler:
         return (self.peak - self.baseline) / 2**20
 
 
-def _timed_steps(loss_fn, inputs, device, repeats, warmup, grad_outputs):
+def _timed_steps(loss_fn, input_sets, device, repeats, warmup, grad_outputs):
     """(forward ms, backward ms, total ms) samples of loss_fn(*inputs) and its backward, and
     checksums of the result (the loss; for a map, its mean square) and of the inputs' gradients
-    (their mean square). A map is back-propagated with a fixed random gradient, made once
-    (``grad_outputs`` keeps it across calls), outside the timing."""
+    (their mean square). Step i takes input_sets[i % len(input_sets)]: rotating through sets
+    larger than the cache together keeps a step from reading what the previous one left there.
+    A map is back-propagated with a fixed random gradient, made once (``grad_outputs`` keeps it
+    across calls), outside the timing."""
     fwd, bwd, tot = [], [], []
     zero_grad = getattr(loss_fn, "zero_grad", lambda: None)
     for i in range(warmup + repeats):
+        inputs = input_sets[i % len(input_sets)]
         for x in inputs:
             x.grad = None
         zero_grad()
@@ -144,11 +147,13 @@ def _is_oom(exc):
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
-    """One provider on one case: a result dict (status ok / unavailable / oom / error)."""
+def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, seed=0):
+    """One provider on one case: a result dict (status ok / unavailable / oom / error). The
+    timed steps cycle through input sets of different seeds, as many as make twice ``cache``
+    bytes together (at most 8)."""
     dtype = getattr(op, "DTYPE", None) or dtype
     result = {"op": getattr(case, "op_name", op.OP), "case": case.name, "provider": provider, "describe": case.describe(),
-              "dtype": str(dtype).replace("torch.", "")}
+              "dtype": str(dtype).replace("torch.", ""), "sweep": case.sweep, "x": case.x}
     try:
         loss_fn = op.providers(case, device)[provider]()
     except Unavailable as exc:
@@ -156,31 +161,42 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
     except Exception as exc:  # a provider failing to set up must not end the benchmark
         return dict(result, status="error", reason=_one_line(exc))
     try:
-        inputs = op.make_inputs(case, device, dtype, seed)
         prepare = getattr(loss_fn, "prepare", None)  # a layout change the provider does untimed
-        inputs = prepare(inputs) if prepare else inputs
+        input_sets = [op.make_inputs(case, device, dtype, seed)]
+        rotation = rotation_for(input_sets[0], cache)
+        # fresh random data per set (set 0 is what providers are compared on)
+        input_sets += [op.make_inputs(case, device, dtype, seed + i) for i in range(1, rotation)]
+        if prepare:
+            input_sets = [prepare(inputs) for inputs in input_sets]
         grads = {}
-        steps = lambda n, warm: _timed_steps(loss_fn, inputs, device, n, warm, grads)
+        steps = lambda n, warm, sets=input_sets: _timed_steps(loss_fn, sets, device, n, warm, grads)
+
+        def clear():
+            for x in (x for inputs in input_sets for x in inputs):
+                x.grad = None
+
         if device == "cuda":
             torch.cuda.synchronize()
             # warm-up (compilation, autotuning) before the peak-memory pass
             steps(0, warmup)
-            for x in inputs:
-                x.grad = None
+            clear()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            steps(1, 0)
+            steps(1, 0, input_sets[:1])
             peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-            fwd, bwd, tot, (loss, grad_checksum) = steps(repeats, 0)
+            clear()
+            fwd, bwd, tot, _ = steps(repeats, 0)
         else:
             steps(0, warmup)
-            for x in inputs:
-                x.grad = None
+            clear()
             with _RssSampler() as rss:
-                steps(1, 0)
+                steps(1, 0, input_sets[:1])
             peak_mb = rss.extra_mb
-            fwd, bwd, tot, (loss, grad_checksum) = steps(repeats, 0)
+            clear()
+            fwd, bwd, tot, _ = steps(repeats, 0)
+        # the checksums every provider is compared on: one more step on set 0
+        _, _, _, (loss, grad_checksum) = steps(1, 0, input_sets[:1])
     except Exception as exc:  # a provider failing must not end the benchmark
         if _is_oom(exc):
             return dict(result, status="oom", reason="out of memory")
@@ -196,6 +212,9 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, seed=0):
                 forward=_percentiles(fwd),
                 backward=_percentiles(bwd), total=_percentiles(tot),
                 flops={m: case.flops(m) for m in ("forward", "backward", "total")},
+                bytes={m: case.bytes_moved(m, torch.empty(0, dtype=dtype).element_size())
+                       for m in ("forward", "backward", "total")},
+                rotation=rotation,
                 **({"notes": dict(notes)} if notes else {}))
 
 
@@ -204,22 +223,66 @@ def _one_line(exc):
     return (text[0] if text else type(exc).__name__)[:300]
 
 
-def matmul_peak_tflops(device):
-    """bf16 matmul rate of this device, measured now (8192^3, median of 20)."""
-    if device != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+def _median_ms(fn, device, repeats, warmup):
     times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end))
-    return 2 * 8192**3 / (statistics.median(times) * 1e-3) / 1e12
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(elapsed)
+    return statistics.median(times)
+
+
+def device_roofline(device):
+    """The two ceilings every kernel is measured against, measured now on ``device``:
+    the matmul rate (TFLOP/s of a square matmul: bfloat16 8192^3 on CUDA, the tensor-core peak a
+    kernel can reach; float32 2048^3 on CPU, the dtype the CPU runs use) and the copy bandwidth
+    (GB/s of bytes read + written by a tensor copy: 1 GiB on CUDA, 256 MiB on CPU)."""
+    if device == "cuda":
+        n, dtype, copy_bytes, repeats = 8192, torch.bfloat16, 2**30, 20
+    else:
+        n, dtype, copy_bytes, repeats = 2048, torch.float32, 2**28, 5
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    matmul_ms = _median_ms(lambda: a @ b, device, repeats, warmup=3)
+    del a, b
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), device, repeats, warmup=3)
+    del src, dst
+    return {"matmul_dtype": str(dtype).replace("torch.", ""), "matmul_size": n,
+            "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
+            "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9}
+
+
+def cache_bytes(device):
+    """The last-level cache the rotating input sets must outgrow: the GPU's L2, or the CPU's
+    largest cache (sysfs; 32 MiB when unknown)."""
+    if device == "cuda":
+        return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 * 2**20)
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=32 * 2**20)
+
+
+def rotation_for(inputs, cache, max_sets=8):
+    """How many sets like ``inputs`` make together at least twice the cache (at most max_sets)."""
+    size = sum(x.numel() * x.element_size() for x in inputs)
+    return max(1, min(max_sets, -(-2 * cache // max(size, 1))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,63 +327,88 @@ def _run_in_subprocess(job, timeout):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _doc_section(module, name):
+    """The text after ``name:`` in a benchmark module's docstring, up to the next blank line."""
+    return module.__doc__.split(f"{name}:")[1].split("\n\n")[0].strip()
+
+
 def _fmt(x, digits=2):
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def report(results, peak_tflops):
-    lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % of bf16 peak | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def report(results, roofline):
+    """The markdown table; adds to each result its ratio to naive, whether it agrees with naive,
+    its achieved TFLOP/s and GB/s and their shares of the device's measured ceilings."""
+    lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % matmul "
+             "| GB/s | % copy BW | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     naive = {(r["op"], r["case"]): r for r in results if r["provider"] == "naive" and r["status"] == "ok"}
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['status']}: {r.get('reason', '')} "
-                         "| | | | | | | |")
+                         "| | | | | | | | | |")
             continue
-        total = r["total"]["p50"]
-        base = naive.get((r["op"], r["case"]))
-        tflops = r["flops"]["total"] / (total * 1e-3) / 1e12
-        r["speedup_vs_naive"] = base["total"]["p50"] / total if base else None
-        # every provider computes the same loss and gradients from the same inputs: say so when
-        # one does not
-        close = lambda a, b: a is None or b is None or abs(a - b) <= 2e-2 * abs(b) + 1e-6
-        r["agrees_with_naive"] = (abs(r["loss"] - base["loss"]) <= 2e-2 * abs(base["loss"]) + 1e-3
-                                  and close(r.get("grad_checksum"), base.get("grad_checksum"))
-                                  if base else None)
-        r["tflops"] = tflops
-        tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)
-        r["share_of_peak"] = tflops / peak_tflops if (peak_tflops and tensor_cores) else None
+        annotate(r, naive.get((r["op"], r["case"])), roofline)
+        share = lambda x: _fmt(100 * x, 0) if x is not None else "—"
         lines.append(" | ".join([
             f"| {r['op']}", r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]),
-            _fmt(total), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]), _fmt(tflops, 1 if tflops >= 1 else 3),
-            _fmt(100 * r["share_of_peak"], 0) if r["share_of_peak"] is not None else "—",
+            _fmt(r["total"]["p50"]), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]),
+            _fmt(r["tflops"], 1 if r["tflops"] >= 1 else 3), share(r["share_of_matmul"]),
+            _fmt(r["gbps"], 0 if r["gbps"] >= 10 else 2), share(r["share_of_copy"]),
             f"{r['loss']:.4f}{'' if r['agrees_with_naive'] is not False else ' (differs from naive!)'} |"]))
     return "\n".join(lines)
 
 
-CSV_COLUMNS = ("op", "case", "x", "provider", "mode", "metric", "p50", "p20", "p80", "status", "device", "dtype",
-               "torch", "triton", "git_commit", "timestamp")
+def annotate(r, base, roofline):
+    total = r["total"]["p50"]
+    r["speedup_vs_naive"] = base["total"]["p50"] / total if base else None
+    # every provider computes the same loss and gradients from the same inputs: say so when
+    # one does not
+    close = lambda a, b: a is None or b is None or abs(a - b) <= 2e-2 * abs(b) + 1e-6
+    r["agrees_with_naive"] = (abs(r["loss"] - base["loss"]) <= 2e-2 * abs(base["loss"]) + 1e-3
+                              and close(r.get("grad_checksum"), base.get("grad_checksum"))
+                              if base else None)
+    r["tflops"] = r["flops"]["total"] / (total * 1e-3) / 1e12
+    r["gbps"] = r["bytes"]["total"] / (total * 1e-3) / 1e9
+    tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)
+    r["share_of_matmul"] = r["tflops"] / roofline["matmul_tflops"] if tensor_cores else None
+    r["share_of_copy"] = r["gbps"] / roofline["copy_gbps"]
+
+
+CSV_COLUMNS = ("op", "case", "sweep", "x", "provider", "mode", "metric", "p50", "p20", "p80", "status", "device",
+               "dtype", "torch", "triton", "git_commit", "timestamp", "shape")
 
 
 def append_csv(path, results, meta):
-    """One row per (result, mode, metric) appended to ``path`` (header written when new): time in
-    ms for forward/backward/total with p50/p20/p80, peak MB, and a status row for a provider that
-    did not run (unavailable, oom, error) with its reason in ``metric``."""
+    """One row per (result, mode, metric) appended to ``path`` (header written when new; a file
+    with another header is set aside as results-<date>.csv): time in ms for forward/backward/total
+    with p50/p20/p80, then (total, p50 only) peak MB, TFLOP/s, GB/s and the ratio to naive, and a
+    status row for a provider that did not run (unavailable, oom, error) with its reason in
+    ``metric``. ``sweep`` names the size a sweep case varies and ``x`` its value."""
     import csv
+
+    if path.exists():
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != list(CSV_COLUMNS):
+            path.rename(path.with_name(f"results-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"))
 
     common = {"device": meta["device"], "dtype": meta["dtype"], "torch": meta["versions"]["torch"],
               "triton": meta["versions"]["triton"] or "", "git_commit": meta["git_commit"] or "",
               "timestamp": meta["date_utc"]}
     rows = []
     for r in results:
-        base = dict(common, op=r["op"], case=r["case"], x=r.get("describe", ""), provider=r["provider"],
-                    status=r["status"])
+        base = dict(common, op=r["op"], case=r["case"], sweep=r.get("sweep", ""), x=r.get("x") or "",
+                    shape=r.get("describe", ""), provider=r["provider"], status=r["status"])
         if r["status"] != "ok":
             rows.append(dict(base, mode="total", metric=r.get("reason", "")))
             continue
         for mode in ("forward", "backward", "total"):
             rows.append(dict(base, mode=mode, metric="ms", **{q: f"{r[mode][q]:.4g}" for q in ("p50", "p20", "p80")}))
         rows.append(dict(base, mode="total", metric="peak_mb", p50=f"{r['peak_mb']:.4g}"))
+        for metric in ("tflops", "gbps", "speedup_vs_naive"):
+            if r.get(metric) is not None:
+                rows.append(dict(base, mode="total", metric=metric, p50=f"{r[metric]:.4g}"))
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, CSV_COLUMNS)
@@ -339,6 +427,8 @@ def main(argv=None):
     parser.add_argument("--providers", nargs="+", default=None, help="only these providers")
     parser.add_argument("--cases", nargs="+", default=None, help="only these cases (by name)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-sweeps", action="store_true", help="only the fixed cases, not the size sweeps")
+    parser.add_argument("--no-plots", action="store_true", help="do not draw bench/plot.py's PNGs afterwards")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -348,7 +438,7 @@ def main(argv=None):
         op = OPS[job["op"]]
         case = op.Case(**job["case"])
         print(json.dumps(run_provider(op, case, job["provider"], job["device"], DTYPES[job["dtype"]],
-                                      job["repeats"], job["warmup"])))
+                                      job["repeats"], job["warmup"], job["cache"])))
         return 0
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -362,18 +452,22 @@ def main(argv=None):
         repeats = 3 if args.device == "cpu" else 20
     warmup = 1 if args.device == "cpu" else 3
     device_name = _device_name(args.device)
-    peak = matmul_peak_tflops(args.device)
+    roofline = device_roofline(args.device)
+    cache = cache_bytes(args.device)
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"# pcd_kernels benchmark — {device_name}, {dtype_name}, {started:%Y-%m-%d %H:%M} UTC")
-    print(f"# torch {torch.__version__}; " + (f"measured bf16 matmul peak {peak:.0f} TFLOP/s"
-                                               if peak else "no GPU: timings are CPU wall-clock"))
+    print(f"# torch {torch.__version__}; measured now: {roofline['matmul_dtype']} matmul "
+          f"{roofline['matmul_tflops']:.3g} TFLOP/s, copy {roofline['copy_gbps']:.0f} GB/s; inputs rotate "
+          f"through sets of at least 2 x {cache / 2**20:.0f} MiB (last-level cache)"
+          + ("" if args.device == "cuda" else "; no GPU: timings are CPU wall-clock"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
     path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
     meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
-            "versions": _versions(), "git_commit": _git_commit(), "matmul_peak_tflops": peak,
-            "flop_formulas": {OPS[name].OP: OPS[name].__doc__.split("FLOPs:")[1].strip() for name in args.ops}}
+            "versions": _versions(), "git_commit": _git_commit(), "roofline": roofline, "cache_bytes": cache,
+            "flop_formulas": {OPS[name].OP: _doc_section(OPS[name], "FLOPs") for name in args.ops},
+            "byte_formulas": {OPS[name].OP: _doc_section(OPS[name], "Bytes") for name in args.ops}}
 
     def save(results, table=None):  # after every provider: a run cut short still leaves its numbers
         path.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=1))
@@ -381,34 +475,46 @@ def main(argv=None):
     results = []
     for op_name in args.ops:
         op = OPS[op_name]
-        for case in op.cases(args.device, args.quick):
+        sweeps = [] if args.no_sweeps else op.sweeps(args.device, args.quick)
+        for case in op.cases(args.device, args.quick) + sweeps:
             if args.cases and case.name not in args.cases:
                 continue
             print(f"## {getattr(case, 'op_name', op.OP)} {case.name}: {case.describe()}", flush=True)
             for provider in op.providers(case, args.device):
                 if args.providers and provider not in args.providers:
                     continue
+                if case.sweep and provider not in op.SWEEP_PROVIDERS:
+                    continue
                 if args.device == "cpu":
                     job = {"op": op_name, "case": case.__dict__, "provider": provider, "device": "cpu",
-                           "dtype": dtype_name, "repeats": repeats, "warmup": warmup}
+                           "dtype": dtype_name, "repeats": repeats, "warmup": warmup, "cache": cache}
                     r = _run_in_subprocess(job, timeout=900)
-                    r.setdefault("op", op.OP)
-                    r.setdefault("case", case.name)
-                    r.setdefault("provider", provider)
+                    for key, value in (("op", getattr(case, "op_name", op.OP)), ("case", case.name),
+                                       ("provider", provider), ("sweep", case.sweep), ("x", case.x),
+                                       ("describe", case.describe())):
+                        r.setdefault(key, value)
                 else:
-                    r = run_provider(op, case, provider, "cuda", DTYPES[dtype_name], repeats, warmup)
+                    r = run_provider(op, case, provider, "cuda", DTYPES[dtype_name], repeats, warmup, cache)
                 status = (f"{r['total']['p50']:.2f} ms, {r['peak_mb']:.0f} MB" if r["status"] == "ok"
                           else f"{r['status']}: {r.get('reason', '')}")
                 print(f"   {provider:15s} {status}", flush=True)
                 results.append(r)
                 save(results)
-    table = report(results, peak)
+    table = report(results, roofline)
     print()
     print(table)
     save(results, table)
     append_csv(out_dir / "results.csv", results, meta)
-    for written in (path, out_dir / "results.csv"):
-        print(f"wrote {written.relative_to(ROOT) if written.is_relative_to(ROOT) else written}")
+    written = [path, out_dir / "results.csv"]
+    if not args.no_plots:
+        try:
+            import plot
+        except ImportError as exc:  # matplotlib is an optional (test/train) extra
+            print(f"no plots: {exc} (pip install matplotlib, then python bench/plot.py)")
+        else:
+            written += plot.plot_run(out_dir / "results.csv", meta["date_utc"], out_dir / "plots")
+    for f in written:
+        print(f"wrote {f.relative_to(ROOT) if f.is_relative_to(ROOT) else f}")
     return 0
 
 

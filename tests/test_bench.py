@@ -1,4 +1,5 @@
-"""bench/run.py, the README's main job, runs end to end (CPU, quick sizes) and writes its JSON and CSV."""
+"""bench/run.py, the README's main job, runs end to end (CPU, quick sizes) and writes its table,
+JSON, CSV and sweep plot; bench/readme.py turns results into the README's Performance section."""
 import csv
 import json
 import subprocess
@@ -8,13 +9,22 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_quick_benchmark_runs_and_providers_agree(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bench")
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--device", "cpu",
                           "--providers", "naive", "ours-torch", "ours-triton", "sdpa-flash", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path, out
+
+
+def test_quick_benchmark_runs_and_providers_agree(quick_run):
+    tmp_path, out = quick_run
+    assert "| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % matmul" in out.stdout
     (result_file,) = tmp_path.glob("*_quick.json")
     data = json.loads(result_file.read_text())
     assert data["meta"]["device"].startswith("CPU") and data["meta"]["versions"]["torch"]
@@ -38,7 +48,8 @@ def test_quick_benchmark_runs_and_providers_agree(tmp_path):
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     ok = [r for r in data["results"] if r["status"] == "ok"]
-    assert len(rows) == 4 * len(ok) + (len(data["results"]) - len(ok))
+    per_ok = lambda r: 6 + (r["speedup_vs_naive"] is not None)  # 3 ms, peak, TFLOP/s, GB/s, × naive
+    assert len(rows) == sum(map(per_ok, ok)) + (len(data["results"]) - len(ok))
     for r in ok:
         mine = {(row["mode"], row["metric"]): row for row in rows
                 if (row["op"], row["case"], row["provider"]) == (r["op"], r["case"], r["provider"])}
@@ -46,4 +57,50 @@ def test_quick_benchmark_runs_and_providers_agree(tmp_path):
         assert float(mine[("backward", "ms")]["p80"]) == pytest.approx(r["backward"]["p80"], rel=1e-3)
         assert float(mine[("total", "peak_mb")]["p50"]) == pytest.approx(r["peak_mb"], rel=1e-3, abs=1e-3)
         assert mine[("total", "ms")]["device"] == data["meta"]["device"]
+        assert float(mine[("total", "tflops")]["p50"]) == pytest.approx(r["tflops"], rel=1e-3)
     assert {row["status"] for row in rows} >= {"ok", "unavailable"}
+    # the ceilings measured at start, and each result's share of them
+    roofline = data["meta"]["roofline"]
+    assert roofline["matmul_tflops"] > 0 and roofline["copy_gbps"] > 0
+    for r in ok:
+        assert r["tflops"] == pytest.approx(r["flops"]["total"] / (r["total"]["p50"] * 1e-3) / 1e12)
+        assert r["share_of_copy"] == pytest.approx(r["bytes"]["total"] / (r["total"]["p50"] * 1e-3) / 1e9
+                                                   / roofline["copy_gbps"])
+        assert r["rotation"] >= 1
+    assert "Bytes:" not in data["meta"]["flop_formulas"]["pixel_contrastive_loss"]
+    assert "6*N*K*C" in data["meta"]["flop_formulas"]["pixel_contrastive_loss"]
+
+
+def test_quick_benchmark_sweep_and_plot(quick_run):
+    tmp_path, out = quick_run
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["sweep"] == "K" and r["metric"] == "ms" and r["mode"] == "total"]
+    xs = sorted({(r["provider"], int(r["x"])) for r in rows})
+    assert xs == [("naive", 1024), ("naive", 4096), ("ours-torch", 1024), ("ours-torch", 4096)]
+    (png,) = (tmp_path / "plots").glob("*_pixel_contrastive_loss_K.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"wrote {png}" in out.stdout
+
+
+def test_readme_section_is_generated_from_a_run(quick_run, tmp_path):
+    import readme
+
+    results, _ = quick_run
+    (run,) = results.glob("*_quick.json")
+    data = json.loads(run.read_text())
+    data["meta"]["quick"] = False  # readme.py skips quick runs
+    (tmp_path / run.name).write_text(json.dumps(data))
+    text = readme.section(results_dir=tmp_path, readme_dir=tmp_path)
+    assert text.startswith(readme.BEGIN) and text.endswith(readme.END)
+    assert "No GPU results yet" in text and f"### {data['meta']['device']} — CPU only" in text
+    naive = next(r for r in data["results"] if r["op"] == "pixel_contrastive_loss" and r["provider"] == "naive"
+                 and not r["sweep"])
+    assert f"| {naive['case']} | naive | {naive['forward']['p50']:.2f} |" in text
+    assert "| pcd-quick | ours-triton | unavailable:" in text
+    assert "copy" in text and data["meta"]["git_commit"] in text
+
+
+def test_readme_performance_section_matches_the_committed_results():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
