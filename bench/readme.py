@@ -84,8 +84,9 @@ def device_section(device, ops, results_dir, readme_dir):
     for path, data in sorted(sources.items(), key=lambda item: item[1]["meta"]["date_utc"]):
         meta, roof = data["meta"], data["meta"]["roofline"]
         versions = meta["versions"]
-        lines.append(f"- `{_relative(path, readme_dir)}`: {meta['date_utc'][:16].replace('T', ' ')} UTC, {meta['dtype']}, "
-                     f"torch {versions['torch']}, triton {versions['triton'] or '—'}, commit {meta['git_commit'] or '?'}; "
+        when = meta["date_utc"][:16].replace("T", " ")
+        lines.append(f"- `{_relative(path, readme_dir)}`: {when} UTC, {meta['dtype']}, torch {versions['torch']}, "
+                     f"triton {versions['triton'] or '—'}, commit {meta['git_commit'] or '?'}; "
                      f"measured at start: {roof['matmul_dtype']} matmul {roof['matmul_tflops']:.3g} TFLOP/s, "
                      f"copy {roof['copy_gbps']:.0f} GB/s")
     lines.append("")

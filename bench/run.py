@@ -253,11 +253,9 @@ def device_roofline(device):
         n, dtype, copy_bytes, repeats = 2048, torch.float32, 2**28, 5
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     matmul_ms = _median_ms(lambda: a @ b, device, repeats, warmup=3)
-    del a, b
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = _median_ms(lambda: dst.copy_(src), device, repeats, warmup=3)
-    del src, dst
     return {"matmul_dtype": str(dtype).replace("torch.", ""), "matmul_size": n,
             "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
             "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9}
