@@ -63,3 +63,22 @@ def probe(device=None) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     stream = torch.cuda.current_stream(device).cuda_stream
     return ext.probe(device.index if device.index is not None else 0, stream, 41)
+
+
+# Element types the kernels are instantiated for, as the launchers number them.
+DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def dtype_code(tensor) -> int:
+    """The launchers' code for ``tensor``'s dtype; TypeError for one the kernels do not take."""
+    name = str(tensor.dtype).replace("torch.", "")
+    if name not in DTYPE_CODES:
+        raise TypeError(f"backend='cuda' supports float32, float16 and bfloat16 tensors, got {tensor.dtype}")
+    return DTYPE_CODES[name]
+
+
+def stream_of(tensor) -> int:
+    """The cudaStream_t (as an integer) torch is using on ``tensor``'s device right now."""
+    import torch
+
+    return torch.cuda.current_stream(tensor.device).cuda_stream

@@ -114,6 +114,26 @@ def _normalize_backward(x: Tensor, grad_hat: Tensor) -> Tensor:
     return torch.where(norm >= NORM_EPS, projected / norm.clamp_min(NORM_EPS), grad_hat / NORM_EPS)
 
 
+def inverse_norms(rows: Tensor) -> Tensor:
+    """1 / max(||row||, NORM_EPS) for each row of a (rows, C) matrix, float32.
+
+    The fused GPU kernels (Triton and CUDA) read raw vectors and these inverse norms, computed
+    once in O(rows), instead of normalised copies."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return norms.clamp_min_(NORM_EPS).reciprocal_()
+
+
+def projection_scales(rows: Tensor, inv: Tensor) -> Tensor:
+    """Per-row factor of the normalisation's gradient that the fused kernels apply.
+
+    The gradient through x / max(||x||, eps) is inv * (G - x_hat (x_hat . G)) where the norm
+    reaches eps and inv * G below it (the clamp is constant there; see ``_normalize_backward``).
+    Written as inv * G - proj * (x_hat . G) * x, proj is inv^2 where ||x|| >= eps and 0 below,
+    float32; ``inv`` is :func:`inverse_norms` of the same rows."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
+
+
 def _valid_rows(mask: Optional[Tensor], n: int, device) -> Tensor:
     if mask is None:
         return torch.arange(n, device=device)

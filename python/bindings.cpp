@@ -11,6 +11,10 @@
 
 namespace py = pybind11;
 
+// Each op binds its launchers in python/bind_<op>.cpp.
+void bind_pixel_contrastive(py::module_& m);
+void bind_pixel_attention(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pcd_kernels CUDA extension (kernels in csrc/, bindings in python/)";
   m.def("cuda_runtime_version", &pcd_kernels::cuda_runtime_version,
@@ -21,6 +25,8 @@ PYBIND11_MODULE(_C, m) {
         "Launch a one-thread kernel on `stream` of `device` that returns value + 1; raises "
         "RuntimeError naming the failing step.",
         py::call_guard<py::gil_scoped_release>());
+  bind_pixel_contrastive(m);
+  bind_pixel_attention(m);
 #ifdef PCD_KERNELS_CUDA_ARCHS
   m.attr("cuda_architectures") = PCD_KERNELS_CUDA_ARCHS;
 #endif

@@ -16,8 +16,9 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 
 
-def backend_cases():
-    """(backend, device, dtype) cases every op test runs."""
+def backend_cases(with_cuda=True):
+    """(backend, device, dtype) cases every op test runs; ``with_cuda`` adds the CUDA extension's
+    (for the ops it implements)."""
     cases = []
     for device in ("cpu", "cuda"):
         no_device = device == "cuda" and not CUDA
@@ -36,7 +37,20 @@ def backend_cases():
             marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
             cases.append(pytest.param("triton", device, dtype, marks=marks,
                                       id=f"triton-{device}-{str(dtype)[6:]}"))
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if device == "cpu" or not with_cuda:
+                continue  # backend='cuda' on CPU tensors is an error, tested in test_build.py
+            reason = "no CUDA device" if no_device else cuda_extension_missing()
+            marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
+            cases.append(pytest.param("cuda", device, dtype, marks=marks, id=f"cuda-{device}-{str(dtype)[6:]}"))
     return cases
+
+
+def cuda_extension_missing():
+    """Why backend='cuda' cannot run here (extension not built), or None."""
+    from pcd_kernels import _cuda
+
+    return None if _cuda.is_built() else f"pcd_kernels._C not built: {_cuda.unavailable_reason()}"
 
 
 def assert_close(name, ours, plain, reference, dtype, scale=0.0):

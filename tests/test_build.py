@@ -56,6 +56,63 @@ def test_extension_was_built_with_nvcc():
     assert ext.cuda_architectures == archs
 
 
+def _cuobjdump():
+    """cuobjdump from CUDA_HOME, PATH, /usr/local/cuda or the nvidia-cuda-cuobjdump wheel."""
+    import importlib.util
+
+    candidates = [Path(os.environ[v]) / "bin" / "cuobjdump" for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ]
+    found = shutil.which("cuobjdump")
+    candidates += [Path(found)] if found else []
+    candidates.append(Path("/usr/local/cuda/bin/cuobjdump"))
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(Path(root).glob("cu*/bin/cuobjdump"))
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+@pytest.mark.skipif(not _cuda.is_built(), reason="extension not built (no nvcc, or PCD_KERNELS_NO_CUDA=1)")
+def test_extension_kernels_use_tensor_cores_on_every_architecture():
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump: install the test extra (nvidia-cuda-cuobjdump) or the CUDA toolkit's")
+    library = _cuda.extension().__file__
+    # (cuobjdump runs nvdisasm, which the wheels put beside it)
+    env = {**os.environ, "PATH": f"{Path(tool).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    sass = subprocess.run([tool, "--dump-sass", library], capture_output=True, text=True, timeout=300, env=env)
+    assert sass.returncode == 0, sass.stderr
+    # One section per (kernel, architecture): "code for sm_XX" then "Function : <mangled name>".
+    kernels = {}
+    arch = None
+    for line in sass.stdout.splitlines():
+        if "code for sm_" in line:
+            arch = line.split("code for ")[1].split()[0]
+        elif "Function :" in line:
+            name = line.split("Function :")[1].strip()
+            current = kernels.setdefault((arch, name), [])
+        elif arch is not None and kernels:
+            current.append(line)
+    archs = os.environ.get("PCD_KERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
+    expected = {f"sm_{a}" for a in archs}
+    assert {a for a, _ in kernels} == expected, sorted(kernels)
+    for op in ("pixel_contrastive", "pixel_attention"):
+        for a in expected:
+            ops_kernels = [body for (arch_, name), body in kernels.items() if arch_ == a and op in name]
+            assert ops_kernels, f"no {op} kernels for {a}"
+            with_mma = [body for body in ops_kernels if any("HMMA" in line or "HGMMA" in line for line in body)]
+            # every kernel of the op multiplies on tensor cores except its small elementwise passes
+            assert len(with_mma) >= 2, f"{op} on {a}: {len(with_mma)} of {len(ops_kernels)} kernels use HMMA"
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    import pcd_kernels
+
+    x = torch.randn(1, 8, 3, 3)
+    for call in (lambda: pcd_kernels.pixel_contrastive_loss(x, x, backend="cuda"),
+                 lambda: pcd_kernels.pixel_attention(x, x, x, num_heads=2, backend="cuda")):
+        with pytest.raises(RuntimeError, match="backend='cuda'"):
+            call()
+
+
 @pytest.mark.skipif(not _cuda.is_built(), reason="extension not built")
 def test_probe_runs_on_the_gpu_or_says_why():
     if CUDA:

@@ -30,7 +30,7 @@ def official(s, t, groups, patch_size, pool_size):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}C{s[1]}-{s[2]}x{s[3]}-M{s[4]}-p{s[5][0]}{s[5][1]}-pool{s[6]}")
-@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("backend,device,dtype", backend_cases(with_cuda=False))
 def test_matches_official_formula(backend, device, dtype, shape):
     B, C, H, W, groups, patch_size, pool_size = shape
     student = torch.randn(B, C, H, W, dtype=torch.float64)
@@ -50,7 +50,7 @@ def test_matches_official_formula(backend, device, dtype, shape):
         assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
 def test_any_strides_and_one_sided_gradients(backend, device, dtype):
     student = torch.randn(2, 32, 8, 8, dtype=torch.float64)
     teacher = torch.randn(2, 32, 8, 8, dtype=torch.float64)
@@ -64,7 +64,7 @@ def test_any_strides_and_one_sided_gradients(backend, device, dtype):
     torch.testing.assert_close(grad_s.double().cpu(), ref_s, rtol=1e-4, atol=1e-6)
 
 
-TRITON_FP32 = [c for c in backend_cases() if c.values[0] == "triton" and c.values[2] == torch.float32]
+TRITON_FP32 = [c for c in backend_cases(with_cuda=False) if c.values[0] == "triton" and c.values[2] == torch.float32]
 
 
 @pytest.mark.parametrize("block_elements", [128, 8192], ids=["one-anchor-tiles", "gpu-sized-tiles"])
@@ -87,7 +87,7 @@ def test_triton_tile_sizes(backend, device, dtype, block_elements, monkeypatch):
         torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
 def test_ties_follow_cdist(backend, device, dtype):
     """|s - t| at s == t: the gradient uses sign(0) = 0, as torch.cdist's backward does."""
     student = torch.randn(1, 16, 4, 4, dtype=torch.float64)
@@ -109,7 +109,7 @@ def test_triton_refuses_patches_beyond_its_limit(backend, device, dtype):
         omni_contrastive_loss(s, s, groups=128, patch_size=(8, 8), pool_size=0, backend="triton")
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
 def test_single_group_has_only_the_positive(backend, device, dtype):
     s, t = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
     loss, grads = run(omni_contrastive_loss, s, t, dtype, device, backend=backend, groups=1, patch_size=(2, 2),
@@ -117,7 +117,7 @@ def test_single_group_has_only_the_positive(backend, device, dtype):
     assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
 def test_nan_in_nan_out(backend, device, dtype):
     s, t = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     s[0, 3, 1, 1] = float("nan")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, cuda_extension_missing
 from pcd_kernels import pixel_attention
 from pcd_kernels.reference import naive_pixel_attention
 
@@ -218,9 +218,71 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
 
 
 def test_cuda_backend_says_why_it_cannot_run():
+    """On CPU tensors: the extension is missing ("cannot run: ... not built") or the tensors are
+    not on a GPU."""
     x = torch.randn(1, 8, 3, 3)
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+    with pytest.raises(RuntimeError, match="backend='cuda' (cannot run|needs CUDA tensors)"):
         pixel_attention(x, x, x, num_heads=2, backend="cuda")
+
+
+CUDA_KERNELS = pytest.mark.skipif(not CUDA or cuda_extension_missing() is not None,
+                                  reason="the CUDA kernels need a GPU and the built extension")
+GPU_CASES = [c for c in backend_cases() if c.values[1] == "cuda" and c.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend,device,dtype", GPU_CASES)
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 32, 64, 96, 128])
+def test_gpu_kernels_over_several_tiles(backend, device, dtype, head_dim):
+    """Query and key counts beyond one 64-position tile and not multiples of it (135 queries, 143
+    keys, and one query against 70 keys), every padded head width of the CUDA kernels."""
+    for shape in [(2, 2 * head_dim, 2, (9, 15), (11, 13), None), (1, head_dim, 1, (1, 1), (7, 10), 0.7)]:
+        heads, scale = shape[2], shape[5]
+        inputs = make(shape)
+        grad_out = torch.randn_like(inputs[0])
+        ref, ref_grads = run(naive, inputs, grad_out, num_heads=heads, scale=scale)
+        cast = [x.to(device, dtype) for x in inputs]
+        plain, plain_grads = run(naive, cast, grad_out.to(device), num_heads=heads, scale=scale)
+        ours, grads = run(pixel_attention, cast, grad_out.to(device), num_heads=heads, scale=scale,
+                          backend=backend)
+        assert_close("output", ours.cpu(), plain.cpu(), ref, dtype)
+        for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
+            assert_close(f"d{name}", g.cpu(), g_plain.cpu(), g_ref, dtype)
+
+
+@CUDA_KERNELS
+def test_cuda_refuses_what_it_cannot_take():
+    from pcd_kernels.cuda import pixel_attention as kernels
+
+    x = torch.randn(1, 2 * kernels.MAX_HEAD_DIM, 2, 2, device="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' takes head dims up to"):
+        pixel_attention(x, x, x, num_heads=1, backend="cuda")
+    with pytest.raises(TypeError, match="float64"):
+        pixel_attention(x.double(), x.double(), x.double(), num_heads=2, backend="cuda")
+
+
+@CUDA_KERNELS
+def test_cuda_takes_more_than_65535_batch_heads():
+    """The grid is (tiles x batch*heads) on its x axis: no 65,535 cap as on the y axis."""
+    q, k, v = (torch.randn(40000, 4, 1, 2, device="cuda", requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(40000, 4, 1, 2, device="cuda")
+    out = pixel_attention(q, k, v, num_heads=2, backend="cuda")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref = pixel_attention(q, k, v, num_heads=2, backend="torch")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+@CUDA_KERNELS
+def test_cuda_is_deterministic():
+    q, k, v = (x.to("cuda", torch.bfloat16).requires_grad_() for x in make((2, 64, 2, (11, 13), (9, 10), None)))
+    grad_out = torch.randn(2, 64, 11, 13, device="cuda", dtype=torch.bfloat16)
+    first, second = ([pixel_attention(q, k, v, num_heads=2, backend="cuda")] for _ in range(2))
+    for out in (first, second):
+        out += torch.autograd.grad(out[0], (q, k, v), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")

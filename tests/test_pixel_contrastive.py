@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, cuda_extension_missing
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss, pixel_rows
 
@@ -323,8 +323,12 @@ def test_bad_inputs(kwargs, error, message):
 
 def test_backends_that_cannot_run_say_why(monkeypatch):
     s, t, q, _ = make_inputs()
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+    # CPU tensors: the extension is missing ("cannot run: ... not built") or the tensors are not CUDA's
+    with pytest.raises(RuntimeError, match="backend='cuda' (cannot run|needs CUDA tensors)"):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="cuda")
+    if CUDA and cuda_extension_missing() is None:
+        with pytest.raises(TypeError, match="backend='cuda' supports float16, bfloat16 and float32"):
+            pixel_contrastive_loss(s.cuda(), t.cuda(), q.cuda(), backend="cuda")
     if INTERPRETER or CUDA:
         device = "cuda" if CUDA else "cpu"
         with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):

@@ -1,9 +1,10 @@
 """``pixel_attention``: multi-head softmax attention over the pixels of channel-major maps.
 
 The public function checks arguments and dispatches: the Triton kernels
-(``pcd_kernels/triton/pixel_attention.py``) through ``torch.library`` custom ops that read the
-(B, heads*d, H, W) layout in place, or ``F.scaled_dot_product_attention`` on reshaped views (the
-torch backend, ``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
+(``pcd_kernels/triton/pixel_attention.py``) or the CUDA extension's
+(``pcd_kernels/cuda/pixel_attention.py``, ``csrc/pixel_attention.cu``) through ``torch.library``
+custom ops that read the (B, heads*d, H, W) layout in place, or ``F.scaled_dot_product_attention``
+on reshaped views (the torch backend, ``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
 """
 import math
 import numbers
@@ -19,9 +20,12 @@ from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend,
 _OP = "pixel_attention"
 
 
-def _kernels():
-    from pcd_kernels.triton import pixel_attention as kernels
-
+def _kernels(backend: str):
+    """The kernels module of a GPU backend: the same forward/backward functions for both."""
+    if backend == "cuda":
+        from pcd_kernels.cuda import pixel_attention as kernels
+    else:
+        from pcd_kernels.triton import pixel_attention as kernels
     return kernels
 
 
@@ -29,7 +33,7 @@ def _kernels():
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
     """(output (B, C, Lq), base-2 lse (B * heads, Lq) float32) of (B, C, L) maps, any strides."""
-    return run_without_autocast(q.device, _kernels().forward, q, k, v, num_heads, scale)
+    return run_without_autocast(q.device, _kernels(backend).forward, q, k, v, num_heads, scale)
 
 
 @_forward_op.register_fake
@@ -44,7 +48,7 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  needs_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for q, k, v; an empty tensor stands for one not asked for (the kernel that
     computes it does not run)."""
-    grads = run_without_autocast(q.device, _kernels().backward, grad_out, q, k, v, out, lse, num_heads, scale,
+    grads = run_without_autocast(q.device, _kernels(backend).backward, grad_out, q, k, v, out, lse, num_heads, scale,
                                  needs_q, needs_kv)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
@@ -102,7 +106,7 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
     (B, heads, H*W, d), without the reshapes: the Triton kernels read and write the
     (B, heads*d, H, W) layout a 1x1-conv projection produces (any strides, including channel
     slices of one fused QKV projection), never build the (H*W x Hk*Wk) matrix, and keep only
-    the per-query logsumexp for the backward.
+    the per-query logsumexp for the backward; so do the CUDA extension's kernels.
 
     Args:
         q: (B, heads*d, H, W) queries.
@@ -112,8 +116,10 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
         scale: logit scale, default ``d ** -0.5``.
         backend: ``"auto"`` (Triton for CUDA tensors with head dims up to 256, in 16-bit or in
             float32 with TF32 allowed; SDPA otherwise),
-            ``"triton"``, ``"torch"`` (SDPA on reshaped views), ``"cuda"`` (raises: no CUDA
-            kernel for this op yet).
+            ``"triton"``, ``"torch"`` (SDPA on reshaped views), ``"cuda"`` (the compiled
+            extension's tensor-core kernels, ``pip install -e .`` with nvcc: CUDA tensors in
+            float16, bfloat16 or float32 (3xTF32, FP32-accurate whatever the TF32 setting),
+            head dims up to 128; ``"auto"`` does not choose it yet).
 
     Returns:
         (B, heads*d, H, W) in the inputs' (promoted) dtype; under ``torch.autocast`` float32
@@ -156,7 +162,18 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
         dtype = autocast
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     requested = backend
-    backend = resolve_backend(_OP, backend, q.device, dtype)
+    backend = resolve_backend(_OP, backend, q.device, dtype, cuda_kernel=True)
+    if backend == "cuda":
+        # Only when asked for: "auto" keeps Triton on CUDA tensors, because the CUDA kernels have
+        # not been measured against it yet (bench/).
+        from pcd_kernels.cuda.pixel_attention import limit_reason
+
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got {dtype}; "
+                            f"use backend='torch' for {dtype}")
+        limit = limit_reason(B, num_heads, head_dim, H * W, k.shape[2] * k.shape[3])
+        if limit is not None:
+            raise ValueError(f"backend='cuda' takes {limit}; use backend='triton' or 'torch'")
     if backend == "triton":
         from pcd_kernels.triton.pixel_attention import MAX_BATCH_HEADS, MAX_HEAD_DIM, matmul_precision
 

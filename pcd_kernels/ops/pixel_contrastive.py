@@ -2,7 +2,8 @@
 
 This module owns the op's public function (argument checks, dtype promotion, the process-group
 gather, backend dispatch, the reduction) and its two ``torch.library`` custom ops, forward and
-backward, which run either the Triton kernels (``pcd_kernels/triton/pixel_contrastive.py``) or
+backward, which run the Triton kernels (``pcd_kernels/triton/pixel_contrastive.py``), the CUDA
+extension's kernels (``pcd_kernels/cuda/pixel_contrastive.py`` over ``csrc/pixel_contrastive.cu``) or
 the chunked torch backend (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.1.
 """
 from typing import Optional, Tuple
@@ -18,6 +19,7 @@ from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend,
 NEGATIVES = ("batch", "image", "none")
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_contrastive_loss"
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _implementation(backend, direction):
@@ -25,6 +27,10 @@ def _implementation(backend, direction):
         from pcd_kernels.triton import pixel_contrastive as kernels
 
         return kernels.forward if direction == "forward" else kernels.backward
+    if backend == "cuda":
+        from pcd_kernels.cuda import pixel_contrastive as cuda_kernels
+
+        return cuda_kernels.forward if direction == "forward" else cuda_kernels.backward
     if direction == "forward":
         return reference.pixel_contrastive_forward_chunked
     return reference.pixel_contrastive_backward_chunked
@@ -41,7 +47,8 @@ def _forward_op(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra
     """Per-anchor (loss, saved_lse), each (B, H, W), 0 at masked pixels.
 
     ``saved_lse`` is the state the same backend's backward reads: each anchor's logsumexp, in
-    natural log for the torch backend and base 2 for the Triton kernels (which work in base 2)."""
+    natural log for the torch backend and base 2 for the Triton and CUDA kernels (which work in
+    base 2)."""
     return _run(backend, "forward", student.device, student, teacher, queue, extra_keys, mask,
                 extra_mask, negatives, temperature, normalize)
 
@@ -192,7 +199,8 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
             gradients, gives exactly the single-process mean of the concatenated batch, masks or
             not. Keys of ``"image"``/``"none"`` are local in any case.
         backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend for CPU or
-            float64), ``"triton"``, ``"torch"``, or ``"cuda"`` (not implemented for this op yet).
+            float64), ``"triton"``, ``"torch"``, or ``"cuda"``: the compiled extension's
+            tensor-core kernels (``pcd_kernels._C``; CUDA tensors in float16, bfloat16 or float32).
 
     Returns:
         The loss: a scalar, or (B, H, W) for ``reduction="none"``; float32 (float64 for float64
@@ -201,8 +209,10 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
     Inputs of different float dtypes are promoted to a common one (like ``torch.cat``); under
     ``torch.autocast`` the op runs in the autocast dtype, as a matmul would. The Triton kernels take
     float16, bfloat16 and float32 and accumulate in float32; float32 inputs
-    use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True. Gradients
-    reach ``student``, ``teacher`` and ``queue`` wherever they require grad.
+    use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True. The CUDA
+    kernels (``backend="cuda"``) take the same dtypes, accumulate in float32 and compute float32
+    logits with 3xTF32 tensor-core products (float32 accuracy) whatever ``allow_tf32`` says.
+    Gradients reach ``student``, ``teacher`` and ``queue`` wherever they require grad.
 
     Example::
 
@@ -222,7 +232,11 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
         dtype = torch.promote_types(dtype, teacher.dtype)
     student, teacher = student.to(dtype), teacher.to(dtype)
     queue = queue.to(dtype) if queue is not None else None
-    backend = resolve_backend(_OP, backend, student.device, dtype)
+    # "auto" keeps choosing Triton on CUDA: the CUDA backend has not been measured against it yet.
+    backend = resolve_backend(_OP, backend, student.device, dtype, cuda_kernel=True)
+    if backend == "cuda" and dtype not in _CUDA_DTYPES:
+        raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got {dtype}; "
+                        f"use backend='torch' for {dtype}")
 
     extra_keys = extra_mask = None
     if process_group is not None and negatives == "batch":

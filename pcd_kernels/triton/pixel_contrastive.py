@@ -35,12 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.reference import pixel_rows
+from pcd_kernels.reference import inverse_norms, pixel_rows, projection_scales
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 MODES = {"none": 0, "image": 1, "batch": 2}
-NORM_EPS = 1e-12
 # A finite "minus infinity" for the running max, so that a tile whose keys are all masked
 # gives exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN.
 _MAX_INIT = tl.constexpr(-1.0e30)
@@ -473,19 +472,6 @@ def matmul_precision(dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _inv_norms(rows):
-    """1 / max(||row||, eps) for each row, float32."""
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-    return norms.clamp_min_(NORM_EPS).reciprocal_()
-
-
-def _projection_scales(rows, inv):
-    """The gradient through x / max(||x||, eps) is inv * (G - x_hat (x_hat . G)) where the norm
-    reaches eps and inv * G below it (the clamp is constant there): the kernels take inv^2 or 0."""
-    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
-    return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
-
-
 def _as_bytes(mask):
     return mask.reshape(-1).contiguous().view(torch.uint8)
 
@@ -513,7 +499,7 @@ class _Inputs:
         self.n_extra = extra_keys.shape[0] if self.has_extra else 0
 
         dummy = self.anchors.new_empty(1, dtype=torch.float32)  # stands for absent pointers
-        norms = _inv_norms if normalize else (lambda x: dummy)
+        norms = inverse_norms if normalize else (lambda x: dummy)
         self.inv_a, self.inv_t = norms(self.anchors), norms(self.pixels)
         self.inv_q = norms(queue) if self.has_queue else dummy
         self.inv_x = norms(extra_keys) if self.has_extra else dummy
@@ -582,7 +568,7 @@ def anchor_backward_call(inp, loss, lse, g, grad_a, grad_t_none_mode):
     tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
     da = grad_a if grad_a is not None else inp.anchors  # never written when not needed
     dt = grad_t_none_mode if grad_t_none_mode is not None else inp.anchors
-    proj = _projection_scales if inp.normalize else (lambda rows, inv: inv)
+    proj = projection_scales if inp.normalize else (lambda rows, inv: inv)
     proj_a, proj_t = proj(inp.anchors, inp.inv_a), proj(inp.pixels, inp.inv_t)
     args = (*inp.sources(), loss, lse, g, proj_a, proj_t, da, dt, inp.n_rows, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, tune_key)
@@ -600,7 +586,7 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
     flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
                  NORMALIZE=inp.normalize, BLOCK_C=inp.block_c, C_TILES=inp.c_tiles,
                  PRECISION=inp.precision, **inp.weight_flags())
-    proj_k = _projection_scales(keys, inv_k) if inp.normalize else inv_k
+    proj_k = projection_scales(keys, inv_k) if inp.normalize else inv_k
     args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, proj_k, inp.valid,
             lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, _tune_key(flags, inp.seg_len, n_keys))
