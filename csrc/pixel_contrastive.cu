@@ -9,7 +9,8 @@
 // * anchor_backward_kernel: the same anchor tile recomputes each key tile's logits, forms
 //   q = p - [k is i's positive] and accumulates q @ k_hat for one 128-channel slice of the
 //   gradient (grid z), plus d_i = sum_k q_ik logit2_ik for the normalisation epilogue. In "none"
-//   mode it also writes the teacher gradient (it involves only the positive).
+//   mode the positive's (p - 1) t_hat_i is added in the epilogue, and it also writes the teacher
+//   gradient (it involves only the positive).
 // * key_backward_kernel: a block owns 64 keys (teacher pixels or queue rows), loops over the
 //   anchors that see them, accumulates sum_i (g_i / g_max) q_ik a_hat_i and e_k likewise.
 //
@@ -403,7 +404,7 @@ __device__ __forceinline__ void anchor_tile(AnchorState<T>& st, const Smem<T>& s
   float s[8][4];
   tile_scores(s, sm, p.resident, own, row0, keys, key0, p.C, [&] {
     if (threadIdx.x < kCols) sm.col_ok[threadIdx.x] = keys.ok(key0 + threadIdx.x) ? 1.f : 0.f;
-    load_tile_transposed(sm.streamed_t, keys, key0, oc, p.C);
+    if (kind != Keys::kPositiveOnly) load_tile_transposed(sm.streamed_t, keys, key0, oc, p.C);
   });
   const int g = tiles::lane_group(), t = tiles::lane_in_group();
   const int my_row0 = row0 + warp_id() * 16 + g;
@@ -418,7 +419,8 @@ __device__ __forceinline__ void anchor_tile(AnchorState<T>& st, const Smem<T>& s
       const float prob = exp2f(v - st.lse2[h]);
       float q = positive ? prob - 1.f : (kind == Keys::kPositiveOnly ? 0.f : prob);
       q = ok ? q : 0.f;
-      st.d[h] += ok ? q * v : 0.f;
+      // a positives-only tile: the other pixels are no keys of this anchor (q * NaN would be NaN)
+      st.d[h] += ok && (kind != Keys::kPositiveOnly || positive) ? q * v : 0.f;
       if (kind == Keys::kPositiveOnly && positive && ok) {
         st.pos[h] += v;
         st.pos_weight[h] += q;
@@ -426,6 +428,9 @@ __device__ __forceinline__ void anchor_tile(AnchorState<T>& st, const Smem<T>& s
       s[j][e] = q;
     }
   }
+  // The epilogue adds a positives-only tile's (p - 1) t_hat_i to row i alone: weights 0 times
+  // another pixel's NaN or Inf in an MMA over the tile would reach every anchor of the tile.
+  if (kind == Keys::kPositiveOnly) return;
   store_weights(sm.weights, s);
   __syncwarp();
   weights_times_rows(st.out, sm, oc, p.C);
@@ -493,14 +498,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int col = oc + 8 * jj + 2 * t + c;
         if (col >= p.C) continue;
         const float a_raw = own.raw(row, col);
+        const float t_raw = p.mode == 0 ? pixels.raw(row, col) : 0.f;
         if (grad_a != nullptr) {
-          float x = coef * st.out[jj][2 * h + c];
+          // "none" mode: the positive's share (p - 1) t_hat_i, left out of the tile MMAs
+          float x = coef * (st.out[jj][2 * h + c] + (p.mode == 0 ? pos_weight * inv_t * t_raw : 0.f));
           if (normalize) x = inv_a * x - pa * (gi[h] * d * kLn2) * a_raw;
           grad_a[base + col] = from_float<T>(st.row_ok[h] ? x : 0.f);
         }
         if (grad_t != nullptr) {  // "none" mode: the teacher pixel is its anchor's key alone
           float y = coef * pos_weight * inv_a * a_raw;
-          if (normalize) y = inv_t * y - pt * (gi[h] * pos_weight * pos * kLn2) * pixels.raw(row, col);
+          if (normalize) y = inv_t * y - pt * (gi[h] * pos_weight * pos * kLn2) * t_raw;
           grad_t[base + col] = from_float<T>(st.row_ok[h] ? y : 0.f);
         }
       }
