@@ -245,6 +245,25 @@ def test_nan_in_nan_out_unless_masked(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(backend, device, dtype):
+    # With negatives="none" a teacher pixel is only its own anchor's positive: a NaN there makes
+    # that anchor's loss and gradients NaN and no other's (a kernel that multiplies whole tiles of
+    # teacher pixels by zero weights would spread it as 0 * NaN).
+    student, teacher, queue, _ = make_inputs()
+    b, h, w = 1, 2, 3
+    teacher[b, :, h, w] = float("nan")
+    loss, (grad_s, grad_t, grad_q) = run(pixel_contrastive_loss, student, teacher, queue, None, dtype, device,
+                                         backend=backend, negatives="none", reduction="none")
+    own = torch.zeros(loss.shape, dtype=torch.bool)
+    own[b, h, w] = True
+    own = own.to(loss.device)
+    assert loss[own].isnan().all() and loss[~own].isfinite().all()
+    assert grad_s.permute(0, 2, 3, 1)[own].isnan().all() and grad_s.permute(0, 2, 3, 1)[~own].isfinite().all()
+    assert grad_t.permute(0, 2, 3, 1)[~own].isfinite().all()
+    assert grad_q.isnan().any()  # every queue row is a key of the NaN anchor
+
+
+@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
 def test_mixed_dtypes_are_promoted(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     s = student.to(device, torch.bfloat16).requires_grad_()
