@@ -114,6 +114,11 @@ def _normalize_backward(x: Tensor, grad_hat: Tensor) -> Tensor:
     return torch.where(norm >= NORM_EPS, projected / norm.clamp_min(NORM_EPS), grad_hat / NORM_EPS)
 
 
+def mask_bytes(mask: Tensor) -> Tensor:
+    """A bool mask as the flat contiguous uint8 array the kernels read (1 = valid)."""
+    return mask.reshape(-1).contiguous().view(torch.uint8)
+
+
 def inverse_norms(rows: Tensor) -> Tensor:
     """1 / max(||row||, NORM_EPS) for each row of a (rows, C) matrix, float32.
 

@@ -16,17 +16,13 @@ import math
 import torch
 
 from pcd_kernels import _cuda
-from pcd_kernels.reference import inverse_norms, pixel_rows, projection_scales
+from pcd_kernels.reference import inverse_norms, mask_bytes, pixel_rows, projection_scales
 
 MODES = {"none": 0, "image": 1, "batch": 2}
 
 
 def _ptr(t):
     return t.data_ptr() if t is not None else 0
-
-
-def _as_bytes(mask):
-    return mask.reshape(-1).contiguous().view(torch.uint8)
 
 
 class _Inputs:
@@ -47,8 +43,8 @@ class _Inputs:
         if extra_keys is not None and extra_keys.shape[0] > 0 and self.mode == MODES["batch"]:
             self.extra = extra_keys.to(student.dtype)
             if extra_mask is not None:
-                self.valid_extra = _as_bytes(extra_mask)
-        self.valid = _as_bytes(mask) if mask is not None else None
+                self.valid_extra = mask_bytes(extra_mask)
+        self.valid = mask_bytes(mask) if mask is not None else None
         norms = inverse_norms if normalize else (lambda rows: None)
         self.inv_anchors, self.inv_pixels = norms(self.anchors), norms(self.pixels)
         self.inv_queue = norms(self.queue) if self.queue is not None else None

@@ -7,7 +7,7 @@ pooling) and calls the ``torch.library`` custom ops, which run the Triton kernel
 (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.2.
 """
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,6 @@ power of two are padded on chip (masked loads), as are query/key counts that are
 of a tile.
 """
 import contextlib
-import math
 import zlib
 
 import torch

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.reference import inverse_norms, pixel_rows, projection_scales
+from pcd_kernels.reference import inverse_norms, mask_bytes, pixel_rows, projection_scales
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -472,10 +472,6 @@ def matmul_precision(dtype):
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_bytes(mask):
-    return mask.reshape(-1).contiguous().view(torch.uint8)
-
-
 class _Inputs:
     """The tensors and sizes every kernel reads, prepared once per call."""
 
@@ -503,10 +499,10 @@ class _Inputs:
         self.inv_a, self.inv_t = norms(self.anchors), norms(self.pixels)
         self.inv_q = norms(queue) if self.has_queue else dummy
         self.inv_x = norms(extra_keys) if self.has_extra else dummy
-        self.valid = _as_bytes(mask) if self.has_mask else dummy
+        self.valid = mask_bytes(mask) if self.has_mask else dummy
         self.valid_x = dummy
         if self.has_extra:
-            self.valid_x = (_as_bytes(extra_mask) if extra_mask is not None else
+            self.valid_x = (mask_bytes(extra_mask) if extra_mask is not None else
                             torch.ones(self.n_extra, dtype=torch.uint8, device=student.device))
 
         self.block_c = block_c(C, student.element_size())
