@@ -46,11 +46,14 @@ def test_equals_explicit_formulation(backend, options, size):
     float32 rounding, not attention."""
     module = MHSA2d(24, num_heads=3, backend=backend, **options).to(DEVICE).eval()
     x = torch.randn(2, 24, *size, device=DEVICE)
+    # A random weighting, not out.square().sum(): a LayerNorm output's sum of squares is constant,
+    # which would leave only cancelling rounding noise in every gradient.
+    weight = torch.randn(x.shape, device=DEVICE)
 
     def grads_of(fn, m, x):
         x = x.detach().clone().requires_grad_()
         out = fn(m, x)
-        return out, torch.autograd.grad(out.square().sum(), [x, *m.parameters()])
+        return out, torch.autograd.grad((out * weight.to(out.dtype)).sum(), [x, *m.parameters()])
 
     out, grads = grads_of(lambda m, x: m(x), module, x)
     plain, plain_grads = grads_of(explicit, module, x)
