@@ -16,7 +16,8 @@ import math
 import torch
 
 from pcd_kernels import _cuda
-from pcd_kernels.reference import inverse_norms, mask_bytes, pixel_rows, projection_scales
+from pcd_kernels.reference import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
+                                   mask_bytes, pixel_rows, projection_scales)
 
 MODES = {"none": 0, "image": 1, "batch": 2}
 
@@ -93,34 +94,17 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
              temperature, normalize, needs_student, needs_teacher, needs_queue):
     """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
     as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
-    B, C, H, W = student.shape
-
-    def new_rows(n, dtype):
-        return torch.empty((n, C), dtype=dtype, device=student.device)
-
-    def as_map(rows):  # (B*H*W, C) rows -> channels_last (B, C, H, W) view
-        return rows.view(B, H, W, C).permute(0, 3, 1, 2) if rows is not None else None
-
-    grad_a = new_rows(B * H * W, student.dtype) if needs_student else None
-    grad_t = new_rows(B * H * W, teacher.dtype) if needs_teacher else None
-    grad_q = new_rows(queue.shape[0], queue.dtype) if (needs_queue and queue is not None) else None
-    n_rows = B * H * W
+    grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
+    if grads.empty:
+        return grads.maps()
+    grad_a, grad_t, grad_q = grads.anchors, grads.pixels, grads.queue
     has_queue = queue is not None and queue.shape[0] > 0
-    if n_rows == 0 or (grad_q is not None and not has_queue):
-        for grad in (grad_a, grad_t, grad_q):
-            if grad is not None:
-                grad.zero_()
-        if n_rows == 0:
-            return as_map(grad_a), as_map(grad_t), grad_q
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
     # The kernels write in the inputs' common dtype (the op promotes them to one before this).
     for grad in (grad_t, grad_q):
         if grad is not None and grad.dtype != student.dtype:
             raise TypeError(f"backend='cuda': gradients in {grad.dtype} and {student.dtype} at once")
-    g = grad_loss.reshape(-1).to(torch.float32)
-    if mask is not None:
-        g = g.where(mask.reshape(-1), 0.0)
-    g = g.contiguous()
+    g = anchor_weights(grad_loss, mask)
     lse2 = lse.reshape(-1).contiguous()
     none_mode = inp.mode == MODES["none"]
     pixel_keys = grad_t is not None and not none_mode
@@ -138,10 +122,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
                 **args, lse2=lse2.data_ptr(), grad=g.data_ptr(), proj_anchors=_ptr(proj_a),
                 proj_pixels=_ptr(proj_t), grad_anchors=_ptr(grad_a), grad_pixels=_ptr(grad_t_none))
         if pixel_keys or queue_keys:
-            # Key-side tiles weigh each anchor by g / max|g|, which keeps the weights in half
-            # precision's range when a mean reduction makes every g about 1 / anchors.
-            g_max = g.abs().amax().clamp_min(1e-30).reshape(1)
-            g_scaled = (g / g_max).contiguous()
+            g_scaled, g_max = key_side_weights(g)
             proj_q = inp.projections(inp.queue, inp.inv_queue) if queue_keys else None
             for are_pixels, wanted, proj, grad in ((True, pixel_keys, proj_t, grad_t),
                                                    (False, queue_keys, proj_q, grad_q)):
@@ -150,4 +131,4 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
                         **args, keys_are_pixels=are_pixels, lse2=lse2.data_ptr(),
                         grad_scaled=g_scaled.data_ptr(), grad_max=g_max.data_ptr(), proj_keys=_ptr(proj),
                         grad_keys=grad.data_ptr())
-    return as_map(grad_a), as_map(grad_t), grad_q
+    return grads.maps()

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.reference import inverse_norms, mask_bytes, pixel_rows, projection_scales
+from pcd_kernels.reference import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
+                                   mask_bytes, pixel_rows, projection_scales)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -612,23 +613,12 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
              temperature, normalize, needs_student, needs_teacher, needs_queue):
     """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
     as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
-    B, C, H, W = student.shape
-    new_rows = lambda n, dtype: torch.empty((n, C), dtype=dtype, device=student.device)
-    grad_a = new_rows(B * H * W, student.dtype) if needs_student else None
-    grad_t = new_rows(B * H * W, teacher.dtype) if needs_teacher else None
-    grad_q = new_rows(queue.shape[0], queue.dtype) if (needs_queue and queue is not None) else None
-    as_map = lambda rows: rows.view(B, H, W, C).permute(0, 3, 1, 2) if rows is not None else None
+    grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
+    if grads.empty:
+        return grads.maps()
+    grad_a, grad_t, grad_q = grads.anchors, grads.pixels, grads.queue
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    if inp.n_rows == 0 or (grad_q is not None and not inp.has_queue):
-        for grad in (grad_a, grad_t, grad_q):
-            if grad is not None:
-                grad.zero_()
-        if inp.n_rows == 0:
-            return as_map(grad_a), as_map(grad_t), grad_q
-    g = grad_loss.reshape(-1).to(torch.float32)
-    if mask is not None:
-        g = g.where(mask.reshape(-1), 0.0)
-    g = g.contiguous()
+    g = anchor_weights(grad_loss, mask)
     none_mode = inp.mode == MODES["none"]
     calls = []
     if grad_a is not None or (grad_t is not None and none_mode):
@@ -636,10 +626,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     pixel_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and inp.has_queue
     if pixel_keys or queue_keys:
-        # Key-side tiles weigh each anchor by g / max|g|, which keeps the weights in half
-        # precision's range when a mean reduction makes every g about 1 / anchors.
-        g_max = g.abs().amax().clamp_min(1e-30).reshape(1)
-        g_scaled = g / g_max
+        g_scaled, g_max = key_side_weights(g)
         if pixel_keys:
             calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_t, True))
         if queue_keys:
@@ -647,4 +634,4 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     with _device_guard(student):
         for call in calls:
             call.launch()
-    return as_map(grad_a), as_map(grad_t), grad_q
+    return grads.maps()
