@@ -6,9 +6,11 @@
 #   make demo       the trainer's embedded demo on CPU: teacher, PCD student, pooled baseline,
 #                   dense evaluation table (runs/demo; a second run reprints the table)
 #   make bench      python bench/run.py: every provider side by side (table, JSON, CSV, sweep plots in
-#                   bench/results), then bench/readme.py rewrites the README's Performance section
-#   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, plots, README
-#                   section, all under bench/results named by device and date
+#                   bench/runs/, which git ignores); it changes no tracked file
+#   make bench-publish  the same into bench/results/ (committed), then bench/readme.py regenerates
+#                   the measured results in docs/performance.md
+#   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, plots, all under
+#                   bench/results named by device and date, and docs/performance.md regenerated
 #                   (= make gpu-test, then make gpu-bench)
 
 PYTHON ?= python3
@@ -30,7 +32,7 @@ GPU_PYTHON ?= python3
 RESULTS := bench/results
 
 SHELL := /bin/bash
-.PHONY: venv test demo bench gpu-install gpu-test gpu-bench gpu-check clean
+.PHONY: venv test demo bench bench-publish gpu-install gpu-test gpu-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h csrc/include/*/*.cuh python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,17 +53,21 @@ DEMO_ARGS ?=
 demo: venv
 	$(PY) -m pcd_kernels.train --device cpu --output-dir $(DEMO_DIR) --resume $(DEMO_ARGS)
 
+# BENCH_ARGS narrows or changes a run (python bench/run.py --help), e.g. BENCH_ARGS=--quick.
+BENCH_ARGS ?=
 bench: venv
-	$(PY) bench/run.py
-	$(PY) bench/readme.py
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+bench-publish: venv
+	$(PY) bench/run.py --publish $(BENCH_ARGS)
 
 # On a CUDA machine (no package registry needed). gpu-test fits a 10-minute command limit; for
 # gpu-bench, where one command may not run longer, split it by op: BENCH_ARGS="--ops
-# pixel_contrastive omni_contrastive", then BENCH_ARGS="--ops pixel_attention". RESULTS=<dir> puts
-# the logs and JSON elsewhere, BENCH_ARGS narrows the benchmark further (e.g.
+# pixel_contrastive omni_contrastive", then BENCH_ARGS="--ops pixel_attention". gpu-bench publishes
+# (bench/run.py --publish: bench/results and docs/performance.md); RESULTS=<dir> puts the logs and
+# JSON elsewhere and publishes nothing. BENCH_ARGS narrows the benchmark further (e.g.
 # BENCH_ARGS="--cases pcd-target --providers naive ours-triton flex-attention").
 # PYTEST_ARGS adds pytest options (e.g. "-n 8" where pytest-xdist is installed, or "-k cuda").
-BENCH_ARGS ?=
 PYTEST_ARGS ?=
 STAMP = $(shell $(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
   print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + \
@@ -76,10 +82,13 @@ gpu-test: gpu-install
 	PYTHONUNBUFFERED=1 $(GPU_PYTHON) -m pytest -q -rs --maxfail=20 $(PYTEST_ARGS) 2>&1 | tee $(RESULTS)/gpu-check-tests_$(STAMP).log; \
 	  exit $${PIPESTATUS[0]}
 
+# A run cut short still leaves its numbers in its JSON: publish them too.
+BENCH_OUT = $(if $(filter bench/results,$(RESULTS)),--publish,--out $(RESULTS))
 gpu-bench: gpu-install
-	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/run.py --device cuda --out $(RESULTS) $(BENCH_ARGS) 2>&1 \
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) bench/run.py --device cuda $(BENCH_OUT) $(BENCH_ARGS) 2>&1 \
 	  | tee $(RESULTS)/gpu-check-bench_$(STAMP).log; status=$${PIPESTATUS[0]}; \
-	  if [ "$(RESULTS)" = bench/results ]; then $(GPU_PYTHON) bench/readme.py; fi; exit $$status
+	  if [ $$status -ne 0 ] && [ "$(RESULTS)" = bench/results ]; then $(GPU_PYTHON) bench/readme.py; fi; \
+	  exit $$status
 
 gpu-check:
 	$(MAKE) gpu-test; tests=$$?; $(MAKE) gpu-bench; bench=$$?; \

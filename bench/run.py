@@ -3,15 +3,20 @@
 For every case and provider it measures forward, backward and forward+backward (medians and
 p20/p80 over repeats), peak memory above the inputs, the ratio to the naive official formula and,
 on CUDA, achieved TFLOP/s and the share of the bf16 matmul rate measured at start on the same
-device. It prints a markdown table and writes JSON under bench/results/.
+device. It prints a markdown table and writes JSON, CSV rows and sweep plots.
+
+Where the files go: by default bench/runs/ (ignored by git), so trying the benchmark changes no
+tracked file. --publish writes into bench/results/ (the committed record) and then regenerates
+docs/performance.md from it (bench/readme.py); --out DIR writes anywhere else.
 
 On CPU each provider runs in a subprocess of its own, so its peak RSS is its own; on CUDA all run
 in this process and peak memory is torch.cuda.max_memory_allocated above the inputs. A provider
 that cannot run is listed with the reason; running out of memory is recorded as OOM.
 
-    python bench/run.py                    # every op, this machine's device, full sizes
-    python bench/run.py --quick            # small sizes (CPU: well under a minute)
-    python bench/run.py --device cuda --dtype bfloat16 --out bench/results
+    python bench/run.py                    # every op, this machine's device, full sizes -> bench/runs/
+    python bench/run.py --quick            # small sizes (CPU: a few minutes) -> bench/runs/
+    python bench/run.py --publish          # -> bench/results/, then docs/performance.md is regenerated
+    python bench/run.py --device cuda --dtype bfloat16 --out /tmp/bench
     python bench/run.py --cases pcd-target --providers naive ours-triton   # a subset
 """
 import argparse
@@ -41,6 +46,8 @@ OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrast
        "pixel_attention": pixel_attention}
 OPS_BY_NAME = {module.OP: module for module in OPS.values()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNS = ROOT / "bench" / "runs"  # default output: ignored by git
+RESULTS = ROOT / "bench" / "results"  # --publish: the committed record that docs/performance.md shows
 
 
 # ------------------------------------------------------------------------------------------
@@ -427,7 +434,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-sweeps", action="store_true", help="only the fixed cases, not the size sweeps")
     parser.add_argument("--no-plots", action="store_true", help="do not draw bench/plot.py's PNGs afterwards")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default {RUNS.relative_to(ROOT)}/, which git ignores)")
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write into {RESULTS.relative_to(ROOT)}/ (tracked) and regenerate docs/performance.md")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -441,6 +451,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    out_dir = output_dir(args, parser)
     dtype_name = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.repeats:
         repeats = args.repeats
@@ -458,7 +469,6 @@ def main(argv=None):
           f"{roofline['matmul_tflops']:.3g} TFLOP/s, copy {roofline['copy_gbps']:.0f} GB/s; inputs rotate "
           f"through sets of at least 2 x {cache / 2**20:.0f} MiB (last-level cache)"
           + ("" if args.device == "cuda" else "; no GPU: timings are CPU wall-clock"))
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
     path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
@@ -513,7 +523,22 @@ def main(argv=None):
             written += plot.plot_run(out_dir / "results.csv", meta["date_utc"], out_dir / "plots")
     for f in written:
         print(f"wrote {f.relative_to(ROOT) if f.is_relative_to(ROOT) else f}")
+    if args.publish:
+        import readme
+
+        return readme.main([])
     return 0
+
+
+def output_dir(args, parser):
+    """Where a run writes: --out, else bench/results/ with --publish, else bench/runs/."""
+    if args.publish and args.out is not None:
+        parser.error("--publish writes into bench/results/; leave out --out")
+    if args.publish and args.quick:
+        parser.error("--publish records full runs only (docs/performance.md skips --quick runs)")
+    if args.publish:
+        return RESULTS
+    return Path(args.out) if args.out is not None else RUNS
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """bench/run.py, the README's main job, runs end to end (CPU, quick sizes) and writes its table,
-JSON, CSV and sweep plot; bench/readme.py turns results into the README's Performance section."""
+JSON, CSV and sweep plot, by default into the ignored bench/runs/; bench/readme.py turns the
+published results (bench/results/) into docs/performance.md's measured section."""
+import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +94,7 @@ def test_readme_section_is_generated_from_a_run(quick_run, tmp_path):
     data = json.loads(run.read_text())
     data["meta"]["quick"] = False  # readme.py skips quick runs
     (tmp_path / run.name).write_text(json.dumps(data))
-    text = readme.section(results_dir=tmp_path, readme_dir=tmp_path)
+    text = readme.section(results_dir=tmp_path, page_dir=tmp_path)
     assert text.startswith(readme.BEGIN) and text.endswith(readme.END)
     assert "No GPU results yet" in text and f"### {data['meta']['device']} — CPU only" in text
     naive = next(r for r in data["results"] if r["op"] == "pixel_contrastive_loss" and r["provider"] == "naive"
@@ -101,7 +104,29 @@ def test_readme_section_is_generated_from_a_run(quick_run, tmp_path):
     assert "copy" in text and data["meta"]["git_commit"] in text
 
 
-def test_readme_performance_section_matches_the_committed_results():
+def test_performance_page_matches_the_committed_results():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "readme.py"), "--check"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+    page = (ROOT / "docs" / "performance.md").read_text()
+    # every file the page links exists (the plots and JSON, relative to docs/)
+    for link in re.findall(r"\]\((\.\./bench/[^)]+)\)", page):
+        assert (ROOT / "docs" / link).resolve().is_file(), link
+    readme = (ROOT / "README.md").read_text()
+    assert "performance:begin" not in readme and "docs/performance.md" in readme
+
+
+def test_bench_writes_to_an_ignored_folder_unless_published():
+    import run
+
+    parser = argparse.ArgumentParser()
+    default = argparse.Namespace(out=None, publish=False, quick=False)
+    assert run.output_dir(default, parser) == ROOT / "bench" / "runs"
+    assert run.output_dir(argparse.Namespace(out=None, publish=True, quick=False), parser) == ROOT / "bench" / "results"
+    assert run.output_dir(argparse.Namespace(out="/tmp/x", publish=False, quick=True), parser) == Path("/tmp/x")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/runs/results.csv"], cwd=ROOT)
+    assert ignored.returncode == 0, "bench/runs/ must be in .gitignore"
+    for flags in (["--publish", "--quick"], ["--publish", "--out", "/tmp/x"]):
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--device", "cpu"] + flags,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "--publish" in out.stderr, out.stderr[-2000:]
