@@ -13,9 +13,12 @@ Fixed from the official code:
 - ``_dequeue_and_enqueue`` asserted ``queue_size % batch == 0`` and called ``all_gather``
   unconditionally, so it crashed outside ``torch.distributed``. Keys now wrap around the queue,
   and they are gathered only when a process group exists.
-- The monitoring ``top1``/``top5`` scored each pooled student vector against *every* image's key,
-  with column 0 as the label, so only image 0 had its true positive in that column. Each row now
-  has its own image's key as its positive.
+- The monitoring ``top1``/``top5`` multiplied the pooled (N, C) student vectors by
+  ``queue.t()``, a (K, C) matrix, so it raised a shape error unless C == K (the released settings,
+  256 channels and a 65,536-key queue, never ran); they are now scored against the (C, K) queue.
+- The same monitor scored each pooled student vector against *every* image's key, with column 0
+  as the label, so only image 0 had its true positive in that column. Each row now has its own
+  image's key as its positive.
 - Not fixable here: the official data pipeline pairs two *independent* crops by grid index.
   Feed views that share their geometry (e.g. ``pcd_kernels.train.data.ViewPairs``) so that
   positives show the same place.
