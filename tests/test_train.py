@@ -1,8 +1,12 @@
 """The PCD trainer: schedule, optimisers, aligned views, resumable batches, the symmetric loss, the
 command line (demo, --data, resume, torchrun), checkpoints and its error messages."""
+import builtins
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -16,8 +20,10 @@ from pcd_kernels.train import (LARS, Augmentation, CompactCNN, Teacher, TrainCon
                                learning_rate, load_mocov3_resnet50, parameter_groups, symmetric_loss)
 from pcd_kernels.train.cli import main
 from pcd_kernels.train.data import StepBatches
+from pcd_kernels.train.files import atomic_save, write_json
 from pcd_kernels.train.models import mlp_head
 from pcd_kernels.train.optim import scaled_learning_rate
+from pcd_kernels.train.progress import MetricLog, plot_loss
 from pcd_kernels import MHSA2d, PixelContrastiveLoss
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -395,3 +401,94 @@ def test_resnet_student_without_torchvision_says_what_to_install(tmp_path, capsy
         pass
     assert main(["--student", "resnet18", "--max-steps", "1", "--output-dir", str(tmp_path / "out"), *TINY]) == 2
     assert "needs torchvision" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- faults: a full disk, the output folder, damaged files
+
+# The smallest --data run (the demo builds its digit canvases first): 10 images, a factory teacher.
+FOLDER_RUN = ["--teacher", "_train_factories:teacher_pair", "--student", "cnn", "--image-size", "24", "--batch-size",
+              "4", "--queue-size", "32", "--workers", "0", "--no-progress", "--log-every", "1", "--save-every", "1",
+              "--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A --data run stopped after step 2 of 3 (checkpoint and log rows 1 and 2), and its arguments.
+    Tests resume copies of it (:func:`_copy_run`)."""
+    pytest.importorskip("PIL", reason="Pillow is not installed (the --data path reads images with it)")
+    root = tmp_path_factory.mktemp("stopped")
+    _write_images(root / "images")
+    args = ["--data", str(root / "images"), *FOLDER_RUN]
+    assert main([*args, "--output-dir", str(root / "run"), "--stop-after", "2"]) == 0
+    return root / "run", args
+
+
+def _copy_run(stopped_run, tmp_path):
+    """A copy of the stopped run and the arguments that resume it."""
+    folder, args = stopped_run
+    shutil.copytree(folder, tmp_path / "run")
+    return tmp_path / "run", [*args, "--output-dir", str(tmp_path / "run"), "--resume"]
+
+
+def _error_line(capsys) -> str:
+    """The one line a user error leaves on stderr."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("pcd_kernels.train: error: "), err
+    return err
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.rglob("*.tmp-*"))
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _save_then_fail(obj, target, *args, **kwargs):
+    """``torch.save`` on a disk that fills up after the first bytes (``target``: a path or a file)."""
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "wb") as f:
+            f.write(b"partial")
+    else:
+        target.write(b"partial")
+    _no_space()
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "json", "log", "plot"])
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, writer):
+    path = tmp_path / {"checkpoint": "checkpoint.pt", "json": "demo_results.json", "log": "log.jsonl",
+                       "plot": "loss.png"}[writer]
+    path.write_bytes(b"old")
+    write = {"checkpoint": lambda: atomic_save({"step": 1}, str(path)),
+             "json": lambda: write_json(str(path), {"step": 1}),
+             "log": lambda: MetricLog(str(tmp_path)),  # a fresh run rewrites the log
+             "plot": lambda: plot_loss([{"step": 1, "loss": 1.0}], str(path))}[writer]
+    if writer == "plot":
+        pytest.importorskip("matplotlib")
+    monkeypatch.setattr(os, "replace", _no_space)
+    with pytest.raises(TrainError, match=f"cannot write {re.escape(str(path))}: No space left on device"):
+        write()
+    assert path.read_bytes() == b"old" and not _temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("writer", ["checkpoint", "log"])
+def test_disk_full_during_a_run_is_one_line_and_keeps_the_last_checkpoint(stopped_run, tmp_path, monkeypatch, capsys,
+                                                                       writer):
+    out, args = _copy_run(stopped_run, tmp_path)
+    saved = (out / "checkpoint.pt").read_bytes()
+    if writer == "checkpoint":
+        monkeypatch.setattr(torch, "save", _save_then_fail)
+    else:
+        real_open = open
+
+        def full_log(path, mode="r", *args, **kwargs):
+            if str(path).endswith("log.jsonl") and "a" in mode:
+                _no_space()
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", full_log)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "No space left on device" in _error_line(capsys)
+    assert (out / "checkpoint.pt").read_bytes() == saved and not _temporaries(out)

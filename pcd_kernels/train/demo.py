@@ -24,9 +24,9 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from pcd_kernels.train.data import Augmentation
-from pcd_kernels.train.engine import (Distributed, TrainConfig, atomic_save, resolve_device, setup_distributed,
-                                      train, write_json)
+from pcd_kernels.train.engine import Distributed, TrainConfig, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
+from pcd_kernels.train.files import atomic_save, write_json, write_text
 from pcd_kernels.train.models import CompactCNN, Teacher, build_student_backbone, mlp_head
 
 CANVAS, DIGIT, DIGITS_PER_IMAGE, BACKGROUND = 32, 12, 3, 10
@@ -223,8 +223,7 @@ def run_demo(config: TrainConfig) -> Dict:
               "config": {k: getattr(config, k) for k in ("seed", "batch_size", "queue_size", "lr", "teacher_steps")},
               "timings": timings}
     write_json(os.path.join(config.output_dir, "demo_results.json"), result)
-    with open(os.path.join(config.output_dir, "demo_results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(config.output_dir, "demo_results.md"), table + "\n")
     return {"runs": runs, **result}
 
 

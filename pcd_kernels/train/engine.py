@@ -3,7 +3,6 @@ against a queue of pooled teacher vectors, DDP, atomic checkpoints and exact res
 import contextlib
 import dataclasses
 import importlib.util
-import json
 import os
 import random
 import time
@@ -21,6 +20,7 @@ from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError
+from pcd_kernels.train.files import atomic_save
 from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
                                       resize_to)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
@@ -191,13 +191,6 @@ def autocast_settings(amp: str, device: torch.device) -> Tuple[Optional[torch.dt
     if amp == "fp16" and device.type != "cuda":
         raise TrainError("--amp fp16 needs CUDA; on CPU use --amp bf16 or none")
     return (torch.bfloat16, False) if amp == "bf16" else (torch.float16, True)
-
-
-def atomic_save(obj, path: str) -> None:
-    """Writes ``path`` whole or not at all: a temporary file in the same folder, then a rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def rng_state() -> Dict:
@@ -399,12 +392,5 @@ def symmetric_loss(criterion: PixelContrastiveLoss, maps: torch.Tensor, keys: to
     return 0.5 * (criterion(s1, t2) + criterion(s2, t1))
 
 
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 __all__ = ["TrainConfig", "train", "symmetric_loss", "Distributed", "setup_distributed", "resolve_device",
-           "atomic_save", "load_run_checkpoint", "write_json"]
+           "load_run_checkpoint"]

@@ -1,10 +1,13 @@
 """What a run shows and leaves behind: a progress line, ``log.jsonl`` / ``log.csv``, ``loss.png``."""
 import csv
+import io
 import json
 import os
 import sys
 import time
 from typing import Dict, List
+
+from pcd_kernels.train.files import atomic_write, reporting_write_errors, write_text
 
 COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
 
@@ -62,21 +65,29 @@ class MetricLog:
         if keep_until > 0 and os.path.exists(self.jsonl):
             with open(self.jsonl) as f:
                 self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= keep_until]
-        with open(self.jsonl, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_text(self.jsonl, "".join(map(_jsonl_line, self.rows)))
+        write_text(self.csv, _csv_lines(self.rows, header=True))
 
     def append(self, row: Dict) -> None:
         if not self.enabled:
             return
         self.rows.append(row)
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, COLUMNS).writerow(row)
+        for path, text in ((self.jsonl, _jsonl_line(row)), (self.csv, _csv_lines([row]))):
+            with reporting_write_errors(path), open(path, "a", newline="") as f:
+                f.write(text)
+
+
+def _jsonl_line(row: Dict) -> str:
+    return json.dumps(row) + "\n"
+
+
+def _csv_lines(rows: List[Dict], header: bool = False) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, COLUMNS)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 def plot_loss(rows: List[Dict], path: str) -> bool:
@@ -97,8 +108,8 @@ def plot_loss(rows: List[Dict], path: str) -> bool:
     ax.set_title("PCD distillation loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
     return True

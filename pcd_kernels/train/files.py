@@ -1,0 +1,59 @@
+"""What the trainer writes into ``--output-dir``: every file whole or not at all, and a one-line
+:class:`TrainError` (not a traceback) when the disk is full or the folder unusable."""
+import contextlib
+import json
+import os
+from typing import BinaryIO, Callable
+
+import torch
+
+from pcd_kernels.train.errors import TrainError
+
+
+def temporary_path(path: str) -> str:
+    return f"{path}.tmp-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str):
+    """Turns an ``OSError`` (no space left, a read-only disk, ...) into a one-line TrainError."""
+    try:
+        yield
+    except OSError as error:
+        raise TrainError(f"cannot write {path}: {error.strerror or error}; fix that, then --resume continues "
+                         "from the last checkpoint") from error
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes ``path`` whole or not at all: ``write`` fills a temporary file in the same folder, which
+    then replaces ``path``. On any failure the temporary file is removed and ``path`` is unchanged."""
+    tmp = temporary_path(path)
+    try:
+        with reporting_write_errors(path):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                # Without this a crash soon after the rename can leave an empty file in place of
+                # the previous one: the rename may reach the disk before the data.
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2))
+
+
+__all__ = ["atomic_save", "atomic_write", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
