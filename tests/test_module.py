@@ -86,3 +86,15 @@ def test_bad_enqueue():
         criterion.enqueue(torch.randn(2, 3, 4, 4))
     with pytest.raises(ValueError, match=r"keys must be \(n, 3\)"):
         criterion.enqueue(torch.randn(2, 5))
+
+
+def test_meta_module_gives_meta_loss_and_enqueues():
+    """Frameworks build models on meta tensors."""
+    criterion = PixelContrastiveLoss(negatives="none", queue_size=6, dim=8).to("meta")
+    s = torch.randn(2, 8, 3, 5, device="meta", requires_grad=True)
+    loss = criterion(s, torch.randn(2, 8, 3, 5, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert s.grad.device.type == "meta" and s.grad.shape == s.shape
+    criterion.enqueue(torch.randn(3, 8, device="meta"))
+    assert criterion._ptr == 3

@@ -211,6 +211,22 @@ def _bad_inputs():
     ]
 
 
+def test_meta_tensors_give_meta_results_and_gradients():
+    """Frameworks build and trace models on meta tensors: no autocast query may fail there."""
+    from pcd_kernels import MHSA2d
+
+    q = torch.randn(2, 8, 3, 5, device="meta", dtype=torch.float16, requires_grad=True)
+    kv = torch.randn(2, 8, 4, 2, device="meta", dtype=torch.float16, requires_grad=True)
+    out = pixel_attention(q, kv, kv, num_heads=2)
+    assert out.device.type == "meta" and out.dtype == torch.float16 and out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape and kv.grad.shape == kv.shape and kv.grad.device.type == "meta"
+    block = MHSA2d(8, num_heads=2, norm="layer").to("meta")
+    x = torch.randn(2, 8, 3, 5, device="meta", requires_grad=True)
+    block(x).sum().backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("kwargs,error,match", _bad_inputs(), ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_inputs_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):

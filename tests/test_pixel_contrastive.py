@@ -304,6 +304,21 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_meta_tensors_give_meta_results_and_gradients(negatives, reduction):
+    """Frameworks build and trace models on meta tensors: no autocast query may fail there."""
+    s, t, q = (torch.randn(*shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+               for shape in ((2, 8, 3, 5), (2, 8, 3, 5), (7, 8)))
+    mask = torch.ones(2, 3, 5, dtype=torch.bool, device="meta")
+    loss = pixel_contrastive_loss(s, t, q, negatives=negatives, mask=mask, reduction=reduction)
+    assert loss.device.type == "meta" and loss.dtype == torch.float32
+    assert loss.shape == ((2, 3, 5) if reduction == "none" else ())
+    loss.sum().backward()
+    for x in (s, t, q):
+        assert x.grad.device.type == "meta" and x.grad.shape == x.shape and x.grad.dtype == x.dtype
+
+
 def _bad_cases():
     s = torch.randn(2, 8, 3, 3)
     q = torch.randn(5, 8)

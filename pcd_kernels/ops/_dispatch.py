@@ -63,7 +63,8 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype when autocast is on for ``device``: the op then runs in it, as a matmul
     would."""
     try:
-        if torch.is_autocast_enabled(device.type):
+        # (meta tensors, on which frameworks build models, have no autocast: torch raises there)
+        if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
             return torch.get_autocast_dtype(device.type)
     except (TypeError, AttributeError):  # torch < 2.4: per-device autocast queries differ
         pass
@@ -73,5 +74,7 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def run_without_autocast(device: torch.device, fn, *args):
     """Call a backend implementation. Its inputs already are in the dtype to compute in; autocast
     must not recast the implementation's own float32 accumulations."""
+    if not torch.amp.is_autocast_available(device.type):
+        return fn(*args)
     with torch.autocast(device.type, enabled=False):
         return fn(*args)
