@@ -102,3 +102,10 @@ def test_unsupported_layers_are_named(layer):
         SpatialAdaptor.from_mlp(mlp)
     with pytest.raises(TypeError, match="mlp must be an nn.Module"):
         SpatialAdaptor.from_mlp("head")
+
+
+def test_spatial_relu_names_bad_input():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        SpatialReLU()([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, \*spatial\) tensor, got shape \(2, 3\)"):
+        SpatialReLU()(torch.randn(2, 3))

@@ -193,6 +193,9 @@ def test_opcheck():
     (dict(backend="cudnn"), ValueError, "backend must be one of"),
     (dict(teacher=torch.randn(2, 32, 8, 4)), ValueError, "same shape"),
     (dict(student=torch.randn(2, 32, 8, 8).long()), TypeError, "student must be float"),
+    (dict(student=torch.randn(2, 0, 8, 8), teacher=torch.randn(2, 0, 8, 8), groups=1), ValueError, "0 channels"),
+    (dict(student=torch.randn(2, 0, 8, 8), teacher=torch.randn(2, 0, 8, 8), groups=1, patch_size=(2, 2), pool_size=4),
+     ValueError, "0 channels"),
 ])
 def test_bad_inputs(kwargs, error, message):
     kwargs = dict(kwargs)

@@ -10,6 +10,8 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
+from pcd_kernels.ops._checks import check_float, check_tensor
+
 
 class SpatialReLU(nn.Module):
     """Keeps or zeroes each channel of each map by the sign of its spatial mean.
@@ -20,9 +22,10 @@ class SpatialReLU(nn.Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() < 3:
-            raise ValueError(f"x must be a (B, C, *spatial) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        check_tensor("x", x)
+        if x.dim() < 3:
+            raise ValueError(f"x must be a (B, C, *spatial) tensor, got shape {tuple(x.shape)}")
+        check_float("x", x)  # (a sign of the mean needs real numbers)
         keep = x.mean(dim=tuple(range(2, x.dim())), keepdim=True) > 0
         return x * keep.to(x.dtype)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcd_kernels.ops._checks import check_bool, check_choice, check_positive_finite, check_tensor
+from pcd_kernels.ops._checks import check_bool, check_choice, check_float, check_positive_finite, check_tensor
 from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES, REDUCTIONS, pixel_contrastive_loss
 
@@ -91,6 +91,7 @@ class PixelContrastiveLoss(nn.Module):
         if self.queue is None:
             raise RuntimeError("enqueue needs a queue: construct PixelContrastiveLoss with queue_size > 0")
         check_tensor("keys", keys)
+        check_float("keys", keys)  # a complex key would lose its imaginary part in the queue
         if keys.dim() == 4:
             raise ValueError(f"keys must be (n, {self.queue.shape[1]}) vectors, got a map of shape "
                              f"{tuple(keys.shape)}; pool it first, e.g. keys.mean(dim=(2, 3))")

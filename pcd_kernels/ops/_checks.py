@@ -11,6 +11,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(name: str, x, ndim: Optional[int] = None, layout: str = "") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:  # sparse, nested or mkldnn: the ops read strided memory
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {x.layout}; call {name}.to_dense() first")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must be a {ndim}-D {layout}tensor, got shape {tuple(x.shape)}")
     return x
@@ -48,3 +50,17 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others) ->
         if x is not None and x.device != reference.device:
             raise ValueError(f"{name} is on {x.device} but {reference_name} is on {reference.device}; "
                              "all tensors must be on the same device")
+
+
+def check_maps(student, teacher) -> None:
+    """The (B, C, H, W) student and teacher maps the losses take."""
+    check_tensor("student", student, 4, "(B, C, H, W) ")
+    check_tensor("teacher", teacher, 4, "(B, C, H, W) ")
+    check_float("student", student)
+    check_float("teacher", teacher)
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher must have the same shape, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if student.shape[1] == 0:
+        raise ValueError("student and teacher have 0 channels; need C >= 1")
+    check_same_device("student", student, teacher=teacher)

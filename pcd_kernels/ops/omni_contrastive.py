@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcd_kernels import reference
-from pcd_kernels.ops._checks import (check_choice, check_float, check_positive_finite,
-                                     check_same_device, check_tensor)
+from pcd_kernels.ops._checks import check_choice, check_maps, check_positive_finite
 from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend, run_without_autocast
 
 _OP = "omni_contrastive_loss"
@@ -140,14 +139,7 @@ def omni_contrastive_loss(student: Tensor, teacher: Tensor, *, groups: int = 16,
         >>> loss = omni_contrastive_loss(s, t, groups=16, patch_size=(4, 4), pool_size=4)
         >>> loss.backward()
     """
-    check_tensor("student", student, 4, "(B, C, H, W) ")
-    check_tensor("teacher", teacher, 4, "(B, C, H, W) ")
-    check_float("student", student)
-    check_float("teacher", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(f"student and teacher must have the same shape, got {tuple(student.shape)} "
-                         f"and {tuple(teacher.shape)}")
-    check_same_device("student", student, teacher=teacher)
+    check_maps(student, teacher)
     groups = _check_int("groups", groups, 1)
     patch_size = _check_patch_size(patch_size)
     pool_size = _check_int("pool_size", pool_size, 0)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from pcd_kernels import reference
-from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
                                      check_same_device, check_tensor)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
@@ -130,15 +130,7 @@ def _gather_pixel_keys(teacher: Tensor, mask: Optional[Tensor], group) -> Tuple[
 
 
 def _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask, reduction, backend):
-    check_tensor("student", student, 4, "(B, C, H, W) ")
-    check_tensor("teacher", teacher, 4, "(B, C, H, W) ")
-    check_float("student", student)
-    check_float("teacher", teacher)
-    if student.shape != teacher.shape:
-        raise ValueError(f"student and teacher must have the same shape, got {tuple(student.shape)} "
-                         f"and {tuple(teacher.shape)}")
-    if student.shape[1] == 0:
-        raise ValueError("student and teacher have 0 channels; need C >= 1")
+    check_maps(student, teacher)
     check_choice("negatives", negatives, NEGATIVES)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
@@ -160,7 +152,7 @@ def _check_inputs(student, teacher, queue, negatives, temperature, normalize, ma
         B, _, H, W = student.shape
         if tuple(mask.shape) != (B, H, W):
             raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
-    check_same_device("student", student, teacher=teacher, queue=queue, mask=mask)
+    check_same_device("student", student, queue=queue, mask=mask)
     return temperature
 
 
