@@ -104,6 +104,15 @@ def test_unsupported_layers_are_named(layer):
         SpatialAdaptor.from_mlp("head")
 
 
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.SyncBatchNorm], ids=lambda c: c.__name__)
+def test_batch_norm_without_running_statistics_is_refused(norm):
+    """Such a layer normalises with the statistics of the batch of pooled vectors, in eval mode too;
+    a BatchNorm2d would use those of every pixel and break the pooling identity."""
+    mlp = nn.Sequential(nn.Linear(24, 8), norm(8, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"layer 1 \(\w+\) has track_running_stats=False"):
+        SpatialAdaptor.from_mlp(mlp)
+
+
 def test_spatial_relu_names_bad_input():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         SpatialReLU()([1.0, 2.0])

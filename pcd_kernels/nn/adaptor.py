@@ -46,6 +46,14 @@ def _convert(layer: nn.Module, index: int) -> nn.Module:
                 conv.bias.copy_(layer.bias)
         return conv
     if type(layer) in (nn.BatchNorm1d, nn.SyncBatchNorm):  # (a DDP-converted head has SyncBatchNorm)
+        if not layer.track_running_stats:
+            # It then normalises with the variance of the batch's pooled vectors, in eval mode
+            # too; a BatchNorm2d would use the variance over the pixels as well, so pooling the
+            # adaptor's output would no longer give the head's output.
+            raise ValueError(f"SpatialAdaptor.from_mlp: layer {index} ({type(layer).__name__}) has "
+                             "track_running_stats=False: it normalises with the statistics of each "
+                             "batch of pooled vectors, which no per-pixel BatchNorm2d reproduces; "
+                             "convert a head whose batch norms have running statistics")
         norm = nn.BatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum, affine=layer.affine,
                               track_running_stats=layer.track_running_stats)
         floats = [t for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()]
