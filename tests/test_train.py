@@ -18,6 +18,7 @@ from torch import nn
 from pcd_kernels.reference import naive_pixel_contrastive_loss
 from pcd_kernels.train import (LARS, Augmentation, CompactCNN, Teacher, TrainConfig, TrainError, ViewPairs,
                                learning_rate, load_mocov3_resnet50, parameter_groups, symmetric_loss)
+from pcd_kernels.train import demo
 from pcd_kernels.train.cli import main
 from pcd_kernels.train.data import StepBatches
 from pcd_kernels.train.files import atomic_save, write_json
@@ -492,3 +493,28 @@ def test_disk_full_during_a_run_is_one_line_and_keeps_the_last_checkpoint(stoppe
     assert main(args) == 2
     assert "No space left on device" in _error_line(capsys)
     assert (out / "checkpoint.pt").read_bytes() == saved and not _temporaries(out)
+
+
+@pytest.mark.parametrize("kind", ["a file", "below a file", "read-only"])
+def test_an_unusable_output_dir_fails_at_once(tmp_path, monkeypatch, capsys, kind):
+    (tmp_path / "file").write_text("")
+    out = {"a file": tmp_path / "file", "below a file": tmp_path / "file" / "run", "read-only": tmp_path / "ro"}[kind]
+    if kind == "read-only":
+        out.mkdir()
+        out.chmod(0o555)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:  # root writes there anyway: a read-only disk refuses it
+            real_open = os.open
+
+            def read_only(path, flags, *args, **kwargs):
+                if str(path).startswith(str(out)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+                return real_open(path, flags, *args, **kwargs)
+
+            monkeypatch.setattr(os, "open", read_only)
+
+    def long_preparation(*args, **kwargs):
+        raise AssertionError("the output folder is checked before the demo's data is built")
+
+    monkeypatch.setattr(demo, "DemoData", long_preparation)
+    assert main(["--max-steps", "1", "--output-dir", str(out), *TINY]) == 2
+    assert f"--output-dir {out}: cannot write there" in _error_line(capsys)

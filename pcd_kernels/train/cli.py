@@ -8,6 +8,7 @@ import torch.distributed as dist
 from pcd_kernels.train.data import Augmentation, ImageFolder
 from pcd_kernels.train.engine import TrainConfig, resumable_checkpoint, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
+from pcd_kernels.train.files import prepare_output_dir
 from pcd_kernels.train.models import STUDENTS, TEACHERS, build_teacher
 
 EPILOG = """\
@@ -112,7 +113,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     config = TrainConfig(**vars(args))
     try:
         config.check_model_names()
-        resumable_checkpoint(config.resolved())
+        resolved = config.resolved()
+        prepare_output_dir(resolved.output_dir)
+        resumable_checkpoint(resolved)
         if config.data is None:
             from pcd_kernels.train.demo import run_demo
 

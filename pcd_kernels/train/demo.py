@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from pcd_kernels.train.data import Augmentation
 from pcd_kernels.train.engine import Distributed, TrainConfig, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
-from pcd_kernels.train.files import atomic_save, write_json, write_text
+from pcd_kernels.train.files import atomic_save, prepare_output_dir, write_json, write_text
 from pcd_kernels.train.models import CompactCNN, Teacher, build_student_backbone, mlp_head
 
 CANVAS, DIGIT, DIGITS_PER_IMAGE, BACKGROUND = 32, 12, 3, 10
@@ -109,7 +109,7 @@ def demo_teacher(config: TrainConfig, data: DemoData, device: torch.device, dist
     backbone, head = CompactCNN(TEACHER_WIDTHS), mlp_head(TEACHER_WIDTHS[-1], 256, TEACHER_DIM)
     cached = _read_teacher(path, fingerprint)
     if cached is None and distributed.main:
-        os.makedirs(config.output_dir, exist_ok=True)
+        prepare_output_dir(config.output_dir)
         started = time.perf_counter()
         _fit_teacher(backbone, head, data, config, device)
         atomic_save({"fingerprint": fingerprint, "backbone": backbone.state_dict(), "head": head.state_dict()}, path)

@@ -20,7 +20,7 @@ from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError
-from pcd_kernels.train.files import atomic_save
+from pcd_kernels.train.files import atomic_save, prepare_output_dir
 from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
                                       resize_to)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
@@ -257,7 +257,7 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
     config = config.resolved()
     device = device or resolve_device(config.device)
     distributed = distributed or setup_distributed(device)
-    os.makedirs(config.output_dir, exist_ok=True)
+    prepare_output_dir(config.output_dir)
     checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
     checkpoint = resumable_checkpoint(config)
     if checkpoint is None and config.resume and distributed.main:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import tempfile
 from typing import BinaryIO, Callable
 
 import torch
@@ -22,6 +23,24 @@ def reporting_write_errors(path: str):
     except OSError as error:
         raise TrainError(f"cannot write {path}: {error.strerror or error}; fix that, then --resume continues "
                          "from the last checkpoint") from error
+
+
+def prepare_output_dir(folder: str) -> None:
+    """Creates ``folder`` and checks that files can be written there: the command line calls it
+    before any long preparation, so an unusable ``--output-dir`` costs no time."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # A real write, not os.access: root passes os.access on a read-only disk.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            why = "it is a file"
+        elif isinstance(error, (NotADirectoryError, FileExistsError)):
+            why = "a folder on its path is a file"
+        else:
+            why = error.strerror or str(error)
+        raise TrainError(f"--output-dir {folder}: cannot write there ({why}); choose another folder") from error
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -56,4 +75,4 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
-__all__ = ["atomic_save", "atomic_write", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
+__all__ = ["atomic_save", "atomic_write", "prepare_output_dir", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
