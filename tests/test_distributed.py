@@ -1,6 +1,9 @@
 """process_group: two gloo ranks on CPU against one process holding the concatenated batch."""
+import datetime
 import os
+import re
 import socket
+import time
 
 import pytest
 import torch
@@ -83,3 +86,107 @@ def test_process_group_matches_the_concatenated_batch(tmp_path, backend, reducti
     expected = torch.eye(C)[[0, 0, 0, 1, 1, 1]]
     for result in results:
         torch.testing.assert_close(result["queue"][:6], expected)
+
+
+# Ranks whose arguments differ: every rank must raise a clear error, none may abort (gloo kills a
+# process on mismatched collectives) or hang. Each case maps a rank to its call; after every case
+# the ranks must still run the same collectives, so all cases share one process group.
+def _maps(B=2, C=8, H=3, W=3, dtype=torch.float32):
+    return torch.randn(B, C, H, W, dtype=dtype), torch.randn(B, C, H, W, dtype=dtype)
+
+
+def _loss(*maps, **kwargs):
+    return pixel_contrastive_loss(*maps, process_group=dist.group.WORLD, backend="torch", **kwargs)
+
+
+def _enqueue(keys, dtype=torch.float32):
+    PixelContrastiveLoss(queue_size=8, dim=8).to(dtype).enqueue(keys)
+
+
+DISAGREE = "the ranks of the process group disagree on "
+REJECTED = "rank 1 of the process group rejected its arguments"
+MISMATCHES = {  # name: (the call of rank r, what every rank's error says, or {rank: what it says})
+    "channels": (lambda r: _loss(*_maps(C=(8, 16)[r])), DISAGREE + r"channels \(8 on rank 0, 16 on rank 1\)"),
+    "dtype": (lambda r: _loss(*_maps(dtype=(torch.float32, torch.float64)[r])),
+              DISAGREE + r"dtype \(torch.float32 on rank 0, torch.float64 on rank 1\)"),
+    "batch size": (lambda r: _loss(*_maps(B=2 + r)), DISAGREE + r"batch size \(2 on rank 0, 3 on rank 1\)"),
+    "map size": (lambda r: _loss(*_maps(W=3 + r)),
+                 DISAGREE + r"map size \(H, W\) \(\(3, 3\) on rank 0, \(3, 4\) on rank 1\)"),
+    "negatives": (lambda r: _loss(*_maps(), negatives=("batch", "image")[r]),
+                  DISAGREE + r"negatives \('batch' on rank 0, 'image' on rank 1\)"),
+    "reduction": (lambda r: _loss(*_maps(), negatives="image", reduction=("mean", "sum")[r]),
+                  DISAGREE + r"reduction \('mean' on rank 0, 'sum' on rank 1\)"),
+    "rejected": (lambda r: _loss(*_maps(), temperature=(0.2, -1.0)[r]),
+                 {0: REJECTED, 1: "temperature must be a finite"}),
+    "enqueue size": (lambda r: _enqueue(torch.randn(3 + r, 8)),
+                     DISAGREE + r"number of keys \(3 on rank 0, 4 on rank 1\)"),
+    "enqueue dtype": (lambda r: _enqueue(torch.randn(3, 8), (torch.float32, torch.float64)[r]),
+                      DISAGREE + r"queue dtype \(torch.float32 on rank 0, torch.float64 on rank 1\)"),
+    "enqueue complex": (lambda r: _enqueue(torch.randn(3, 8, dtype=(torch.float32, torch.complex64)[r])),
+                        {0: REJECTED, 1: "keys must be float16"}),
+    "loss and enqueue": (lambda r: _loss(*_maps()) if r == 0 else _enqueue(torch.randn(3, 8)),
+                         "called different operations: pixel_contrastive_loss on rank 0, "
+                         "PixelContrastiveLoss.enqueue on rank 1"),
+    "agreeing ranks": (lambda r: (_loss(*_maps()), _enqueue(torch.randn(3, 8))), None),
+}
+
+
+def _mismatch_worker(rank, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A hang shows as a gloo timeout error after 20 s instead of the default 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
+    try:
+        results = {}
+        for name, (call, _) in MISMATCHES.items():
+            start = time.monotonic()
+            try:
+                call(rank)
+                error = None
+            except Exception as e:  # (the test checks which)
+                error = f"{type(e).__name__}: {e}"
+            results[name] = (error, time.monotonic() - start)
+        torch.save(results, f"{out_path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def mismatch_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mismatch") / "rank")
+    context = mp.spawn(_mismatch_worker, args=(_free_port(), out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung")
+    return [torch.load(f"{out}.{r}") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_ranks_that_disagree_all_raise_a_clear_error(mismatch_results, case):
+    expected = MISMATCHES[case][1]
+    for rank, results in enumerate(mismatch_results):
+        error, seconds = results[case]
+        match = expected.get(rank) if isinstance(expected, dict) else expected
+        if match is None:
+            assert error is None, f"rank {rank}: {error}"
+        else:
+            assert error is not None and re.search(match, error), f"rank {rank}: {error}"
+            assert error.startswith("TypeError" if "keys must be" in match else "ValueError")
+            assert seconds < 10, f"rank {rank} took {seconds:.1f} s to raise"
+
+
+def test_process_group_must_be_a_usable_group():
+    s = torch.randn(1, 4, 2, 2)
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+        pixel_contrastive_loss(s, s, process_group=object())
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup"):
+        PixelContrastiveLoss(queue_size=4, dim=4, process_group="world").enqueue(torch.randn(2, 4))
+    unused = dist.ProcessGroup(0, 2)  # a group object, but torch.distributed is not initialised
+    for negatives in ("batch", "image"):
+        with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
+            pixel_contrastive_loss(s, s, negatives=negatives, process_group=unused)
+    with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
+        PixelContrastiveLoss(queue_size=4, dim=4, process_group=unused).enqueue(torch.randn(2, 4))

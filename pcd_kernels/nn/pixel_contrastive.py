@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcd_kernels.ops._checks import check_bool, check_choice, check_float, check_positive_finite, check_tensor
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
+                                     check_process_group, check_same_on_every_rank, check_tensor)
 from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES, REDUCTIONS, pixel_contrastive_loss
 
@@ -86,17 +87,31 @@ class PixelContrastiveLoss(nn.Module):
         """Push ``keys`` (n, dim) into the queue, replacing the oldest; all ranks' keys when distributed.
 
         Keys are L2-normalised first when ``normalize=True``. For maps, pool them first, e.g.
-        ``keys = teacher_map.mean(dim=(2, 3))`` (PCD queues pooled teacher vectors).
+        ``keys = teacher_map.mean(dim=(2, 3))`` (PCD queues pooled teacher vectors). When
+        distributed, every rank must enqueue as many keys, into a queue of the same dtype; every
+        rank raises the same ValueError otherwise.
         """
-        if self.queue is None:
-            raise RuntimeError("enqueue needs a queue: construct PixelContrastiveLoss with queue_size > 0")
-        check_tensor("keys", keys)
-        check_float("keys", keys)  # a complex key would lose its imaginary part in the queue
-        if keys.dim() == 4:
-            raise ValueError(f"keys must be (n, {self.queue.shape[1]}) vectors, got a map of shape "
-                             f"{tuple(keys.shape)}; pool it first, e.g. keys.mean(dim=(2, 3))")
-        if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
-            raise ValueError(f"keys must be (n, {self.queue.shape[1]}), got shape {tuple(keys.shape)}")
+        import torch.distributed as dist
+
+        check_process_group(self.process_group)
+        distributed = self.process_group is not None or (dist.is_available() and dist.is_initialized())
+        try:
+            if self.queue is None:
+                raise RuntimeError("enqueue needs a queue: construct PixelContrastiveLoss with queue_size > 0")
+            check_tensor("keys", keys)
+            check_float("keys", keys)  # a complex key would lose its imaginary part in the queue
+            if keys.dim() == 4:
+                raise ValueError(f"keys must be (n, {self.queue.shape[1]}) vectors, got a map of shape "
+                                 f"{tuple(keys.shape)}; pool it first, e.g. keys.mean(dim=(2, 3))")
+            if keys.dim() != 2 or keys.shape[1] != self.queue.shape[1]:
+                raise ValueError(f"keys must be (n, {self.queue.shape[1]}), got shape {tuple(keys.shape)}")
+        except Exception:
+            if distributed:  # the other ranks must not wait in the gather for this one
+                check_same_on_every_rank("PixelContrastiveLoss.enqueue", self.process_group, None)
+            raise
+        if distributed:  # the all_gather below needs the same shape and dtype on every rank
+            check_same_on_every_rank("PixelContrastiveLoss.enqueue", self.process_group, {
+                "number of keys": keys.shape[0], "channels": keys.shape[1], "queue dtype": self.queue.dtype})
         keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
         if self.normalize:
             keys = F.normalize(keys, dim=1)

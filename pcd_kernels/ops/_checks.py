@@ -1,6 +1,7 @@
 """Argument checks shared by every op: each failure names the argument and what was expected."""
 import math
 import numbers
+import zlib
 from typing import Optional, Sequence
 
 import torch
@@ -64,3 +65,72 @@ def check_maps(student, teacher) -> None:
     if student.shape[1] == 0:
         raise ValueError("student and teacher have 0 channels; need C >= 1")
     check_same_device("student", student, teacher=teacher)
+
+
+def check_process_group(group) -> None:
+    """None, or a process group of an initialised torch.distributed."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD) or None, got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialised; call "
+                         "torch.distributed.init_process_group() first, or pass process_group=None")
+
+
+def check_same_on_every_rank(op: str, group, fields: Optional[dict]) -> None:
+    """Raise the same ValueError on every rank of ``group`` (None: the default group) when the
+    ranks' ``fields`` differ, before any data collective: gloo aborts the process and NCCL hangs
+    on collectives whose shapes, dtypes or sequence differ between ranks.
+
+    Every rank must call this once per call of ``op``, whatever its arguments: a rank whose
+    arguments were rejected passes ``fields=None`` and re-raises its own error afterwards, so the
+    other ranks raise instead of waiting for it. One all_gather of two int64 per rank when the
+    ranks agree; only when they do not, a second one of the readable fields for the message.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    # The group's backend decides where its tensors live, not this rank's (maybe rejected) inputs.
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
+              else torch.device("cpu"))
+    # crc32, not hash(): Python salts str hashes per process.
+    code = 0 if fields is None else zlib.crc32(repr((op, fields)).encode())
+    mine = torch.tensor([fields is None, code], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    if bool(torch.stack(gathered).eq(mine).all()):  # (one host sync)
+        return
+    everyone = [None] * world
+    dist.all_gather_object(everyone, None if fields is None else (op, fields), group=group)
+    if fields is None:
+        return  # this rank raises its own error
+    raise ValueError(_disagreement(op, everyone))
+
+
+def _disagreement(op: str, everyone: list) -> str:
+    def ranks(values):
+        by_value = {}
+        for rank, value in enumerate(values):
+            by_value.setdefault(value, []).append(rank)
+        return ", ".join(f"{value} on rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+                         for value, r in by_value.items())
+
+    rejected = [rank for rank, entry in enumerate(everyone) if entry is None]
+    if rejected:
+        return (f"{op}: rank{'s' if len(rejected) > 1 else ''} {', '.join(map(str, rejected))} of the "
+                "process group rejected its arguments (its own error says why); every rank must pass "
+                "valid arguments")
+    ops = [entry[0] for entry in everyone]
+    if len(set(ops)) > 1:
+        return f"{op}: the ranks of the process group called different operations: {ranks(ops)}"
+    names = [name for name in everyone[0][1] if all(name in entry[1] for entry in everyone)]
+    values = {name: [repr(entry[1][name]) for entry in everyone] for name in names}
+    details = "; ".join(f"{name} ({ranks(v)})" for name, v in values.items() if len(set(v)) > 1)
+    return (f"{op}: the ranks of the process group disagree on {details or 'their arguments'}; every "
+            "rank must pass the same")

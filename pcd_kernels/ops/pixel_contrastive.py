@@ -13,7 +13,8 @@ from torch import Tensor
 
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
-                                     check_same_device, check_tensor)
+                                     check_process_group, check_same_device, check_same_on_every_rank,
+                                     check_tensor)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 NEGATIVES = ("batch", "image", "none")
@@ -184,12 +185,15 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
             anchors nor keys, and their values (NaN included) do not reach the result.
         reduction: ``"mean"`` over valid anchors, ``"sum"``, or ``"none"`` for the (B, H, W) map
             of per-anchor losses with 0 at masked pixels. No valid anchor gives 0, not NaN.
-        process_group: with ``negatives="batch"``, the teacher pixels and masks of every rank of
-            this group are keys (gathered without gradient; every rank must pass the same shapes).
-            The loss covers this rank's anchors; ``"mean"`` divides by the average number of valid
-            anchors per rank (one all-reduce), so averaging the ranks' losses, as DDP averages
-            gradients, gives exactly the single-process mean of the concatenated batch, masks or
-            not. Keys of ``"image"``/``"none"`` are local in any case.
+        process_group: a ``torch.distributed`` process group or None. With ``negatives="batch"``,
+            the teacher pixels and masks of every rank of this group are keys (gathered without
+            gradient). The loss covers this rank's anchors; ``"mean"`` divides by the average
+            number of valid anchors per rank (one all-reduce), so averaging the ranks' losses, as
+            DDP averages gradients, gives exactly the single-process mean of the concatenated
+            batch, masks or not. Keys of ``"image"``/``"none"`` are local in any case. Every rank
+            must call with the same ``negatives``, ``reduction``, ``normalize`` and
+            ``temperature`` (and, for ``"batch"``, the same shape and dtype): one small
+            all-gather checks this first, and every rank raises the same ValueError otherwise.
         backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend for CPU or
             float64), ``"triton"``, ``"torch"``, or ``"cuda"``: the compiled extension's
             tensor-core kernels (``pcd_kernels._C``; CUDA tensors in float16, bfloat16 or float32).
@@ -216,19 +220,32 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
         >>> loss = pixel_contrastive_loss(s, t, queue, negatives="none")
         >>> loss.backward()
     """
-    temperature = _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask,
-                                reduction, backend)
-    dtype = autocast_dtype(student.device)
-    if dtype is None:
-        dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
-        dtype = torch.promote_types(dtype, teacher.dtype)
+    check_process_group(process_group)
+    try:
+        temperature = _check_inputs(student, teacher, queue, negatives, temperature, normalize, mask,
+                                    reduction, backend)
+        dtype = autocast_dtype(student.device)
+        if dtype is None:
+            dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
+            dtype = torch.promote_types(dtype, teacher.dtype)
+        # "auto" keeps choosing Triton on CUDA: the CUDA backend has not been measured against it yet.
+        backend = resolve_backend(_OP, backend, student.device, dtype, cuda_kernel=True)
+        if backend == "cuda" and dtype not in _CUDA_DTYPES:
+            raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got "
+                            f"{dtype}; use backend='torch' for {dtype}")
+    except Exception:
+        if process_group is not None:  # the other ranks must not wait for this one's collectives
+            check_same_on_every_rank(_OP, process_group, None)
+        raise
+    if process_group is not None:
+        # Which collectives run, and their shapes and dtypes, follow from these: agreed first.
+        agreed = dict(negatives=negatives, reduction=reduction, normalize=normalize, temperature=temperature)
+        if negatives == "batch":
+            B, C, H, W = student.shape
+            agreed.update({"batch size": B, "channels": C, "map size (H, W)": (H, W), "dtype": dtype})
+        check_same_on_every_rank(_OP, process_group, agreed)
     student, teacher = student.to(dtype), teacher.to(dtype)
     queue = queue.to(dtype) if queue is not None else None
-    # "auto" keeps choosing Triton on CUDA: the CUDA backend has not been measured against it yet.
-    backend = resolve_backend(_OP, backend, student.device, dtype, cuda_kernel=True)
-    if backend == "cuda" and dtype not in _CUDA_DTYPES:
-        raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got {dtype}; "
-                        f"use backend='torch' for {dtype}")
 
     extra_keys = extra_mask = None
     if process_group is not None and negatives == "batch":
