@@ -518,3 +518,16 @@ def test_an_unusable_output_dir_fails_at_once(tmp_path, monkeypatch, capsys, kin
     monkeypatch.setattr(demo, "DemoData", long_preparation)
     assert main(["--max-steps", "1", "--output-dir", str(out), *TINY]) == 2
     assert f"--output-dir {out}: cannot write there" in _error_line(capsys)
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_at_the_next_start(stopped_run, tmp_path):
+    out, args = _copy_run(stopped_run, tmp_path)
+    stale = ["checkpoint.pt.tmp-4242", "log.jsonl.tmp-7", "demo_results.json.tmp-99", "loss.png.tmp-1"]
+    kept = ["notes.txt", "notes.tmp-draft", "checkpoint.pt.tmp-4242.bak"]  # not names the trainer gives
+    for name in stale + kept:
+        (out / name).write_bytes(b"partial")
+    (out / "baseline-pooled").mkdir()
+    (out / "baseline-pooled" / "keep.tmp-1").write_bytes(b"")  # another run's folder: its own start cleans it
+    assert main(args) == 0
+    assert not any((out / name).exists() for name in stale)
+    assert all((out / name).exists() for name in kept) and (out / "baseline-pooled" / "keep.tmp-1").exists()

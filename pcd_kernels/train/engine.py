@@ -20,7 +20,7 @@ from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError
-from pcd_kernels.train.files import atomic_save, prepare_output_dir
+from pcd_kernels.train.files import atomic_save, prepare_output_dir, remove_stale_temporaries
 from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
                                       resize_to)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
@@ -258,6 +258,8 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
     device = device or resolve_device(config.device)
     distributed = distributed or setup_distributed(device)
     prepare_output_dir(config.output_dir)
+    if distributed.main:
+        remove_stale_temporaries(config.output_dir)
     checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
     checkpoint = resumable_checkpoint(config)
     if checkpoint is None and config.resume and distributed.main:

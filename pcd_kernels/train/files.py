@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -11,8 +12,21 @@ import torch
 from pcd_kernels.train.errors import TrainError
 
 
+# The names temporary_path gives: only files named so are ever removed as stale.
+TEMPORARY = re.compile(r".+\.tmp-\d+")
+
+
 def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Removes the temporary files that writers killed mid-write left in ``folder`` (not below it).
+    Call it before this run writes there: it cannot tell a stale file from one being written."""
+    with reporting_write_errors(folder):
+        for entry in os.scandir(folder):
+            if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
 
 
 @contextlib.contextmanager
@@ -75,4 +89,4 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
-__all__ = ["atomic_save", "atomic_write", "prepare_output_dir", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
+__all__ = ["atomic_save", "atomic_write", "prepare_output_dir", "remove_stale_temporaries", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
