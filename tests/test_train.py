@@ -7,8 +7,10 @@ import math
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from pcd_kernels.train import (LARS, Augmentation, CompactCNN, Teacher, TrainCon
 from pcd_kernels.train import demo
 from pcd_kernels.train.cli import main
 from pcd_kernels.train.data import StepBatches
+from pcd_kernels.train.engine import load_run_checkpoint
 from pcd_kernels.train.files import atomic_save, write_json
 from pcd_kernels.train.models import mlp_head
 from pcd_kernels.train.optim import scaled_learning_rate
@@ -531,3 +534,28 @@ def test_temporary_files_of_a_killed_writer_are_removed_at_the_next_start(stoppe
     assert main(args) == 0
     assert not any((out / name).exists() for name in stale)
     assert all((out / name).exists() for name in kept) and (out / "baseline-pooled" / "keep.tmp-1").exists()
+
+
+def _flip_a_tensor_byte(path):
+    """Flips one byte in the middle of the largest tensor's data, which ``torch.load`` reads unchecked."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    data[info.header_offset + 30 + name_length + extra_length + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_detected(stopped_run, tmp_path, capsys):
+    out, args = _copy_run(stopped_run, tmp_path)
+    _flip_a_tensor_byte(out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "checkpoint.pt is corrupted: its contents do not match the sha256" in _error_line(capsys)
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(stopped_run, tmp_path):
+    checkpoint = torch.load(stopped_run[0] / "checkpoint.pt", map_location="cpu", weights_only=False)
+    del checkpoint["sha256"]  # as the trainer wrote them before they had one
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert load_run_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2

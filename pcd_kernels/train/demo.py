@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from pcd_kernels.train.data import Augmentation
 from pcd_kernels.train.engine import Distributed, TrainConfig, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
-from pcd_kernels.train.files import atomic_save, prepare_output_dir, write_json, write_text
+from pcd_kernels.train.files import atomic_save, prepare_output_dir, verify_checksum, write_json, write_text
 from pcd_kernels.train.models import CompactCNN, Teacher, build_student_backbone, mlp_head
 
 CANVAS, DIGIT, DIGITS_PER_IMAGE, BACKGROUND = 32, 12, 3, 10
@@ -126,8 +126,8 @@ def _read_teacher(path: str, fingerprint: Dict):
     if not os.path.exists(path):
         return None
     try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # an unreadable cache is rebuilt, not an error
+        cached = verify_checksum(torch.load(path, map_location="cpu", weights_only=True), path)
+    except Exception:  # an unreadable or corrupted cache is rebuilt, not an error
         return None
     return cached if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint else None
 

@@ -20,7 +20,7 @@ from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError
-from pcd_kernels.train.files import atomic_save, prepare_output_dir, remove_stale_temporaries
+from pcd_kernels.train.files import atomic_save, prepare_output_dir, remove_stale_temporaries, verify_checksum
 from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
                                       resize_to)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
@@ -209,12 +209,15 @@ def set_rng_state(state: Dict) -> None:
 
 
 def load_run_checkpoint(path: str) -> Dict:
+    """The checkpoint :func:`train` wrote, its checksum verified. Checkpoints written before they
+    had one still load, unverified."""
     try:
         # Our own checkpoints hold RNG states and the config (plain Python and numpy objects).
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated, corrupted, or not a torch file
         raise TrainError(f"cannot read checkpoint {path!r} ({type(error).__name__}); it may be truncated or "
                          "corrupted: delete it to start again, or choose another --output-dir") from error
+    checkpoint = verify_checksum(checkpoint, path)
     missing = [k for k in ("student", "step", "optimizer", "criterion", "rng", "config")
                if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:

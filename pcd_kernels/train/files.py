@@ -1,16 +1,22 @@
-"""What the trainer writes into ``--output-dir``: every file whole or not at all, and a one-line
-:class:`TrainError` (not a traceback) when the disk is full or the folder unusable."""
+"""What the trainer writes into ``--output-dir``: every file whole or not at all, checkpoints with a
+checksum, and a one-line :class:`TrainError` (not a traceback) when the disk is full or the folder
+unusable."""
 import contextlib
+import hashlib
 import json
 import os
 import re
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Dict
 
+import numpy as np
 import torch
 
 from pcd_kernels.train.errors import TrainError
 
+
+# The key under which atomic_save stores the payload's checksum.
+CHECKSUM = "sha256"
 
 # The names temporary_path gives: only files named so are ever removed as stale.
 TEMPORARY = re.compile(r".+\.tmp-\d+")
@@ -76,9 +82,53 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_save(payload: Dict, path: str) -> None:
+    """``torch.save`` of ``payload`` through :func:`atomic_write`, with its :func:`checksum` under
+    ``CHECKSUM`` for :func:`verify_checksum`."""
+    atomic_write(path, lambda f: torch.save({**payload, CHECKSUM: checksum(payload)}, f))
+
+
+def checksum(payload) -> str:
+    """sha256 of what ``payload`` holds: every tensor's and array's bytes, dtype and shape, and every
+    other value's repr, in order. It sums the loaded objects rather than the file, so the file stays
+    a plain ``torch.save`` dict (``torch.load`` reads it as before) and the sum does not depend on
+    how a torch version lays the file out."""
+    digest = hashlib.sha256()
+
+    def add(value) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {flat.dtype} {tuple(value.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+        elif isinstance(value, np.ndarray):
+            digest.update(f"array {value.dtype} {value.shape}\n".encode())
+            digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)}\n".encode())
+            for key, item in value.items():
+                add(key)
+                add(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__} {len(value)}\n".encode())
+            for item in value:
+                add(item)
+        else:
+            digest.update(f"{type(value).__name__} {value!r}\n".encode())
+
+    add(payload)
+    return digest.hexdigest()
+
+
+def verify_checksum(loaded, path: str):
+    """What ``torch.load`` read from a file :func:`atomic_save` wrote, without its checksum; a
+    TrainError when the contents do not match it (torch.load itself checks no tensor bytes). A dict
+    without a checksum, written before checkpoints had one, is returned unverified."""
+    if isinstance(loaded, dict) and CHECKSUM in loaded:
+        expected = loaded.pop(CHECKSUM)
+        if checksum(loaded) != expected:
+            raise TrainError(f"{path} is corrupted: its contents do not match the sha256 saved with them (a damaged "
+                             "disk or copy); restore a good copy, or delete it to start again")
+    return loaded
 
 
 def write_text(path: str, text: str) -> None:
@@ -89,4 +139,5 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=2))
 
 
-__all__ = ["atomic_save", "atomic_write", "prepare_output_dir", "remove_stale_temporaries", "reporting_write_errors", "temporary_path", "write_json", "write_text"]
+__all__ = ["atomic_save", "atomic_write", "checksum", "prepare_output_dir", "remove_stale_temporaries",
+           "reporting_write_errors", "temporary_path", "verify_checksum", "write_json", "write_text"]
