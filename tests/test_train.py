@@ -559,3 +559,19 @@ def test_a_checkpoint_without_a_checksum_still_loads(stopped_run, tmp_path):
     del checkpoint["sha256"]  # as the trainer wrote them before they had one
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     assert load_run_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config", "oops", "config is str, expected dict"),
+    ("step", "2", "step is str, expected int"),
+    ("student", [], "student is list, expected dict"),
+    ("rng", {}, "does not fit this run (KeyError"),
+    ("optimizer", {"state": {}}, "does not fit this run"),
+])
+def test_a_checkpoint_with_wrong_typed_fields_is_a_clear_error(stopped_run, tmp_path, capsys, field, value, message):
+    out, args = _copy_run(stopped_run, tmp_path)
+    checkpoint = load_run_checkpoint(str(out / "checkpoint.pt"))
+    atomic_save({**checkpoint, field: value}, str(out / "checkpoint.pt"))  # with a checksum that matches
+    capsys.readouterr()
+    assert main(args) == 2
+    assert message in _error_line(capsys)

@@ -33,6 +33,8 @@ RESULT_SETTINGS = ("data", "teacher", "teacher_weights", "teacher_encoder", "stu
                    "image_size", "epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
                    "weight_decay", "warmup_steps", "clip_grad_norm", "amp", "queue_size", "temperature",
                    "negatives", "loss", "seed")
+# The keys of a checkpoint that resuming reads, and what train() saves under each.
+CHECKPOINT_FIELDS = {"student": dict, "step": int, "optimizer": dict, "criterion": dict, "rng": dict, "config": dict}
 
 
 @dataclass
@@ -218,10 +220,14 @@ def load_run_checkpoint(path: str) -> Dict:
         raise TrainError(f"cannot read checkpoint {path!r} ({type(error).__name__}); it may be truncated or "
                          "corrupted: delete it to start again, or choose another --output-dir") from error
     checkpoint = verify_checksum(checkpoint, path)
-    missing = [k for k in ("student", "step", "optimizer", "criterion", "rng", "config")
-               if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing = [k for k in CHECKPOINT_FIELDS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise TrainError(f"checkpoint {path!r} is not a pcd_kernels.train checkpoint (missing {', '.join(missing)})")
+    wrong = [f"{k} is {type(checkpoint[k]).__name__}, expected {kind.__name__}" for k, kind in CHECKPOINT_FIELDS.items()
+             if not isinstance(checkpoint[k], kind) or isinstance(checkpoint[k], bool)]
+    if wrong:
+        raise TrainError(f"checkpoint {path!r} is not a pcd_kernels.train checkpoint ({'; '.join(wrong)}): delete it "
+                         "to start again, or choose another --output-dir")
     return checkpoint
 
 
@@ -299,13 +305,18 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
 
     start_step = 0
     if checkpoint is not None:
-        student.load_state_dict(checkpoint["student"])
-        criterion.load_state_dict(checkpoint["criterion"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        start_step = int(checkpoint["step"])
+        try:
+            student.load_state_dict(checkpoint["student"])
+            criterion.load_state_dict(checkpoint["criterion"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            set_rng_state(checkpoint["rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as error:  # the right keys, the wrong contents
+            raise TrainError(f"checkpoint {checkpoint_path!r} does not fit this run ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); delete it to start again, or choose another "
+                             "--output-dir") from error
+        start_step = checkpoint["step"]
     resumed = checkpoint is not None
     del checkpoint  # the modules now hold (or share) its tensors: keep no second copy through training
 
