@@ -88,16 +88,48 @@ def test_random_mask_zeroes_the_given_share_of_pixels():
     assert (criterion.pixel_mask(2, 16, 16, "cpu") != mask[:2, :, :16, :16]).any()  # fresh each call
 
 
-def test_official_checkpoint_keys_load():
+class OfficialOmniContrastiveFeatureLoss(torch.nn.Module):
+    """The parameters of the official ``OmniContrastiveFeatureLoss`` (losses/ocmgd.py) as released:
+    ``align`` when the channels differ, ``projetor`` (sic), the enhanced projector's ``block_*``
+    and ``adpator_*`` (sic)."""
+
+    def __init__(self, student_channels, teacher_channels, enhance_projector):
+        super().__init__()
+        conv = lambda k: torch.nn.Conv2d(teacher_channels, teacher_channels, kernel_size=k, padding=k // 2)
+        if student_channels != teacher_channels:
+            self.align = torch.nn.Conv2d(student_channels, teacher_channels, kernel_size=1, stride=1, padding=0)
+        self.generator = None
+        if enhance_projector:
+            self.projetor = torch.nn.Module()
+            self.projetor.block_1 = torch.nn.Sequential(conv(3), torch.nn.ReLU(inplace=True))
+            self.projetor.block_2 = torch.nn.Sequential(conv(3), torch.nn.ReLU(inplace=True))
+            self.projetor.adpator_1, self.projetor.adpator_2 = conv(3), conv(3)
+        else:
+            self.projetor = torch.nn.Sequential(conv(3), torch.nn.ReLU(inplace=True), conv(3))
+
+
+@pytest.mark.parametrize("enhance", [False, True], ids=["conv-generator", "enhanced-projector"])
+@pytest.mark.parametrize("channels", [(8, 16), (16, 16)], ids=["align-conv", "equal-channels"])
+def test_state_dict_loads_into_the_official_module_and_back(channels, enhance):
+    ours = AfDCDLoss(*channels, M_ocd=4, enhance_projector=enhance)
+    official = OfficialOmniContrastiveFeatureLoss(*channels, enhance)
+    assert list(ours.state_dict()) == list(official.state_dict())
+    official.load_state_dict(ours.state_dict())  # strict, both ways
+    for value in official.state_dict().values():
+        value.normal_()
+    ours.load_state_dict(official.state_dict())
+    for key, value in official.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    assert ours.generator is ours.projetor
+
+
+def test_state_dicts_saved_under_earlier_names_load():
     criterion = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
-    official_state = {}
-    for key, value in criterion.state_dict().items():
-        key = key.replace("generator.", "projetor.").replace("adaptor_", "adpator_")
-        official_state[key] = torch.randn_like(value)
-    restored = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
-    restored.load_state_dict(official_state)
-    torch.testing.assert_close(restored.generator.adaptor_1.weight, official_state["projetor.adpator_1.weight"])
-    torch.testing.assert_close(restored.align.weight, official_state["align.weight"])
+    earlier = {k.replace("projetor.", "generator.").replace("adpator_", "adaptor_"): torch.randn_like(v)
+               for k, v in criterion.state_dict().items()}
+    criterion.load_state_dict(earlier)
+    torch.testing.assert_close(criterion.projetor.adpator_1.weight, earlier["generator.adaptor_1.weight"])
+    torch.testing.assert_close(criterion.align.weight, earlier["align.weight"])
 
 
 @pytest.mark.parametrize("kwargs,message", [

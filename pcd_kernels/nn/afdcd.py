@@ -15,19 +15,20 @@ CAMVID_CROP = 44  # the official code's CamVid branch crops both maps to 44 x 44
 
 class EnhancedProjector(nn.Module):
     """Af-DCD's two-branch generator: two 3x3 conv + ReLU blocks, each followed by its own 3x3
-    adaptor, averaged."""
+    adaptor, averaged. The adaptors keep the official attribute names (``adpator_1``, ``adpator_2``,
+    sic) so that state dicts load both ways."""
 
     def __init__(self, in_channels: int = 2048, out_channels: int = 2048):
         super().__init__()
         self.block_1 = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
         self.block_2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
-        self.adaptor_1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.adaptor_2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.adpator_1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.adpator_2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         x_1 = self.block_1(x)
         x_2 = self.block_2(x_1)
-        return (self.adaptor_1(x_1) + self.adaptor_2(x_2)) / 2.0
+        return (self.adpator_1(x_1) + self.adpator_2(x_2)) / 2.0
 
 
 class AfDCDLoss(nn.Module):
@@ -39,15 +40,17 @@ class AfDCDLoss(nn.Module):
       are equal, where the official code crashes);
     * a pixel mask: each pixel of the aligned student map is zeroed with probability
       ``mask_ratio`` (``rand_mask=True``), or the central third block is (``rand_mask=False``);
-    * ``generator``: 3x3 conv, ReLU, 3x3 conv on the masked map (``EnhancedProjector`` when
-      ``enhance_projector=True``);
+    * the generator ``projetor`` (sic; also reachable as ``generator``): 3x3 conv, ReLU, 3x3 conv
+      on the masked map (``EnhancedProjector`` when ``enhance_projector=True``);
     * ``fd_loss = sum((generator(masked) - feat_T)^2) / B``;
     * ``ctr_loss = omni_contrastive_loss(generator(masked), feat_T)`` with ``M_ocd`` groups,
       ``patch_size``, ``pool_size`` and ``tau_ocd``; ``dataset="camvid"`` crops both maps to
       44x44 and does not pool (the official CamVid branch), any other dataset pools.
 
-    Official checkpoints load as they are: their ``projetor.*`` keys (and the enhanced projector's
-    ``adpator_*``) are read as ``generator.*`` (``adaptor_*``).
+    The parameters keep the official names (``align.*``, ``projetor.*``, the enhanced projector's
+    ``adpator_*``), so a state dict loads into the official module and back as it is. State dicts
+    that earlier pcd_kernels commits saved under other names (``generator.*``, ``adaptor_*``)
+    still load.
 
     Example::
 
@@ -83,12 +86,17 @@ class AfDCDLoss(nn.Module):
         self.align = (nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
                       if student_channels != teacher_channels else nn.Identity())
         if enhance_projector:
-            self.generator = EnhancedProjector(teacher_channels, teacher_channels)
+            self.projetor = EnhancedProjector(teacher_channels, teacher_channels)
         else:
-            self.generator = nn.Sequential(nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1),
+            self.projetor = nn.Sequential(nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1),
                                            nn.ReLU(inplace=True),
                                            nn.Conv2d(teacher_channels, teacher_channels, 3, padding=1))
-        self.register_load_state_dict_pre_hook(_official_keys)
+        self.register_load_state_dict_pre_hook(_earlier_keys)
+
+    @property
+    def generator(self) -> nn.Module:
+        """The generator network (the official code's ``projetor``)."""
+        return self.projetor
 
     def pixel_mask(self, batch: int, height: int, width: int, device, dtype=torch.float32) -> Tensor:
         """(B, 1, H, W) of 0 (masked) and 1 (kept).
@@ -108,7 +116,7 @@ class AfDCDLoss(nn.Module):
             raise ValueError(f"aligned student features {tuple(feat_S.shape)} and teacher features "
                              f"{tuple(feat_T.shape)} must have the same shape")
         B, _, H, W = feat_T.shape
-        generated = self.generator(feat_S * self.pixel_mask(B, H, W, feat_S.device, feat_S.dtype))
+        generated = self.projetor(feat_S * self.pixel_mask(B, H, W, feat_S.device, feat_S.dtype))
         fd_loss = (generated - feat_T).pow(2).sum() / B
         if self.dataset == "camvid":
             crop = (slice(None), slice(None), slice(0, CAMVID_CROP), slice(0, CAMVID_CROP))
@@ -127,8 +135,9 @@ class AfDCDLoss(nn.Module):
                 f"dataset={self.dataset!r}")
 
 
-def _official_keys(module, state_dict, prefix, *args):
-    """Rename an official checkpoint's keys in place: projetor -> generator, adpator -> adaptor."""
-    for key in [k for k in state_dict if k.startswith(prefix + "projetor.")]:
-        new = prefix + "generator." + key[len(prefix + "projetor."):]
-        state_dict[new.replace(".adpator_", ".adaptor_")] = state_dict.pop(key)
+def _earlier_keys(module, state_dict, prefix, *args):
+    """Rename, in place, the keys of a state dict saved by pcd_kernels before it kept the official
+    names: generator -> projetor, adaptor_ -> adpator_."""
+    for key in [k for k in state_dict if k.startswith(prefix + "generator.")]:
+        new = prefix + "projetor." + key[len(prefix + "generator."):]
+        state_dict[new.replace(".adaptor_", ".adpator_")] = state_dict.pop(key)
