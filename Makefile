@@ -24,9 +24,11 @@ TORCH_INDEX ?=
 BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
 # The frameworks tests/test_integrations.py builds losses through (their own registries), with the
 # few packages those registries import. --no-deps: torchdistill declares torchvision (which pulls
-# a multi-GB CUDA torch) and mmengine declares OpenCV, and neither registry needs them.
+# a multi-GB CUDA torch) and mmengine/mmcv-lite declare the GUI OpenCV; mmcv imports cv2, which the
+# headless OpenCV wheel provides.
 INTEGRATION_TEST_DEPS := torchdistill==1.1.5 pyyaml mmengine==0.10.7 addict yapf platformdirs termcolor \
-  rich markdown-it-py mdurl pygments "tomli; python_version < '3.11'"
+  rich markdown-it-py mdurl pygments "tomli; python_version < '3.11'" \
+  mmrazor==1.0.0 mmcv-lite==2.1.0 ordered-set==4.1.0 opencv-python-headless==5.0.0.93
 # The GPU machine has torch, triton, pybind11, cmake and ninja installed and no package registry.
 GPU_PYTHON ?= python3
 RESULTS := bench/results

@@ -28,9 +28,11 @@ class SelfQueueingPixelContrastiveLoss(PixelContrastiveLoss):
         self.auto_enqueue, self.loss_weight = auto_enqueue, float(loss_weight)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        if self.queue is None or not self.auto_enqueue or not torch.is_grad_enabled():
-            return self.loss_weight * self.loss(student, teacher, mask, self.queue)
-        loss = self.loss(student, teacher, mask, self.queue.clone())
+        queue = self.queue_on(student)
+        if queue is None or queue is not self.queue or not self.auto_enqueue or not torch.is_grad_enabled():
+            # (no queue, a meta copy of it, evaluation, or enqueueing left to the caller)
+            return self.loss_weight * self.loss(student, teacher, mask, queue)
+        loss = self.loss(student, teacher, mask, queue.clone())
         self.enqueue(teacher.detach().float().mean(dim=(2, 3)))
         return self.loss_weight * loss
 

@@ -55,9 +55,13 @@ class SpatialAdaptorConnector(nn.Module):
 
 
 def register(registry=MODELS) -> None:
-    """Registers the four classes in ``registry`` (mmrazor's MODELS by default); idempotent."""
+    """Registers the four classes in ``registry`` (mmrazor's MODELS by default); idempotent.
+
+    It reads ``module_dict`` rather than calling ``registry.get``, which first imports all of
+    ``mmrazor.models``: with mmrazor 1.0.0 that import fails on torch >= 2.1 (its quantization code
+    imports ``torch.ao`` names that torch removed), and it would fail this import with it."""
     for cls in (PixelContrastiveLoss, OmniContrastiveLoss, AfDCDLoss, SpatialAdaptorConnector):
-        if registry.get(cls.__name__) is not cls:
+        if registry.module_dict.get(cls.__name__) is not cls:
             registry.register_module(name=cls.__name__, module=cls, force=True)
 
 

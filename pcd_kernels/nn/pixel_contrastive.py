@@ -67,7 +67,21 @@ class PixelContrastiveLoss(nn.Module):
         self._ptr = 0
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return self.loss(student, teacher, mask, self.queue)
+        return self.loss(student, teacher, mask, self.queue_on(student))
+
+    def queue_on(self, student: Tensor) -> Optional[Tensor]:
+        """The queue, moved to ``student``'s device if it is elsewhere. Frameworks that keep their
+        losses outside the model (torchdistill holds them in a plain dict) move the model to the
+        run's device but never the loss, so a queue built on the CPU would meet CUDA maps. A meta
+        ``student`` (a model traced without data) gets a meta copy and the buffer keeps its values.
+        The queue keeps its own dtype: :meth:`loss` casts it to the maps' precision per call."""
+        if self.queue is None or not isinstance(student, Tensor) or self.queue.device == student.device:
+            return self.queue
+        if student.device.type == "meta":
+            return self.queue.to(student.device)
+        self.queue = self.queue.to(student.device)  # a registered buffer stays one when reassigned
+        self.queue_ptr = self.queue_ptr.to(student.device)
+        return self.queue
 
     def loss(self, student: Tensor, teacher: Tensor, mask: Optional[Tensor], queue: Optional[Tensor]) -> Tensor:
         """The loss against ``queue`` (the buffer, or a snapshot of it when :meth:`enqueue` runs
