@@ -1,6 +1,7 @@
 """The PCD trainer: schedule, optimisers, aligned views, resumable batches, the symmetric loss, the
 command line (demo, --data, resume, torchrun), checkpoints and its error messages."""
 import builtins
+import csv
 import errno
 import json
 import math
@@ -575,3 +576,22 @@ def test_a_checkpoint_with_wrong_typed_fields_is_a_clear_error(stopped_run, tmp_
     capsys.readouterr()
     assert main(args) == 2
     assert message in _error_line(capsys)
+
+
+def test_resume_drops_a_torn_last_log_line(stopped_run, tmp_path):
+    out, args = _copy_run(stopped_run, tmp_path)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "epoch": 1, "lo')  # killed mid-write
+    with open(out / "log.csv", "a") as f:
+        f.write("3,1,0.5")
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    with open(out / "log.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_a_damaged_log_line_before_the_last_is_a_clear_error(tmp_path):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(TrainError, match="log.jsonl: line 2 is not a log row"):
+        MetricLog(str(tmp_path), keep_until=2)

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Dict, List
 
+from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.files import atomic_write, reporting_write_errors, write_text
 
 COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s")
@@ -54,7 +55,8 @@ def _duration(seconds: float) -> str:
 
 class MetricLog:
     """``log.jsonl`` and ``log.csv`` with one row per logged step. A resumed run first drops the rows
-    after its checkpoint's step (logged by the interrupted run after its last save)."""
+    after its checkpoint's step (logged by the interrupted run after its last save), and a torn last
+    line, then rewrites both files from the rows it kept."""
 
     def __init__(self, folder: str, enabled: bool = True, keep_until: int = 0):
         self.jsonl, self.csv = os.path.join(folder, "log.jsonl"), os.path.join(folder, "log.csv")
@@ -63,8 +65,7 @@ class MetricLog:
         if not enabled:
             return
         if keep_until > 0 and os.path.exists(self.jsonl):
-            with open(self.jsonl) as f:
-                self.rows = [row for row in map(json.loads, filter(str.strip, f)) if row["step"] <= keep_until]
+            self.rows = [row for row in read_rows(self.jsonl) if row["step"] <= keep_until]
         write_text(self.jsonl, "".join(map(_jsonl_line, self.rows)))
         write_text(self.csv, _csv_lines(self.rows, header=True))
 
@@ -75,6 +76,26 @@ class MetricLog:
         for path, text in ((self.jsonl, _jsonl_line(row)), (self.csv, _csv_lines([row]))):
             with reporting_write_errors(path), open(path, "a", newline="") as f:
                 f.write(text)
+
+
+def read_rows(path: str) -> List[Dict]:
+    """The rows of a ``log.jsonl``. A run killed while appending leaves a torn last line, which is
+    dropped; any other line that is not a row is an error."""
+    with open(path, errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row")
+        except ValueError as error:
+            if number == lines[-1][0]:
+                break
+            raise TrainError(f"{path}: line {number} is not a log row; fix or delete that line (or the whole log: "
+                             "the checkpoint alone resumes the run)") from error
+        rows.append(row)
+    return rows
 
 
 def _jsonl_line(row: Dict) -> str:
