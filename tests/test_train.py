@@ -2,6 +2,7 @@
 command line (demo, --data, resume, torchrun), checkpoints and its error messages."""
 import builtins
 import csv
+import dataclasses
 import errno
 import json
 import math
@@ -22,9 +23,9 @@ from pcd_kernels.reference import naive_pixel_contrastive_loss
 from pcd_kernels.train import (LARS, Augmentation, CompactCNN, Teacher, TrainConfig, TrainError, ViewPairs,
                                learning_rate, load_mocov3_resnet50, parameter_groups, symmetric_loss)
 from pcd_kernels.train import demo
-from pcd_kernels.train.cli import main
+from pcd_kernels.train.cli import main, parser
 from pcd_kernels.train.data import StepBatches
-from pcd_kernels.train.engine import load_run_checkpoint
+from pcd_kernels.train.engine import load_run_checkpoint, resumable_checkpoint
 from pcd_kernels.train.files import atomic_save, write_json
 from pcd_kernels.train.models import mlp_head
 from pcd_kernels.train.optim import scaled_learning_rate
@@ -595,3 +596,19 @@ def test_a_damaged_log_line_before_the_last_is_a_clear_error(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
     with pytest.raises(TrainError, match="log.jsonl: line 2 is not a log row"):
         MetricLog(str(tmp_path), keep_until=2)
+
+
+def _config(args):
+    return TrainConfig(**vars(parser().parse_args(args))).resolved()
+
+
+def test_resume_refuses_another_demo_teacher(stopped_run, tmp_path, capsys):
+    out, folder_args = _copy_run(stopped_run, tmp_path)
+    assert resumable_checkpoint(_config([*folder_args, "--teacher-steps", "5"]))  # no demo teacher to retrain
+    demo_args = ["--max-steps", "2", "--output-dir", str(out), *TINY]  # TINY trains the teacher for 2 steps
+    checkpoint = load_run_checkpoint(str(out / "checkpoint.pt"))
+    atomic_save({**checkpoint, "config": dataclasses.asdict(_config(demo_args))}, str(out / "checkpoint.pt"))
+    assert resumable_checkpoint(_config([*demo_args, "--resume"]))
+    capsys.readouterr()
+    assert main([*demo_args, "--resume", "--teacher-steps", "3"]) == 2
+    assert "teacher_steps: 2 -> 3" in _error_line(capsys)

@@ -33,6 +33,8 @@ RESULT_SETTINGS = ("data", "teacher", "teacher_weights", "teacher_encoder", "stu
                    "image_size", "epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
                    "weight_decay", "warmup_steps", "clip_grad_norm", "amp", "queue_size", "temperature",
                    "negatives", "loss", "seed")
+# The demo trains its own teacher for --teacher-steps: another count is another teacher.
+DEMO_TEACHER_SETTINGS = ("teacher_steps",)
 # The keys of a checkpoint that resuming reads, and what train() saves under each.
 CHECKPOINT_FIELDS = {"student": dict, "step": int, "optimizer": dict, "criterion": dict, "rng": dict, "config": dict}
 
@@ -241,7 +243,8 @@ def resumable_checkpoint(config: TrainConfig) -> Optional[Dict]:
     if not config.resume:
         raise TrainError(f"{path} exists: pass --resume to continue that run, or choose another --output-dir")
     checkpoint = load_run_checkpoint(path)
-    changed = [f"{k}: {checkpoint['config'].get(k)!r} -> {getattr(config, k)!r}" for k in RESULT_SETTINGS
+    settings = RESULT_SETTINGS + (DEMO_TEACHER_SETTINGS if config.teacher == "demo" else ())
+    changed = [f"{k}: {checkpoint['config'].get(k)!r} -> {getattr(config, k)!r}" for k in settings
                if checkpoint["config"].get(k) != getattr(config, k)]
     if changed:
         raise TrainError(f"--resume: these settings differ from the checkpoint's run ({'; '.join(changed)}); "
