@@ -612,3 +612,24 @@ def test_resume_refuses_another_demo_teacher(stopped_run, tmp_path, capsys):
     capsys.readouterr()
     assert main([*demo_args, "--resume", "--teacher-steps", "3"]) == 2
     assert "teacher_steps: 2 -> 3" in _error_line(capsys)
+
+
+@pytest.fixture
+def broken_torchvision(tmp_path, monkeypatch):
+    """A folder to put first on the path, holding a torchvision that fails to import as the CUDA
+    wheel beside a CPU torch does; this process imports it too."""
+    (tmp_path / "broken" / "torchvision").mkdir(parents=True)
+    (tmp_path / "broken" / "torchvision" / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "broken"))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    return tmp_path / "broken"
+
+
+def test_a_broken_torchvision_is_one_line_for_a_resnet_and_the_default_student_falls_back(broken_torchvision, tmp_path):
+    assert TrainConfig(data="x", teacher="mocov3_resnet50").resolved().student == "cnn"  # as without torchvision
+    result = _run("-m", "pcd_kernels.train", "--student", "resnet18", "--output-dir", str(tmp_path / "out"), *TINY,
+                  env={"PYTHONPATH": os.pathsep.join([str(broken_torchvision), TESTS])})
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert ("--student resnet18 needs torchvision, which is installed but fails to import (RuntimeError: operator "
+            "torchvision::nms does not exist)") in result.stderr

@@ -40,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--teacher-steps", type=int, default=d.teacher_steps,
                       help="demo only: steps to train its teacher (default: %(default)s)")
     data.add_argument("--student", help=f"{' | '.join(STUDENTS)} | package.module:factory (an nn.Module with "
-                      "an int out_channels); default: resnet18 with --data when torchvision is installed, cnn "
-                      "otherwise")
+                      "an int out_channels); default: resnet18 with --data when torchvision imports, cnn "
+                      "otherwise (torchvision missing or broken)")
     data.add_argument("--mlp-dim", type=int, help="hidden width of the projector and predictor (default: 4096 "
                       "for ResNets, twice the teacher's dim otherwise)")
     data.add_argument("--num-heads", type=int, help="heads of the plug-in MHSA2d, reduced to a divisor of the "

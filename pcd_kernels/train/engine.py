@@ -2,7 +2,6 @@
 against a queue of pooled teacher vectors, DDP, atomic checkpoints and exact resume."""
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import random
 import time
@@ -22,7 +21,7 @@ from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_p
 from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.files import atomic_save, prepare_output_dir, remove_stale_temporaries, verify_checksum
 from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
-                                      resize_to)
+                                      resize_to, torchvision_problem)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
 from pcd_kernels.train.progress import MetricLog, Progress, plot_loss
 
@@ -83,8 +82,8 @@ class TrainConfig:
         """Defaults filled in: the embedded demo (no ``data``) trains a compact student on 32x32
         digit composites; real data gets PCD's ResNet-18 student at 224 pixels."""
         demo = self.data is None
-        # PCD's student is ResNet-18; without torchvision the built-in CNN stands in.
-        resnet = importlib.util.find_spec("torchvision") is not None
+        # PCD's student is ResNet-18; without a torchvision that imports, the built-in CNN stands in.
+        resnet = torchvision_problem() is None
         defaults = dict(teacher="demo" if demo else None, student="resnet18" if resnet and not demo else "cnn",
                         image_size=32 if demo else 224, batch_size=128 if demo else 64,
                         lr=0.4 if demo else 0.05, queue_size=1024 if demo else 65536)

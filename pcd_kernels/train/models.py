@@ -105,13 +105,27 @@ def resize_to(student_map: Tensor, size: Tuple[int, int]) -> Tensor:
     return F.interpolate(student_map, size=size, mode="bilinear", align_corners=False)
 
 
-def require_torchvision(what: str):
+def torchvision_problem() -> Optional[str]:
+    """Why torchvision cannot be used, or None when it can. It tries the import: an installed
+    torchvision can still fail to load, as the CUDA wheel beside a CPU torch does (RuntimeError:
+    operator torchvision::nms does not exist)."""
     try:
-        import torchvision
-    except ImportError as error:
-        raise TrainError(f"{what} needs torchvision (pip install torchvision); the built-in 'cnn' student "
-                         "and 'package.module:factory' models need nothing more") from error
-    return torchvision
+        import torchvision  # noqa: F401
+    except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == "torchvision":
+            return "is not installed"
+        message = str(error).splitlines()[0] if str(error) else ""
+        return f"is installed but fails to import ({type(error).__name__}: {message})"
+    return None
+
+
+def require_torchvision(what: str):
+    problem = torchvision_problem()
+    if problem is not None:
+        raise TrainError(f"{what} needs torchvision, which {problem}: pip install a torchvision built for this "
+                         f"torch ({torch.__version__}); the built-in 'cnn' student and 'package.module:factory' "
+                         "models need nothing more")
+    return importlib.import_module("torchvision")
 
 
 def resnet_backbone(name: str) -> Tuple[nn.Module, int]:
