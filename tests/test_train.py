@@ -633,3 +633,11 @@ def test_a_broken_torchvision_is_one_line_for_a_resnet_and_the_default_student_f
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
     assert ("--student resnet18 needs torchvision, which is installed but fails to import (RuntimeError: operator "
             "torchvision::nms does not exist)") in result.stderr
+
+
+def test_the_demo_teacher_with_data_says_it_is_only_for_the_demo(tmp_path, capsys):
+    assert main(["--data", str(tmp_path), "--teacher", "demo", "--output-dir", str(tmp_path / "out"), *TINY]) == 2
+    assert "--teacher demo is only for the embedded demo (without --data)" in _error_line(capsys)
+    assert main(["--data", str(tmp_path), "--teacher", "vit", "--output-dir", str(tmp_path / "out"), *TINY]) == 2
+    assert "unknown model 'vit'; choose one of mocov3_resnet50 or" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()  # refused before anything is prepared

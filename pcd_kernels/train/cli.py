@@ -33,7 +33,8 @@ def parser() -> argparse.ArgumentParser:
                       "omit for the embedded scikit-learn digits demo")
     data.add_argument("--teacher", help=f"{' | '.join(TEACHERS)} | package.module:factory (returns an nn.Module "
                       "giving (B, C, h, w) maps, or a (backbone, MLP head) pair whose head becomes a "
-                      "SpatialAdaptor); default: demo without --data, required with it")
+                      "SpatialAdaptor); default: demo (the demo's own teacher, only without --data), required "
+                      "with --data")
     data.add_argument("--teacher-weights", metavar="PATH", help="the MoCo v3 checkpoint for mocov3_resnet50")
     data.add_argument("--teacher-encoder", default=d.teacher_encoder, choices=("base", "momentum"),
                       help="which MoCo v3 encoder is the teacher (default: %(default)s)")

@@ -20,8 +20,8 @@ from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.files import atomic_save, prepare_output_dir, remove_stale_temporaries, verify_checksum
-from pcd_kernels.train.models import (STUDENTS, TEACHERS, Student, Teacher, build_student_backbone, require_torchvision,
-                                      resize_to, torchvision_problem)
+from pcd_kernels.train.models import (DATA_TEACHERS, DEMO_TEACHER_WITH_DATA, STUDENTS, TEACHERS, Student, Teacher,
+                                      build_student_backbone, require_torchvision, resize_to, torchvision_problem)
 from pcd_kernels.train.optim import build_optimizer, learning_rate, parameter_groups, scaled_learning_rate
 from pcd_kernels.train.progress import MetricLog, Progress, plot_loss
 
@@ -101,7 +101,10 @@ class TrainConfig:
     def check_model_names(self) -> None:
         """Unknown ``--student`` / ``--teacher`` names fail here, before any data is prepared. (The
         Python API takes modules, so :func:`train` never reads these names but the student's.)"""
-        for flag, name, known in (("--student", self.student, STUDENTS), ("--teacher", self.teacher, TEACHERS)):
+        if self.teacher == "demo" and self.data is not None:
+            raise TrainError(DEMO_TEACHER_WITH_DATA)
+        teachers = TEACHERS if self.data is None else DATA_TEACHERS
+        for flag, name, known in (("--student", self.student, STUDENTS), ("--teacher", self.teacher, teachers)):
             if name is not None and name not in known and ":" not in name:
                 raise TrainError(f"{flag}: unknown model {name!r}; choose one of {', '.join(known)} "
                                  "or give 'package.module:factory'")

@@ -18,6 +18,10 @@ from pcd_kernels.train.errors import TrainError
 
 STUDENTS = ("cnn", "resnet18", "resnet34")
 TEACHERS = ("demo", "mocov3_resnet50")
+DATA_TEACHERS = ("mocov3_resnet50",)  # the demo trains its teacher on its own digits
+DEMO_TEACHER_WITH_DATA = ("--teacher demo is only for the embedded demo (without --data), which trains it on its "
+                          "digits; with --data give 'mocov3_resnet50' (with --teacher-weights) or "
+                          "'package.module:factory'")
 
 
 
@@ -216,6 +220,8 @@ def build_student_backbone(name: str) -> Tuple[nn.Module, int]:
 
 def build_teacher(name: str, weights: Optional[str], encoder: str = "base") -> Teacher:
     """A teacher for ``--teacher`` (except 'demo', which the demo trains itself)."""
+    if name == "demo":
+        raise TrainError(DEMO_TEACHER_WITH_DATA)
     if name == "mocov3_resnet50":
         if not weights:
             raise TrainError("--teacher mocov3_resnet50 needs --teacher-weights PATH (the official "
@@ -229,5 +235,5 @@ def build_teacher(name: str, weights: Optional[str], encoder: str = "base") -> T
             raise TrainError(f"--teacher {name}: the factory must return an nn.Module mapping images to "
                              "(B, C, h, w) maps, or a (backbone, pooled-feature MLP head) pair")
         return made if isinstance(made, Teacher) else Teacher(made)
-    raise TrainError(f"--teacher: unknown model {name!r}; choose one of {', '.join(TEACHERS)} "
+    raise TrainError(f"--teacher: unknown model {name!r}; choose one of {', '.join(DATA_TEACHERS)} "
                      "or give 'package.module:factory'")
