@@ -123,9 +123,10 @@ def _disagreement(op: str, everyone: list) -> str:
 
     rejected = [rank for rank, entry in enumerate(everyone) if entry is None]
     if rejected:
-        return (f"{op}: rank{'s' if len(rejected) > 1 else ''} {', '.join(map(str, rejected))} of the "
-                "process group rejected its arguments (its own error says why); every rank must pass "
-                "valid arguments")
+        many = len(rejected) > 1
+        return (f"{op}: rank{'s' if many else ''} {', '.join(map(str, rejected))} of the process group "
+                f"rejected {'their' if many else 'its'} arguments (see the error raised there); every "
+                "rank must pass valid arguments")
     ops = [entry[0] for entry in everyone]
     if len(set(ops)) > 1:
         return f"{op}: the ranks of the process group called different operations: {ranks(ops)}"
