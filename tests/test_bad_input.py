@@ -3,8 +3,8 @@ argument at every entry point, instead of an error from deep inside torch or a s
 import pytest
 import torch
 
-from pcd_kernels import (PixelContrastiveLoss, SpatialReLU, omni_contrastive_loss, pixel_attention,
-                         pixel_contrastive_loss)
+from pcd_kernels import (MHSA2d, AfDCDLoss, PixelContrastiveLoss, SpatialReLU, omni_contrastive_loss,
+                         pixel_attention, pixel_contrastive_loss)
 
 
 def _calls():
@@ -23,6 +23,9 @@ def _calls():
     def attention(q=s, k=s, v=s):
         return pixel_attention(q, k, v, num_heads=2)
 
+    def afdcd(feat_S=s, feat_T=s):
+        return AfDCDLoss(8, 8, M_ocd=2, pool_size=0, patch_size=(2, 2))(feat_S, feat_T)
+
     return [
         *(("pixel_contrastive_loss", name, lambda x, n=name: loss(**{n: x})) for name in ("student", "teacher", "queue")),
         *(("PixelContrastiveLoss", name, lambda x, n=name: module(**{n: x})) for name in ("student", "teacher")),
@@ -30,7 +33,10 @@ def _calls():
         *(("omni_contrastive_loss", name, lambda x, n=name: omni(**{n: x})) for name in ("student", "teacher")),
         *(("pixel_attention", name, lambda x, n=name: attention(**{n: x})) for name in ("q", "k", "v")),
         ("SpatialReLU", "x", SpatialReLU()),
-    ], {"student": s, "teacher": s, "queue": q, "keys": q[:3], "q": s, "k": s, "v": s, "x": s}
+        ("MHSA2d", "x", MHSA2d(8, num_heads=2)),
+        *(("AfDCDLoss", name, lambda x, n=name: afdcd(**{n: x})) for name in ("feat_S", "feat_T")),
+    ], {"student": s, "teacher": s, "queue": q, "keys": q[:3], "q": s, "k": s, "v": s, "x": s, "feat_S": s,
+        "feat_T": s}
 
 
 CALLS, VALUES = _calls()

@@ -6,7 +6,7 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-from pcd_kernels.ops._checks import check_choice, check_positive_finite
+from pcd_kernels.ops._checks import check_choice, check_float, check_positive_finite, check_tensor
 from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.omni_contrastive import _check_int, _check_patch_size, omni_contrastive_loss
 
@@ -67,8 +67,8 @@ class AfDCDLoss(nn.Module):
                  rand_mask: bool = True, mask_ratio: float = 0.75, enhance_projector: bool = False,
                  dataset: str = "citys", *, backend: str = "auto"):
         super().__init__()
-        student_channels = _check_int("student_channels", student_channels, 1)
-        teacher_channels = _check_int("teacher_channels", teacher_channels, 1)
+        self.student_channels = student_channels = _check_int("student_channels", student_channels, 1)
+        self.teacher_channels = teacher_channels = _check_int("teacher_channels", teacher_channels, 1)
         self.tau_ocd = check_positive_finite("tau_ocd", tau_ocd)
         self.M_ocd = _check_int("M_ocd", M_ocd, 1)
         if teacher_channels % self.M_ocd:
@@ -111,6 +111,11 @@ class AfDCDLoss(nn.Module):
         return mask
 
     def forward(self, feat_S: Tensor, feat_T: Tensor) -> Tuple[Tensor, Tensor]:
+        for name, x, channels in (("feat_S", feat_S, self.student_channels), ("feat_T", feat_T, self.teacher_channels)):
+            check_tensor(name, x, 4, "(B, C, H, W) ")
+            check_float(name, x)
+            if x.shape[1] != channels:
+                raise ValueError(f"{name} must have {channels} channels, got shape {tuple(x.shape)}")
         feat_S = self.align(feat_S)
         if feat_S.shape != feat_T.shape:
             raise ValueError(f"aligned student features {tuple(feat_S.shape)} and teacher features "

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcd_kernels.ops._checks import check_bool, check_choice
+from pcd_kernels.ops._checks import check_bool, check_choice, check_float, check_tensor
 from pcd_kernels.ops._dispatch import BACKENDS
 from pcd_kernels.ops.pixel_attention import pixel_attention
 
@@ -138,8 +138,8 @@ class MHSA2d(nn.Module):
         return pixel_attention(q, k, v, num_heads=self.num_heads, backend=self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor("x", x)
+        check_float("x", x)
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must be a (B, {self.channels}, H, W) map, got shape {tuple(x.shape)}")
         pos = self.position_encoding(x.shape[2], x.shape[3], x.device, x.dtype)
