@@ -26,15 +26,6 @@ def temporary_path(path: str) -> str:
     return f"{path}.tmp-{os.getpid()}"
 
 
-def remove_stale_temporaries(folder: str) -> None:
-    """Removes the temporary files that writers killed mid-write left in ``folder`` (not below it).
-    Call it before this run writes there: it cannot tell a stale file from one being written."""
-    with reporting_write_errors(folder):
-        for entry in os.scandir(folder):
-            if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                os.remove(entry.path)
-
-
 @contextlib.contextmanager
 def reporting_write_errors(path: str):
     """Turns an ``OSError`` (no space left, a read-only disk, ...) into a one-line TrainError."""
@@ -50,7 +41,8 @@ def prepare_output_dir(folder: str) -> None:
     before any long preparation, so an unusable ``--output-dir`` costs no time."""
     try:
         os.makedirs(folder, exist_ok=True)
-        # A real write, not os.access: root passes os.access on a read-only disk.
+        # Writing is the sure test: os.access trusts permission bits that ACLs, network file systems
+        # and root's privileges overrule.
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
@@ -61,6 +53,15 @@ def prepare_output_dir(folder: str) -> None:
         else:
             why = error.strerror or str(error)
         raise TrainError(f"--output-dir {folder}: cannot write there ({why}); choose another folder") from error
+
+
+def remove_stale_temporaries(folder: str) -> None:
+    """Removes the temporary files that writers killed mid-write left in ``folder`` (not below it).
+    Call it before this run writes there: it cannot tell a stale file from one being written."""
+    with reporting_write_errors(folder):
+        for entry in os.scandir(folder):
+            if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.remove(entry.path)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
