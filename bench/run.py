@@ -14,7 +14,7 @@ in this process and peak memory is torch.cuda.max_memory_allocated above the inp
 that cannot run is listed with the reason; running out of memory is recorded as OOM.
 
     python bench/run.py                    # every op, this machine's device, full sizes -> bench/runs/
-    python bench/run.py --quick            # small sizes (CPU: a few minutes) -> bench/runs/
+    python bench/run.py --quick            # small sizes (CPU: 1-2 minutes) -> bench/runs/
     python bench/run.py --publish          # -> bench/results/, then docs/performance.md is regenerated
     python bench/run.py --device cuda --dtype bfloat16 --out /tmp/bench
     python bench/run.py --cases pcd-target --providers naive ours-triton   # a subset
