@@ -511,9 +511,9 @@ def sdpa_pixel_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale:
     path, which builds the (H*W x Hk*Wk) matrix."""
     qh, kh, vh = (attention_heads(x, num_heads).contiguous() for x in (q, k, v))
     out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    # The CPU flash kernel's AVX-512 exp (torch 2.13, ATEN_CPU_CAPABILITY=avx512) returns 0 for a
-    # query row holding NaN where the other paths return NaN. Adding 0 x the row's sum gives NaN
-    # exactly where the naive formula does (a NaN or an infinite query component) and changes
-    # nothing else, gradients included.
-    out = out + qh.sum(dim=-1, keepdim=True) * 0
+    if out.device.type == "cpu":
+        # The CPU flash kernel's AVX-512 exp (torch 2.13, ATEN_CPU_CAPABILITY=avx512) returns 0 for
+        # a query row holding NaN where its other paths return NaN. A NaN or infinite query
+        # component makes the naive formula's whole row NaN, so that is what the row becomes.
+        out = out.masked_fill(~qh.isfinite().all(dim=-1, keepdim=True), float("nan"))
     return out.transpose(2, 3).reshape(q.shape)

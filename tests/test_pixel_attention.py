@@ -109,6 +109,19 @@ def test_nan_in_nan_out(backend, device, dtype):
     assert head1.isnan().all()
 
 
+def test_large_finite_queries_stay_finite_and_an_infinite_one_gives_nan():
+    """The NaN guard of the torch backend must not see NaN where the inputs hold none: a float16
+    query row whose sum overflows is finite, and so is its output."""
+    q = torch.full((1, 16, 2, 3), 5000.0, dtype=torch.float16)  # a row sums to 80,000 > float16 65,504
+    k, v = torch.randn(1, 16, 2, 3, dtype=torch.float16) * 1e-4, torch.randn(1, 16, 2, 3, dtype=torch.float16)
+    out = pixel_attention(q, k, v, num_heads=1, backend="torch")
+    assert out.isfinite().all()
+    q[0, 3, 1, 1] = float("inf")
+    expected = naive_pixel_attention(q.double(), k.double(), v.double(), 1)
+    out = pixel_attention(q, k, v, num_heads=1, backend="torch")
+    assert torch.equal(out.isnan(), expected.isnan()) and out[0, :, 1, 1].isnan().all()
+
+
 @pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_empty_batch_and_empty_query_map(backend, device, dtype):
     q = torch.randn(0, 8, 3, 3, device=device, requires_grad=True)
