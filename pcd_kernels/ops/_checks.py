@@ -1,7 +1,7 @@
 """Argument checks shared by every op: each failure names the argument and what was expected."""
 import math
 import numbers
-import zlib
+import hashlib
 from typing import Optional, Sequence
 
 import torch
@@ -90,6 +90,9 @@ def check_same_on_every_rank(op: str, group, fields: Optional[dict]) -> None:
     arguments were rejected passes ``fields=None`` and re-raises its own error afterwards, so the
     other ranks raise instead of waiting for it. One all_gather of two int64 per rank when the
     ranks agree; only when they do not, a second one of the readable fields for the message.
+    The first runs on the CPU when the group's backend has a CPU side (gloo, or a mixed
+    ``"cpu:gloo,cuda:nccl"`` group as the trainer makes); on NCCL alone it is a CUDA tensor, and
+    reading the answer waits for the GPU's queued work.
     """
     import torch.distributed as dist
 
@@ -97,14 +100,16 @@ def check_same_on_every_rank(op: str, group, fields: Optional[dict]) -> None:
     if world == 1:
         return
     # The group's backend decides where its tensors live, not this rank's (maybe rejected) inputs.
-    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl"
-              else torch.device("cpu"))
-    # crc32, not hash(): Python salts str hashes per process.
-    code = 0 if fields is None else zlib.crc32(repr((op, fields)).encode())
+    backend = str(dist.get_backend(group))
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if "gloo" not in backend and "mpi" not in backend and torch.cuda.is_available() else torch.device("cpu"))
+    # A digest, not hash(): Python salts str hashes per process.
+    code = 0 if fields is None else int.from_bytes(
+        hashlib.blake2b(repr((op, fields)).encode(), digest_size=8).digest(), "little", signed=True)
     mine = torch.tensor([fields is None, code], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    if bool(torch.stack(gathered).eq(mine).all()):  # (one host sync)
+    if bool(torch.stack(gathered).eq(mine).all()):
         return
     everyone = [None] * world
     dist.all_gather_object(everyone, None if fields is None else (op, fields), group=group)

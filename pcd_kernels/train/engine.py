@@ -166,7 +166,8 @@ class Distributed:
 
 
 def setup_distributed(device: torch.device) -> Distributed:
-    """Joins the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU); a no-op alone."""
+    """Joins the process group ``torchrun`` describes (NCCL with gloo for CPU tensors on CUDA, gloo on
+    CPU); a no-op alone."""
     if dist.is_available() and dist.is_initialized():
         return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -175,7 +176,9 @@ def setup_distributed(device: torch.device) -> Distributed:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # gloo beside NCCL: the loss's small per-call agreement of the ranks' arguments then runs on
+    # the CPU instead of waiting for the GPU (pcd_kernels.ops._checks.check_same_on_every_rank).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
 
