@@ -527,15 +527,26 @@ def test_an_unusable_output_dir_fails_at_once(tmp_path, monkeypatch, capsys, kin
 
 def test_temporary_files_of_a_killed_writer_are_removed_at_the_next_start(stopped_run, tmp_path):
     out, args = _copy_run(stopped_run, tmp_path)
-    stale = ["checkpoint.pt.tmp-4242", "log.jsonl.tmp-7", "demo_results.json.tmp-99", "loss.png.tmp-1"]
-    kept = ["notes.txt", "notes.tmp-draft", "checkpoint.pt.tmp-4242.bak"]  # not names the trainer gives
-    for name in stale + kept:
-        (out / name).write_bytes(b"partial")
-    (out / "baseline-pooled").mkdir()
-    (out / "baseline-pooled" / "keep.tmp-1").write_bytes(b"")  # another run's folder: its own start cleans it
-    assert main(args) == 0
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    dead = int(killed.stdout)  # a writer that is gone
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # one still writing
+    try:
+        stale = [f"checkpoint.pt.tmp-{dead}", f"log.jsonl.tmp-{dead}", f"demo_results.json.tmp-{dead}"]
+        kept = ["notes.txt", "notes.tmp-draft", f"checkpoint.pt.tmp-{dead}.bak",  # not names the trainer gives
+                f"loss.png.tmp-{live.pid}"]  # another process, still running, may be writing it
+        for name in stale + kept:
+            (out / name).write_bytes(b"partial")
+        (out / "baseline-pooled").mkdir()
+        (out / "baseline-pooled" / f"keep.tmp-{dead}").write_bytes(b"")  # another run's folder: it cleans its own
+        assert main(args[:-1]) == 2  # without --resume: refused, and the run's files are left as they are
+        assert all((out / name).exists() for name in stale + kept)
+        assert main(args) == 0
+    finally:
+        live.kill()
+        live.wait()
     assert not any((out / name).exists() for name in stale)
-    assert all((out / name).exists() for name in kept) and (out / "baseline-pooled" / "keep.tmp-1").exists()
+    assert all((out / name).exists() for name in kept) and (out / "baseline-pooled" / f"keep.tmp-{dead}").exists()
 
 
 def _flip_a_tensor_byte(path):

@@ -83,8 +83,9 @@ class TrainConfig:
         digit composites; real data gets PCD's ResNet-18 student at 224 pixels."""
         demo = self.data is None
         # PCD's student is ResNet-18; without a torchvision that imports, the built-in CNN stands in.
-        resnet = torchvision_problem() is None
-        defaults = dict(teacher="demo" if demo else None, student="resnet18" if resnet and not demo else "cnn",
+        # (Only asked when it decides: importing torchvision takes seconds.)
+        resnet = not demo and self.student is None and torchvision_problem() is None
+        defaults = dict(teacher="demo" if demo else None, student="resnet18" if resnet else "cnn",
                         image_size=32 if demo else 224, batch_size=128 if demo else 64,
                         lr=0.4 if demo else 0.05, queue_size=1024 if demo else 65536)
         if not demo and self.teacher is None:
@@ -275,10 +276,12 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
     device = device or resolve_device(config.device)
     distributed = distributed or setup_distributed(device)
     prepare_output_dir(config.output_dir)
+    checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
+    # First the checks that refuse a folder holding another run, so that a mistaken start never
+    # touches that run's files.
+    checkpoint = resumable_checkpoint(config)
     if distributed.main:
         remove_stale_temporaries(config.output_dir)
-    checkpoint_path = os.path.join(config.output_dir, CHECKPOINT)
-    checkpoint = resumable_checkpoint(config)
     if checkpoint is None and config.resume and distributed.main:
         print(f"--resume: no {CHECKPOINT} in {config.output_dir} yet; starting at step 0", flush=True)
 
@@ -320,6 +323,8 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
             if checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
             set_rng_state(checkpoint["rng"])
+        except torch.cuda.OutOfMemoryError:  # (a RuntimeError) the checkpoint is fine: say nothing against it
+            raise
         except (KeyError, RuntimeError, TypeError, ValueError) as error:  # the right keys, the wrong contents
             raise TrainError(f"checkpoint {checkpoint_path!r} does not fit this run ({type(error).__name__}: "
                              f"{' '.join(str(error).split())[:300]}); delete it to start again, or choose another "

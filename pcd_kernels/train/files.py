@@ -2,6 +2,7 @@
 checksum, and a one-line :class:`TrainError` (not a traceback) when the disk is full or the folder
 unusable."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ from pcd_kernels.train.errors import TrainError
 CHECKSUM = "sha256"
 
 # The names temporary_path gives: only files named so are ever removed as stale.
-TEMPORARY = re.compile(r".+\.tmp-\d+")
+TEMPORARY = re.compile(r".+\.tmp-(\d+)")
 
 
 def temporary_path(path: str) -> str:
@@ -57,11 +58,25 @@ def prepare_output_dir(folder: str) -> None:
 
 def remove_stale_temporaries(folder: str) -> None:
     """Removes the temporary files that writers killed mid-write left in ``folder`` (not below it).
-    Call it before this run writes there: it cannot tell a stale file from one being written."""
+    Call it before this run writes there. A file whose writer (the pid in its name) still runs on
+    this machine is left alone: another run may be writing into the same folder."""
     with reporting_write_errors(folder):
         for entry in os.scandir(folder):
-            if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            match = TEMPORARY.fullmatch(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not _running(int(match.group(1))):
                 os.remove(entry.path)
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run's own leftovers (a pid reused by a later start)
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return True
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
@@ -74,8 +89,13 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
                 write(f)
                 f.flush()
                 # Without this a crash soon after the rename can leave an empty file in place of
-                # the previous one: the rename may reach the disk before the data.
-                os.fsync(f.fileno())
+                # the previous one: the rename may reach the disk before the data. Some network
+                # and FUSE file systems cannot sync at all (EINVAL, ENOTSUP): write without it there.
+                try:
+                    os.fsync(f.fileno())
+                except OSError as error:
+                    if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.ENOSYS):
+                        raise
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -101,9 +121,12 @@ def checksum(payload) -> str:
             flat = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"tensor {flat.dtype} {tuple(value.shape)}\n".encode())
             digest.update(flat.view(torch.uint8).numpy())
-        elif isinstance(value, np.ndarray):
+        elif isinstance(value, np.ndarray) and value.dtype != object:  # (object arrays hold pointers)
             digest.update(f"array {value.dtype} {value.shape}\n".encode())
             digest.update(np.ascontiguousarray(value).tobytes())
+        elif isinstance(value, np.ndarray):
+            digest.update(f"object array {value.shape}\n".encode())
+            add(value.tolist())
         elif isinstance(value, dict):
             digest.update(f"dict {len(value)}\n".encode())
             for key, item in value.items():
