@@ -124,12 +124,14 @@ def test_state_dict_loads_into_the_official_module_and_back(channels, enhance):
 
 
 def test_state_dicts_saved_under_earlier_names_load():
-    criterion = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
-    earlier = {k.replace("projetor.", "generator.").replace("adpator_", "adaptor_"): torch.randn_like(v)
-               for k, v in criterion.state_dict().items()}
-    criterion.load_state_dict(earlier)
-    torch.testing.assert_close(criterion.projetor.adpator_1.weight, earlier["generator.adaptor_1.weight"])
-    torch.testing.assert_close(criterion.align.weight, earlier["align.weight"])
+    outer = torch.nn.Module()  # nested under a name that holds "adaptor_" itself
+    outer.adaptor_loss = AfDCDLoss(8, 16, M_ocd=4, enhance_projector=True)
+    earlier = {k.replace("projetor.", "generator.").replace(".adpator_", ".adaptor_"): torch.randn_like(v)
+               for k, v in outer.state_dict().items()}
+    outer.load_state_dict(earlier)
+    criterion = outer.adaptor_loss
+    torch.testing.assert_close(criterion.projetor.adpator_1.weight, earlier["adaptor_loss.generator.adaptor_1.weight"])
+    torch.testing.assert_close(criterion.align.weight, earlier["adaptor_loss.align.weight"])
 
 
 @pytest.mark.parametrize("kwargs,message", [

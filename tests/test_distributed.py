@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from _helpers import INTERPRETER
 from pcd_kernels import PixelContrastiveLoss, pixel_contrastive_loss
@@ -103,6 +104,12 @@ def _enqueue(keys, dtype=torch.float32):
     PixelContrastiveLoss(queue_size=8, dim=8).to(dtype).enqueue(keys)
 
 
+def _pcd_enqueue(keys):
+    from pcd_kernels.integrations.pcd import PCD
+
+    PCD(nn.Identity(), nn.Identity(), 8, 16, 0.2)._dequeue_and_enqueue(keys)
+
+
 DISAGREE = "the ranks of the process group disagree on "
 REJECTED = "rank 1 of the process group rejected its arguments"
 MISMATCHES = {  # name: (the call of rank r, what every rank's error says, or {rank: what it says})
@@ -127,7 +134,10 @@ MISMATCHES = {  # name: (the call of rank r, what every rank's error says, or {r
     "loss and enqueue": (lambda r: _loss(*_maps()) if r == 0 else _enqueue(torch.randn(3, 8)),
                          "called different operations: pixel_contrastive_loss on rank 0, "
                          "PixelContrastiveLoss.enqueue on rank 1"),
-    "agreeing ranks": (lambda r: (_loss(*_maps()), _enqueue(torch.randn(3, 8))), None),
+    "PCD drop-in enqueue size": (lambda r: _pcd_enqueue(torch.randn(2 + r, 8)),
+                                 DISAGREE + r"number of keys \(2 on rank 0, 3 on rank 1\)"),
+    "agreeing ranks": (lambda r: (_loss(*_maps()), _enqueue(torch.randn(3, 8)), _pcd_enqueue(torch.randn(2, 8))),
+                       None),
 }
 
 

@@ -98,3 +98,17 @@ def test_meta_module_gives_meta_loss_and_enqueues():
     assert s.grad.device.type == "meta" and s.grad.shape == s.shape
     criterion.enqueue(torch.randn(3, 8, device="meta"))
     assert criterion._ptr == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the queue's move to it cannot run here")
+@pytest.mark.parametrize("first", ["forward", "enqueue"])
+def test_a_cpu_built_queue_follows_cuda_maps_and_keys(first):
+    """A framework that never moves its criterion (torchdistill) hands it CUDA maps or keys."""
+    criterion = PixelContrastiveLoss(negatives="none", queue_size=8, dim=4)
+    s, t = torch.randn(2, 4, 3, 3, device="cuda", requires_grad=True), torch.randn(2, 4, 3, 3, device="cuda")
+    if first == "enqueue":
+        criterion.enqueue(t.mean((2, 3)))
+    criterion(s, t).backward()
+    criterion.enqueue(t.mean((2, 3)))
+    assert criterion.queue.device == s.device and criterion.queue_ptr.device == s.device
+    assert int(criterion.queue_ptr) == (4 if first == "enqueue" else 2)

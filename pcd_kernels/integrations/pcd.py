@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pcd_kernels.ops._checks import check_same_on_every_rank
 from pcd_kernels.ops.pixel_contrastive import pixel_contrastive_loss
 
 
@@ -92,6 +93,9 @@ class PCD(nn.Module):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # all_gather needs the same shape and dtype on every rank: agreed first, or gloo aborts
+            check_same_on_every_rank("PCD._dequeue_and_enqueue", None, {
+                "number of keys": keys.shape[0], "channels": keys.shape[1], "dtype": keys.dtype})
             gathered = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
             dist.all_gather(gathered, keys.contiguous())
             keys = torch.cat(gathered)

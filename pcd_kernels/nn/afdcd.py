@@ -144,5 +144,7 @@ def _earlier_keys(module, state_dict, prefix, *args):
     """Rename, in place, the keys of a state dict saved by pcd_kernels before it kept the official
     names: generator -> projetor, adaptor_ -> adpator_."""
     for key in [k for k in state_dict if k.startswith(prefix + "generator.")]:
-        new = prefix + "projetor." + key[len(prefix + "generator."):]
-        state_dict[new.replace(".adaptor_", ".adpator_")] = state_dict.pop(key)
+        rest = key[len(prefix + "generator."):]  # (the prefix may hold "adaptor_" too: leave it)
+        if rest.startswith("adaptor_"):
+            rest = "adpator_" + rest[len("adaptor_"):]
+        state_dict[prefix + "projetor." + rest] = state_dict.pop(key)

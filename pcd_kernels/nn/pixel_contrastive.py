@@ -126,6 +126,7 @@ class PixelContrastiveLoss(nn.Module):
         if distributed:  # the all_gather below needs the same shape and dtype on every rank
             check_same_on_every_rank("PixelContrastiveLoss.enqueue", self.process_group, {
                 "number of keys": keys.shape[0], "channels": keys.shape[1], "queue dtype": self.queue.dtype})
+        self.queue_on(keys)  # keys from CUDA before any forward: the queue moves, as forward would move it
         keys = keys.detach().to(device=self.queue.device, dtype=self.queue.dtype)
         if self.normalize:
             keys = F.normalize(keys, dim=1)
