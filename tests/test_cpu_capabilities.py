@@ -58,7 +58,12 @@ def test_cpu_numeric_tests_pass_at_every_other_instruction_set(capability, mkl):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MKL_ENABLE_INSTRUCTIONS=mkl, PCD_TEST_SEED=str(SEED))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", "not triton and not cuda",
                *(str(TESTS / f) for f in FILES)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=TESTS.parent)
+    try:  # (a hang here would hang the whole suite)
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=1800)
+    except subprocess.TimeoutExpired as timeout:
+        pytest.fail(f"ATEN_CPU_CAPABILITY={capability}: the tests ran past {timeout.timeout} s:
+"
+                    f"{(timeout.stdout or b'')[-3000:]!r}")
     summary = "\n".join(result.stdout.strip().splitlines()[-40:])
     assert result.returncode == 0, (f"with ATEN_CPU_CAPABILITY={capability} MKL_ENABLE_INSTRUCTIONS={mkl} "
                                     f"(PCD_TEST_SEED={SEED}):\n{summary}\n{result.stderr[-2000:]}")
