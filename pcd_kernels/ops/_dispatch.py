@@ -18,7 +18,8 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
     """Why the Triton kernels cannot run on ``device``, or None when they can."""
     if not _TRITON_INSTALLED:
-        return "Triton is not installed (pip install triton; it ships for Linux)"
+        return ("Triton is not installed (pip install 'pcd_kernels[triton]', or pip install triton; it ships "
+                "for Linux)")
     if device.type == "cuda":
         return None
     from pcd_kernels.triton.pixel_contrastive import is_interpreter
