@@ -61,8 +61,7 @@ def test_cpu_numeric_tests_pass_at_every_other_instruction_set(capability, mkl):
     try:  # (a hang here would hang the whole suite)
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=1800)
     except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"ATEN_CPU_CAPABILITY={capability}: the tests ran past {timeout.timeout} s:
-"
+        pytest.fail(f"ATEN_CPU_CAPABILITY={capability}: the tests ran past {timeout.timeout} s:\n"
                     f"{(timeout.stdout or b'')[-3000:]!r}")
     summary = "\n".join(result.stdout.strip().splitlines()[-40:])
     assert result.returncode == 0, (f"with ATEN_CPU_CAPABILITY={capability} MKL_ENABLE_INSTRUCTIONS={mkl} "
