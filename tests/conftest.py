@@ -9,6 +9,7 @@ failure, and PCD_TEST_SEED=<seed> reproduces a run.
 """
 import os
 import random
+import tempfile
 import zlib
 
 import pytest
@@ -22,6 +23,16 @@ if not torch.cuda.is_available():
 os.environ.setdefault("PCD_KERNELS_AUTOTUNE", "0")
 
 SEED = int(os.environ.get("PCD_TEST_SEED", random.randrange(2**31)))
+
+
+def inductor_cache_dir(capability: str) -> str:
+    """torch's inductor caches the C++ it compiles without the instruction set in the key: code
+    written at one ATEN_CPU_CAPABILITY and reloaded at another fails to compile (at::vec undeclared)
+    or crashes. The suite keeps one cache per setting."""
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_pcd_kernels_{capability.lower()}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir(torch.backends.cpu.get_cpu_capability()))
 
 
 def pytest_report_header(config):

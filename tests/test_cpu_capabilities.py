@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SEED
+from conftest import SEED, inductor_cache_dir
 
 TESTS = Path(__file__).resolve().parent
 # Tests whose results come from torch's CPU kernels: every op's torch backend, the modules, the
@@ -55,7 +55,8 @@ OTHERS = _other_levels()
                                        "runs at (or torch names none)")
 @pytest.mark.parametrize("capability,mkl", OTHERS or [("none", "none")], ids=[c for c, _ in OTHERS] or ["none"])
 def test_cpu_numeric_tests_pass_at_every_other_instruction_set(capability, mkl):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MKL_ENABLE_INSTRUCTIONS=mkl, PCD_TEST_SEED=str(SEED))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, MKL_ENABLE_INSTRUCTIONS=mkl, PCD_TEST_SEED=str(SEED),
+               TORCHINDUCTOR_CACHE_DIR=inductor_cache_dir(capability))
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", "not triton and not cuda",
                *(str(TESTS / f) for f in FILES)]
     try:  # (a hang here would hang the whole suite)

@@ -171,9 +171,6 @@ def test_wrong_input_says_what_it_expected():
 
 
 @TRITON
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT" and not torch.cuda.is_available(),
-                    reason="torch's inductor (2.13 here) writes vectorised (at::vec) C++ for this graph although "
-                           "ATEN_CPU_CAPABILITY=default leaves it no vector ISA, and that C++ does not compile")
 def test_torch_compile_dynamic_shapes_through_the_triton_custom_op():
     """One compiled graph for several map sizes (SDPA's own CPU path does not compile dynamically
     in torch 2.13, a PyTorch limitation, so this covers the Triton path)."""
