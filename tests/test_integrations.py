@@ -252,15 +252,19 @@ criterion:
 """
 
 
-def test_torchdistill_losses_build_from_its_yaml_and_registry():
+def _torchdistill_criterion():
     pytest.importorskip("torchdistill", reason="torchdistill is not installed (make venv installs it for these tests)")
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
     import pcd_kernels.integrations.torchdistill  # noqa: F401  (registers on import)
     from torchdistill.losses.registry import get_high_level_loss
 
+    return get_high_level_loss(yaml.safe_load(TORCHDISTILL_YAML)["criterion"])
+
+
+def test_torchdistill_losses_build_from_its_yaml_and_registry():
     from pcd_kernels import omni_contrastive_loss
 
-    criterion = get_high_level_loss(yaml.safe_load(TORCHDISTILL_YAML)["criterion"])
+    criterion = _torchdistill_criterion()
     torch.manual_seed(0)
     s, t = torch.randn(2, 12, 4, 8, requires_grad=True), torch.randn(2, 12, 4, 8)
     pcd_term = criterion.term_dict["pcd"][0]
@@ -272,15 +276,6 @@ def test_torchdistill_losses_build_from_its_yaml_and_registry():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert s.grad is not None and int(pcd_term.queue_ptr) == 2
-
-
-def _torchdistill_criterion():
-    pytest.importorskip("torchdistill", reason="torchdistill is not installed (make venv installs it for these tests)")
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
-    import pcd_kernels.integrations.torchdistill  # noqa: F401  (registers on import)
-    from torchdistill.losses.registry import get_high_level_loss
-
-    return get_high_level_loss(yaml.safe_load(TORCHDISTILL_YAML)["criterion"])
 
 
 def test_torchdistill_queue_round_trips_beside_its_checkpoint(tmp_path):

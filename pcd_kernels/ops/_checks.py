@@ -1,7 +1,7 @@
 """Argument checks shared by every op: each failure names the argument and what was expected."""
+import hashlib
 import math
 import numbers
-import hashlib
 from typing import Optional, Sequence
 
 import torch

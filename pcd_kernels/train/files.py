@@ -75,7 +75,7 @@ def _running(pid: int) -> bool:
     except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # it exists, and belongs to another user
-        return True
+        pass
     return True
 
 
