@@ -5,6 +5,8 @@
 #   make test       the whole test suite (Triton kernels in the CPU interpreter when no GPU)
 #   make demo       the trainer's embedded demo on CPU: teacher, PCD student, pooled baseline,
 #                   dense evaluation table (runs/demo; a second run reprints the table)
+#   make demo-study the demo over 5 seeds with PCD's ablations (about an hour on 2 cores): writes
+#                   docs/demo_study.json, docs/demo_study.png and the table in docs/demo.md
 #   make bench      python bench/run.py: every provider side by side (table, JSON, CSV, sweep plots in
 #                   bench/runs/, which git ignores); it changes no tracked file
 #   make bench-publish  the same into bench/results/ (committed), then bench/readme.py regenerates
@@ -34,7 +36,7 @@ GPU_PYTHON ?= python3
 RESULTS := bench/results
 
 SHELL := /bin/bash
-.PHONY: venv test demo bench bench-publish gpu-install gpu-test gpu-bench gpu-check clean
+.PHONY: venv test demo demo-study bench bench-publish gpu-install gpu-test gpu-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h csrc/include/*/*.cuh python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +56,12 @@ DEMO_DIR ?= runs/demo
 DEMO_ARGS ?=
 demo: venv
 	$(PY) -m pcd_kernels.train --device cpu --output-dir $(DEMO_DIR) --resume $(DEMO_ARGS)
+
+# STUDY_ARGS changes the study (python -m pcd_kernels.train.study --help); finished runs in
+# runs/demo-study are reused, so an interrupted study continues.
+STUDY_ARGS ?=
+demo-study: venv
+	$(PY) -m pcd_kernels.train.study --output-dir runs/demo-study --publish $(STUDY_ARGS)
 
 # BENCH_ARGS narrows or changes a run (python bench/run.py --help), e.g. BENCH_ARGS=--quick.
 BENCH_ARGS ?=

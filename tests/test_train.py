@@ -26,7 +26,7 @@ from pcd_kernels.train import demo
 from pcd_kernels.train.cli import main, parser
 from pcd_kernels.train.data import StepBatches
 from pcd_kernels.train.engine import load_run_checkpoint, resumable_checkpoint
-from pcd_kernels.train.files import atomic_save, write_json
+from pcd_kernels.train.files import CHECKSUM, atomic_save, write_json
 from pcd_kernels.train.models import mlp_head
 from pcd_kernels.train.optim import scaled_learning_rate
 from pcd_kernels.train.progress import MetricLog, plot_loss
@@ -652,3 +652,79 @@ def test_the_demo_teacher_with_data_says_it_is_only_for_the_demo(tmp_path, capsy
     assert main(["--data", str(tmp_path), "--teacher", "vit", "--output-dir", str(tmp_path / "out"), *TINY]) == 2
     assert "unknown model 'vit'; choose one of mocov3_resnet50 or" in _error_line(capsys)
     assert not (tmp_path / "out").exists()  # refused before anything is prepared
+
+
+# ---------------------------------------------------------------- the demo study and its ablations
+
+def test_ablation_flags_remove_the_attention_and_the_adaptor(tmp_path):
+    common = ["--max-steps", "1", "--no-eval", "--no-baselines", *TINY]
+    assert main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--output-dir", str(tmp_path / "ablated"), "--no-mhsa", "--no-adaptor"]) == 0
+    plain, ablated = _checkpoint(tmp_path / "plain"), _checkpoint(tmp_path / "ablated")
+    assert any(k.startswith("attention.") for k in plain["student"])
+    assert not any(k.startswith("attention.") for k in ablated["student"])
+    # The adaptor's 64-wide output against the teacher backbone's own 128 channels.
+    assert plain["criterion"]["queue"].shape[-1] == 64 and ablated["criterion"]["queue"].shape[-1] == 128
+    # Resuming with the ablation switched is refused; a checkpoint from before the flags existed
+    # (no such keys in its config) resumes as the default it had then.
+    assert main([*common, "--output-dir", str(tmp_path / "ablated"), "--resume", "--no-mhsa"]) == 2
+    for key in ("mhsa", "adaptor"):
+        del plain["config"][key]
+    del plain[CHECKSUM]
+    atomic_save(plain, str(tmp_path / "plain" / "checkpoint.pt"))
+    assert main([*common, "--output-dir", str(tmp_path / "plain"), "--resume"]) == 0
+    assert main([*common, "--output-dir", str(tmp_path / "x"), "--no-mhsa", "--num-heads", "2"]) == 2
+
+
+def test_demo_study_every_variant_its_statistics_and_publishing(tmp_path, monkeypatch):
+    import statistics
+
+    from scipy.stats import t
+
+    from pcd_kernels.train import study
+
+    data = demo.DemoData(distill_count=200, probe_count=60)
+    tiny = dict(steps=2, teacher_steps=2, probe_steps=3, workers=0, data=data)
+    result = study.run_study([0, 1], str(tmp_path / "study"), **tiny)
+    assert [(r["seed"], r["variant"]) for r in result["runs"]] == [(s, v) for s in (0, 1) for v in study.VARIANTS]
+    for run in result["runs"]:
+        assert all(0 <= run[key] <= 100 for key in ("miou", "digit_miou", "pixel_accuracy"))
+    by = {(r["variant"], r["seed"]): r for r in result["runs"]}
+    for variant in study.VARIANTS:
+        values = [by[variant, s]["miou"] for s in (0, 1)]
+        stats = result["summary"][variant]["miou"]
+        assert stats["mean"] == pytest.approx(statistics.mean(values))
+        assert stats["std"] == pytest.approx(statistics.stdev(values))
+        if variant != "pcd":
+            paired = [by[variant, s]["miou"] - by["pcd", s]["miou"] for s in (0, 1)]
+            d = result["summary"][variant]["miou_minus_pcd"]
+            half = t.ppf(0.975, 1) * statistics.stdev(paired) / math.sqrt(2)
+            assert d["ci95"] == pytest.approx([statistics.mean(paired) - half, statistics.mean(paired) + half])
+    # Each seed trained its own teacher; the ablations drop what they name.
+    for seed in (0, 1):
+        assert (tmp_path / "study" / f"seed{seed}" / "teacher.pt").exists()
+    assert not any(k.startswith("attention.") for k in _checkpoint(tmp_path / "study/seed0/pcd_no_mhsa")["student"])
+    assert _checkpoint(tmp_path / "study/seed0/pcd_no_adaptor")["criterion"]["queue"].shape[-1] == 128
+    assert _checkpoint(tmp_path / "study/seed0/pooled")["config"]["loss"] == "pooled"
+
+    # A second study reuses every finished run; the same seed elsewhere, with data-loader
+    # processes, gives the same scores.
+    monkeypatch.setattr(study, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert study.run_study([0, 1], str(tmp_path / "study"), **tiny)["runs"] == result["runs"]
+    monkeypatch.undo()
+    again = study.run_study([1], str(tmp_path / "again"), variants=["pcd"], **{**tiny, "workers": 2})
+    strip = lambda run: {k: v for k, v in run.items() if k != "train_s"}  # noqa: E731
+    assert strip(again["runs"][0]) == strip(by["pcd", 1])
+
+    study.write_outputs(result, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "demo_study.json").read_text())["runs"] == result["runs"]
+    assert (tmp_path / "out" / "demo_study.png").read_bytes()[:4] == b"\x89PNG"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "demo.md").write_text(f"# Demo\n\nbefore\n{study.BEGIN}\nold table\n{study.END}\nafter\n")
+    study.publish(result, str(docs))
+    page = (docs / "demo.md").read_text()
+    assert "old table" not in page and page.startswith("# Demo\n\nbefore\n") and page.endswith("after\n")
+    mean = result["summary"]["pooled"]["miou"]["mean"]
+    assert f"| `pooled` | {mean:.1f} ± " in page
+    assert (docs / "demo_study.json").exists() and (docs / "demo_study.png").exists()

@@ -9,7 +9,7 @@ from pcd_kernels.train.data import Augmentation, ImageFolder
 from pcd_kernels.train.engine import TrainConfig, resumable_checkpoint, resolve_device, setup_distributed, train
 from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.files import prepare_output_dir
-from pcd_kernels.train.models import STUDENTS, TEACHERS, build_teacher
+from pcd_kernels.train.models import STUDENTS, TEACHERS, Teacher, build_teacher
 
 EPILOG = """\
 examples:
@@ -40,11 +40,17 @@ def parser() -> argparse.ArgumentParser:
                       help="which MoCo v3 encoder is the teacher (default: %(default)s)")
     data.add_argument("--teacher-steps", type=int, default=d.teacher_steps,
                       help="demo only: steps to train its teacher (default: %(default)s)")
+    data.add_argument("--adaptor", action=argparse.BooleanOptionalAction, default=d.adaptor,
+                      help="the teacher's pooled-feature MLP head applied per pixel (SpatialAdaptor); "
+                      "--no-adaptor distils the teacher backbone's map itself, the ablation (default: on)")
     data.add_argument("--student", help=f"{' | '.join(STUDENTS)} | package.module:factory (an nn.Module with "
                       "an int out_channels); default: resnet18 with --data when torchvision imports, cnn "
                       "otherwise (torchvision missing or broken)")
     data.add_argument("--mlp-dim", type=int, help="hidden width of the projector and predictor (default: 4096 "
                       "for ResNets, twice the teacher's dim otherwise)")
+    data.add_argument("--mhsa", action=argparse.BooleanOptionalAction, default=d.mhsa,
+                      help="PCD's plug-in MHSA2d between the student's backbone and projector; --no-mhsa "
+                      "leaves it out, the ablation (default: on)")
     data.add_argument("--num-heads", type=int, help="heads of the plug-in MHSA2d, reduced to a divisor of the "
                       "backbone's width (default: width / 16, at most 8)")
     data.add_argument("--image-size", type=int, help="view size in pixels (default: 32 demo, 224 otherwise)")
@@ -104,6 +110,8 @@ def run_on_folder(config: TrainConfig):
     device = resolve_device(config.device)
     distributed = setup_distributed(device)
     teacher = build_teacher(config.teacher, config.teacher_weights, config.teacher_encoder)
+    if not config.adaptor:
+        teacher = Teacher(teacher.backbone)
     images = ImageFolder(config.data, load_size=2 * config.image_size)
     views = Augmentation(size=config.image_size)  # ImageNet normalisation, as the teachers expect
     return train(config, teacher, images, views, device=device, distributed=distributed)

@@ -119,7 +119,8 @@ def demo_teacher(config: TrainConfig, data: DemoData, device: torch.device, dist
     cached = cached or _read_teacher(path, fingerprint)
     backbone.load_state_dict(cached["backbone"])
     head.load_state_dict(cached["head"])
-    return Teacher(backbone.eval(), head.eval())
+    # Without the adaptor the target is the backbone's own 128-channel map (the ablation).
+    return Teacher(backbone.eval(), head.eval() if config.adaptor else None)
 
 
 def _read_teacher(path: str, fingerprint: Dict):

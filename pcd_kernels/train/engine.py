@@ -28,8 +28,8 @@ from pcd_kernels.train.progress import MetricLog, Progress, plot_loss
 CHECKPOINT = "checkpoint.pt"
 # Settings that change what a run computes: resuming with other values would not continue the same
 # run, so --resume refuses them.
-RESULT_SETTINGS = ("data", "teacher", "teacher_weights", "teacher_encoder", "student", "mlp_dim", "num_heads",
-                   "image_size", "epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
+RESULT_SETTINGS = ("data", "teacher", "teacher_weights", "teacher_encoder", "adaptor", "student", "mlp_dim",
+                   "mhsa", "num_heads", "image_size", "epochs", "max_steps", "batch_size", "optimizer", "lr", "momentum",
                    "weight_decay", "warmup_steps", "clip_grad_norm", "amp", "queue_size", "temperature",
                    "negatives", "loss", "seed")
 # The demo trains its own teacher for --teacher-steps: another count is another teacher.
@@ -47,8 +47,10 @@ class TrainConfig:
     teacher_weights: Optional[str] = None
     teacher_encoder: str = "base"
     teacher_steps: int = 300
+    adaptor: bool = True
     student: Optional[str] = None
     mlp_dim: Optional[int] = None
+    mhsa: bool = True
     num_heads: Optional[int] = None
     image_size: Optional[int] = None
     epochs: Optional[int] = None
@@ -139,6 +141,8 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise TrainError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
+        if not self.mhsa and self.num_heads is not None:
+            raise TrainError("--num-heads sets the plug-in MHSA2d's heads, which --no-mhsa leaves out: drop one")
         if self.negatives == "none" and self.queue_size == 0:
             raise TrainError("--negatives none (PCD's loss: the positive against the queue) needs --queue-size > 0")
 
@@ -250,8 +254,9 @@ def resumable_checkpoint(config: TrainConfig) -> Optional[Dict]:
         raise TrainError(f"{path} exists: pass --resume to continue that run, or choose another --output-dir")
     checkpoint = load_run_checkpoint(path)
     settings = RESULT_SETTINGS + (DEMO_TEACHER_SETTINGS if config.teacher == "demo" else ())
-    changed = [f"{k}: {checkpoint['config'].get(k)!r} -> {getattr(config, k)!r}" for k in settings
-               if checkpoint["config"].get(k) != getattr(config, k)]
+    # A setting added after the checkpoint was written had its default then.
+    saved = {k: checkpoint["config"].get(k, getattr(TrainConfig, k)) for k in settings}
+    changed = [f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in settings if saved[k] != getattr(config, k)]
     if changed:
         raise TrainError(f"--resume: these settings differ from the checkpoint's run ({'; '.join(changed)}); "
                          "resume with the same settings, or start a new --output-dir")
@@ -295,7 +300,8 @@ def train(config: TrainConfig, teacher: Teacher, images: Dataset, augmentation: 
     if student is None:
         backbone, channels = build_student_backbone(config.student)
         mlp_dim = config.mlp_dim or (4096 if config.student.startswith("resnet") else 2 * dim)
-        student = Student(backbone, channels, dim, mlp_dim, config.num_heads, attention_backend=config.backend)
+        student = Student(backbone, channels, dim, mlp_dim, config.num_heads, attention_backend=config.backend,
+                          mhsa=config.mhsa)
     student = student.to(device)
     if distributed.world_size > 1 and device.type == "cuda":
         # torch's SyncBatchNorm has CUDA kernels only; on CPU (gloo) each rank keeps its own statistics.

@@ -83,16 +83,19 @@ class Teacher(nn.Module):
 
 class Student(nn.Module):
     """``predictor(projector(attention(backbone(x))))``: PCD's student during distillation. After
-    distillation only ``backbone`` is kept for downstream tasks."""
+    distillation only ``backbone`` is kept for downstream tasks. ``mhsa=False`` leaves the
+    attention out."""
 
     def __init__(self, backbone: nn.Module, channels: int, dim: int, mlp_dim: int, num_heads: Optional[int] = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", mhsa: bool = True):
         super().__init__()
         self.backbone = backbone
         if num_heads is None:  # heads of 16 channels or more, at most 8 (ResNet-18's 512: 8 x 64)
             num_heads = min(8, max(1, channels // 16))
         heads = next(h for h in range(min(num_heads, channels), 0, -1) if channels % h == 0)
-        self.attention = MHSA2d(channels, num_heads=heads, backend=attention_backend)
+        # mhsa=False: the ablation without PCD's plug-in attention (the backbone's map goes straight
+        # to the projector).
+        self.attention = MHSA2d(channels, num_heads=heads, backend=attention_backend) if mhsa else nn.Identity()
         self.projector = conv_mlp(channels, mlp_dim, dim)
         self.predictor = conv_mlp(dim, mlp_dim, dim)
 
