@@ -11,6 +11,10 @@
 #                   bench/runs/, which git ignores); it changes no tracked file
 #   make bench-publish  the same into bench/results/ (committed), then bench/readme.py regenerates
 #                   the measured results in docs/performance.md
+#   make gpu-smoke  on a CUDA machine, at most about 7 minutes: builds for sm_90a, checks every op x
+#                   backend x dtype against float64, trains 2 steps, measures every headline target;
+#                   one table, files into RESULTS (bench/results). DRY_RUN=1: the same on a CPU
+#                   (interpreter, tiny sizes, CUDA parts skipped) into bench/runs; CI runs that
 #   make gpu-check  on a CUDA machine: build, test everything on the GPU, benchmark, plots, all under
 #                   bench/results named by device and date, and docs/performance.md regenerated
 #                   (= make gpu-test, then make gpu-bench)
@@ -36,7 +40,7 @@ GPU_PYTHON ?= python3
 RESULTS := bench/results
 
 SHELL := /bin/bash
-.PHONY: venv test demo demo-study bench bench-publish gpu-install gpu-test gpu-bench gpu-check clean
+.PHONY: venv test demo demo-study bench bench-publish gpu-smoke gpu-install gpu-test gpu-bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*.cu csrc/include/*/*.h csrc/include/*/*.cuh python/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -82,6 +86,17 @@ PYTEST_ARGS ?=
 STAMP = $(shell $(GPU_PYTHON) -c "import torch, datetime; n = torch.cuda.get_device_name(); \
   print(''.join(c if c.isalnum() else '-' for c in n).strip('-').lower() + '_' + \
   datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))")
+
+# The first command of a GPU lease: everything that matters in one run (bench/gpu_smoke.py).
+ifeq ($(DRY_RUN),1)
+gpu-smoke: venv
+	$(PY) bench/gpu_smoke.py --dry-run $(if $(filter-out bench/results,$(RESULTS)),--out $(RESULTS))
+else
+gpu-smoke:
+	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'needs a CUDA device (DRY_RUN=1 on a CPU)')"
+	mkdir -p $(RESULTS)
+	$(GPU_PYTHON) bench/gpu_smoke.py --out $(RESULTS)
+endif
 
 gpu-install:
 	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'needs a CUDA device')"

@@ -49,6 +49,23 @@ def _seed(request):
     yield
 
 
+# PCD_KERNELS_POISON_CUDA=1 (make gpu-smoke sets it): before each test, blocks of the CUDA caching
+# allocator are filled with 0xFF bytes (NaN in every float dtype) and released to its cache, so an
+# output the kernels forget to write comes back NaN instead of a lucky zero.
+POISON_CUDA = os.environ.get("PCD_KERNELS_POISON_CUDA") == "1" and torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _poison_cuda_memory():
+    if POISON_CUDA:
+        # Small tensors come from the allocator's small pool (blocks up to 1 MiB), large ones from
+        # its large pool: poison both.
+        blocks = [torch.empty(size, dtype=torch.uint8, device="cuda").fill_(255)
+                  for size in [2**10] * 64 + [2**16] * 64 + [2**20] * 64 + [2**26] * 8]
+        del blocks
+    yield
+
+
 def pytest_runtest_makereport(item, call):
     if call.excinfo is not None and call.when == "call":
         item.add_report_section("call", "seed", f"PCD_TEST_SEED={SEED}")

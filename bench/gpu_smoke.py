@@ -1,0 +1,438 @@
+"""make gpu-smoke: the first GPU run in one command (at most about 7 minutes on an H200).
+
+1. Builds the CUDA extension for sm_90a only, in the background, while the Triton checks start.
+2. Checks every op x backend (triton, cuda) x dtype (float32, float16, bfloat16), forward and every
+   gradient, against the float64 reference with the test suite's own comparisons (DESIGN.md 5) at
+   its shapes (tile tails, several tiles, masks, NaN), the CUDA caching allocator poisoned with NaN
+   before each test (PCD_KERNELS_POISON_CUDA=1). Each group runs in a subprocess with its own
+   timeout, several at once (Triton compiles on the CPU), so a hang or a crash costs that group only.
+3. Runs the trainer for 2 steps on CUDA with AMP and the ResNet-18 student (one process, no NCCL).
+4. Measures every headline target (docs/verification.md) with bench/run.py, alone on the device.
+5. Prints one table last, each check and each target: measured, goal, pass or miss, and writes
+   ``gpu-smoke_<device>_<date>.{log,json}`` (+ the benchmark's JSON and the build log) into --out.
+
+``--dry-run`` (``make gpu-smoke DRY_RUN=1``) runs the same script on a CPU: the Triton kernels in
+the interpreter at the tests' small sizes, the benchmark's quick CPU cases with the torch backend
+standing in for Triton's (verdicts "dry run"), the CUDA parts reported as skipped with the reason.
+CI runs it, so the command a GPU lease depends on has run before it meets a GPU.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclasses.dataclass
+class Group:
+    """One subprocess: a pytest selection, or a command."""
+    name: str
+    op: str
+    backend: str
+    argv: List[str]
+    timeout: int
+    needs_extension: bool = False
+    pytest: bool = True
+    skip: Optional[str] = None  # why it does not run here
+
+
+def check_groups(device: str, dry_run: bool) -> List[Group]:
+    """The correctness groups: test functions of the suite per op and backend, all dtypes."""
+    selections = {  # op -> (test file, tests, backends)
+        "pixel_contrastive_loss": ("test_pixel_contrastive.py", "test_matches_reference or test_odd_shapes or "
+                                   "test_nan_in_nan_out_unless_masked or test_any_strides or test_empty_batch or "
+                                   "test_official_pcd_loss_with_transposed_queue", ("triton", "cuda")),
+        "omni_contrastive_loss": ("test_omni_contrastive.py", "test_matches_official_formula or test_nan_in_nan_out "
+                                  "or test_any_strides_and_one_sided_gradients", ("triton",)),
+        "pixel_attention": ("test_pixel_attention.py", "test_matches_reference or test_any_strides or "
+                            "test_nan_in_nan_out or test_gpu_kernels_over_several_tiles or test_one_sided_gradients",
+                            ("triton", "cuda")),
+    }
+    # The interpreter is slow: a dry run checks the plumbing on fewer cases of the biggest group.
+    dry_selections = {"pixel_contrastive_loss": "(test_matches_reference and mean) or test_odd_shapes or "
+                                                "test_nan_in_nan_out_unless_masked"}
+    groups = []
+    for op, (path, tests, backends) in selections.items():
+        tests = dry_selections.get(op, tests) if dry_run else tests
+        for backend in backends:
+            cases = " or ".join(f"{backend}-{device}-{dtype}" for dtype in DTYPES)
+            skip = "dry run: no CUDA device here (the CUDA backend needs one)" if dry_run and backend == "cuda" else None
+            groups.append(Group(f"{op} {backend}", op, backend, [f"tests/{path}", "-k", f"({tests}) and ({cases})"],
+                                timeout=300, needs_extension=backend == "cuda", skip=skip))
+    # The modules built on the ops, and the kernels' own properties on the GPU.
+    groups.append(Group("MHSA2d and Af-DCD modules triton", "modules", "triton",
+                        ["tests/test_mhsa2d.py", "tests/test_afdcd.py", "-k", "triton"], timeout=300))
+    if not dry_run:
+        groups.append(Group("determinism, limits, autotune candidates", "kernels", "triton, cuda",
+                            ["tests/test_pixel_contrastive.py", "tests/test_pixel_attention.py",
+                             "-k", "deterministic or refuse or 65535 or every_autotune_candidate"],
+                            timeout=300, needs_extension=True))
+        groups.append(Group("extension build and probe", "build", "cuda", ["tests/test_build.py"], timeout=120,
+                            needs_extension=True))
+    return groups
+
+
+def trainer_group(work: Path, dry_run: bool) -> Group:
+    data, out = work / "images", work / "trainer"
+    device = ["--device", "cpu", "--amp", "none", "--student", "cnn"] if dry_run else \
+        ["--device", "cuda", "--amp", "bf16", "--student", "resnet18"]
+    argv = ["-m", "pcd_kernels.train", "--data", str(data), "--teacher", "_train_factories:teacher_pair",
+            *device, "--max-steps", "2", "--batch-size", "8", "--image-size", "64", "--queue-size", "64",
+            "--workers", "0", "--no-progress", "--log-every", "1", "--output-dir", str(out)]
+    name = "trainer: 2 steps, CPU, cnn student (dry run)" if dry_run else \
+        "trainer: 2 steps, CUDA, bf16 autocast, ResNet-18"
+    return Group(name, "trainer", "auto", argv, timeout=240, pytest=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The headline targets (docs/verification.md), judged from bench/run.py's JSON
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    case: str
+    kind: str  # speedup | memory | share | runs
+    against: tuple = ()  # providers compared with (the fastest that ran)
+    goal: Optional[float] = None
+    provider: str = "ours-triton"
+    dry_case: Optional[str] = None  # the quick CPU case standing in on a dry run
+
+
+SDPA = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+TARGETS = [
+    Target("InfoNCE 32,768 x 65,536 x 256 fwd+bwd vs naive", "pcd-target", "speedup", ("naive",), 3.0,
+           dry_case="pcd-quick"),
+    Target("InfoNCE vs FlexAttention (return_lse)", "pcd-target", "speedup", ("flex-attention",), 1.3,
+           dry_case="pcd-quick"),
+    Target("InfoNCE share of the measured bf16 matmul rate", "pcd-target", "share", (), 0.5, dry_case="pcd-quick"),
+    Target("InfoNCE peak memory vs naive", "pcd-target", "memory", ("naive",), None, dry_case="pcd-quick"),
+    Target("InfoNCE, CUDA backend vs naive", "pcd-target", "speedup", ("naive",), None, provider="ours-cuda",
+           dry_case="pcd-quick"),
+    Target("Af-DCD Cityscapes fwd+bwd vs official cdist", "citys", "speedup", ("naive",), 5.0, dry_case="citys-quick"),
+    Target("Af-DCD Cityscapes peak memory vs official", "citys", "memory", ("naive",), 20.0, dry_case="citys-quick"),
+    Target("Af-DCD unpooled 64x128 runs", "citys-unpooled", "runs", dry_case="citys-quick"),
+    Target("MHSA2d 64x64 vs SDPA's fastest backend", "mhsa-64x64", "speedup", SDPA, 1.2, dry_case="mhsa-quick"),
+    Target("MHSA2d 128x128 vs SDPA's fastest backend", "mhsa-128x128", "speedup", SDPA, 1.2, dry_case="mhsa-quick"),
+    Target("attention 64x64 vs SDPA flash, same data", "attn-64x64", "speedup", ("sdpa-flash-prepermuted",), 0.8,
+           dry_case="attn-quick"),
+    Target("attention 128x128 vs SDPA flash, same data", "attn-128x128", "speedup", ("sdpa-flash-prepermuted",), 0.8,
+           dry_case="attn-quick"),
+]
+
+
+def bench_argv(out: Path, dry_run: bool) -> List[str]:
+    providers = {t.provider for t in TARGETS} | {p for t in TARGETS for p in t.against}
+    if dry_run:
+        cases = sorted({t.dry_case for t in TARGETS if t.dry_case})
+        return ["bench/run.py", "--device", "cpu", "--quick", "--repeats", "1", "--no-sweeps", "--no-plots",
+                "--cases", *cases, "--providers", "naive", "ours-torch", "sdpa-flash-prepermuted", "sdpa-math",
+                "--out", str(out)]
+    cases = sorted({t.case for t in TARGETS})
+    return ["bench/run.py", "--device", "cuda", "--repeats", "10", "--no-sweeps", "--no-plots", "--cases", *cases,
+            "--providers", *sorted(providers), "--out", str(out)]
+
+
+def judge(target: Target, results: List[Dict], dry_run: bool) -> Dict:
+    """The target's measured value, goal and verdict from the benchmark's results."""
+    case = target.dry_case if dry_run else target.case
+    provider = "ours-torch" if dry_run and target.provider == "ours-triton" else target.provider
+    row = {"check": target.name, "goal": _goal_text(target), "case": case, "provider": provider}
+    by_provider = {r["provider"]: r for r in results if r.get("case") == case}
+    ours = by_provider.get(provider)
+    if ours is None or ours.get("status") != "ok":
+        if ours is not None:
+            why = f"{ours.get('status')}: {ours.get('reason', '')}"
+        else:
+            why = "not measured on a dry run" if dry_run else "not measured (out of time?)"
+        return {**row, "measured": why[:120], "verdict": "skip" if dry_run or target.goal is None else "miss"}
+    if target.kind == "runs":
+        return {**row, "measured": f"{ours['total']['p50']:.3g} ms, {ours['peak_mb']:.0f} MB", "verdict": _verdict(
+            True, dry_run)}
+    if target.kind == "share":
+        share = ours.get("share_of_matmul")
+        return {**row, "measured": f"{100 * share:.0f} % ({ours.get('tflops', 0):.0f} TFLOP/s)" if share else "—",
+                "verdict": _verdict(share is not None and share >= target.goal, dry_run)}
+    rivals = [by_provider[p] for p in target.against if by_provider.get(p, {}).get("status") == "ok"]
+    if not rivals:
+        states = {p: by_provider[p].get("status") for p in target.against if p in by_provider}
+        return {**row, "measured": f"no rival ran ({states or 'none measured'})",
+                "verdict": "pass" if target.kind == "memory" and not dry_run and states else "skip"}
+    if target.kind == "memory":
+        rival = max(rivals, key=lambda r: r["peak_mb"])
+        ratio = rival["peak_mb"] / max(ours["peak_mb"], 1e-3)
+        measured = f"{ratio:.1f}x smaller ({ours['peak_mb']:.0f} vs {rival['peak_mb']:.0f} MB, {rival['provider']})"
+    else:
+        rival = min(rivals, key=lambda r: r["total"]["p50"])
+        ratio = rival["total"]["p50"] / ours["total"]["p50"]
+        measured = f"{ratio:.2f}x ({ours['total']['p50']:.3g} vs {rival['total']['p50']:.3g} ms, {rival['provider']})"
+    return {**row, "measured": measured, "ratio": ratio,
+            "verdict": _verdict(target.goal is None or ratio >= target.goal, dry_run, target.goal is None)}
+
+
+def _goal_text(target: Target) -> str:
+    if target.goal is None:
+        return "reported" if target.kind != "runs" else "runs"
+    return f">= {100 * target.goal:.0f} %" if target.kind == "share" else f">= {target.goal:g}x"
+
+
+def _verdict(ok: bool, dry_run: bool, report_only: bool = False) -> str:
+    if dry_run:
+        return "dry run"
+    if report_only:
+        return "info"
+    return "pass" if ok else "miss"
+
+
+# ------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------
+
+class Log:
+    """Everything the subprocesses print, in one file, a section per group; and the console."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, threading.Lock()
+        path.write_text("")
+
+    def write(self, text: str, echo: bool = True) -> None:
+        with self.lock:
+            with self.path.open("a") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+            if echo:
+                print(text.rstrip("\n"), flush=True)
+
+
+def run_group(group: Group, env: Dict[str, str], work: Path, log: Log) -> Dict:
+    started = time.perf_counter()
+    if group.skip:
+        return {"check": group.name, "op": group.op, "backend": group.backend, "verdict": "skip",
+                "measured": group.skip, "seconds": 0.0}
+    junit = work / f"junit-{abs(hash(group.name))}.xml"
+    argv = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}",
+            *group.argv] if group.pytest else [sys.executable, *group.argv]
+    try:
+        done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=group.timeout)
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as timeout:
+        output = _text(timeout.stdout) + _text(timeout.stderr)
+        code = None
+    seconds = time.perf_counter() - started
+    log.write(f"\n===== {group.name} ({seconds:.0f} s, exit {code}) =====\n{output[-20000:]}", echo=False)
+    row = {"check": group.name, "op": group.op, "backend": group.backend, "seconds": round(seconds, 1)}
+    if code is None:
+        return {**row, "verdict": "FAIL", "measured": f"timed out after {group.timeout} s"}
+    if not group.pytest:
+        return {**row, "verdict": "pass" if code == 0 else "FAIL",
+                "measured": "ran" if code == 0 else f"exit {code}: {_last_line(output)}"}
+    counts, by_dtype, failures = _junit_counts(junit)
+    measured = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no tests selected"
+    if by_dtype:
+        measured += " (" + "; ".join(f"{d}: {c['passed']}/{c['total']}" for d, c in by_dtype.items()) + ")"
+    ok = code == 0 and counts["passed"] > 0
+    if code not in (0, 1) and not failures:  # a crash of the whole process (a fault, an abort)
+        failures = [f"pytest exited {code}: {_last_line(output)}"]
+    return {**row, "verdict": "pass" if ok else ("skip" if code == 0 else "FAIL"), "measured": measured,
+            "counts": counts, "by_dtype": by_dtype, "failures": failures[:10]}
+
+
+def _junit_counts(path: Path):
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    by_dtype: Dict[str, Dict[str, int]] = {}
+    failures = []
+    if not path.exists():
+        return counts, by_dtype, failures
+    for case in ElementTree.parse(path).iter("testcase"):
+        name = case.get("name", "")
+        if case.find("failure") is not None or case.find("error") is not None:
+            state = "failed"
+            failures.append(name)
+        elif case.find("skipped") is not None:
+            state = "skipped"
+        else:
+            state = "passed"
+        counts[state] += 1
+        found = re.search(r"(?<![a-z])(b?float(?:16|32))", name)  # "float16" is inside "bfloat16"
+        dtype = found.group(1) if found else None
+        if dtype:
+            entry = by_dtype.setdefault(dtype, {"passed": 0, "total": 0})
+            entry["total"] += state != "skipped"
+            entry["passed"] += state == "passed"
+    return counts, by_dtype, failures
+
+
+def _text(value) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
+
+
+def _last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else ""
+
+
+def start_build(env: Dict[str, str], log_path: Path, dry_run: bool) -> Optional[subprocess.Popen]:
+    """pip install -e . for sm_90a only, in the background (nothing to build on a dry run)."""
+    if dry_run:
+        return None
+    build_env = {**env, "PCD_KERNELS_CUDA_ARCHS": "90a", "MAX_JOBS": str(os.cpu_count() or 8)}
+    with log_path.open("w") as f:
+        return subprocess.Popen([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e",
+                                 ".", "--no-build-isolation", "--no-deps"], cwd=ROOT, env=build_env, stdout=f,
+                                stderr=subprocess.STDOUT)
+
+
+def write_images(folder: Path, count: int = 16) -> None:
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = (torch.rand(72, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def table(rows: List[Dict]) -> str:
+    lines = ["| check or target | measured | goal | verdict |", "|---|---|---|---|"]
+    for r in rows:
+        measured = str(r.get("measured", "")).replace("|", "/")
+        lines.append(f"| {r['check']} | {measured} | {r.get('goal', 'all pass')} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/gpu_smoke.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", action="store_true", help="on a CPU: interpreter, tiny sizes, CUDA parts skipped")
+    p.add_argument("--out", default=None, help="where the log and JSON go (default: bench/results, or bench/runs "
+                   "on a dry run)")
+    p.add_argument("--jobs", type=int, default=None, help="check groups run at once (default: 6 on a GPU, 2 dry)")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds for everything (default: %(default)s); "
+                   "the checks get all but --bench-seconds of it, and a group not started in time is reported "
+                   "as not run")
+    p.add_argument("--bench-seconds", type=float, default=180.0, help="the part of --budget kept for measuring "
+                   "the targets (default: %(default)s); what it cannot reach is reported as not measured")
+    p.add_argument("--no-bench", action="store_true", help="checks only")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    deadline = started + args.budget - (0 if args.no_bench else args.bench_seconds)
+
+    import torch
+
+    dry_run = args.dry_run
+    if not dry_run and not torch.cuda.is_available():
+        p.error("no CUDA device: run it on a GPU machine, or with --dry-run (make gpu-smoke DRY_RUN=1) on a CPU")
+    device_name = torch.cuda.get_device_name() if not dry_run else f"CPU ({platform.machine()}, dry run)"
+    out = Path(args.out) if args.out else ROOT / "bench" / ("runs" if dry_run else "results")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
+    base = out / f"gpu-smoke_{slug}_{stamp:%Y%m%d-%H%M%S}"
+    log = Log(base.with_suffix(".log"))
+    log.write(f"# make gpu-smoke{' (dry run)' if dry_run else ''}: {device_name}, torch {torch.__version__}, "
+              f"{stamp:%Y-%m-%d %H:%M} UTC")
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1", "PCD_KERNELS_AUTOTUNE": "0"}
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env["PCD_KERNELS_POISON_CUDA"] = "1"
+        env.pop("TRITON_INTERPRET", None)
+    build_log = Path(str(base) + "_build.log")
+    build = start_build(env, build_log, dry_run)
+    device = "cpu" if dry_run else "cuda"
+    groups = check_groups(device, dry_run) + [trainer_group(work, dry_run)]
+    write_images(work / "images")
+    rows: List[Dict] = []
+    build_state: Dict[str, Optional[str]] = {"error": None}
+
+    def wait_for_build() -> Optional[str]:
+        if build is None:
+            return None
+        if build.poll() is None:
+            try:
+                build.wait(timeout=max(1.0, deadline - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                build.kill()
+                build_state["error"] = "the extension build ran out of time"
+        if build.returncode not in (0, None) and build_state["error"] is None:
+            build_state["error"] = f"the extension build failed (exit {build.returncode}; see {build_log.name})"
+        return build_state["error"]
+
+    def run(group: Group) -> Dict:
+        if group.needs_extension and not group.skip:
+            error = wait_for_build()
+            if error:
+                return {"check": group.name, "op": group.op, "backend": group.backend, "verdict": "FAIL",
+                        "measured": error}
+        if time.perf_counter() > deadline:
+            return {"check": group.name, "op": group.op, "backend": group.backend, "verdict": "not run",
+                    "measured": f"the {args.budget:.0f} s budget was spent"}
+        row = run_group(dataclasses.replace(group, timeout=int(min(group.timeout, max(
+            30.0, deadline - time.perf_counter())))), env, work, log)
+        log.write(f"{row['verdict']:>7}  {row['check']}: {row.get('measured', '')} ({row.get('seconds', 0):.0f} s)")
+        return row
+
+    # The build's groups wait for it; the others start at once.
+    ordered = sorted(groups, key=lambda g: g.needs_extension)
+    jobs = args.jobs or (2 if dry_run else 6)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(run, ordered))
+    if build is not None:
+        wait_for_build()
+
+    targets: List[Dict] = []
+    bench_json = None
+    if not args.no_bench:
+        bench_out = work / "bench"
+        remaining = int(started + args.budget - time.perf_counter())
+        log.write(f"# targets: {' '.join(bench_argv(bench_out, dry_run))} (at most {remaining} s)")
+        try:
+            done = subprocess.run([sys.executable, *bench_argv(bench_out, dry_run)], cwd=ROOT, env={
+                **env, "PCD_KERNELS_AUTOTUNE": "1"}, capture_output=True, text=True, timeout=max(remaining, 90))
+            log.write(done.stdout[-20000:] + done.stderr[-5000:], echo=False)
+        except subprocess.TimeoutExpired as timeout:
+            log.write(_text(timeout.stdout)[-20000:] + "\nthe benchmark ran out of time", echo=False)
+        found = sorted(bench_out.glob("*.json"))
+        results = json.loads(found[-1].read_text())["results"] if found else []
+        if found:
+            bench_json = Path(str(base) + "_bench.json")
+            shutil.copy(found[-1], bench_json)
+        targets = [judge(t, results, dry_run) for t in TARGETS]
+
+    everything = rows + targets
+    failed = [r for r in rows if r["verdict"] in ("FAIL", "not run")]
+    summary = {"device": device_name, "dry_run": dry_run, "date_utc": stamp.isoformat(),
+               "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1),
+               "checks": rows, "targets": targets, "build_log": build_log.name if build else None,
+               "bench_json": bench_json.name if bench_json else None}
+    base.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    log.write("\n" + table(everything))
+    log.write(f"\n{len(rows) - len(failed)} of {len(rows)} checks passed or skipped with a reason; "
+              f"targets: {sum(t['verdict'] == 'pass' for t in targets)} met, "
+              f"{sum(t['verdict'] == 'miss' for t in targets)} missed; {summary['seconds']:.0f} s. "
+              f"Files: {base.name}.log, .json" + (f", {bench_json.name}" if bench_json else "")
+              + (f", {build_log.name}" if build else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
