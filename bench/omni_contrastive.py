@@ -9,6 +9,8 @@ patches, K samples per patch, D = C / groups dims; the backward forms the sign-w
 both maps (subtract, sign, multiply-add: 3 FLOPs each, twice). Forward 3*P*K*K*D, backward
 6*P*K*K*D. These are CUDA-core operations: no share of the tensor-core peak is quoted.
 
+Exps: one per sample pair of a patch's softmax, P*K*K forward and again in the backward.
+
 Bytes: each input read once and each output written once, float32 (4 bytes): forward 4*2*B*C*H*W
 (both maps), backward 4*3*B*C*H*W (both maps read, the student's gradient written).
 """
@@ -58,6 +60,10 @@ class Case:
     def flops(self, mode: str) -> int:
         per = 3 * self.patches * self.samples ** 2 * (self.channels // self.groups)
         return {"forward": per, "backward": 2 * per, "total": 3 * per}[mode]
+
+    def exps(self, mode: str) -> int:
+        per_pass = self.patches * self.samples ** 2
+        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
         maps = self.batch * self.channels * self.height * self.width

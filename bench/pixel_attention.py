@@ -14,6 +14,8 @@ FLOPs: attention forward 4*B*L*Lk*C (two matmuls of 2*B*heads*L*Lk*d, C = heads*
 2.5x the forward (five matmuls, flash-attention's convention; the recomputation is not counted),
 total 3.5x. The module adds its 1x1 convolutions, 2*B*L*C*4C forward and twice that backward.
 
+Exps: one per query-key score and head, B*heads*L*Lk forward and again in the backward's recompute.
+
 Bytes: each input read once and each output written once (e the element size, L = H*W):
 attention forward e*4*B*L*C (q, k, v read, the output written), backward e*8*B*L*C (q, k, v,
 output and its gradient read, three gradients written); the module adds its convolutions' maps,
@@ -60,6 +62,10 @@ class Case:
         convs = 2 * self.batch * self.pixels * self.channels * 4 * self.channels if self.module else 0
         forward, backward = attention + convs, 2.5 * attention + 2 * convs
         return int({"forward": forward, "backward": backward, "total": forward + backward}[mode])
+
+    def exps(self, mode: str) -> int:
+        per_pass = self.batch * self.heads * self.pixels ** 2
+        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
         maps = self.batch * self.pixels * self.channels

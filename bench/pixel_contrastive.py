@@ -8,6 +8,9 @@ for the student recomputes the logits (2*N*K*C) and forms p @ keys (2*N*K*C). Fo
 is counted as 6*N*K*C, N = anchors, K = keys per anchor (whatever an implementation does beyond
 that is its own overhead).
 
+Exps: one exponential per anchor-key logit, N*K in the forward and again in the backward's
+recompute (bench/model.py turns FLOPs, exps and bytes into a bound on the time).
+
 Bytes: each input read once and each output written once, in the input dtype (e the element
 size): forward e*(2*N*C + Q*C) + 4*N (student and teacher maps, Q queue rows; the per-anchor
 float32 loss), backward e*(3*N*C + Q*C) + 4*N (the maps and queue again, the per-anchor state,
@@ -50,6 +53,10 @@ class Case:
     def flops(self, mode: str) -> int:
         per_pass = 2 * self.anchors * self.keys * self.channels
         return {"forward": per_pass, "backward": 2 * per_pass, "total": 3 * per_pass}[mode]
+
+    def exps(self, mode: str) -> int:
+        per_pass = self.anchors * self.keys
+        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
         maps, queue = self.anchors * self.channels, self.queue * self.channels

@@ -23,7 +23,8 @@ RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- performance:begin -->", "<!-- performance:end -->"
 # The columns of the fixed-case tables, from a result dict.
-COLUMNS = ("case", "provider", "fwd ms", "bwd ms", "total ms", "peak MB", "× vs naive", "% matmul", "% copy BW")
+COLUMNS = ("case", "provider", "fwd ms", "bwd ms", "total ms", "peak MB", "× vs naive", "% matmul", "% of bound",
+           "% copy BW")
 
 
 def load_runs(results_dir=RESULTS):
@@ -61,7 +62,7 @@ def _row(r):
     share = lambda x: f"{100 * x:.0f}" if x is not None else "—"
     return [r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]), _fmt(r["total"]["p50"]),
             _fmt(r["peak_mb"], 0), _fmt(r.get("speedup_vs_naive")), share(r.get("share_of_matmul")),
-            share(r.get("share_of_copy"))]
+            share(r.get("share_of_bound")), share(r.get("share_of_copy"))]
 
 
 def _table(rows):

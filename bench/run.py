@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+import model  # noqa: E402
 import omni_contrastive  # noqa: E402
 from common import Unavailable  # noqa: E402
 import pixel_attention  # noqa: E402
@@ -219,6 +220,7 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
                 forward=_percentiles(fwd),
                 backward=_percentiles(bwd), total=_percentiles(tot),
                 flops={m: case.flops(m) for m in ("forward", "backward", "total")},
+                exps={m: case.exps(m) for m in ("forward", "backward", "total")},
                 bytes={m: case.bytes_moved(m, torch.empty(0, dtype=dtype).element_size())
                        for m in ("forward", "backward", "total")},
                 rotation=rotation,
@@ -263,7 +265,8 @@ def device_roofline(device):
     src = torch.randn(copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = _median_ms(lambda: dst.copy_(src), device, repeats, warmup=3)
-    return {"matmul_dtype": str(dtype).replace("torch.", ""), "matmul_size": n,
+    sms = {"sms": torch.cuda.get_device_properties(device).multi_processor_count} if device == "cuda" else {}
+    return {**sms, "matmul_dtype": str(dtype).replace("torch.", ""), "matmul_size": n,
             "matmul_tflops": 2 * n**3 / (matmul_ms * 1e-3) / 1e12,
             "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9}
 
@@ -345,20 +348,20 @@ def report(results, roofline):
     """The markdown table; adds to each result its ratio to naive, whether it agrees with naive,
     its achieved TFLOP/s and GB/s and their shares of the device's measured ceilings."""
     lines = ["| op | case | provider | fwd ms | bwd ms | total ms | peak MB | × vs naive | TFLOP/s | % matmul "
-             "| GB/s | % copy BW | loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| % of bound | GB/s | % copy BW | loss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     naive = {(r["op"], r["case"]): r for r in results if r["provider"] == "naive" and r["status"] == "ok"}
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['op']} | {r['case']} | {r['provider']} | {r['status']}: {r.get('reason', '')} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         annotate(r, naive.get((r["op"], r["case"])), roofline)
         share = lambda x: _fmt(100 * x, 0) if x is not None else "—"
         lines.append(" | ".join([
             f"| {r['op']}", r["case"], r["provider"], _fmt(r["forward"]["p50"]), _fmt(r["backward"]["p50"]),
             _fmt(r["total"]["p50"]), _fmt(r["peak_mb"], 0), _fmt(r["speedup_vs_naive"]),
-            _fmt(r["tflops"], 1 if r["tflops"] >= 1 else 3), share(r["share_of_matmul"]),
+            _fmt(r["tflops"], 1 if r["tflops"] >= 1 else 3), share(r["share_of_matmul"]), share(r["share_of_bound"]),
             _fmt(r["gbps"], 0 if r["gbps"] >= 10 else 2), share(r["share_of_copy"]),
             f"{r['loss']:.4f}{'' if r['agrees_with_naive'] is not False else ' (differs from naive!)'} |"]))
     return "\n".join(lines)
@@ -378,6 +381,13 @@ def annotate(r, base, roofline):
     tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)
     r["share_of_matmul"] = r["tflops"] / roofline["matmul_tflops"] if tensor_cores else None
     r["share_of_copy"] = r["gbps"] / roofline["copy_gbps"]
+    # bench/model.py: the time no kernel on this GPU can beat, from the FLOPs, exps and bytes and
+    # the measured ceilings (a CPU has no such model here).
+    r["bound_ms"] = r["share_of_bound"] = None
+    if roofline.get("matmul_dtype") in ("bfloat16", "float16") and "exps" in r:
+        limit = model.bound(r["flops"]["total"], r["exps"]["total"], r["bytes"]["total"],
+                            model.H200.measured(roofline), tensor_cores)
+        r["bound_ms"], r["share_of_bound"] = limit["bound_ms"], limit["bound_ms"] / total
 
 
 CSV_COLUMNS = ("op", "case", "sweep", "x", "provider", "mode", "metric", "p50", "p20", "p80", "status", "device",

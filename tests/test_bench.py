@@ -130,3 +130,39 @@ def test_bench_writes_to_an_ignored_folder_unless_published():
         out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--device", "cpu"] + flags,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 2 and "--publish" in out.stderr, out.stderr[-2000:]
+
+
+def test_modelled_bound_adds_exps_to_matmuls_and_meets_the_infonce_goal():
+    import model
+    import pixel_contrastive
+
+    device = model.Device("test", sms=2, clock_ghz=1.0, bf16_tflops=1e-3, fp32_tflops=1e-4, memory_gbps=1.0)
+    b = model.bound(flops=2e9, exps=64e9, bytes_moved=1e9, device=device)  # 2 s + 2 s, or 1 s of memory
+    assert (b["tensor_ms"], b["exp_ms"], b["memory_ms"], b["bound_ms"]) == pytest.approx((2e3, 2e3, 1e3, 4e3))
+    assert b["peak_share_at_bound"] == pytest.approx(0.5) and b["limit"] == "compute + exp"
+    assert model.bound(2e9, 0, 8e9, device)["limit"] == "memory"
+    # The goal: the InfoNCE forward + backward at 32,768 x 65,536 x 256 has a bound of at
+    # least 70 % of the bf16 peak on an H200; the forward alone, one exp per 2*C FLOPs, less.
+    target = next(c for c in pixel_contrastive.cases("cuda", quick=False) if c.name == "pcd-target")
+    assert model.case_bound(pixel_contrastive, target)["peak_share_at_bound"] >= 0.70
+    assert model.case_bound(pixel_contrastive, target, mode="forward")["peak_share_at_bound"] < 0.70
+    measured = model.H200.measured({"matmul_dtype": "bfloat16", "matmul_tflops": 800.0, "copy_gbps": 4300.0,
+                                    "sms": 132})
+    assert (measured.bf16_tflops, measured.memory_gbps) == (800.0, 4300.0)
+    assert model.H200.measured({"matmul_dtype": "float32", "matmul_tflops": 0.2, "copy_gbps": 28.0}) == model.H200
+
+
+def test_gpu_results_are_reported_against_the_bound():
+    import run
+
+    r = {"op": "pixel_contrastive_loss", "case": "c", "provider": "ours-triton", "status": "ok", "loss": 1.0,
+         "forward": {"p50": 1.0}, "backward": {"p50": 2.0}, "total": {"p50": 8.0}, "peak_mb": 1.0,
+         "flops": {"total": 4e12}, "exps": {"total": 4.18e9}, "bytes": {"total": 1e6}}
+    roofline = {"matmul_dtype": "bfloat16", "matmul_tflops": 1000.0, "copy_gbps": 4000.0, "sms": 132}
+    table = run.report([r], roofline)
+    # 4 ms of tensor-core work and 1 ms of exps: a 5 ms bound, 62.5 % of it reached in 8 ms.
+    assert r["bound_ms"] == pytest.approx(5.0, rel=1e-3) and r["share_of_bound"] == pytest.approx(0.625, rel=1e-3)
+    assert "| 50 | 62 |" in table  # % matmul, then % of bound
+    cpu = dict(r)
+    run.annotate(cpu, None, {"matmul_dtype": "float32", "matmul_tflops": 0.2, "copy_gbps": 28.0})
+    assert cpu["share_of_bound"] is None

@@ -15,6 +15,11 @@ permute or contiguous copy is ever made; Triton lays each tile out for the tenso
 Each gradient element has exactly one writer: deterministic, no atomics. Head dims that are not a
 power of two are padded on chip (masked loads), as are query/key counts that are not a multiple
 of a tile.
+
+Modelled bound (bench/model.py; not measured): 4*d FLOPs and one exp per query-key pair and head
+in the forward; with head dim 32 an H200's exps (16 per clock per SM) take as long as its bf16
+MMAs, so the forward + backward is bound at about 49 % of the bf16 peak (MHSA2d's default at
+C = 256 is 8 heads of 32); head dim 64 raises the bound to 65 %.
 """
 import contextlib
 import zlib

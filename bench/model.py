@@ -1,0 +1,92 @@
+"""A lower bound on each op's GPU time, from the work it must do and the device's ceilings.
+
+Three ceilings bound a fused kernel of this library:
+- the tensor cores: the op's matrix FLOPs (each case's ``flops``) at the dense bf16/fp16 rate (an op
+  that does not multiply on tensor cores, ``TENSOR_CORES = False``, at the plain fp32 rate);
+- the exponentials: each softmax term costs one ``ex2`` on the multi-function unit (MUFU), 16 per
+  clock per SM on Hopper (each case's ``exps``: forward, and again in the backward's recompute);
+- the memory: each case's ``bytes_moved`` at the HBM bandwidth.
+
+Within one warpgroup the exponentials wait for the MMA that produced their logits and the next
+MMA waits for them, so without ping-pong scheduling of two warpgroups (FlashAttention-3's) the
+two add up. The bound is therefore ``max(tensor + exp, memory)``; "% of peak at the bound" is the
+tensor-core time over that bound, the best share of the bf16 peak such a kernel can show. A result
+is printed as "% of the modelled bound" (bound / measured) beside "% of peak".
+
+The device's figures: the datasheet's, replaced by what bench/run.py measured at start (its
+matmul rate and copy bandwidth) when given. ``python bench/model.py`` prints the bound of every
+headline case on an H200.
+"""
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    sms: int
+    clock_ghz: float  # boost clock, the rate the MUFU figure assumes
+    bf16_tflops: float  # dense tensor-core rate
+    fp32_tflops: float  # plain (CUDA-core) fp32 rate
+    memory_gbps: float
+    exps_per_clock_per_sm: int = 16  # Hopper's MUFU.EX2 throughput
+
+    @property
+    def exps_per_s(self) -> float:
+        return self.exps_per_clock_per_sm * self.sms * self.clock_ghz * 1e9
+
+    def measured(self, roofline: Optional[Dict]) -> "Device":
+        """The same device with bench/run.py's measured matmul rate and copy bandwidth."""
+        if not roofline or roofline.get("matmul_dtype") not in ("bfloat16", "float16"):
+            return self
+        return dataclasses.replace(self, bf16_tflops=roofline["matmul_tflops"], memory_gbps=roofline["copy_gbps"],
+                                   sms=roofline.get("sms", self.sms))
+
+
+# NVIDIA's H200 SXM datasheet (the H100's compute, HBM3e); 1.98 GHz was read on one here.
+H200 = Device("NVIDIA H200", sms=132, clock_ghz=1.98, bf16_tflops=989.4, fp32_tflops=66.9, memory_gbps=4800.0)
+
+
+def bound(flops: float, exps: float, bytes_moved: float, device: Device = H200, tensor_cores: bool = True) -> Dict:
+    """Times in ms of each ceiling, the bound, and the share of the peak a kernel at the bound shows."""
+    rate = (device.bf16_tflops if tensor_cores else device.fp32_tflops) * 1e12
+    tensor_ms = flops / rate * 1e3
+    exp_ms = exps / device.exps_per_s * 1e3
+    memory_ms = bytes_moved / (device.memory_gbps * 1e9) * 1e3
+    bound_ms = max(tensor_ms + exp_ms, memory_ms)
+    return {"tensor_ms": tensor_ms, "exp_ms": exp_ms, "memory_ms": memory_ms, "bound_ms": bound_ms,
+            "peak_share_at_bound": tensor_ms / bound_ms if bound_ms > 0 else None,
+            "limit": "memory" if memory_ms > tensor_ms + exp_ms else ("compute + exp" if exp_ms else "compute")}
+
+
+def case_bound(op_module, case, mode: str = "total", element_size: int = 2, device: Device = H200) -> Dict:
+    return bound(case.flops(mode), case.exps(mode), case.bytes_moved(mode, element_size), device,
+                 getattr(op_module, "TENSOR_CORES", True))
+
+
+def table(device: Device = H200) -> str:
+    import omni_contrastive
+    import pixel_attention
+    import pixel_contrastive
+
+    lines = [f"Modelled bound on an {device.name} (bf16 {device.bf16_tflops:.0f} TFLOP/s, "
+             f"{device.exps_per_s / 1e12:.2f} T exp/s, {device.memory_gbps / 1e3:.1f} TB/s), forward + backward:", "",
+             "| op | case | GFLOP | G exp | MB | tensor ms | exp ms | memory ms | bound ms | % of peak at the bound |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for op in (pixel_contrastive, omni_contrastive, pixel_attention):
+        for case in op.cases("cuda", quick=False):
+            b = case_bound(op, case, device=device)
+            share = "—" if not getattr(op, "TENSOR_CORES", True) else f"{100 * b['peak_share_at_bound']:.0f}"
+            lines.append(f"| {getattr(case, 'op_name', op.OP)} | {case.name} | {case.flops('total') / 1e9:.0f} | "
+                         f"{case.exps('total') / 1e9:.1f} | {case.bytes_moved('total', 2) / 1e6:.0f} | "
+                         f"{b['tensor_ms']:.3f} | {b['exp_ms']:.3f} | {b['memory_ms']:.3f} | {b['bound_ms']:.3f} | "
+                         f"{share} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
