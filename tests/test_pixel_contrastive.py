@@ -384,3 +384,25 @@ def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):
     s, t, q, _ = make_inputs()
     pixel_contrastive_loss(s.float(), t.float(), q.float())
     assert calls == [1]
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypatch):
+    from pcd_kernels.ops import pixel_contrastive as ops
+    from pcd_kernels.ops.pixel_contrastive import MAX_GRID_IMAGES
+
+    device = "cuda" if CUDA else "cpu"
+    student = torch.randn(MAX_GRID_IMAGES + 1, 2, 1, 1, device=device)
+    teacher = torch.randn_like(student)
+    with pytest.raises(ValueError, match=f"takes up to {MAX_GRID_IMAGES} images per call, got {MAX_GRID_IMAGES + 1}"):
+        pixel_contrastive_loss(student, teacher, negatives="image", backend="triton")
+
+    # "auto" uses the torch backend instead (shown at a small limit: the torch backend is slow on
+    # 65,536 one-pixel images).
+    monkeypatch.setattr(ops, "MAX_GRID_IMAGES", 2)
+    student, teacher, _, _ = make_inputs(b=3)
+    student, teacher = student.float().to(device), teacher.float().to(device)
+    with pytest.raises(ValueError, match="takes up to 2 images per call, got 3"):
+        pixel_contrastive_loss(student, teacher, negatives="image", backend="triton")
+    torch.testing.assert_close(pixel_contrastive_loss(student, teacher, negatives="image"),
+                               pixel_contrastive_loss(student, teacher, negatives="image", backend="torch"))

@@ -21,6 +21,8 @@ NEGATIVES = ("batch", "image", "none")
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_contrastive_loss"
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The GPU kernels' grid has one row per image in negatives="image" mode; CUDA caps that axis.
+MAX_GRID_IMAGES = 65535
 
 
 def _implementation(backend, direction):
@@ -229,7 +231,15 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
             dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
             dtype = torch.promote_types(dtype, teacher.dtype)
         # "auto" keeps choosing Triton on CUDA: the CUDA backend has not been measured against it yet.
+        requested = backend
         backend = resolve_backend(_OP, backend, student.device, dtype, cuda_kernel=True)
+        if backend in ("triton", "cuda") and negatives == "image" and student.shape[0] > MAX_GRID_IMAGES:
+            # Both GPU backends give each image its own grid row (CUDA's y axis, 65,535 at most).
+            if requested != "auto":
+                raise ValueError(f"{_OP}: backend={backend!r} with negatives='image' takes up to "
+                                 f"{MAX_GRID_IMAGES} images per call, got {student.shape[0]}; split the batch or "
+                                 "use backend='torch'")
+            backend = "torch"
         if backend == "cuda" and dtype not in _CUDA_DTYPES:
             raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got "
                             f"{dtype}; use backend='torch' for {dtype}")
