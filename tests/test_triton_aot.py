@@ -37,7 +37,7 @@ results = []
 for call in calls(getattr(torch, dtype), int(C), negatives, masked == "1"):
     bm, bn, warps, stages = pc._GPU_CONFIGS[call.kind][0]
     usage = compile_launch(pc._KERNELS[call.kind], call.args, dict(call.flags, BLOCK_M=bm, BLOCK_N=bn),
-                           int(arch), warps, stages)
+                           int(arch), warps, stages, sass=True)
     results.append(dict(usage, kernel=call.kind, pixels=call.flags.get("KEYS_ARE_PIXELS")))
 print(json.dumps(results))
 """
@@ -110,9 +110,16 @@ def test_kernels_compile_for_gpu(case):
     assert out.returncode == 0, out.stderr[-4000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) == (3 if case[3] == "none" else 4)
+    sixteen_bit = case[1] in ("bfloat16", "float16")
     for r in results:
         assert r["shared_bytes"] <= SHARED_LIMIT[case[0]], r
         assert r["registers"] <= 255, r
+        if case[0] == 90 and (sixteen_bit or case[5]):  # tensor-core dtypes use Hopper's warpgroup MMA
+            assert r["instructions"]["kernel"]["HGMMA"] > 0, f"no HGMMA on sm_90a: {r}"
+        if sixteen_bit and r["kernel"] == "forward":
+            # The forward spills nothing. The backward kernels still spill in their epilogues
+            # (bench/kernels.py reports how much): a known defect, not yet fixed.
+            assert r["stack_bytes"] == 0 and r["instructions"]["kernel"]["LDL"] == 0, f"registers spill: {r}"
 
 
 _ATTENTION_SCRIPT = r"""

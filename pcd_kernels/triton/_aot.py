@@ -55,23 +55,60 @@ def _cuobjdump():
     return bundled if os.path.exists(bundled) else "cuobjdump"
 
 
-def compile_launch(fn, args, constexprs, arch, num_warps, num_stages):
-    """Compile ``fn(*args, **constexprs)`` for sm_<arch>; return its resource usage.
+def compile_launch(fn, args, constexprs, arch, num_warps, num_stages, cubin_path=None, sass=False):
+    """Compile ``fn(*args, **constexprs)`` for sm_<arch> (90 means sm_90a, as Triton builds it);
+    return its resource usage.
 
     Returns a dict with ``registers`` per thread, ``stack_bytes`` and ``local_bytes`` per thread
     (ptxas puts register spills there: both should be 0 for a healthy configuration),
-    ``shared_bytes`` (static + dynamic shared memory) and ``num_warps``.
+    ``shared_bytes`` (static + dynamic shared memory) and ``num_warps``. ``cubin_path`` keeps the
+    cubin there; ``sass=True`` adds ``instructions``: :func:`count_instructions` of its SASS.
     """
     signature, values, attrs = _signature(fn, args, constexprs)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=values, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], check=True,
+    with tempfile.TemporaryDirectory() as folder:
+        path = cubin_path or os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], check=True,
                                capture_output=True, text=True).stdout
+        listing = subprocess.run([_cuobjdump(), "--dump-sass", path], check=True, capture_output=True,
+                                 text=True).stdout if sass else None
     fields = dict(re.findall(r"(\w+):(\d+)", usage.split("Function", 1)[1]))
-    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "local_bytes": int(fields["LOCAL"]),
-            "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared, "num_warps": num_warps}
+    result = {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+              "local_bytes": int(fields["LOCAL"]),
+              "shared_bytes": int(fields["SHARED"]) + compiled.metadata.shared, "num_warps": num_warps}
+    if sass:
+        result["instructions"] = count_instructions(listing)
+    return result
+
+
+# The instructions that say whether a kernel uses the chip: warpgroup MMA (Hopper), warp MMA,
+# the exp unit, asynchronous global->shared copies (cp.async; TMA), and local-memory traffic
+# (register spills).
+OPCODES = ("HGMMA", "HMMA", "MUFU.EX2", "LDGSTS", "UTMALDG", "LDL", "STL")
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def count_instructions(listing: str) -> dict:
+    """Counts of :data:`OPCODES` in a ``cuobjdump --dump-sass`` listing, in the whole kernel and in
+    its main loop: the backward branch's body holding the most MMAs (the innermost such when
+    several hold as many), or the most exps when the kernel has no MMA."""
+    program = [(int(address, 16), opcode, operands) for address, opcode, operands in _LINE.findall(listing)]
+
+    def counts(lines):
+        return {name: sum(1 for _, opcode, _ in lines if opcode == name or opcode.startswith(name + "."))
+                for name in OPCODES}
+
+    loops = []
+    for address, opcode, operands in program:
+        target = re.search(r"0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= address:
+            body = [line for line in program if int(target.group(1), 16) <= line[0] <= address]
+            loops.append(counts(body) | {"span": address - int(target.group(1), 16)})
+    main = max(loops, key=lambda c: (c["HGMMA"] + c["HMMA"], c["MUFU.EX2"], -c["span"]), default=None)
+    if main is not None:
+        main.pop("span")
+    return {"kernel": counts(program), "main_loop": main}

@@ -273,15 +273,16 @@ def _backward_anchor_kernel(
     cols = oc + tl.arange(0, BLOCK_C)
     out_ptrs = rows.to(tl.int64)[:, None] * C + cols[None, :]
     out_ok = a_in[:, None] & (cols < C)[None, :]
-    a_chunk = _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
     coef = g * inv_temperature
+    # The epilogue reloads the anchor and teacher chunks where each is used (from L2) instead of
+    # keeping them beside the float32 accumulator: three (BLOCK_M x BLOCK_C) tiles at once spill
+    # registers.
     if MODE == 0:
         # "none": the positive is not among the key tiles; its softmax share minus one is
         # exp2(-loss2) - 1, exact (0) for saturated anchors.
         pos2 = lse2 - loss2
         pos_weight = tl.exp2(-loss2) - 1.0
-        t_chunk = _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-        acc += (pos_weight * inv_t)[:, None] * t_chunk
+        acc += (pos_weight * inv_t)[:, None] * _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
         d += pos_weight * pos2
 
     if NEED_DA:
@@ -289,14 +290,16 @@ def _backward_anchor_kernel(
         if NORMALIZE:
             dot_hat = g * d * LN2  # a_hat . grad_hat
             proj_a = tl.load(proj_a_ptr + rows, mask=a_in, other=0.0)
+            a_chunk = _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
             grad = inv_a[:, None] * grad - (proj_a * dot_hat)[:, None] * a_chunk
         grad = tl.where(valid[:, None], grad, 0.0)
         tl.store(DA + out_ptrs, grad.to(DA.dtype.element_ty), mask=out_ok)
     if NEED_DT:  # "none" only: the teacher pixel is a key of its own anchor alone
-        grad = (coef * pos_weight * inv_a)[:, None] * a_chunk
+        grad = (coef * pos_weight * inv_a)[:, None] * _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
         if NORMALIZE:
             dot_hat = g * pos_weight * pos2 * LN2  # t_hat . grad_hat
             proj_t = tl.load(proj_t_ptr + rows, mask=a_in, other=0.0)
+            t_chunk = _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
             grad = inv_t[:, None] * grad - (proj_t * dot_hat)[:, None] * t_chunk
         grad = tl.where(valid[:, None], grad, 0.0)
         tl.store(DT + out_ptrs, grad.to(DT.dtype.element_ty), mask=out_ok)
