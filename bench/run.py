@@ -381,8 +381,8 @@ def annotate(r, base, roofline):
     tensor_cores = getattr(OPS_BY_NAME.get(r["op"]), "TENSOR_CORES", True)
     r["share_of_matmul"] = r["tflops"] / roofline["matmul_tflops"] if tensor_cores else None
     r["share_of_copy"] = r["gbps"] / roofline["copy_gbps"]
-    # bench/model.py: the time no kernel on this GPU can beat, from the FLOPs, exps and bytes and
-    # the measured ceilings (a CPU has no such model here).
+    # bench/model.py: the time a kernel that does not overlap its exps with its MMAs cannot beat,
+    # from the FLOPs, exps and bytes and the measured ceilings (a CPU has no such model here).
     r["bound_ms"] = r["share_of_bound"] = None
     if roofline.get("matmul_dtype") in ("bfloat16", "float16") and "exps" in r:
         limit = model.bound(r["flops"]["total"], r["exps"]["total"], r["bytes"]["total"],

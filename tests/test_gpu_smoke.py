@@ -1,6 +1,8 @@
 """bench/gpu_smoke.py (make gpu-smoke): how it judges the targets and reads the test groups. The
 whole script runs on CI as ``make gpu-smoke DRY_RUN=1`` (.ci/run)."""
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,10 +34,22 @@ def test_memory_share_and_runs_targets():
     share = gpu_smoke.judge(gpu_smoke.Target("s", "citys", "share", (), 0.7), results, False)
     assert share["verdict"] == "miss" and share["measured"].startswith("62 %")
     assert gpu_smoke.judge(gpu_smoke.Target("r", "citys", "runs"), results, False)["verdict"] == "pass"
-    # What did not run misses its goal (a report-only target is skipped); a dry run judges nothing.
-    assert gpu_smoke.judge(gpu_smoke.Target("x", "absent", "speedup", ("naive",), 3.0), results, False)["verdict"] \
-        == "miss"
-    assert gpu_smoke.judge(gpu_smoke.Target("x", "absent", "speedup", ("naive",)), results, False)["verdict"] == "skip"
+    # What the budget did not reach is "not measured", not a miss; what failed to run misses its goal
+    # (a report-only target is skipped); a result that disagrees with naive fails; a rival out of
+    # memory meets a memory goal, one that errs judges nothing; a dry run judges nothing.
+    absent = gpu_smoke.Target("x", "absent", "speedup", ("naive",), 3.0)
+    assert gpu_smoke.judge(absent, results, False)["verdict"] == "not measured"
+    broken = results + [_result("absent", "ours-triton", 1.0, status="oom")]
+    assert gpu_smoke.judge(absent, broken, False)["verdict"] == "miss"
+    assert gpu_smoke.judge(gpu_smoke.Target("u", "absent", "runs"), broken, False)["verdict"] == "miss"
+    assert gpu_smoke.judge(gpu_smoke.Target("x", "absent", "speedup", ("naive",)), broken, False)["verdict"] == "skip"
+    wrong = [_result("citys", "ours-triton", 1.0, agrees_with_naive=False), _result("citys", "naive", 80.0)]
+    assert gpu_smoke.judge(gpu_smoke.Target("w", "citys", "speedup", ("naive",), 5.0), wrong, False)["verdict"] \
+        == "FAIL"
+    for status, verdict in (("oom", "pass"), ("error", "skip")):
+        rival = [_result("citys", "ours-triton", 1.0), _result("citys", "naive", 1.0, status=status)]
+        target = gpu_smoke.Target("m", "citys", "memory", ("naive",), 20.0)
+        assert gpu_smoke.judge(target, rival, False)["verdict"] == verdict
     dry = gpu_smoke.Target("d", "pcd-target", "speedup", ("naive",), 3.0, dry_case="citys")
     assert gpu_smoke.judge(dry, results + [_result("citys", "ours-torch", 20.0)], True)["verdict"] == "dry run"
 
@@ -53,6 +67,36 @@ def test_junit_counts_per_dtype_and_failures(tmp_path):
     assert by_dtype == {"float32": {"passed": 1, "total": 1}, "bfloat16": {"passed": 1, "total": 2},
                         "float16": {"passed": 0, "total": 0}}
     assert failures == ["test_a[triton-cuda-bfloat16]"]
+
+
+def test_a_gpu_group_where_a_dtype_or_everything_skipped_fails(tmp_path, monkeypatch):
+    group = gpu_smoke.Group("g", "op", "triton", ["tests/x.py"], timeout=10, every_dtype=True)
+    xml = ('<testsuites><testsuite><testcase name="t[triton-cuda-float32]"/><testcase name="t[triton-cuda-float16]"/>'
+           '<testcase name="t[triton-cuda-bfloat16]"><skipped message="no"/></testcase></testsuite></testsuites>')
+
+    def fake_run(argv, env, timeout):
+        junit = next(a for a in argv if a.startswith("--junitxml="))[len("--junitxml="):]
+        Path(junit).write_text(xml)
+        return "", 0
+
+    monkeypatch.setattr(gpu_smoke, "run_bounded", fake_run)
+    log = gpu_smoke.Log(tmp_path / "log")
+    on_gpu = gpu_smoke.run_group(group, {}, tmp_path, log, dry_run=False)
+    assert on_gpu["verdict"] == "FAIL" and "nothing ran in bfloat16" in on_gpu["measured"]
+    assert gpu_smoke.run_group(group, {}, tmp_path, log, dry_run=True)["verdict"] == "pass"
+    xml = '<testsuites><testsuite><testcase name="t[cuda-cuda-float32]"><skipped message="no"/></testcase>' \
+          '</testsuite></testsuites>'
+    assert gpu_smoke.run_group(gpu_smoke.Group("c", "op", "cuda", [], 10), {}, tmp_path, log, False)["verdict"] \
+        == "FAIL"
+
+
+def test_a_timeout_kills_what_the_command_started():
+    started = time.time()
+    output, code = gpu_smoke.run_bounded([sys.executable, "-c", "import subprocess, sys; subprocess.Popen("
+                                          "[sys.executable, '-c', 'import time; time.sleep(60)']); "
+                                          "print('child started', flush=True); import time; time.sleep(60)"],
+                                         dict(os.environ), timeout=3)
+    assert code is None and "child started" in output and time.time() - started < 30
 
 
 def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():

@@ -335,6 +335,16 @@ def test_data_folder_with_a_teacher_factory(tmp_path):
                   "--batch-size", "4", "--queue-size", "32", "--workers", "1", "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert _checkpoint(tmp_path / "out")["step"] == 2
+    # --no-adaptor leaves the pair's head out (its 16-channel backbone map is the target); a
+    # teacher without a head has none to leave out.
+    common = ["-m", "pcd_kernels.train", "--data", str(tmp_path / "images"), "--student", "cnn", "--image-size", "24",
+              "--max-steps", "1", "--batch-size", "4", "--queue-size", "32", "--workers", "0", "--no-adaptor"]
+    result = _run(*common, "--teacher", "_train_factories:teacher_pair", "--output-dir", str(tmp_path / "bare"))
+    assert result.returncode == 0, result.stderr
+    assert _checkpoint(tmp_path / "bare")["criterion"]["queue"].shape[-1] == 16
+    result = _run(*common, "--teacher", "_train_factories:headless_teacher", "--output-dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--no-adaptor: the teacher '_train_factories:headless_teacher' has no head " \
+        "to leave out" in result.stderr, result.stderr
 
 
 def test_torchrun_two_gloo_processes(tmp_path):

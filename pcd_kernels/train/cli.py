@@ -4,6 +4,7 @@ import sys
 from typing import List, Optional
 
 import torch.distributed as dist
+from torch import nn
 
 from pcd_kernels.train.data import Augmentation, ImageFolder
 from pcd_kernels.train.engine import TrainConfig, resumable_checkpoint, resolve_device, setup_distributed, train
@@ -111,6 +112,8 @@ def run_on_folder(config: TrainConfig):
     distributed = setup_distributed(device)
     teacher = build_teacher(config.teacher, config.teacher_weights, config.teacher_encoder)
     if not config.adaptor:
+        if isinstance(teacher.head, nn.Identity):
+            raise TrainError(f"--no-adaptor: the teacher {config.teacher!r} has no head to leave out")
         teacher = Teacher(teacher.backbone)
     images = ImageFolder(config.data, load_size=2 * config.image_size)
     views = Augmentation(size=config.image_size)  # ImageNet normalisation, as the teachers expect

@@ -69,7 +69,7 @@ def run_study(seeds: Sequence[int], output_dir: str, steps: int = 300, teacher_s
         for variant in variants:
             folder = os.path.join(base.output_dir, variant)
             config = dataclasses.replace(base, output_dir=folder, **TRAINED.get(variant, {}))
-            scores = _read_scores(folder, config, probe_steps)
+            scores = _read_scores(folder, config, probe_steps, data)
             if scores is None:
                 if teacher is None:
                     teacher = demo_teacher(base, data, device, distributed)
@@ -86,7 +86,7 @@ def run_study(seeds: Sequence[int], output_dir: str, steps: int = 300, teacher_s
                                      distributed=distributed)["student"].backbone
                 trained_s = time.perf_counter() - clock
                 probe = dense_probe(backbone, data, device, steps=probe_steps, seed=seed)
-                scores = {"fingerprint": _fingerprint(config, probe_steps), "train_s": round(trained_s, 1),
+                scores = {"fingerprint": _fingerprint(config, probe_steps, data), "train_s": round(trained_s, 1),
                           **{key: probe[name] for key, name in METRICS}}
                 prepare_output_dir(folder)
                 write_json(os.path.join(folder, "scores.json"), scores)
@@ -104,20 +104,21 @@ def run_study(seeds: Sequence[int], output_dir: str, steps: int = 300, teacher_s
     return study
 
 
-def _fingerprint(config: TrainConfig, probe_steps: int) -> Dict:
-    return {"probe_steps": probe_steps, **{k: getattr(config, k) for k in (
+def _fingerprint(config: TrainConfig, probe_steps: int, data: DemoData) -> Dict:
+    sizes = {"images": len(data.images), "probe_images": len(data.probe_train[0]) + len(data.probe_test[0])}
+    return {"probe_steps": probe_steps, **sizes, **{k: getattr(config, k) for k in (
         "seed", "max_steps", "teacher_steps", "mlp_dim", "mhsa", "adaptor", "loss", "batch_size", "queue_size", "lr",
         "temperature")}}
 
 
-def _read_scores(folder: str, config: TrainConfig, probe_steps: int) -> Optional[Dict]:
+def _read_scores(folder: str, config: TrainConfig, probe_steps: int, data: DemoData) -> Optional[Dict]:
     path = os.path.join(folder, "scores.json")
     try:
         with open(path) as f:
             scores = json.load(f)
     except (OSError, ValueError):
         return None
-    expected = json.loads(json.dumps(_fingerprint(config, probe_steps)))
+    expected = json.loads(json.dumps(_fingerprint(config, probe_steps, data)))
     return scores if isinstance(scores, dict) and scores.get("fingerprint") == expected else None
 
 

@@ -13,9 +13,10 @@ built one dimension at a time from two contiguous vectors: CUDA-core work, no te
 * ``_key_backward_kernel``: the transposed block (all anchors x a tile of keys), per dimension
   d/dt_j = +sum_i w_ij sign(s_i - t_j) / tau.
 
-Modelled bound (bench/model.py; not measured): 3 CUDA-core FLOPs per sample pair and dimension
-forward, 6 backward, at an H200's plain fp32 rate (67 TFLOP/s); the Cityscapes case (16 x 2048 x
-64 x 128, pool 4) is then as much memory-bound as compute-bound, about 0.6 ms for both passes.
+Modelled bound (bench/model.py; not measured): 3 CUDA-core instructions per sample pair and
+dimension forward, 6 backward, at an H200's plain fp32 instruction rate (33.5 T/s); the Cityscapes
+case (16 x 2048 x 64 x 128, pool 4) then takes at least 1.2 ms for both passes, about twice its
+memory time.
 
 Each gradient element has exactly one writer: deterministic, no atomics.
 """
