@@ -393,12 +393,17 @@ def _backward_key_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for H100-class GPUs; BLOCK_M is the
 # anchor tile, BLOCK_N the key tile. The autotuner keeps the fastest per kernel variant and size
 # bucket; with PCD_KERNELS_AUTOTUNE=0 the first entry is used as is (the test suite does that:
-# tuning every variant it compiles would take far longer than the tests). The first entries are
-# those that compile for sm_90 with the fewest spills (tests/test_triton_aot.py checks they fit).
+# tuning every variant it compiles would take far longer than the tests).
+# Read from their sm_90a SASS (bench/kernels.py, docs/performance.md): a warpgroup (4 warps) owns
+# 64 rows of a warpgroup MMA, so each candidate has 4 warps per 64 rows of its dots' M side (the
+# anchors in the forward and anchor kernels, the keys in the key kernel): 8 warps over 64 rows
+# compute every logit and exp twice, and fewer than 64 rows fall back to warp MMA. The first ones
+# spill least (the backward kernels still spill in their epilogues, least of all these). Every candidate
+# fits 227 KB of shared memory with room to spare (Triton 3.6 lays out more than 3.9 may).
 _GPU_CONFIGS = {
-    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)],
-    "anchor": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    "key": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
+    "anchor": [(128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    "key": [(32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
 }
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
