@@ -55,7 +55,7 @@ def launches(dtype_name: str):
         for call in calls:
             name = f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else "")
             out.append((name, f"negatives={negatives}", pc._KERNELS[call.kind], call.args, call.flags,
-                        pc._GPU_CONFIGS[call.kind]))
+                        pc.gpu_configs(call.kind, call.flags["PRECISION"])))
     for head_dim, heads in ((32, 8), (64, 4)):
         qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
         o = torch.empty(2, heads * head_dim, 4096, dtype=dtype)

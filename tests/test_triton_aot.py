@@ -35,7 +35,7 @@ arch, dtype, C, negatives, masked, tf32 = sys.argv[1:]
 torch.backends.cuda.matmul.allow_tf32 = tf32 == "1"
 results = []
 for call in calls(getattr(torch, dtype), int(C), negatives, masked == "1"):
-    bm, bn, warps, stages = pc._GPU_CONFIGS[call.kind][0]
+    bm, bn, warps, stages = pc.gpu_configs(call.kind, call.flags["PRECISION"])[0]
     usage = compile_launch(pc._KERNELS[call.kind], call.args, dict(call.flags, BLOCK_M=bm, BLOCK_N=bn),
                            int(arch), warps, stages, sass=True)
     results.append(dict(usage, kernel=call.kind, pixels=call.flags.get("KEYS_ARE_PIXELS")))

@@ -405,6 +405,13 @@ _GPU_CONFIGS = {
     "anchor": [(128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
     "key": [(32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
 }
+# float32 without TF32 multiplies on CUDA cores (FMA loops, no warpgroup MMA), where the tiles
+# above spill kilobytes inside the main loop: smaller tiles spread over 8 warps spill least.
+_IEEE_CONFIGS = {
+    "forward": [(64, 64, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2)],
+    "anchor": [(64, 64, 8, 2), (32, 32, 4, 2)],
+    "key": [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+}
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 INTERPRETER_MAX_BLOCK_C = 32
@@ -437,9 +444,14 @@ def autotune_enabled() -> bool:
     return os.environ.get("PCD_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def _tuned(kind):
+def gpu_configs(kind, precision):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a kernel at a matmul precision."""
+    return (_IEEE_CONFIGS if precision == "ieee" else _GPU_CONFIGS)[kind]
+
+
+def _tuned(kind, precision):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _GPU_CONFIGS[kind]]
+               for bm, bn, w, s in gpu_configs(kind, precision)]
     if not autotune_enabled():
         configs = configs[:1]
     return triton.autotune(configs=configs, key=["C", "TUNE_KEY", "BLOCK_C"])(_KERNELS[kind])
@@ -448,10 +460,11 @@ def _tuned(kind):
 _LAUNCHERS = {}
 
 
-def _launcher(kind):
-    if kind not in _LAUNCHERS:
-        _LAUNCHERS[kind] = _KERNELS[kind] if is_interpreter() else _tuned(kind)
-    return _LAUNCHERS[kind]
+def _launcher(kind, precision):
+    key = (kind, precision == "ieee")
+    if key not in _LAUNCHERS:
+        _LAUNCHERS[key] = _KERNELS[kind] if is_interpreter() else _tuned(kind, precision)
+    return _LAUNCHERS[key]
 
 
 def _blocks():
@@ -560,7 +573,7 @@ class KernelCall:
         self.kind, self.args, self.flags, self.grid = kind, args, flags, grid
 
     def launch(self):
-        _launcher(self.kind)[self.grid](*self.args, **self.flags, **_blocks())
+        _launcher(self.kind, self.flags["PRECISION"])[self.grid](*self.args, **self.flags, **_blocks())
 
 
 def forward_call(inp, loss, lse):
