@@ -235,4 +235,6 @@ def results_table(rows, config: TrainConfig) -> str:
              "|---|---:|---:|---:|"]
     lines += [f"| {name} | {m['mIoU']:.1f} | {m['digit_mIoU']:.1f} | {m['digit_pixel_accuracy']:.1f} |"
               for name, m in rows]
+    lines += ["", "One seed: rows a point or two apart are within the spread between seeds. `make demo-study` "
+              "(python -m pcd_kernels.train.study) runs 5 seeds with PCD's ablations; docs/demo.md has its results."]
     return "\n".join(lines)
