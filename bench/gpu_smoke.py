@@ -352,7 +352,7 @@ def start_build(env: Dict[str, str], log_path: Path, dry_run: bool) -> Optional[
 
 
 def extension_is_current(env: Dict[str, str]) -> bool:
-    """Whether pcd_kernels/_C is built for sm_90a and newer than every source it is built from."""
+    """Whether pcd_kernels/_C is built for sm_90a alone and newer than every source it is built from."""
     built = sorted((ROOT / "pcd_kernels").glob("_C*.so"))
     sources = [p for folder in ("csrc", "python") for p in (ROOT / folder).rglob("*") if p.is_file()]
     sources += [ROOT / "CMakeLists.txt", ROOT / "setup.py"]
@@ -360,7 +360,8 @@ def extension_is_current(env: Dict[str, str]) -> bool:
         return False
     output, code = run_bounded([sys.executable, "-c", "import pcd_kernels._C as c; print(c.cuda_architectures)"],
                                env, 60)
-    return code == 0 and "90a" in output
+    # Exactly sm_90a: the build and probe group checks the archs it was built for.
+    return code == 0 and output.strip().splitlines()[-1:] == ["90a"]
 
 
 def write_images(folder: Path, count: int = 16) -> None:
