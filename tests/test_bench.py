@@ -46,8 +46,9 @@ def test_quick_benchmark_runs_and_providers_agree(quick_run):
             assert by_provider[provider]["status"] == "ok", by_provider[provider]
             assert by_provider[provider]["agrees_with_naive"] is True
         assert by_provider["ours-triton"]["status"] == "unavailable"
-    pcd = {r["provider"]: r for r in data["results"] if r["op"] == "pixel_contrastive_loss"}
-    assert pcd["ours-torch"]["peak_mb"] < pcd["naive"]["peak_mb"]
+    # (No peak-memory comparison at these sizes: the quick case's 16 MB logit matrix is under
+    # glibc's dynamic mmap threshold once warm-up has freed one, so resident-set sampling misses it
+    # and both providers read about 1 MB, in either order. tests/test_memory.py tests memory.)
     # results.csv: a row per result, mode and metric, matching the JSON.
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
