@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # run.py (bench/run.py), imported where needed: it imports torch
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -199,7 +200,6 @@ def annotated(bench: Dict) -> List[Dict]:
     """The benchmark's results with bench/run.py's derived figures (ratio to naive, agreement with
     it, share of the matmul rate, share of the modelled bound), which it adds only when it finishes:
     a run the budget cut short is judged the same way."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import run
 
     results = bench.get("results", [])
@@ -327,10 +327,6 @@ def _junit_counts(path: Path):
     return counts, by_dtype, failures
 
 
-def _text(value) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else (value or "")
-
-
 def _last_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
     return lines[-1][:160] if lines else ""
@@ -410,8 +406,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench" / ("runs" if dry_run else "results")
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
-    base = out / f"gpu-smoke_{slug}_{stamp:%Y%m%d-%H%M%S}"
+    from run import file_slug
+
+    base = out / f"gpu-smoke_{file_slug(device_name)}_{stamp:%Y%m%d-%H%M%S}"
     log = Log(base.with_suffix(".log"))
     log.write(f"# make gpu-smoke{' (dry run)' if dry_run else ''}: {device_name}, torch {torch.__version__}, "
               f"{stamp:%Y-%m-%d %H:%M} UTC")

@@ -24,73 +24,97 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def launches(dtype_name: str):
-    """(kernel, variant, fn, args, constexprs, candidates) for every kernel the library launches,
-    at representative sizes and flags: the InfoNCE with a queue (negatives="none") and with
-    pixel keys (negatives="batch", masked), attention at head dims 32 and 64, Af-DCD."""
+def infonce_launches(dtype, channels=256, negatives="none", masked=False):
+    """(kernel, variant, fn, args, constexprs, candidates) of every pixel_contrastive_loss kernel
+    for these flags: 4 maps of 16x16 and a queue of 4,096 rows."""
+    import torch
+
+    from pcd_kernels.triton import pixel_contrastive as pc
+
+    B, H, W, K, C = 4, 16, 16, 4096, channels
+    s = torch.empty(B, C, H, W, dtype=dtype)
+    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
+    inp = pc._Inputs(s, torch.empty_like(s), torch.empty(K, C, dtype=dtype), None, mask, None, negatives, 0.2, True)
+    loss = torch.empty(B, H, W)
+    rows = torch.empty(B * H * W, C, dtype=dtype)
+    calls = [pc.forward_call(inp, loss, loss),
+             pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, rows if negatives == "none" else None),
+             pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), torch.empty(K, C, dtype=dtype), False)]
+    if negatives != "none":
+        calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
+    return [(f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else ""),
+             f"negatives={negatives}", pc._KERNELS[call.kind], call.args, call.flags,
+             pc.gpu_configs(call.kind, call.flags["PRECISION"])) for call in calls]
+
+
+def attention_launches(dtype, head_dim, heads):
+    """pixel_attention's kernels on q, k, v as channel slices of one fused projection (what
+    MHSA2d passes), 2 maps of 64x64."""
+    import torch
+
+    from pcd_kernels.triton import pixel_attention as pa
+
+    qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
+    out = torch.empty(2, heads * head_dim, 4096, dtype=dtype)
+    lse = torch.empty(2 * heads, 4096)
+    calls = [pa.forward_call(qkv, qkv, qkv, out, lse, heads, head_dim ** -0.5)]
+    calls += pa.backward_calls(out, qkv, qkv, qkv, lse, lse, out, out, out, heads, head_dim ** -0.5)
+    return [(f"pixel_attention.{call.kind}", f"head_dim={head_dim}", pa._KERNELS[call.kind], call.args, call.flags,
+             pa.gpu_configs(call.kind, head_dim, call.element_size, call.flags["PRECISION"])) for call in calls]
+
+
+def omni_launches(dtype, dims=128, samples=256, groups=16):
+    """omni_contrastive_loss's kernels (one launch configuration each: candidates (0, 0, warps,
+    stages), no tiles to choose)."""
     import math
 
     import torch
 
     from pcd_kernels.triton import omni_contrastive as oc
-    from pcd_kernels.triton import pixel_attention as pa
-    from pcd_kernels.triton import pixel_contrastive as pc
 
-    dtype = getattr(torch, dtype_name)
-    out = []
-    B, H, W, K, C = 4, 16, 16, 4096, 256
-    for negatives, masked in (("none", False), ("batch", True)):
-        s = torch.empty(B, C, H, W, dtype=dtype)
-        q = torch.empty(K, C, dtype=dtype)
-        inp = pc._Inputs(s, torch.empty_like(s), q, None, torch.ones(B, H, W, dtype=torch.bool) if masked else None,
-                         None, negatives, 0.2, True)
-        loss = torch.empty(B, H, W)
-        rows = torch.empty(B * H * W, C, dtype=dtype)
-        calls = [pc.forward_call(inp, loss, loss),
-                 pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, rows if negatives == "none" else None),
-                 pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), torch.empty(K, C, dtype=dtype),
-                                      False)]
-        if negatives != "none":
-            calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
-        for call in calls:
-            name = f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else "")
-            out.append((name, f"negatives={negatives}", pc._KERNELS[call.kind], call.args, call.flags,
-                        pc.gpu_configs(call.kind, call.flags["PRECISION"])))
-    for head_dim, heads in ((32, 8), (64, 4)):
-        qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
-        o = torch.empty(2, heads * head_dim, 4096, dtype=dtype)
-        lse = torch.empty(2 * heads, 4096)
-        calls = [pa.forward_call(qkv, qkv, qkv, o, lse, heads, head_dim ** -0.5)]
-        calls += pa.backward_calls(o, qkv, qkv, qkv, lse, lse, o, o, o, heads, head_dim ** -0.5)
-        for call in calls:
-            out.append((f"pixel_attention.{call.kind}", f"head_dim={head_dim}", pa._KERNELS[call.kind], call.args,
-                        call.flags, pa.gpu_configs(call.kind, head_dim, call.element_size, call.flags["PRECISION"])))
-    dims, samples, groups = 128, 256, 16
     packed = torch.empty(8, dims, samples, dtype=dtype)
     per_sample = torch.empty(8, samples)
     blocks = dict(SAMPLES_BLOCK=oc.samples_block(samples))
     scales = (dims, samples, groups, 1.0 / (0.07 * math.log(2.0)))
     options = oc._launch_options()
     config = [(0, 0, options["num_warps"], options["num_stages"])]
-    for fn, args, constexprs in (
-            (oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
-             dict(blocks, BLOCK_A=oc.tile(samples))),
-            (oc._anchor_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
-             dict(blocks, BLOCK_A=oc.tile(samples))),
-            (oc._key_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
-             dict(blocks, BLOCK_K=oc.tile(samples)))):
-        out.append((f"omni_contrastive.{fn.__name__.strip('_')}", f"dims={dims}", fn, args, constexprs, config))
-    return out
+    return [(f"omni_contrastive.{fn.__name__.strip('_')}", f"dims={dims}", fn, args, constexprs, config)
+            for fn, args, constexprs in (
+                (oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
+                 dict(blocks, BLOCK_A=oc.tile(samples))),
+                (oc._anchor_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
+                 dict(blocks, BLOCK_A=oc.tile(samples))),
+                (oc._key_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
+                 dict(blocks, BLOCK_K=oc.tile(samples))))]
+
+
+def launches(dtype_name: str):
+    """Every kernel the library launches, at representative sizes and flags: the InfoNCE with a
+    queue (negatives="none") and with pixel keys (negatives="batch", masked), attention at head
+    dims 32 and 64, Af-DCD."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    return (infonce_launches(dtype, 256, "none") + infonce_launches(dtype, 256, "batch", masked=True)
+            + attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4) + omni_launches(dtype))
+
+
+def compile_candidate(fn, args, constexprs, candidate, arch, cubin_path=None, sass=True):
+    """compile_launch for one (BLOCK_M, BLOCK_N, warps, stages) candidate; (0, 0, ...) has no tiles."""
+    from pcd_kernels.triton._aot import compile_launch
+
+    bm, bn, warps, stages = candidate
+    tiles = {"BLOCK_M": bm, "BLOCK_N": bn} if bm else {}
+    return compile_launch(fn, args, dict(constexprs, **tiles), arch, warps, stages, cubin_path, sass=sass)
 
 
 def _compile_all(job):
     """One dtype's kernels, in a worker process: every candidate of every launch."""
     arch, dtype_name, tf32, out_dir, only, first = job
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["PCD_KERNELS_AUTOTUNE"] = "1"  # list every candidate (0 keeps only the first)
     sys.path.insert(0, str(ROOT))
     import torch
-
-    from pcd_kernels.triton._aot import compile_launch
 
     torch.backends.cuda.matmul.allow_tf32 = tf32
     label = dtype_name + ("+tf32" if tf32 else "")
@@ -99,14 +123,13 @@ def _compile_all(job):
         if only and not any(name in kernel for name in only):
             continue
         for bm, bn, warps, stages in candidates[:1] if first else candidates:
-            tiles = {} if bm == 0 else {"BLOCK_M": bm, "BLOCK_N": bn}
             config = [bm, bn, warps, stages] if bm else [warps, stages]
             slug = "".join(c if c.isalnum() else "_" for c in f"{kernel}_{variant}_{label}_{config}")
             cubin = Path(out_dir) / "cubins" / f"{slug}.cubin"
             entry = {"kernel": kernel, "variant": variant, "dtype": label, "config": config,
                      "cubin": str(cubin.relative_to(out_dir)), "arch": f"sm_{arch}{'a' if arch == 90 else ''}"}
             try:
-                usage = compile_launch(fn, args, dict(constexprs, **tiles), arch, warps, stages, str(cubin), sass=True)
+                usage = compile_candidate(fn, args, constexprs, (bm, bn, warps, stages), arch, str(cubin))
             except Exception as error:  # a candidate that does not compile is itself a finding
                 reports.append(dict(entry, error=f"{type(error).__name__}: {str(error)[:300]}"))
                 continue

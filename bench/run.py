@@ -298,6 +298,11 @@ def rotation_for(inputs, cache, max_sets=8):
 # ------------------------------------------------------------------------------------------
 
 
+def file_slug(device_name):
+    """A device name as a file-name part: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
+
+
 def _device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -480,8 +485,7 @@ def main(argv=None):
           f"through sets of at least 2 x {cache / 2**20:.0f} MiB (last-level cache)"
           + ("" if args.device == "cuda" else "; no GPU: timings are CPU wall-clock"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()[:40]
-    path = out_dir / f"{'-'.join(args.ops)}_{slug}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
+    path = out_dir / f"{'-'.join(args.ops)}_{file_slug(device_name)}_{started:%Y%m%d-%H%M%S}{'_quick' if args.quick else ''}.json"
     meta = {"device": device_name, "dtype": dtype_name, "date_utc": started.isoformat(), "quick": args.quick,
             "versions": _versions(), "git_commit": _git_commit(), "roofline": roofline, "cache_bytes": cache,
             "flop_formulas": {OPS[name].OP: _doc_section(OPS[name], "FLOPs") for name in args.ops},

@@ -111,8 +111,9 @@ def _csv_lines(rows: List[Dict], header: bool = False) -> str:
     return text.getvalue()
 
 
-def plot_loss(rows: List[Dict], path: str) -> bool:
-    """The loss curve as a PNG; False (with a note) when matplotlib is not installed."""
+def pyplot(path: str):
+    """matplotlib.pyplot without a display, or None (with a note that ``path`` was not drawn) when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -121,6 +122,22 @@ def plot_loss(rows: List[Dict], path: str) -> bool:
     except ImportError:
         print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)",
               file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(plt, fig, path: str) -> None:
+    """Writes ``fig`` as a PNG atomically, then closes it."""
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def plot_loss(rows: List[Dict], path: str) -> bool:
+    """The loss curve as a PNG; False (with a note) when matplotlib is not installed."""
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
@@ -129,8 +146,5 @@ def plot_loss(rows: List[Dict], path: str) -> bool:
     ax.set_title("PCD distillation loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    save_figure(plt, fig, path)
     return True

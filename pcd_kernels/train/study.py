@@ -37,6 +37,7 @@ from pcd_kernels.train.engine import TrainConfig, resolve_device, setup_distribu
 from pcd_kernels.train.errors import TrainError
 from pcd_kernels.train.files import prepare_output_dir, write_json, write_text
 from pcd_kernels.train.models import Teacher, build_student_backbone
+from pcd_kernels.train.progress import pyplot, save_figure
 
 # The trained variants and how each differs from the demo's PCD run.
 TRAINED = {"pcd": {}, "pcd_no_mhsa": {"mhsa": False}, "pcd_no_adaptor": {"adaptor": False},
@@ -178,16 +179,11 @@ def table(study: Dict) -> str:
 
 def plot(study: Dict, path: str) -> bool:
     """Each seed's mIoU per variant, with the mean and its 95 % interval. False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"note: matplotlib is not installed, so {path} was not drawn (pip install matplotlib)", flush=True)
+    plt = pyplot(path)
+    if plt is None:
         return False
     variants = list(study["summary"])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for x, variant in enumerate(variants):
         values = [r["miou"] for r in study["runs"] if r["variant"] == variant]
         ax.scatter([x] * len(values), values, s=14, color="0.55", zorder=2)
@@ -202,8 +198,7 @@ def plot(study: Dict, path: str) -> bool:
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 
