@@ -7,7 +7,7 @@ code), ``cubin`` (its path under DIR), ``registers``, ``stack_bytes``, ``shared_
 ``instructions``: counts of HGMMA, HMMA, MUFU.EX2, LDGSTS, UTMALDG, LDL and STL in the whole kernel
 and in its main loop (pcd_kernels/triton/_aot.py). Then it prints a table and, with ``--check``,
 exits 1 when a 16-bit configuration spills (stack or local memory), a configuration does not fit
-the chip's shared memory, or a 16-bit multiplying kernel on sm_90a has no HGMMA. CI runs it
+the chip's shared memory, or a multiplying kernel in 16 bits or TF32 on sm_90a has no HGMMA. CI runs it
 (tests/test_triton_aot.py).
 
 This shows what the compiler made, not how fast it runs: that needs a GPU (make gpu-smoke).
@@ -38,13 +38,17 @@ def infonce_launches(dtype, channels=256, negatives="none", masked=False):
     loss = torch.empty(B, H, W)
     rows = torch.empty(B * H * W, C, dtype=dtype)
     calls = [pc.forward_call(inp, loss, loss),
-             pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, rows if negatives == "none" else None),
+             pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows),
              pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), torch.empty(K, C, dtype=dtype), False)]
-    if negatives != "none":
+    if negatives == "none":
+        calls.append(pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, teacher_positives=True))
+    else:
         calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
-    return [(f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else ""),
+    return [(f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else "")
+             + ("[teacher]" if call.flags.get("TEACHER_POSITIVES") else ""),
              f"negatives={negatives}", pc._KERNELS[call.kind], call.args, call.flags,
-             pc.gpu_configs(call.kind, call.flags["PRECISION"])) for call in calls]
+             pc.gpu_configs(call.kind, call.flags["PRECISION"], call.flags.get("SCALE_WEIGHTS", True)))
+            for call in calls]
 
 
 def attention_launches(dtype, head_dim, heads):
@@ -150,8 +154,10 @@ def problems(reports, arch: int):
             found.append(f"{name}: spills ({r['stack_bytes']} B stack, {r['instructions']['kernel']['LDL']} LDL)")
         if r["shared_bytes"] > SHARED_LIMIT[arch]:
             found.append(f"{name}: {r['shared_bytes']} B of shared memory, more than {SHARED_LIMIT[arch]}")
-        multiplies = not r["kernel"].startswith("omni_contrastive")
-        if arch == 90 and sixteen_bit and multiplies and not r["instructions"]["kernel"]["HGMMA"]:
+        # Af-DCD's kernels and the teacher gradient of negatives="none" (no key loop) multiply nothing.
+        multiplies = not (r["kernel"].startswith("omni_contrastive") or r["kernel"].endswith("[teacher]"))
+        tensor_cores = sixteen_bit or r["dtype"].endswith("+tf32")
+        if arch == 90 and tensor_cores and multiplies and not r["instructions"]["kernel"]["HGMMA"]:
             found.append(f"{name}: no HGMMA (warpgroup MMA) on sm_90a")
     return found
 

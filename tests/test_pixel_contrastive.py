@@ -410,19 +410,19 @@ def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypa
 
 @pytest.mark.skipif(not CUDA, reason="the autotune candidates are GPU tile shapes (the interpreter runs its own "
                                      "small tiles)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("negatives", ["none", "batch"])
 def test_every_autotune_candidate_on_gpu(dtype, negatives, monkeypatch):
     """The suite runs each kernel's first configuration; the autotuner may pick any other. Sizes
-    span several tiles of every candidate, with tails (float32 here is IEEE: its own candidates;
-    float16 compiles from the same tiles as bfloat16)."""
+    span several tiles of every candidate, with tails (float32 here is IEEE, float16 normalises
+    tiles in registers: each has its own candidates)."""
     from pcd_kernels.triton import pixel_contrastive as kernels
 
     inputs = make_inputs(b=3, c=72, h=11, w=13, k=300 if negatives == "none" else 45, masked=True)
-    lists = kernels._IEEE_CONFIGS if dtype == torch.float32 else kernels._GPU_CONFIGS
+    lists = kernels.config_lists("ieee" if dtype == torch.float32 else "tf32", dtype != torch.float16)
     for i in range(max(len(c) for c in lists.values())):
-        monkeypatch.setattr(kernels, "gpu_configs",
-                            lambda kind, precision, i=i: [lists[kind][min(i, len(lists[kind]) - 1)]])
+        monkeypatch.setattr(kernels, "gpu_configs", lambda kind, precision, scale_weights=True, i=i:
+                            [lists[kind][min(i, len(lists[kind]) - 1)]])
         kernels._LAUNCHERS.clear()
         check_op("triton", "cuda", dtype, inputs, negatives=negatives)
     kernels._LAUNCHERS.clear()

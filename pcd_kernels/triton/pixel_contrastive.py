@@ -53,39 +53,42 @@ _MAX_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _load_chunk(X, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
-    """(rows, BLOCK_C) tile of channels [c_start, c_start + BLOCK_C) of a row matrix; 0 outside."""
+def _load_chunk(X, start, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
+    """(rows, BLOCK_C) tile of channels [c_start, c_start + BLOCK_C) of a row matrix; 0 outside.
+    rows = start + arange: the tile's first row is a 64-bit scalar offset and the rest 32-bit
+    offsets within the tile (the host keeps those below 2**31). 64-bit offsets per element cost
+    two registers each and, computed once for the loads before and after the key loop, spilled."""
     cols = c_start + tl.arange(0, BLOCK_C)
-    ptrs = X + rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c
+    ptrs = (X + tl.cast(start, tl.int64) * s_r) + ((rows - start)[:, None] * s_r + cols[None, :] * s_c)
     return tl.load(ptrs, mask=ok[:, None] & (cols < C)[None, :], other=0.0)
 
 
 @triton.jit
-def _dot_rows(x0, X, x_rows, x_ok, x_sr, x_sc, y0, Y, y_rows, y_ok, y_sr, y_sc, C,
+def _dot_rows(x0, X, x_start, x_rows, x_ok, x_sr, x_sc, y0, Y, y_start, y_rows, y_ok, y_sr, y_sc, C,
               BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """(rows of X) . (rows of Y) over all C channels, float32; x0 and y0 are the first chunks."""
     acc = tl.dot(x0, tl.trans(y0), input_precision=PRECISION)
     for ci in range(1, C_TILES):
-        x = _load_chunk(X, x_rows, x_ok, x_sr, x_sc, ci * BLOCK_C, C, BLOCK_C)
-        y = _load_chunk(Y, y_rows, y_ok, y_sr, y_sc, ci * BLOCK_C, C, BLOCK_C)
+        x = _load_chunk(X, x_start, x_rows, x_ok, x_sr, x_sc, ci * BLOCK_C, C, BLOCK_C)
+        y = _load_chunk(Y, y_start, y_rows, y_ok, y_sr, y_sc, ci * BLOCK_C, C, BLOCK_C)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _rowwise_dot(x0, X, Y, rows, ok, s_r, C, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr):
+def _rowwise_dot(x0, X, Y, start, rows, ok, s_r, C, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr):
     """x_i . y_i for each row i of two row-major matrices (the positive pairs), float32."""
-    y = _load_chunk(Y, rows, ok, s_r, 1, 0, C, BLOCK_C)
+    y = _load_chunk(Y, start, rows, ok, s_r, 1, 0, C, BLOCK_C)
     acc = tl.sum(x0.to(tl.float32) * y.to(tl.float32), 1)
     for ci in range(1, C_TILES):
-        x = _load_chunk(X, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
-        y = _load_chunk(Y, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        x = _load_chunk(X, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        y = _load_chunk(Y, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
         acc += tl.sum(x.to(tl.float32) * y.to(tl.float32), 1)
     return acc
 
 
 @triton.jit
-def _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, k_in, inv_k_ptr,
+def _key_tile_logits(a0, A, row0, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, start, keys, k_in, inv_k_ptr,
                      valid_k_ptr, C, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr,
                      BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 logits (BLOCK_M, BLOCK_N) of anchor rows against key rows, -inf for absent keys.
@@ -96,8 +99,8 @@ def _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys, k_
     k_ok = k_in
     if HAS_MASK:
         k_ok = k_ok & (tl.load(valid_k_ptr + keys, mask=k_in, other=0) != 0)
-    k0 = _load_chunk(K, keys, k_ok, k_sr, k_sc, 0, C, BLOCK_C)
-    s = _dot_rows(a0, A, rows, a_in, a_sr, 1, k0, K, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
+    k0 = _load_chunk(K, start, keys, k_ok, k_sr, k_sc, 0, C, BLOCK_C)
+    s = _dot_rows(a0, A, row0, rows, a_in, a_sr, 1, k0, K, start, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
                   PRECISION)
     s = s * row_scale[:, None]
     inv_k = tl.full(keys.shape, 1.0, tl.float32)
@@ -117,7 +120,7 @@ def _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, a_sr, row_scale, K, k_sr,
     it, so that loss = lse - positive uses the very number the lse summed."""
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, _, _, _ = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
+        s, _, _, _ = _key_tile_logits(a0, A, row0, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, start, keys,
                                       keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK, NORMALIZE,
                                       BLOCK_C, C_TILES, PRECISION)
         if HOLDS_POSITIVES:
@@ -130,7 +133,7 @@ def _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, a_sr, row_scale, K, k_sr,
 
 
 @triton.jit
-def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
+def _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, a_sr, row_scale, lse2, oc,
                         K, k_sr, k_sc, lo, hi, inv_k_ptr, valid_k_ptr, C,
                         HOLDS_POSITIVES: tl.constexpr, HAS_MASK: tl.constexpr,
                         NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr,
@@ -140,7 +143,7 @@ def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
     acc += q @ k_hat[:, oc:oc + BLOCK_C] and d += sum_k q * logit2."""
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, k_ok, k0, inv_k = _key_tile_logits(a0, A, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, keys,
+        s, k_ok, k0, inv_k = _key_tile_logits(a0, A, row0, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, start, keys,
                                               keys < hi, inv_k_ptr, valid_k_ptr, C, HAS_MASK,
                                               NORMALIZE, BLOCK_C, C_TILES, PRECISION)
         p = tl.exp2(s - lse2[:, None])
@@ -150,7 +153,7 @@ def _softmax_times_keys(acc, d, a0, A, rows, a_in, a_sr, row_scale, lse2, oc,
         if C_TILES == 1:  # the tile the logits were computed from is the whole key
             k_chunk = k0
         else:
-            k_chunk = _load_chunk(K, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
+            k_chunk = _load_chunk(K, start, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
         if NORMALIZE:
             if SCALE_WEIGHTS:  # q / ||k|| @ k: one multiply per logit, the raw tile feeds the MMA
                 p = p * inv_k[None, :]
@@ -178,7 +181,7 @@ def _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK: tl.constexpr, MODE: tl.constex
     valid = a_in
     if HAS_MASK:
         valid = valid & (tl.load(valid_ptr + rows, mask=a_in, other=0) != 0)
-    return rows, a_in, valid, seg_start, seg_start + seg_len
+    return seg_start + tl.program_id(0) * BLOCK_M, rows, a_in, valid, seg_start, seg_start + seg_len
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -190,15 +193,14 @@ def _forward_kernel(
     NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
-    row0 = key_lo + tl.program_id(0) * BLOCK_M
-    a0 = _load_chunk(A, rows, a_in, C, 1, 0, C, BLOCK_C)
+    row0, rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+    a0 = _load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
     row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
     if NORMALIZE:
         row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
 
     if MODE == 0:  # "none": the positive is a key of its own
-        pos = _rowwise_dot(a0, A, T, rows, a_in, C, C, BLOCK_C, C_TILES)
+        pos = _rowwise_dot(a0, A, T, row0, rows, a_in, C, C, BLOCK_C, C_TILES)
         if NORMALIZE:
             pos = pos * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
         pos = pos * row_scale
@@ -230,79 +232,76 @@ def _forward_kernel(
 def _backward_anchor_kernel(
     A, T, X, x_sr, x_sc, n_extra, Q, q_sr, q_sc, n_queue,
     inv_a_ptr, inv_t_ptr, inv_x_ptr, inv_q_ptr, valid_ptr, valid_x_ptr,
-    loss_ptr, lse_ptr, grad_ptr, proj_a_ptr, proj_t_ptr, DA, DT, n_rows, HW, C, logit_scale,
-    inv_temperature, TUNE_KEY,
+    loss_ptr, lse_ptr, grad_ptr, proj_ptr, OUT, n_rows, HW, C, logit_scale, inv_temperature, TUNE_KEY,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_QUEUE: tl.constexpr,
-    NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, NEED_DA: tl.constexpr,
-    NEED_DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    C_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, TEACHER_POSITIVES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+    """Writes the student's gradient into OUT, or with TEACHER_POSITIVES (negatives="none" only)
+    the teacher's, which involves only each anchor's own positive: no key loop. Two launches
+    rather than one writing both: the epilogue of one holding both spilled registers."""
+    row0, rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
     oc = tl.program_id(2) * BLOCK_C  # this program writes channels [oc, oc + BLOCK_C)
-    g = tl.load(grad_ptr + rows, mask=valid, other=0.0)
     lse2 = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    # "none": the positive is not among the key tiles; its softmax share minus one is
+    # exp2(-loss2) - 1, exact (0) for saturated anchors.
     loss2 = tl.load(loss_ptr + rows, mask=valid, other=0.0) * LOG2E
-    row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
-    inv_a = tl.full((BLOCK_M,), 1.0, tl.float32)
+    pos2 = lse2 - loss2
+    pos_weight = tl.exp2(-loss2) - 1.0
     inv_t = tl.full((BLOCK_M,), 1.0, tl.float32)
     if NORMALIZE:
-        inv_a = tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
         inv_t = tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
-        row_scale = row_scale * inv_a
 
-    acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # sum_k (p - onehot)_ik k_hat_k, this chunk
-    d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (p - onehot)_ik logit2_ik: gives a_hat . grad
-    if NEED_DA:
-        a0 = _load_chunk(A, rows, a_in, C, 1, 0, C, BLOCK_C)
+    if TEACHER_POSITIVES:
+        scale = tl.load(grad_ptr + rows, mask=valid, other=0.0) * inv_temperature * pos_weight
+        if NORMALIZE:
+            scale = scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
+        grad = scale[:, None] * _load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+        if NORMALIZE:
+            dot_hat = tl.load(grad_ptr + rows, mask=valid, other=0.0) * pos_weight * pos2 * LN2  # t_hat . grad_hat
+            t_chunk = _load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            grad = inv_t[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * t_chunk
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # sum_k (p - onehot)_ik k_hat_k, this chunk
+        d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (p - onehot)_ik logit2_ik: gives a_hat . grad
+        if MODE == 0:  # the positive's share, added before the loop while registers are free
+            acc = (pos_weight * inv_t)[:, None] * _load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            d = pos_weight * pos2
+        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
+        if NORMALIZE:
+            row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
+        a0 = _load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
         if MODE != 0:
-            acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+            acc, d = _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, C, row_scale, lse2, oc,
                                          T, C, 1, key_lo, key_hi, inv_t_ptr, valid_ptr, C,
                                          True, HAS_MASK, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
                                          C_TILES, PRECISION)
             if HAS_EXTRA:
-                acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+                acc, d = _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, C, row_scale, lse2, oc,
                                              X, x_sr, x_sc, 0, n_extra, inv_x_ptr, valid_x_ptr, C,
                                              False, True, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
                                              C_TILES, PRECISION)
         if HAS_QUEUE:
-            acc, d = _softmax_times_keys(acc, d, a0, A, rows, a_in, C, row_scale, lse2, oc,
+            acc, d = _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, C, row_scale, lse2, oc,
                                          Q, q_sr, q_sc, 0, n_queue, inv_q_ptr, valid_ptr, C,
                                          False, False, NORMALIZE, SCALE_WEIGHTS, BLOCK_N, BLOCK_C,
                                          C_TILES, PRECISION)
-
-    cols = oc + tl.arange(0, BLOCK_C)
-    out_ptrs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-    out_ok = a_in[:, None] & (cols < C)[None, :]
-    coef = g * inv_temperature
-    # The epilogue reloads the anchor and teacher chunks where each is used (from L2) instead of
-    # keeping them beside the float32 accumulator: three (BLOCK_M x BLOCK_C) tiles at once spill
-    # registers.
-    if MODE == 0:
-        # "none": the positive is not among the key tiles; its softmax share minus one is
-        # exp2(-loss2) - 1, exact (0) for saturated anchors.
-        pos2 = lse2 - loss2
-        pos_weight = tl.exp2(-loss2) - 1.0
-        acc += (pos_weight * inv_t)[:, None] * _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-        d += pos_weight * pos2
-
-    if NEED_DA:
-        grad = coef[:, None] * acc
+        # What the epilogue needs is loaded here (from L2), not kept in registers across the loop
+        # beside the accumulator, where it spilled.
+        _, _, _, valid, _, _ = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
+        g = tl.load(grad_ptr + rows, mask=valid, other=0.0)
+        grad = (g * inv_temperature)[:, None] * acc
         if NORMALIZE:
             dot_hat = g * d * LN2  # a_hat . grad_hat
-            proj_a = tl.load(proj_a_ptr + rows, mask=a_in, other=0.0)
-            a_chunk = _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-            grad = inv_a[:, None] * grad - (proj_a * dot_hat)[:, None] * a_chunk
-        grad = tl.where(valid[:, None], grad, 0.0)
-        tl.store(DA + out_ptrs, grad.to(DA.dtype.element_ty), mask=out_ok)
-    if NEED_DT:  # "none" only: the teacher pixel is a key of its own anchor alone
-        grad = (coef * pos_weight * inv_a)[:, None] * _load_chunk(A, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-        if NORMALIZE:
-            dot_hat = g * pos_weight * pos2 * LN2  # t_hat . grad_hat
-            proj_t = tl.load(proj_t_ptr + rows, mask=a_in, other=0.0)
-            t_chunk = _load_chunk(T, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-            grad = inv_t[:, None] * grad - (proj_t * dot_hat)[:, None] * t_chunk
-        grad = tl.where(valid[:, None], grad, 0.0)
-        tl.store(DT + out_ptrs, grad.to(DT.dtype.element_ty), mask=out_ok)
+            inv_a = tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
+            a_chunk = _load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            grad = inv_a[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * a_chunk
+    grad = tl.where(valid[:, None], grad, 0.0)
+    cols = oc + tl.arange(0, BLOCK_C)
+    # The gradient buffers are row-major (rows, C).
+    out = (OUT + row0.to(tl.int64) * C) + ((rows - row0)[:, None] * C + cols[None, :])
+    tl.store(out, grad.to(OUT.dtype.element_ty), mask=a_in[:, None] & (cols < C)[None, :])
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -325,16 +324,16 @@ def _backward_key_kernel(
         k_len = HW
         a_lo = k_start
         a_hi = k_start + HW
+    key0 = k_start + tl.program_id(0) * BLOCK_N
     keys = k_start + local
     k_in = local < k_len
     k_ok = k_in
     if KEYS_ARE_PIXELS and HAS_MASK:
         k_ok = k_ok & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
-    k0 = _load_chunk(K, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
-    inv_k = tl.full((BLOCK_N,), 1.0, tl.float32)
+    k0 = _load_chunk(K, key0, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
+    key_scale = tl.full((BLOCK_N,), 1.0, tl.float32) * logit_scale
     if NORMALIZE:
-        inv_k = tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
-    key_scale = inv_k * logit_scale
+        key_scale = key_scale * tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
 
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik a_hat_i
     d = tl.zeros((BLOCK_N,), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik logit2_ik
@@ -345,9 +344,9 @@ def _backward_key_kernel(
         if HAS_MASK:
             r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
         # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
-        a0 = _load_chunk(A, rows, r_ok, C, 1, 0, C, BLOCK_C)
+        a0 = _load_chunk(A, start, rows, r_ok, C, 1, 0, C, BLOCK_C)
         # transposed logits (keys x anchors), base 2
-        s = _dot_rows(k0, K, keys, k_in, k_sr, k_sc, a0, A, rows, r_ok, C, 1, C, BLOCK_C, C_TILES,
+        s = _dot_rows(k0, K, key0, keys, k_in, k_sr, k_sc, a0, A, start, rows, r_ok, C, 1, C, BLOCK_C, C_TILES,
                       PRECISION)
         inv_a = tl.full((BLOCK_M,), 1.0, tl.float32)
         if NORMALIZE:
@@ -363,7 +362,7 @@ def _backward_key_kernel(
         if C_TILES == 1:
             a_chunk = a0
         else:
-            a_chunk = _load_chunk(A, rows, r_ok, C, 1, oc, C, BLOCK_C)
+            a_chunk = _load_chunk(A, start, rows, r_ok, C, 1, oc, C, BLOCK_C)
         if NORMALIZE:
             if SCALE_WEIGHTS:
                 w = w * inv_a[None, :]
@@ -372,18 +371,27 @@ def _backward_key_kernel(
         acc = tl.dot(w.to(a_chunk.dtype), a_chunk, acc, input_precision=PRECISION)
 
     # g was divided by max|g| so that w fits half precision (mean reductions make g ~ 1/anchors).
+    # What the epilogue needs is loaded again here (from L2), not kept in registers across the
+    # loop beside the accumulator, where it spilled.
     grad_max = tl.load(grad_max_ptr)
     grad = acc * (grad_max * inv_temperature)
     if NORMALIZE:
         dot_hat = d * (grad_max * LN2)  # k_hat . grad_hat
-        k_chunk = _load_chunk(K, keys, k_in, k_sr, k_sc, oc, C, BLOCK_C).to(tl.float32)
+        # 64-bit offsets, unlike the tile loaded before the loop: the compiler would otherwise
+        # keep that one's offsets alive across the loop to reuse them here.
+        cols = oc + tl.arange(0, BLOCK_C)
+        k_chunk = tl.load(K + keys.to(tl.int64)[:, None] * k_sr + cols.to(tl.int64)[None, :] * k_sc,
+                          mask=k_in[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+        inv_k = tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
         proj_k = tl.load(proj_k_ptr + keys, mask=k_in, other=0.0)
         grad = inv_k[:, None] * grad - (proj_k * dot_hat)[:, None] * k_chunk
+    if KEYS_ARE_PIXELS and HAS_MASK:
+        k_ok = k_in & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
     grad = tl.where(k_ok[:, None], grad, 0.0)
     cols = oc + tl.arange(0, BLOCK_C)
     # The gradient buffers are row-major (rows, C).
-    tl.store(DK + keys.to(tl.int64)[:, None] * C + cols[None, :], grad.to(DK.dtype.element_ty),
-             mask=k_in[:, None] & (cols < C)[None, :])
+    tl.store((DK + key0.to(tl.int64) * C) + ((keys - key0)[:, None] * C + cols[None, :]),
+             grad.to(DK.dtype.element_ty), mask=k_in[:, None] & (cols < C)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,17 +402,26 @@ def _backward_key_kernel(
 # anchor tile, BLOCK_N the key tile. The autotuner keeps the fastest per kernel variant and size
 # bucket; with PCD_KERNELS_AUTOTUNE=0 the first entry is used as is (the test suite does that:
 # tuning every variant it compiles would take far longer than the tests).
-# Read from their sm_90a SASS (bench/kernels.py, docs/performance.md): a warpgroup (4 warps) owns
-# 64 rows of a warpgroup MMA, so each candidate has 4 warps per 64 rows of its dots' M side (the
-# anchors in the forward and anchor kernels, the keys in the key kernel): 8 warps over 64 rows
-# compute every logit and exp twice, and fewer than 64 rows fall back to warp MMA. The first ones
-# spill least (the backward kernels still spill in their epilogues, least of all these). Every candidate
-# fits 227 KB of shared memory with room to spare (Triton 3.6 lays out more than 3.9 may).
+# Read from their sm_90a SASS (bench/kernels.py, docs/performance.md), on Triton 3.6 and 3.9:
+# - a warpgroup (4 warps) owns 64 rows of a warpgroup MMA, so each candidate has 4 warps per 64
+#   rows of its dots' M side (the anchors in the forward and anchor kernels, the keys in the key
+#   kernel): 8 warps over 64 rows compute every logit and exp twice, and fewer than 64 rows fall
+#   back to warp MMA;
+# - the backward kernels hold a (64 x 256) float32 accumulator per warpgroup at C = 256 (128
+#   registers a thread): beside it, the logits of 64 keys (anchor kernel) per step spill, and
+#   on Triton 3.6 so do 4-warp candidates; 8 warps over 128 rows with 16 or 32 keys (anchor
+#   kernel) or anchors (key kernel) a step do not;
+# - every candidate spills nothing in 16 bits and fits 227 KB of shared memory.
 _GPU_CONFIGS = {
     "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
-    "anchor": [(128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
-    "key": [(32, 128, 8, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "anchor": [(128, 32, 8, 3), (128, 32, 8, 2), (128, 16, 8, 3), (128, 16, 8, 4)],
+    "key": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 3)],
 }
+# float16 normalises each key or anchor tile in registers before the backward's second MMA (see
+# _softmax_times_keys): that costs the key kernel the registers of 16 anchors.
+_FLOAT16_CONFIGS = dict(_GPU_CONFIGS,
+                        anchor=[(128, 32, 8, 3), (128, 32, 8, 4), (128, 16, 8, 3), (128, 16, 8, 4)],
+                        key=[(16, 128, 8, 3), (16, 128, 8, 4), (16, 128, 8, 2), (16, 64, 4, 3)])
 # float32 without TF32 multiplies on CUDA cores (FMA loops, no warpgroup MMA), where the tiles
 # above spill kilobytes inside the main loop: smaller tiles spread over 8 warps spill least.
 _IEEE_CONFIGS = {
@@ -444,14 +461,21 @@ def autotune_enabled() -> bool:
     return os.environ.get("PCD_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def gpu_configs(kind, precision):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a kernel at a matmul precision."""
-    return (_IEEE_CONFIGS if precision == "ieee" else _GPU_CONFIGS)[kind]
+def config_lists(precision, scale_weights=True):
+    """The candidate lists for a matmul precision; scale_weights=False is float16's path."""
+    if precision == "ieee":
+        return _IEEE_CONFIGS
+    return _GPU_CONFIGS if scale_weights else _FLOAT16_CONFIGS
 
 
-def _tuned(kind, precision):
+def gpu_configs(kind, precision, scale_weights=True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of a kernel."""
+    return config_lists(precision, scale_weights)[kind]
+
+
+def _tuned(kind, precision, scale_weights):
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in gpu_configs(kind, precision)]
+               for bm, bn, w, s in gpu_configs(kind, precision, scale_weights)]
     if not autotune_enabled():
         configs = configs[:1]
     return triton.autotune(configs=configs, key=["C", "TUNE_KEY", "BLOCK_C"])(_KERNELS[kind])
@@ -460,10 +484,10 @@ def _tuned(kind, precision):
 _LAUNCHERS = {}
 
 
-def _launcher(kind, precision):
-    key = (kind, precision == "ieee")
+def _launcher(kind, precision, scale_weights=True):
+    key = (kind, precision == "ieee", scale_weights)
     if key not in _LAUNCHERS:
-        _LAUNCHERS[key] = _KERNELS[kind] if is_interpreter() else _tuned(kind, precision)
+        _LAUNCHERS[key] = _KERNELS[kind] if is_interpreter() else _tuned(kind, precision, scale_weights)
     return _LAUNCHERS[key]
 
 
@@ -517,8 +541,8 @@ class _Inputs:
         self.has_queue = queue is not None and queue.shape[0] > 0
         self.has_extra = (extra_keys is not None and extra_keys.shape[0] > 0
                           and self.mode == MODES["batch"])
-        self.queue = queue if self.has_queue else None
-        self.extra = extra_keys if self.has_extra else None
+        self.queue = int32_tile_offsets(queue) if self.has_queue else None
+        self.extra = int32_tile_offsets(extra_keys) if self.has_extra else None
         self.n_queue = queue.shape[0] if self.has_queue else 0
         self.n_extra = extra_keys.shape[0] if self.has_extra else 0
 
@@ -561,6 +585,22 @@ class _Inputs:
         return dict(SCALE_WEIGHTS=self.scale_weights)
 
 
+# Within a tile the kernels address rows with 32-bit offsets (_load_chunk).
+INT32_OFFSETS = 2 ** 31
+
+
+def int32_tile_offsets(rows):
+    """Key rows whose offsets within a tile (up to the largest candidate's rows, all channels) fit
+    in 32 bits, as _load_chunk reads them: the rows themselves, or a contiguous copy when they do
+    not (only a queue of more than 2**31 / C rows passed transposed, as the official (C, K)
+    buffer's .t())."""
+    tile_rows = max(max(c[0], c[1]) for lists in (_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS)
+                    for cands in lists.values() for c in cands)
+    tile_rows = max(tile_rows, INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"])
+    span = (tile_rows - 1) * rows.stride(0) + (rows.shape[1] - 1) * rows.stride(1)
+    return rows if span < INT32_OFFSETS else rows.contiguous()
+
+
 def pixel_matrix(x):
     """(B, C, H, W) map -> contiguous (B*H*W, C) rows: a view for channels_last maps."""
     return pixel_rows(x).contiguous()
@@ -573,7 +613,8 @@ class KernelCall:
         self.kind, self.args, self.flags, self.grid = kind, args, flags, grid
 
     def launch(self):
-        _launcher(self.kind, self.flags["PRECISION"])[self.grid](*self.args, **self.flags, **_blocks())
+        launcher = _launcher(self.kind, self.flags["PRECISION"], self.flags.get("SCALE_WEIGHTS", True))
+        launcher[self.grid](*self.args, **self.flags, **_blocks())
 
 
 def forward_call(inp, loss, lse):
@@ -584,17 +625,14 @@ def forward_call(inp, loss, lse):
     return KernelCall("forward", args, flags, grid)
 
 
-def anchor_backward_call(inp, loss, lse, g, grad_a, grad_t_none_mode):
-    """Student gradient, and the teacher's for negatives="none" (it involves only the positive).
-    Gradient buffers are contiguous (rows, C) matrices."""
-    flags = dict(inp.flags(), **inp.weight_flags(), NEED_DA=grad_a is not None,
-                 NEED_DT=grad_t_none_mode is not None)
+def anchor_backward_call(inp, loss, lse, g, out, teacher_positives=False):
+    """The student's gradient, or with teacher_positives the teacher's for negatives="none"
+    (it involves only the positive), into a contiguous (rows, C) buffer."""
+    flags = dict(inp.flags(), **inp.weight_flags(), TEACHER_POSITIVES=teacher_positives)
     tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
-    da = grad_a if grad_a is not None else inp.anchors  # never written when not needed
-    dt = grad_t_none_mode if grad_t_none_mode is not None else inp.anchors
-    proj = projection_scales if inp.normalize else (lambda rows, inv: inv)
-    proj_a, proj_t = proj(inp.anchors, inp.inv_a), proj(inp.pixels, inp.inv_t)
-    args = (*inp.sources(), loss, lse, g, proj_a, proj_t, da, dt, inp.n_rows, inp.hw, inp.channels,
+    rows, inv = (inp.pixels, inp.inv_t) if teacher_positives else (inp.anchors, inp.inv_a)
+    proj = projection_scales(rows, inv) if inp.normalize else inv
+    args = (*inp.sources(), loss, lse, g, proj, out, inp.n_rows, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, tune_key)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
     return KernelCall("anchor", args, flags, grid)
@@ -648,8 +686,10 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     g = anchor_weights(grad_loss, mask)
     none_mode = inp.mode == MODES["none"]
     calls = []
-    if grad_a is not None or (grad_t is not None and none_mode):
-        calls.append(anchor_backward_call(inp, loss, lse, g, grad_a, grad_t if none_mode else None))
+    if grad_a is not None:
+        calls.append(anchor_backward_call(inp, loss, lse, g, grad_a))
+    if grad_t is not None and none_mode:
+        calls.append(anchor_backward_call(inp, loss, lse, g, grad_t, teacher_positives=True))
     pixel_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and inp.has_queue
     if pixel_keys or queue_keys:
