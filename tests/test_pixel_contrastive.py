@@ -180,6 +180,26 @@ def test_official_pcd_loss_with_transposed_queue(backend, device, dtype):
     torch.testing.assert_close(grad.double().cpu(), official_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.skipif(not (INTERPRETER or CUDA), reason="the Triton kernels run in the interpreter or on a GPU only")
+@pytest.mark.parametrize("copied", [False, True], ids=["in_place", "copied"])
+def test_transposed_queue_beyond_32_bit_tile_offsets(copied, monkeypatch):
+    """The kernels address a tile's rows with 32-bit offsets: a transposed queue whose in-tile
+    span would pass 2**31 (more than 2**31 / C rows) is read from a contiguous copy. The limit is
+    lowered here to this queue's span, so both paths run and agree with the float64 formula."""
+    from pcd_kernels.triton import pixel_contrastive as kernels
+
+    device = "cuda" if CUDA else "cpu"
+    student, teacher, queue, mask = make_inputs(k=300, masked=True)
+    buffer = queue.t().contiguous()  # (C, K), passed transposed
+    transposed = buffer.to(device, torch.float32).t()
+    if copied:
+        monkeypatch.setattr(kernels, "INT32_OFFSETS", buffer.shape[1] * (C - 1))
+    prepared = kernels.int32_tile_offsets(transposed)
+    assert (prepared.data_ptr() != transposed.data_ptr()) == copied
+    assert prepared.is_contiguous() == copied
+    check_op("triton", device, torch.float32, (student, teacher, buffer.t(), mask), negatives="none")
+
+
 def _layouts(x):
     """The same values in other memory layouts: channels_last, a permuted view, a strided slice."""
     b, c, h, w = x.shape
