@@ -5,7 +5,8 @@ Writes DIR/kernels.json, a list with one object per compiled configuration: ``ke
 ``config`` [BLOCK_M, BLOCK_N, num_warps, num_stages], ``variant`` (the flags that select the
 code), ``cubin`` (its path under DIR), ``registers``, ``stack_bytes``, ``shared_bytes``, and
 ``instructions``: counts of HGMMA, HMMA, MUFU.EX2, LDGSTS, UTMALDG, LDL and STL in the whole kernel
-and in its main loop (pcd_kernels/triton/_aot.py). Then it prints a table and, with ``--check``,
+and in its main loop, and EX2_UNDER_MMA, the exps issued while a warpgroup MMA is in flight
+(pcd_kernels/triton/_aot.py). Then it prints a table and, with ``--check``,
 exits 1 when a 16-bit configuration spills (stack or local memory), a configuration does not fit
 the chip's shared memory, or a multiplying kernel in 16 bits or TF32 on sm_90a has no HGMMA. CI runs it
 (tests/test_triton_aot.py).
@@ -164,14 +165,15 @@ def problems(reports, arch: int):
 
 def table(reports) -> str:
     lines = ["| kernel | variant | dtype | config | regs | stack B | smem KB | HGMMA | HMMA | EX2 | LDGSTS | "
-             "UTMALDG | LDL/STL | main loop: HGMMA, EX2, LDL/STL |", "|" + "---|" * 14]
+             "UTMALDG | LDL/STL | main loop: HGMMA, EX2 (under MMA), LDL/STL |", "|" + "---|" * 14]
     for r in reports:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['variant']} | {r['dtype']} | {r['config']} | error: "
                          f"{r['error'][:80]} |" + " |" * 9)
             continue
         k, m = r["instructions"]["kernel"], r["instructions"]["main_loop"] or {}
-        loop = f"{m.get('HGMMA', 0)}, {m.get('MUFU.EX2', 0)}, {m.get('LDL', 0)}/{m.get('STL', 0)}" if m else "—"
+        loop = (f"{m.get('HGMMA', 0)}, {m.get('MUFU.EX2', 0)} ({m.get('EX2_UNDER_MMA', 0)}), "
+                f"{m.get('LDL', 0)}/{m.get('STL', 0)}") if m else "—"
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['dtype']} | {r['config']} | {r['registers']} | "
                      f"{r['stack_bytes']} | {r['shared_bytes'] / 1024:.1f} | {k['HGMMA']} | {k['HMMA']} | "
                      f"{k['MUFU.EX2']} | {k['LDGSTS']} | {k['UTMALDG']} | {k['LDL']}/{k['STL']} | {loop} |")

@@ -92,6 +92,21 @@ OPCODES = ("HGMMA", "HMMA", "MUFU.EX2", "LDGSTS", "UTMALDG", "LDL", "STL")
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
+def exps_under_mma(lines) -> int:
+    """MUFU.EX2 issued while a warpgroup MMA is in flight: after an HGMMA, before the
+    WARPGROUP.DEPBAR that waits for it. These exps overlap the tensor cores' work; the rest wait
+    for it or it for them."""
+    in_flight, overlapped = False, 0
+    for _, opcode, _ in lines:
+        if opcode.startswith("HGMMA"):
+            in_flight = True
+        elif opcode.startswith("WARPGROUP.DEPBAR"):
+            in_flight = False
+        elif opcode.startswith("MUFU.EX2") and in_flight:
+            overlapped += 1
+    return overlapped
+
+
 def count_instructions(listing: str) -> dict:
     """Counts of :data:`OPCODES` in a ``cuobjdump --dump-sass`` listing, in the whole kernel and in
     its main loop: the backward branch's body holding the most MMAs (the innermost such when
@@ -99,8 +114,10 @@ def count_instructions(listing: str) -> dict:
     program = [(int(address, 16), opcode, operands) for address, opcode, operands in _LINE.findall(listing)]
 
     def counts(lines):
-        return {name: sum(1 for _, opcode, _ in lines if opcode == name or opcode.startswith(name + "."))
-                for name in OPCODES}
+        found = {name: sum(1 for _, opcode, _ in lines if opcode == name or opcode.startswith(name + "."))
+                 for name in OPCODES}
+        found["EX2_UNDER_MMA"] = exps_under_mma(lines)
+        return found
 
     loops = []
     for address, opcode, operands in program:

@@ -6,9 +6,9 @@ Three kernels, none of which stores anything of size anchors x keys:
   the image or batch, other ranks' pixels, queue rows), keeps a running max and sum per anchor
   (online logsumexp, base 2), and writes the per-anchor loss and lse.
 * ``_backward_anchor_kernel``: recomputes each anchor's softmax tile by tile and accumulates
-  sum_k (p_ik - [k is i's positive]) k_hat_k (like flash-attention's dQ); with
-  ``negatives="none"`` it also writes the teacher gradient, which then involves only the
-  anchor's own positive.
+  sum_k (p_ik - [k is i's positive]) k_hat_k (like flash-attention's dQ). With
+  ``negatives="none"`` a second launch of it (TEACHER_POSITIVES, no key loop) writes the teacher
+  gradient, which then involves only the anchor's own positive.
 * ``_backward_key_kernel``: one program per tile of keys loops over the anchors that see them and
   accumulates sum_i g_i (p_ik - [k is i's positive]) a_hat_i (like dK). Every output element has
   exactly one writer: no atomics, deterministic results.
@@ -411,9 +411,14 @@ def _backward_key_kernel(
 #   registers a thread): beside it, the logits of 64 keys (anchor kernel) per step spill, and
 #   on Triton 3.6 so do 4-warp candidates; 8 warps over 128 rows with 16 or 32 keys (anchor
 #   kernel) or anchors (key kernel) a step do not;
-# - every candidate spills nothing in 16 bits and fits 227 KB of shared memory.
+# - every candidate spills nothing in 16 bits and fits 227 KB of shared memory;
+# - each warpgroup waits for its MMA before its exps (Triton emits the wait at the first use, and
+#   neither warp specialisation nor a software-pipelined loop changes that on sm_90a: see
+#   docs/performance.md), so the exps overlap the tensor cores only across resident programs:
+#   the last two forward candidates take <= 97 KB, so that two programs share an SM.
 _GPU_CONFIGS = {
-    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4)],
+    "forward": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4),
+                (64, 64, 4, 2), (64, 32, 4, 3)],
     "anchor": [(128, 32, 8, 3), (128, 32, 8, 2), (128, 16, 8, 3), (128, 16, 8, 4)],
     "key": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 3)],
 }
