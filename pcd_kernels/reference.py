@@ -336,6 +336,134 @@ def pixel_contrastive_backward_chunked(grad_loss: Tensor, student: Tensor, teach
 
 
 # --------------------------------------------------------------------------------------------
+# CIRKD pixel relation loss (DESIGN.md 3.3)
+# --------------------------------------------------------------------------------------------
+
+
+def naive_pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor] = None, *,
+                              temperature: float = 1.0, normalize: bool = True, mask: Optional[Tensor] = None,
+                              reduction: str = "mean") -> Tensor:
+    """``pixel_relation_loss`` written out with every (anchors x keys) matrix: the test suite's
+    ground truth (in float64) and the benchmark's baseline. Same arguments and semantics: the
+    teacher's distribution is a constant target (computed from detached tensors)."""
+    B, C, H, W = student.shape
+    s = pixel_rows(student).to(compute_dtype(student.dtype))
+    t = pixel_rows(teacher).detach().to(s.dtype)
+    if normalize:
+        s, t = F.normalize(s, dim=1, eps=NORM_EPS), F.normalize(t, dim=1, eps=NORM_EPS)
+    valid = mask.reshape(-1) if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+
+    def kl(t_logits, s_logits):  # row-wise KL(softmax(t) || softmax(s))
+        log_pt, log_ps = t_logits.log_softmax(1), s_logits.log_softmax(1)
+        return (log_pt.exp() * (log_pt - log_ps)).sum(1)
+
+    values = s.new_zeros(s.shape[0])
+    if keys is not None:
+        k = keys.to(s.dtype)
+        k = F.normalize(k, dim=1, eps=NORM_EPS) if normalize else k
+        values = values.masked_scatter(valid, kl(t[valid] @ k.detach().T / temperature, s[valid] @ k.T / temperature))
+    else:
+        image = torch.arange(B, device=s.device).repeat_interleave(H * W)
+        images = [j for j in range(B) if bool(valid[image == j].any())]
+        for i in images:
+            anchors = valid & (image == i)
+            per_image = [kl(t[anchors] @ t[valid & (image == j)].T / temperature,
+                            s[anchors] @ s[valid & (image == j)].T / temperature) for j in images]
+            values = values.masked_scatter(anchors, torch.stack(per_image).mean(0))
+    values = values.reshape(B, H, W)
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / max(int(valid.sum()), 1)
+
+
+class _RelationInputs:
+    """Rows of both maps (and the keys) in the compute dtype, normalised, and the groups of
+    (anchor rows, key rows) each relation runs over."""
+
+    def __init__(self, student, teacher, keys, mask, normalize):
+        B, C, H, W = student.shape
+        self.shape = (B, C, H, W)
+        self.dtype = compute_dtype(student.dtype)
+        self.s_hat = _prepared(pixel_rows(student), self.dtype, normalize)
+        self.t_hat = _prepared(pixel_rows(teacher), self.dtype, normalize)
+        self.k_hat = _prepared(keys, self.dtype, normalize) if keys is not None else None
+        valid = _valid_rows(mask, B * H * W, student.device)
+        if keys is not None:
+            self.groups = [(valid, None, 1.0)]
+            return
+        # Cross-image: the valid pixels of each image j are the keys of every valid anchor of
+        # every image i; an anchor's value is the mean over the images that have a valid pixel.
+        per_image = [valid[(valid >= j * H * W) & (valid < (j + 1) * H * W)] for j in range(B)]
+        per_image = [rows for rows in per_image if rows.numel()]
+        self.groups = [(anchors, key_rows, 1.0 / len(per_image)) for anchors in per_image for key_rows in per_image]
+
+    def keys_of(self, key_rows):
+        """(student-side, teacher-side) keys of a group."""
+        if key_rows is None:
+            return self.k_hat, self.k_hat
+        return self.s_hat[key_rows], self.t_hat[key_rows]
+
+
+def _relation_logits(inp, rows, s_keys, t_keys, inv_tau):
+    return (inp.s_hat[rows] @ s_keys.T).mul_(inv_tau), (inp.t_hat[rows] @ t_keys.T).mul_(inv_tau)
+
+
+def pixel_relation_forward_chunked(student: Tensor, teacher: Tensor, keys: Optional[Tensor],
+                                   mask: Optional[Tensor], temperature: float, normalize: bool) -> Tensor:
+    """Per-anchor KL(P_t || P_s), (B, H, W), 0 at masked pixels; memory O(chunk x keys)."""
+    inp = _RelationInputs(student, teacher, keys, mask, normalize)
+    B, _, H, W = inp.shape
+    values = inp.s_hat.new_zeros(B * H * W)
+    for anchors, key_rows, share in inp.groups:
+        s_keys, t_keys = inp.keys_of(key_rows)
+        for _, rows in _chunks(anchors, s_keys.shape[0]):
+            s_logits, t_logits = _relation_logits(inp, rows, s_keys, t_keys, 1.0 / temperature)
+            log_pt, log_ps = t_logits.log_softmax(1), s_logits.log_softmax(1)
+            values[rows] += share * (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    return values.reshape(B, H, W)
+
+
+def pixel_relation_backward_chunked(grad_values: Tensor, student: Tensor, teacher: Tensor,
+                                    keys: Optional[Tensor], mask: Optional[Tensor], temperature: float,
+                                    normalize: bool, needs_student: bool, needs_keys: bool
+                                    ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of sum(grad_values * values) for student (anchor and, without keys, key roles)
+    and keys, recomputing the logits chunk by chunk: d KL / d s-logit_q = P_s(q) - P_t(q). The
+    teacher's distribution is a constant target. The student's gradient comes back as a
+    channels_last (B, C, H, W) tensor, the keys' as (K, C)."""
+    inp = _RelationInputs(student, teacher, keys, mask, normalize)
+    B, C, H, W = inp.shape
+    inv_tau = 1.0 / temperature
+    coef = grad_values.reshape(-1).to(inp.dtype) * inv_tau
+    grad_s = inp.s_hat.new_zeros(B * H * W, C) if needs_student else None
+    grad_k = inp.k_hat.new_zeros(inp.k_hat.shape) if needs_keys and inp.k_hat is not None else None
+    for anchors, key_rows, share in inp.groups:
+        s_keys, t_keys = inp.keys_of(key_rows)
+        for _, rows in _chunks(anchors, s_keys.shape[0]):
+            s_logits, t_logits = _relation_logits(inp, rows, s_keys, t_keys, inv_tau)
+            weights = s_logits.softmax(1).sub_(t_logits.softmax(1)).mul_((share * coef[rows])[:, None])
+            if grad_s is not None:
+                grad_s.index_add_(0, rows, weights @ s_keys)
+                if key_rows is not None:  # the student's pixels are keys too
+                    grad_s.index_add_(0, key_rows, weights.T @ inp.s_hat[rows])
+            if grad_k is not None:
+                grad_k.addmm_(weights.T, inp.s_hat[rows])
+    if grad_s is not None:
+        if normalize:
+            grad_s = _normalize_backward(pixel_rows(student).to(inp.dtype), grad_s)
+        if mask is not None:  # masked pixels are not used: their (maybe NaN) values get no gradient
+            grad_s.masked_fill_(~mask.reshape(-1, 1), 0)
+        grad_s = grad_s.to(student.dtype).view(B, H, W, C).permute(0, 3, 1, 2)
+    if grad_k is not None:
+        if normalize:
+            grad_k = _normalize_backward(keys.to(inp.dtype), grad_k)
+        grad_k = grad_k.to(keys.dtype)
+    return grad_s, grad_k
+
+
+# --------------------------------------------------------------------------------------------
 # Af-DCD omni-contrastive loss (DESIGN.md 3.2)
 # --------------------------------------------------------------------------------------------
 

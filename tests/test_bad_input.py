@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pcd_kernels import (MHSA2d, AfDCDLoss, PixelContrastiveLoss, SpatialReLU, omni_contrastive_loss,
-                         pixel_attention, pixel_contrastive_loss)
+                         pixel_attention, pixel_contrastive_loss, pixel_relation_loss)
 
 
 def _calls():
@@ -20,6 +20,9 @@ def _calls():
     def omni(student=s, teacher=s):
         return omni_contrastive_loss(student, teacher, groups=2, patch_size=(2, 2), pool_size=0)
 
+    def relation(student=s, teacher=s, keys=q, mask=mask):
+        return pixel_relation_loss(student, teacher, keys, mask=mask)
+
     def attention(q=s, k=s, v=s):
         return pixel_attention(q, k, v, num_heads=2)
 
@@ -31,6 +34,7 @@ def _calls():
         *(("PixelContrastiveLoss", name, lambda x, n=name: module(**{n: x})) for name in ("student", "teacher")),
         ("PixelContrastiveLoss.enqueue", "keys", PixelContrastiveLoss(queue_size=4, dim=8).enqueue),
         *(("omni_contrastive_loss", name, lambda x, n=name: omni(**{n: x})) for name in ("student", "teacher")),
+        *(("pixel_relation_loss", name, lambda x, n=name: relation(**{n: x})) for name in ("student", "teacher", "keys")),
         *(("pixel_attention", name, lambda x, n=name: attention(**{n: x})) for name in ("q", "k", "v")),
         ("SpatialReLU", "x", SpatialReLU()),
         ("MHSA2d", "x", MHSA2d(8, num_heads=2)),

@@ -1,0 +1,171 @@
+"""``pixel_relation_loss``: CIRKD's pixel-relation distillation without an (anchors x keys) matrix.
+
+This module owns the op's public function (argument checks, dtype promotion, backend dispatch, the
+reduction) and its two ``torch.library`` custom ops, forward and backward, which run the chunked
+torch backend (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pcd_kernels import reference
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
+                                     check_same_device, check_tensor)
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, run_without_autocast
+
+REDUCTIONS = ("mean", "sum", "none")
+_OP = "pixel_relation_loss"
+
+
+@torch.library.custom_op("pcd_kernels::pixel_relation_forward", mutates_args=())
+def _forward_op(student: Tensor, teacher: Tensor, keys: Optional[Tensor], mask: Optional[Tensor],
+                temperature: float, normalize: bool, backend: str) -> Tensor:
+    """Per-anchor KL(P_t || P_s), (B, H, W), 0 at masked pixels."""
+    return run_without_autocast(student.device, reference.pixel_relation_forward_chunked, student, teacher, keys,
+                                mask, temperature, normalize)
+
+
+@_forward_op.register_fake
+def _forward_fake(student, teacher, keys, mask, temperature, normalize, backend):
+    B, _, H, W = student.shape
+    return student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
+
+
+@torch.library.custom_op("pcd_kernels::pixel_relation_backward", mutates_args=())
+def _backward_op(grad_values: Tensor, student: Tensor, teacher: Tensor, keys: Optional[Tensor],
+                 mask: Optional[Tensor], temperature: float, normalize: bool, backend: str,
+                 needs_student: bool, needs_keys: bool) -> Tuple[Tensor, Tensor]:
+    """Gradients for (student, keys); an empty tensor stands for one not asked for."""
+    grads = run_without_autocast(student.device, reference.pixel_relation_backward_chunked, grad_values, student,
+                                 teacher, keys, mask, temperature, normalize, needs_student, needs_keys)
+    return tuple(g if g is not None else student.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_values, student, teacher, keys, mask, temperature, normalize, backend, needs_student,
+                   needs_keys):
+    B, C, H, W = student.shape
+    empty = student.new_empty(0)
+    # The student's gradient is a channels_last view of (B*H*W, C) rows, as the backend returns it.
+    return (student.new_empty((B, H, W, C)).permute(0, 3, 1, 2) if needs_student else empty,
+            keys.new_empty(keys.shape) if (needs_keys and keys is not None) else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, keys, mask, temperature, normalize, backend = inputs
+    ctx.save_for_backward(student, teacher, keys, mask)
+    ctx.options = (temperature, normalize, backend)
+
+
+def _backward(ctx, grad_values):
+    student, teacher, keys, mask = ctx.saved_tensors
+    temperature, normalize, backend = ctx.options
+    need_s, _, need_k = ctx.needs_input_grad[:3]
+    need_k = need_k and keys is not None
+    grad_s, grad_k = torch.ops.pcd_kernels.pixel_relation_backward(
+        grad_values, student, teacher, keys, mask, temperature, normalize, backend, need_s, need_k)
+    # The teacher's distribution is a constant target (CIRKD detaches it): no gradient to teacher.
+    return grad_s if need_s else None, None, grad_k if need_k else None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(student, teacher, keys, temperature, normalize, mask, reduction, backend):
+    check_maps(student, teacher)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+    temperature = check_positive_finite("temperature", temperature)
+    check_bool("normalize", normalize)
+    if keys is not None:
+        check_tensor("keys", keys, 2, "(K, C) ")
+        check_float("keys", keys)
+        if keys.shape[1] != student.shape[1]:
+            raise ValueError(f"keys must be (K, C) with C = {student.shape[1]} channels like student, got shape "
+                             f"{tuple(keys.shape)}")
+    if mask is not None:
+        check_tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor (True = valid pixel), got {mask.dtype}")
+        B, _, H, W = student.shape
+        if tuple(mask.shape) != (B, H, W):
+            raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
+    check_same_device("student", student, keys=keys, mask=mask)
+    return temperature
+
+
+def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor] = None, *,
+                        temperature: float = 1.0, normalize: bool = True, mask: Optional[Tensor] = None,
+                        reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""CIRKD's pixel-relation distillation, fused: the student mimics the teacher's
+    pixel-similarity distributions.
+
+    Every valid pixel ``p`` is an anchor. Over a set of keys, ``P_t = softmax(t_hat_p . k_t / temperature)``
+    and ``P_s = softmax(s_hat_p . k_s / temperature)``; the anchor's value is ``KL(P_t || P_s)``.
+
+    - ``keys=None`` (CIRKD's mini-batch loss): for every image ``j`` of the batch (the anchor's own
+      included), the keys are the pixels of image ``j``, teacher pixels for ``P_t`` and student
+      pixels for ``P_s``; the anchor's value is the mean over ``j``. With no mask, ``"mean"`` is
+      ``CriterionMiniBatchCrossImagePair(temperature)`` (its ``pooling=False``).
+    - ``keys`` (K, C) (CIRKD's memory loss): the same K rows for both, e.g. a class-wise memory of
+      teacher pixels. ``StudentSegContrast``'s ``contrast_sim_kd`` is ``"mean"`` with
+      ``temperature = contrast_temperature * contrast_kd_temperature``, times
+      ``contrast_kd_temperature ** 2``.
+
+    No (anchors x keys) tensor is ever stored: the torch backend works in chunks of anchors (extra
+    memory O(chunk x keys)) and recomputes them in the backward.
+
+    Args:
+        student, teacher: (B, C, H, W) float maps of the same shape, any strides.
+        keys: optional (K, C) key rows (see above).
+        temperature: softmax temperature, a finite number > 0.
+        normalize: divide every pixel vector and key row by ``max(||x||, 1e-12)`` first (as
+            ``F.normalize``).
+        mask: optional (B, H, W) bool, True where a pixel is valid; masked pixels are neither
+            anchors nor keys, and their values (NaN included) do not reach the result. Without
+            ``keys``, an image with no valid pixel is left out of the mean over images.
+        reduction: ``"mean"`` over valid anchors, ``"sum"``, or ``"none"`` for the (B, H, W) map of
+            per-anchor values with 0 at masked pixels. No valid anchor gives 0, not NaN.
+        backend: ``"auto"`` or ``"torch"`` (the chunked PyTorch backend, on any device); the
+            Triton and CUDA kernels of this op do not exist yet: ``"triton"`` and ``"cuda"`` raise.
+
+    Returns:
+        The loss: a scalar, or (B, H, W) for ``reduction="none"``; float32 (float64 for float64
+        inputs). Gradients reach ``student`` (without ``keys``, through both its anchor and its
+        key role) and ``keys``; the teacher's distribution is a constant target, as CIRKD's
+        ``.detach()``, so ``teacher`` gets none. Inputs of different float dtypes are promoted to
+        a common one; under ``torch.autocast`` the op runs in the autocast dtype.
+
+    Example::
+
+        >>> import torch
+        >>> from pcd_kernels import pixel_relation_loss
+        >>> s = torch.randn(2, 64, 16, 16, requires_grad=True)
+        >>> t = torch.randn(2, 64, 16, 16)
+        >>> loss = pixel_relation_loss(s, t, temperature=1.0)
+        >>> loss.backward()
+    """
+    temperature = _check_inputs(student, teacher, keys, temperature, normalize, mask, reduction, backend)
+    dtype = autocast_dtype(student.device)
+    if dtype is None:
+        dtype = torch.promote_types(student.dtype, teacher.dtype)
+        dtype = dtype if keys is None else torch.promote_types(dtype, keys.dtype)
+    if backend in ("triton", "cuda"):
+        kind = "Triton" if backend == "triton" else "CUDA"
+        raise RuntimeError(f"{_OP}: backend={backend!r} cannot run: this op has no {kind} kernels yet; use "
+                           "backend='torch' (chunked, on any device)")
+    backend = "torch"  # what "auto" resolves to: the only backend this op has
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    keys = keys.to(dtype) if keys is not None else None
+    values = torch.ops.pcd_kernels.pixel_relation_forward(student, teacher, keys, mask, temperature, normalize,
+                                                          backend)
+    if reduction == "none":
+        return values
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    count = mask.sum() if mask is not None else values.numel()
+    if isinstance(count, int):
+        return total / max(count, 1)
+    return total / count.clamp_min(1)

@@ -1,0 +1,295 @@
+"""pixel_relation_loss (CIRKD): against a float64 naive formula, against the official CIRKD code
+(copied below with its origin), every gradient, masks, reductions, odd sizes, bad input, memory,
+torch.library registration and torch.compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _helpers import assert_close, backend_cases
+from pcd_kernels import pixel_relation_loss, reference
+from pcd_kernels.reference import naive_pixel_relation_loss
+
+B, C, H, W, K = 3, 20, 5, 7, 50  # C not a power of two, H*W = 35 odd
+TORCH_CASES = [c for c in backend_cases(with_cuda=False) if c.values[0] == "torch"]
+
+
+def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
+    student = torch.randn(b, c, h, w, dtype=torch.float64)
+    teacher = student + 0.8 * torch.randn(b, c, h, w, dtype=torch.float64)  # related distributions
+    keys = torch.randn(k, c, dtype=torch.float64) if k else None
+    mask = torch.rand(b, h, w) > 0.35 if masked else None
+    return student, teacher, keys, mask
+
+
+def run(fn, student, teacher, keys, mask, dtype, device, weight=None, **kwargs):
+    """fn's value and the gradients of sum(weight * value) w.r.t. (student, keys)."""
+    s = student.to(device, dtype).requires_grad_()
+    t = teacher.to(device, dtype)
+    k = keys.to(device, dtype).requires_grad_() if keys is not None else None
+    m = mask.to(device) if mask is not None else None
+    value = fn(s, t, k, mask=m, **kwargs)
+    w = weight.to(device, value.dtype) if weight is not None else torch.ones_like(value)
+    wanted = [x for x in (s, k) if x is not None]
+    grads = torch.autograd.grad((value * w).sum(), wanted)
+    return value.cpu(), [g.cpu() for g in grads]
+
+
+def check_op(device, dtype, inputs, **kwargs):
+    weight = torch.rand(B, H, W, dtype=torch.float64) + 0.5 if kwargs.get("reduction") == "none" else None
+    ref, ref_grads = run(naive_pixel_relation_loss, *inputs, torch.float64, "cpu", weight, **kwargs)
+    plain, plain_grads = run(naive_pixel_relation_loss, *inputs, dtype, "cpu", weight, **kwargs)
+    ours, our_grads = run(pixel_relation_loss, *inputs, dtype, device, weight, backend="torch", **kwargs)
+    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close("loss", ours, plain, ref, dtype)
+    for name, g, g_plain, g_ref in zip(("student", "keys"), our_grads, plain_grads, ref_grads):
+        assert g.dtype == dtype, f"{name} gradient dtype {g.dtype}"
+        assert_close(f"grad {name}", g, g_plain, g_ref, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+@pytest.mark.parametrize("backend,device,dtype", TORCH_CASES)
+def test_matches_reference(backend, device, dtype, mode, masked, reduction):
+    inputs = make_inputs(k=K if mode == "keys" else 0, masked=masked)
+    check_op(device, dtype, inputs, temperature=0.5, reduction=reduction)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+def test_unnormalised_and_odd_shapes(mode, normalize, monkeypatch):
+    """Chunks smaller than a row of keys, a single image, one-pixel maps, C = 1."""
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 64)
+    for b, c, h, w in ((1, 3, 4, 9), (4, 1, 1, 1), (2, 33, 3, 3)):
+        student, teacher, keys, mask = make_inputs(b, c, h, w, k=17 if mode == "keys" else 0, masked=True)
+        # unnormalised logits at temperature 1 stay moderate with small vectors
+        student, teacher = student * 0.3, teacher * 0.3
+        keys = keys * 0.3 if keys is not None else None
+        for reduction in ("mean", "none"):
+            ours, our_grads = run(pixel_relation_loss, student, teacher, keys, mask, torch.float64, "cpu",
+                                  temperature=0.7, normalize=normalize, reduction=reduction)
+            ref, ref_grads = run(naive_pixel_relation_loss, student, teacher, keys, mask, torch.float64, "cpu",
+                                 temperature=0.7, normalize=normalize, reduction=reduction)
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+            for g, g_ref in zip(our_grads, ref_grads):
+                torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+# ---- The official CIRKD code (github.com/winycg/CIRKD, losses/cirkd_mini_batch.py and
+# losses/cirkd_memory.py at commit 05a27537), copied with only `.cuda()` removed and the module
+# reduced to the computation it performs. ----
+
+class CriterionMiniBatchCrossImagePair(torch.nn.Module):
+    def __init__(self, temperature, pooling=False):
+        super(CriterionMiniBatchCrossImagePair, self).__init__()
+        self.temperature = temperature
+        self.pooling = pooling
+
+    def pair_wise_sim_map(self, fea_0, fea_1):
+        C, H, W = fea_0.size()
+
+        fea_0 = fea_0.reshape(C, -1).transpose(0, 1)
+        fea_1 = fea_1.reshape(C, -1).transpose(0, 1)
+
+        sim_map_0_1 = torch.mm(fea_0, fea_1.transpose(0, 1))
+        return sim_map_0_1
+
+    def forward(self, feat_S, feat_T):
+        B, C, H, W = feat_S.size()
+
+        if self.pooling:
+            avg_pool = torch.nn.AvgPool2d(kernel_size=(2, 2), stride=(2, 2), padding=0, ceil_mode=True)
+            feat_S = avg_pool(feat_S)
+            feat_T = avg_pool(feat_T)
+
+        feat_S = F.normalize(feat_S, p=2, dim=1)
+        feat_T = F.normalize(feat_T, p=2, dim=1)
+
+        sim_dis = torch.tensor(0.)
+        for i in range(B):
+            for j in range(B):
+                s_sim_map = self.pair_wise_sim_map(feat_S[i], feat_S[j])
+                t_sim_map = self.pair_wise_sim_map(feat_T[i], feat_T[j])
+
+                p_s = F.log_softmax(s_sim_map / self.temperature, dim=1)
+                p_t = F.softmax(t_sim_map / self.temperature, dim=1)
+
+                sim_dis_ = F.kl_div(p_s, p_t, reduction='batchmean')
+                sim_dis += sim_dis_
+        sim_dis = sim_dis / (B * B)
+        return sim_dis
+
+
+def official_memory_logits_kd(s_feats, t_feats, t_X_pixel_contrast, contrast_temperature, contrast_kd_temperature):
+    """StudentSegContrast.forward's pixel term after sampling: anchors (rows, C) already
+    normalised, the sampled memory rows t_X_pixel_contrast (rows, C)."""
+    t_pixel_logits = torch.div(torch.mm(t_feats, t_X_pixel_contrast.T), contrast_temperature)
+    s_pixel_logits = torch.div(torch.mm(s_feats, t_X_pixel_contrast.T), contrast_temperature)
+
+    def contrast_sim_kd(s_logits, t_logits):
+        p_s = F.log_softmax(s_logits / contrast_kd_temperature, dim=1)
+        p_t = F.softmax(t_logits / contrast_kd_temperature, dim=1)
+        sim_dis = F.kl_div(p_s, p_t, reduction='batchmean') * contrast_kd_temperature ** 2
+        return sim_dis
+
+    return contrast_sim_kd(s_pixel_logits, t_pixel_logits.detach())
+
+
+# ---- end of the official code ----
+
+
+def test_equals_the_official_mini_batch_loss():
+    student, teacher, _, _ = make_inputs()
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    official = CriterionMiniBatchCrossImagePair(0.6)(s1, teacher)
+    ours = pixel_relation_loss(s2, teacher, temperature=0.6)
+    # The official sum starts from torch.tensor(0.), a float32 scalar: float64 terms, float32 sum.
+    assert official.dtype == torch.float32
+    torch.testing.assert_close(ours, official.double(), rtol=1e-6, atol=1e-9)
+    (g_official,), (g_ours,) = torch.autograd.grad(official, s1), torch.autograd.grad(ours, s2)
+    torch.testing.assert_close(g_ours, g_official, rtol=1e-5, atol=1e-9)
+
+
+def test_equals_the_official_memory_loss():
+    """The memory term: anchors are the valid pixels, keys the sampled memory rows (unit rows, as
+    the memory holds); temperature = contrast_temperature * contrast_kd_temperature, times
+    contrast_kd_temperature ** 2."""
+    student, teacher, _, mask = make_inputs(masked=True)
+    memory = F.normalize(torch.randn(19 * 8, C, dtype=torch.float64), dim=1)
+    tau_c, tau_kd = 0.1, 1.0 + 0.5
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    rows = lambda x: F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, C)[mask.reshape(-1)]
+    official = official_memory_logits_kd(rows(s1), rows(teacher), memory, tau_c, tau_kd)
+    ours = pixel_relation_loss(s2, teacher, memory, temperature=tau_c * tau_kd, mask=mask) * tau_kd ** 2
+    torch.testing.assert_close(ours, official, rtol=1e-12, atol=1e-14)
+    # (The official memory is a buffer: no gradient to compare. Ours normalises key rows, so a key's
+    # gradient loses its radial part; test_matches_reference checks it against the naive formula.)
+    (g_official,), (g_ours,) = torch.autograd.grad(official, s1), torch.autograd.grad(ours, s2)
+    torch.testing.assert_close(g_ours, g_official, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+def test_no_valid_anchor_gives_zero_and_zero_gradients(mode):
+    student, teacher, keys, _ = make_inputs(k=K if mode == "keys" else 0)
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    s = student.clone().requires_grad_()
+    loss = pixel_relation_loss(s, teacher, keys, mask=mask)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert loss.item() == 0.0 and not grad.any()
+
+
+def test_an_image_without_valid_pixels_leaves_the_mean_over_images():
+    """Cross-image: image 1 has no valid pixel, so the anchors of images 0 and 2 average over two
+    images, and the result equals the loss of the batch without image 1."""
+    student, teacher, _, mask = make_inputs(masked=True)
+    mask[1] = False
+    mask[0, 0, 0] = mask[2, 0, 0] = True
+    full = pixel_relation_loss(student, teacher, mask=mask, reduction="none")
+    keep = torch.tensor([0, 2])
+    without = pixel_relation_loss(student[keep], teacher[keep], mask=mask[keep], reduction="none")
+    torch.testing.assert_close(full[keep], without, rtol=1e-12, atol=1e-14)
+    assert not full[1].any()
+
+
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+def test_nan_in_nan_out_unless_masked(mode):
+    student, teacher, keys, _ = make_inputs(k=K if mode == "keys" else 0)
+    student[0, :, 1, 2] = float("nan")
+    assert torch.isnan(pixel_relation_loss(student, teacher, keys))
+    mask = torch.ones(B, H, W, dtype=torch.bool)
+    mask[0, 1, 2] = False
+    s = student.clone().requires_grad_()
+    loss = pixel_relation_loss(s, teacher, keys, mask=mask)
+    (grad,) = torch.autograd.grad(loss, s)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[0, :, 1, 2].any()
+
+
+def test_teacher_gets_no_gradient_and_layouts_are_read_as_is():
+    student, teacher, keys, _ = make_inputs()
+    s = student.to(memory_format=torch.channels_last).requires_grad_()
+    t = teacher.clone().requires_grad_()
+    loss = pixel_relation_loss(s, t, keys.t().contiguous().t())  # a transposed view of the keys
+    grad_s, grad_t = torch.autograd.grad(loss, (s, t), allow_unused=True)
+    assert grad_t is None
+    expected = pixel_relation_loss(student.clone().requires_grad_(), teacher, keys)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_mixed_dtypes_promote_and_autocast_runs_in_its_dtype():
+    student, teacher, keys, _ = make_inputs()
+    loss = pixel_relation_loss(student.float(), teacher.half(), keys.float())
+    assert loss.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pixel_relation_loss(student.float(), teacher.float(), keys.float())
+    assert loss.dtype == torch.float32
+    plain = naive_pixel_relation_loss(student.bfloat16(), teacher.bfloat16(), keys.bfloat16())
+    ref = naive_pixel_relation_loss(student, teacher, keys)
+    assert_close("autocast loss", loss, plain, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="triton"), RuntimeError, "no Triton kernels"),
+    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="cuda"), RuntimeError, "no CUDA kernels"),
+    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="fast"), ValueError, "backend"),
+    (lambda s, t, k: pixel_relation_loss(s, t, k[:, :5]), ValueError, "keys must be (K, C)"),
+    (lambda s, t, k: pixel_relation_loss(s, t, k.long()), TypeError, "keys"),
+    (lambda s, t, k: pixel_relation_loss(s, t[:, :4]), ValueError, "teacher"),
+    (lambda s, t, k: pixel_relation_loss(s, t, temperature=0), ValueError, "temperature"),
+    (lambda s, t, k: pixel_relation_loss(s, t, reduction="max"), ValueError, "reduction"),
+    (lambda s, t, k: pixel_relation_loss(s, t, normalize=1), TypeError, "normalize"),
+    (lambda s, t, k: pixel_relation_loss(s, t, mask=torch.ones(B, H, W)), TypeError, "mask"),
+    (lambda s, t, k: pixel_relation_loss(s, t, mask=torch.ones(B, W, H, dtype=torch.bool)), ValueError, "mask"),
+])
+def test_bad_input_says_what_was_expected(call, error, words):
+    student, teacher, keys, _ = make_inputs()
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        call(student, teacher, keys)
+
+
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+def test_torch_backend_never_allocates_anchors_by_keys(mode, monkeypatch):
+    from test_memory import LargestAllocation
+
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 256)
+    b, c, h, w, k = 2, 8, 8, 8, 300
+    student, teacher, keys, _ = make_inputs(b, c, h, w, k=k if mode == "keys" else 0)
+    anchors_by_keys = b * h * w * (k if mode == "keys" else h * w)
+    s = student.float().requires_grad_()
+    kk = keys.float().requires_grad_() if keys is not None else None
+    with LargestAllocation() as mode_:
+        pixel_relation_loss(s, teacher.float(), kk).backward()
+    assert mode_.largest <= anchors_by_keys // 8, (mode_.largest, anchors_by_keys)
+    with LargestAllocation() as naive:  # the probe sees the naive formula's matrices
+        naive_pixel_relation_loss(s, teacher.float(), kk).backward()
+    assert naive.largest >= b * h * w * (k if mode == "keys" else h * w) // b
+
+
+@pytest.mark.parametrize("with_keys", [False, True], ids=["cross_image", "keys"])
+def test_opcheck(with_keys):
+    student, teacher, keys, mask = make_inputs(masked=True)
+    s, t = student.float().requires_grad_(), teacher.float()
+    k = keys.float().requires_grad_() if with_keys else None
+    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_forward.default, (s, t, k, mask, 0.5, True, "torch"))
+    values = torch.ops.pcd_kernels.pixel_relation_forward(s, t, k, mask, 0.5, True, "torch")
+    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_backward.default,
+                          (torch.randn_like(values), s.detach(), t, k.detach() if k is not None else None, mask, 0.5,
+                           True, "torch", True, with_keys))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compiler):
+    torch._dynamo.reset()
+    student, teacher, keys, mask = make_inputs(masked=True)
+
+    def step(s, t, k, m):
+        features = torch.relu(s) * 2.0
+        return pixel_relation_loss(features, t, mask=m) + 0.5 * pixel_relation_loss(features, t, k, temperature=0.2)
+
+    s = student.float().requires_grad_()
+    args = (teacher.float(), keys.float(), mask)
+    expected = step(s, *args)
+    (expected_grad,) = torch.autograd.grad(expected, s)
+    got = torch.compile(step, fullgraph=True, backend=compiler)(s, *args)
+    (grad,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(grad, expected_grad)
