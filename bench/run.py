@@ -42,9 +42,10 @@ import omni_contrastive  # noqa: E402
 from common import Unavailable  # noqa: E402
 import pixel_attention  # noqa: E402
 import pixel_contrastive  # noqa: E402
+import pixel_relation  # noqa: E402
 
 OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrastive,
-       "pixel_attention": pixel_attention}
+       "pixel_relation": pixel_relation, "pixel_attention": pixel_attention}
 OPS_BY_NAME = {module.OP: module for module in OPS.values()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RUNS = ROOT / "bench" / "runs"  # default output: ignored by git

@@ -378,9 +378,45 @@ def naive_pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[T
     return values.sum() / max(int(valid.sum()), 1)
 
 
+def official_cirkd_minibatch_loss(feat_S: Tensor, feat_T: Tensor, temperature: float) -> Tensor:
+    """CIRKD's ``CriterionMiniBatchCrossImagePair`` (winycg/CIRKD, ``losses/cirkd_mini_batch.py``,
+    ``pooling=False``) as it computes: B² image pairs, each an (H·W × H·W) similarity matrix per
+    map, row-wise KL averaged over rows and pairs. (The official sum starts from a float32
+    ``torch.tensor(0.).cuda()``; this one keeps the inputs' dtype and device.)"""
+    B, C = feat_S.shape[:2]
+    s = F.normalize(feat_S, p=2, dim=1).reshape(B, C, -1).transpose(1, 2)
+    t = F.normalize(feat_T, p=2, dim=1).reshape(B, C, -1).transpose(1, 2)
+    total = feat_S.new_zeros(())
+    for i in range(B):
+        for j in range(B):
+            total = total + F.kl_div(F.log_softmax(s[i] @ s[j].T / temperature, dim=1),
+                                     F.softmax(t[i] @ t[j].T / temperature, dim=1), reduction="batchmean")
+    return total / (B * B)
+
+
+def official_cirkd_memory_loss(s_feats: Tensor, t_feats: Tensor, memory: Tensor, contrast_temperature: float,
+                               contrast_kd_temperature: float, mask: Optional[Tensor] = None) -> Tensor:
+    """One memory term of CIRKD's ``StudentSegContrast`` (``losses/cirkd_memory.py``) after sampling:
+    the maps normalised, the valid pixels' (pixels × memory rows) logits of both, divided by
+    ``contrast_temperature``, then ``contrast_sim_kd``: KL(batchmean) at ``contrast_kd_temperature``
+    times its square. ``memory`` (rows, C) holds the sampled, unit memory rows."""
+    C = s_feats.shape[1]
+    rows = lambda x: F.normalize(x, p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, C)
+    s, t = rows(s_feats), rows(t_feats)
+    if mask is not None:
+        s, t = s[mask.reshape(-1)], t[mask.reshape(-1)]
+    t_logits = torch.div(torch.mm(t, memory.T), contrast_temperature)
+    s_logits = torch.div(torch.mm(s, memory.T), contrast_temperature)
+    p_s = F.log_softmax(s_logits / contrast_kd_temperature, dim=1)
+    p_t = F.softmax(t_logits.detach() / contrast_kd_temperature, dim=1)
+    return F.kl_div(p_s, p_t, reduction="batchmean") * contrast_kd_temperature ** 2
+
+
 class _RelationInputs:
-    """Rows of both maps (and the keys) in the compute dtype, normalised, and the groups of
-    (anchor rows, key rows) each relation runs over."""
+    """Rows of both maps (and the keys) in the compute dtype, normalised, and the key rows every
+    anchor's distributions run over: the given keys, or (cross-image) the pixels of every image
+    that has a valid one, as segments of H·W rows (masked pixels zeroed, and left out of the
+    softmaxes)."""
 
     def __init__(self, student, teacher, keys, mask, normalize):
         B, C, H, W = student.shape
@@ -388,26 +424,31 @@ class _RelationInputs:
         self.dtype = compute_dtype(student.dtype)
         self.s_hat = _prepared(pixel_rows(student), self.dtype, normalize)
         self.t_hat = _prepared(pixel_rows(teacher), self.dtype, normalize)
-        self.k_hat = _prepared(keys, self.dtype, normalize) if keys is not None else None
-        valid = _valid_rows(mask, B * H * W, student.device)
+        self.anchors = _valid_rows(mask, B * H * W, student.device)
         if keys is not None:
-            self.groups = [(valid, None, 1.0)]
+            self.k_hat = _prepared(keys, self.dtype, normalize)
+            self.s_keys = self.t_keys = self.k_hat
+            self.segments, self.key_valid, self.share = 1, None, 1.0
             return
-        # Cross-image: the valid pixels of each image j are the keys of every valid anchor of
-        # every image i; an anchor's value is the mean over the images that have a valid pixel.
-        per_image = [valid[(valid >= j * H * W) & (valid < (j + 1) * H * W)] for j in range(B)]
-        per_image = [rows for rows in per_image if rows.numel()]
-        self.groups = [(anchors, key_rows, 1.0 / len(per_image)) for anchors in per_image for key_rows in per_image]
+        self.k_hat = None
+        valid = mask.reshape(B, H * W) if mask is not None else torch.ones(B, H * W, dtype=torch.bool,
+                                                                            device=student.device)
+        images = valid.any(1).nonzero().squeeze(1)  # an image with no valid pixel is left out
+        self.key_images, self.key_valid = images, valid[images]
+        zeroed = lambda x: x.masked_fill(~valid.reshape(-1, 1), 0).view(B, H * W, C)[images].reshape(-1, C)
+        self.s_keys, self.t_keys = zeroed(self.s_hat), zeroed(self.t_hat)
+        self.segments = images.numel()
+        self.share = 1.0 / max(self.segments, 1)
 
-    def keys_of(self, key_rows):
-        """(student-side, teacher-side) keys of a group."""
-        if key_rows is None:
-            return self.k_hat, self.k_hat
-        return self.s_hat[key_rows], self.t_hat[key_rows]
-
-
-def _relation_logits(inp, rows, s_keys, t_keys, inv_tau):
-    return (inp.s_hat[rows] @ s_keys.T).mul_(inv_tau), (inp.t_hat[rows] @ t_keys.T).mul_(inv_tau)
+    def logits(self, rows, inv_tau):
+        """(student, teacher) logits of these anchors, (rows, segments, keys per segment), -inf at
+        masked keys."""
+        s_logits = (self.s_hat[rows] @ self.s_keys.T).mul_(inv_tau).view(rows.numel(), self.segments, -1)
+        t_logits = (self.t_hat[rows] @ self.t_keys.T).mul_(inv_tau).view(rows.numel(), self.segments, -1)
+        if self.key_valid is not None:
+            s_logits.masked_fill_(~self.key_valid, float("-inf"))
+            t_logits.masked_fill_(~self.key_valid, float("-inf"))
+        return s_logits, t_logits
 
 
 def pixel_relation_forward_chunked(student: Tensor, teacher: Tensor, keys: Optional[Tensor],
@@ -416,12 +457,13 @@ def pixel_relation_forward_chunked(student: Tensor, teacher: Tensor, keys: Optio
     inp = _RelationInputs(student, teacher, keys, mask, normalize)
     B, _, H, W = inp.shape
     values = inp.s_hat.new_zeros(B * H * W)
-    for anchors, key_rows, share in inp.groups:
-        s_keys, t_keys = inp.keys_of(key_rows)
-        for _, rows in _chunks(anchors, s_keys.shape[0]):
-            s_logits, t_logits = _relation_logits(inp, rows, s_keys, t_keys, 1.0 / temperature)
-            log_pt, log_ps = t_logits.log_softmax(1), s_logits.log_softmax(1)
-            values[rows] += share * (log_pt.exp() * (log_pt - log_ps)).sum(1)
+    for _, rows in _chunks(inp.anchors, inp.s_keys.shape[0]):
+        s_logits, t_logits = inp.logits(rows, 1.0 / temperature)
+        log_pt, log_ps = t_logits.log_softmax(2), s_logits.log_softmax(2)
+        terms = log_pt.exp() * (log_pt - log_ps)
+        if inp.key_valid is not None:  # (-inf) - (-inf) at masked keys
+            terms = terms.masked_fill(~inp.key_valid, 0)
+        values[rows] = terms.sum((1, 2)) * inp.share
     return values.reshape(B, H, W)
 
 
@@ -436,30 +478,28 @@ def pixel_relation_backward_chunked(grad_values: Tensor, student: Tensor, teache
     inp = _RelationInputs(student, teacher, keys, mask, normalize)
     B, C, H, W = inp.shape
     inv_tau = 1.0 / temperature
-    coef = grad_values.reshape(-1).to(inp.dtype) * inv_tau
+    coef = grad_values.reshape(-1).to(inp.dtype) * (inv_tau * inp.share)
     grad_s = inp.s_hat.new_zeros(B * H * W, C) if needs_student else None
-    grad_k = inp.k_hat.new_zeros(inp.k_hat.shape) if needs_keys and inp.k_hat is not None else None
-    for anchors, key_rows, share in inp.groups:
-        s_keys, t_keys = inp.keys_of(key_rows)
-        for _, rows in _chunks(anchors, s_keys.shape[0]):
-            s_logits, t_logits = _relation_logits(inp, rows, s_keys, t_keys, inv_tau)
-            weights = s_logits.softmax(1).sub_(t_logits.softmax(1)).mul_((share * coef[rows])[:, None])
-            if grad_s is not None:
-                grad_s.index_add_(0, rows, weights @ s_keys)
-                if key_rows is not None:  # the student's pixels are keys too
-                    grad_s.index_add_(0, key_rows, weights.T @ inp.s_hat[rows])
-            if grad_k is not None:
-                grad_k.addmm_(weights.T, inp.s_hat[rows])
+    grad_keys = inp.s_keys.new_zeros(inp.s_keys.shape) if (needs_student and keys is None) or needs_keys else None
+    for _, rows in _chunks(inp.anchors, inp.s_keys.shape[0]):
+        s_logits, t_logits = inp.logits(rows, inv_tau)
+        weights = s_logits.softmax(2).sub_(t_logits.softmax(2)).mul_(coef[rows, None, None]).flatten(1)
+        if grad_s is not None:
+            grad_s[rows] = weights @ inp.s_keys
+        if grad_keys is not None:
+            grad_keys.addmm_(weights.T, inp.s_hat[rows])
+    grad_k = None
+    if keys is None and grad_s is not None:  # the student's pixels are keys too
+        grad_s.view(B, H * W, C).index_add_(0, inp.key_images, grad_keys.view(-1, H * W, C))
+    elif grad_keys is not None:
+        grad_k = _normalize_backward(keys.to(inp.dtype), grad_keys) if normalize else grad_keys
+        grad_k = grad_k.to(keys.dtype)
     if grad_s is not None:
         if normalize:
             grad_s = _normalize_backward(pixel_rows(student).to(inp.dtype), grad_s)
         if mask is not None:  # masked pixels are not used: their (maybe NaN) values get no gradient
             grad_s.masked_fill_(~mask.reshape(-1, 1), 0)
         grad_s = grad_s.to(student.dtype).view(B, H, W, C).permute(0, 3, 1, 2)
-    if grad_k is not None:
-        if normalize:
-            grad_k = _normalize_backward(keys.to(inp.dtype), grad_k)
-        grad_k = grad_k.to(keys.dtype)
     return grad_s, grad_k
 
 

@@ -32,13 +32,19 @@ def test_quick_benchmark_runs_and_providers_agree(quick_run):
     (result_file,) = tmp_path.glob("*_quick.json")
     data = json.loads(result_file.read_text())
     assert data["meta"]["device"].startswith("CPU") and data["meta"]["versions"]["torch"]
-    for op in ("pixel_contrastive_loss", "omni_contrastive_loss"):
+    for op, no_triton in (("pixel_contrastive_loss", "CUDA"), ("omni_contrastive_loss", "CUDA"),
+                          ("pixel_relation_loss", "no Triton kernels")):
         assert f"| {op} |" in out.stdout
-        by_provider = {r["provider"]: r for r in data["results"] if r["op"] == op}
-        assert by_provider["naive"]["status"] == "ok" and by_provider["ours-torch"]["status"] == "ok"
-        assert by_provider["ours-torch"]["agrees_with_naive"] is True
-        triton = by_provider["ours-triton"]
-        assert triton["status"] == "unavailable" and "CUDA" in triton["reason"]
+        by_case = {}
+        for r in data["results"]:
+            if r["op"] == op:
+                by_case.setdefault(r["case"], {})[r["provider"]] = r
+        assert by_case, op
+        for by_provider in by_case.values():
+            assert by_provider["naive"]["status"] == "ok" and by_provider["ours-torch"]["status"] == "ok"
+            assert by_provider["ours-torch"]["agrees_with_naive"] is True
+            triton = by_provider["ours-triton"]
+            assert triton["status"] == "unavailable" and no_triton in triton["reason"]
     for op in ("pixel_attention", "MHSA2d"):
         assert f"| {op} |" in out.stdout
         by_provider = {r["provider"]: r for r in data["results"] if r["op"] == op}

@@ -293,3 +293,17 @@ def test_torch_compile_fullgraph(compiler):
     (grad,) = torch.autograd.grad(got, s)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_the_reference_transcriptions_equal_the_official_code():
+    """bench/pixel_relation.py times reference.official_cirkd_*; they compute what the official
+    code above does."""
+    student, teacher, _, mask = make_inputs(masked=True)
+    official = CriterionMiniBatchCrossImagePair(0.4)(student, teacher)
+    torch.testing.assert_close(reference.official_cirkd_minibatch_loss(student, teacher, 0.4), official.double(),
+                               rtol=1e-6, atol=1e-9)
+    memory = F.normalize(torch.randn(40, C, dtype=torch.float64), dim=1)
+    rows = lambda x: F.normalize(x, dim=1).permute(0, 2, 3, 1).reshape(-1, C)[mask.reshape(-1)]
+    torch.testing.assert_close(reference.official_cirkd_memory_loss(student, teacher, memory, 0.1, 2.0, mask),
+                               official_memory_logits_kd(rows(student), rows(teacher), memory, 0.1, 2.0),
+                               rtol=1e-12, atol=1e-14)

@@ -1,0 +1,122 @@
+"""Benchmark cases and providers for ``pixel_relation_loss`` (CIRKD).
+
+The official formulas are imported from ``pcd_kernels.reference`` (checked against the official
+code in tests/test_pixel_relation.py): the mini-batch loss loops over the B² image pairs, each an
+(H·W × H·W) similarity matrix per map; the memory term multiplies every valid pixel of both maps
+by the sampled memory rows, (pixels × 19·4,096) logits each.
+
+FLOPs: with N anchors, K keys per anchor and C channels, the forward forms the teacher's and the
+student's logits (2·N·K·C each); the backward recomputes both and forms the student's gradient,
+as an anchor (2·N·K·C) and, in the mini-batch loss, as a key (2·N·K·C more). The mini-batch loss
+has N·K = B²·(H·W)² pairs: forward 4·B²·(HW)²·C, backward 8·B²·(HW)²·C. The memory term has
+N = B·H·W and K memory rows: forward 4·N·K·C, backward 6·N·K·C.
+
+Exps: two per pair (both softmaxes), in the forward and again in the backward.
+
+Bytes: each input read once and each output written once: forward both maps (and the memory),
+backward both maps and the memory read, the student's gradient written.
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from common import Unavailable
+from pcd_kernels import pixel_relation_loss
+from pcd_kernels.reference import official_cirkd_memory_loss, official_cirkd_minibatch_loss
+
+OP = "pixel_relation_loss"
+TENSOR_CORES = True
+MINIBATCH_TEMPERATURE = 1.0  # CIRKD's defaults
+CONTRAST_TEMPERATURE, CONTRAST_KD_TEMPERATURE = 0.1, 1.0
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    memory: int = 0  # memory rows (classes x sampled slots); 0: the mini-batch (cross-image) loss
+    sweep: str = ""
+    x: int = 0
+
+    @property
+    def pairs(self) -> int:
+        hw = self.height * self.width
+        return self.batch * hw * (self.memory if self.memory else self.batch * hw)
+
+    def flops(self, mode: str) -> int:
+        forward = 4 * self.pairs * self.channels
+        backward = (8 if not self.memory else 6) * self.pairs * self.channels
+        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+
+    def exps(self, mode: str) -> int:
+        return {"forward": 2 * self.pairs, "backward": 2 * self.pairs, "total": 4 * self.pairs}[mode]
+
+    def bytes_moved(self, mode: str, element_size: int) -> int:
+        maps = self.batch * self.channels * self.height * self.width
+        memory = self.memory * self.channels
+        forward = (2 * maps + memory) * element_size
+        backward = (3 * maps + memory) * element_size
+        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+
+    def describe(self) -> str:
+        keys = f"memory of {self.memory} rows" if self.memory else "cross-image (mini-batch)"
+        return f"B={self.batch} C={self.channels} {self.height}x{self.width}, {keys}"
+
+
+def cases(device: str, quick: bool):
+    if device == "cuda":
+        if quick:
+            return [Case("citys-minibatch-small", 4, 256, 32, 64), Case("citys-memory-small", 4, 256, 32, 64, 19 * 512)]
+        # Cityscapes: 8 crops of 512x1024 -> 64x128 maps; memories of 19 classes x 4,096 pixels
+        # and 19 x 1,024 regions sampled per step
+        return [Case("citys-minibatch", 8, 256, 64, 128), Case("citys-memory-pixels", 8, 256, 64, 128, 19 * 4096),
+                Case("citys-memory-regions", 8, 256, 64, 128, 19 * 1024)]
+    if quick:
+        return [Case("citys-minibatch-quick", 2, 64, 8, 16), Case("citys-memory-quick", 2, 64, 8, 16, 19 * 32)]
+    return [Case("citys-minibatch-cpu", 4, 128, 16, 32), Case("citys-memory-cpu", 4, 128, 16, 32, 19 * 256)]
+
+
+SWEEP_PROVIDERS = ("naive", "ours-torch", "ours-triton")
+
+
+def sweeps(device: str, quick: bool):
+    """The mini-batch loss over the map size (H x 2H): the official pairs grow as (H·W)²."""
+    if quick:
+        return []
+    base, sides = (Case("", 4, 256, 16, 32), [16, 32, 48, 64]) if device == "cuda" else \
+        (Case("", 2, 64, 8, 16), [8, 12, 16, 24])
+    return [replace(base, height=v, width=2 * v, name=f"sweep-map-{v}", sweep="map", x=v) for v in sides]
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.channels, case.height, case.width)
+    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
+    if not case.memory:
+        return student, teacher
+    memory = F.normalize(torch.randn(case.memory, case.channels, generator=gen), dim=1).to(device, dtype)
+    return student, teacher, memory
+
+
+def providers(case: Case, device: str):
+    tau = CONTRAST_TEMPERATURE * CONTRAST_KD_TEMPERATURE
+
+    def official():
+        if not case.memory:
+            return lambda s, t: official_cirkd_minibatch_loss(s, t, MINIBATCH_TEMPERATURE)
+        return lambda s, t, m: official_cirkd_memory_loss(s, t, m, CONTRAST_TEMPERATURE, CONTRAST_KD_TEMPERATURE)
+
+    def ours(backend):
+        if not case.memory:
+            return lambda s, t: pixel_relation_loss(s, t, temperature=MINIBATCH_TEMPERATURE, backend=backend)
+        return lambda s, t, m: pixel_relation_loss(s, t, m, temperature=tau, backend=backend) * CONTRAST_KD_TEMPERATURE ** 2
+
+    def triton():
+        raise Unavailable("pixel_relation_loss has no Triton kernels yet")
+
+    return {"naive": official, "ours-torch": lambda: ours("torch"), "ours-triton": triton}
