@@ -214,3 +214,54 @@ def test_process_group_must_be_a_usable_group():
             pixel_contrastive_loss(s, s, negatives=negatives, process_group=unused)
     with pytest.raises(ValueError, match="process_group was given but torch.distributed is not initialised"):
         PixelContrastiveLoss(queue_size=4, dim=4, process_group=unused).enqueue(torch.randn(2, 4))
+
+
+def _cirkd_memory_worker(rank, port, inputs, out_path):
+    import torch.nn.functional as F
+
+    from pcd_kernels.integrations.cirkd import StudentSegContrast
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        s_feats, t_feats, labels, args = inputs
+        half = s_feats.shape[0] // WORLD
+        mine = slice(rank * half, (rank + 1) * half)
+        torch.manual_seed(0)
+        # eval: the official head's SyncBatchNorm synchronises on GPUs only (a CPU process
+        # group makes it raise in training mode); the memories are what this test is about
+        module = StudentSegContrast(**args).eval()
+        torch.manual_seed(5)  # the same draws on every rank, as DDP's seeding gives
+        pixel, region = module(s_feats[mine], t_feats[mine], labels[mine])
+        torch.save({"state": module.state_dict(), "pixel": pixel.detach()}, f"{out_path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cirkd_memory_enqueues_every_rank_batch(tmp_path):
+    """StudentSegContrast under 2 gloo ranks: each rank's memories after a step equal those of one
+    process enqueueing the concatenated batch (the official all_gather)."""
+    import torch.nn.functional as F
+
+    from pcd_kernels.integrations.cirkd import StudentSegContrast
+
+    torch.manual_seed(0)
+    args = dict(num_classes=4, pixel_memory_size=30, region_memory_size=5, region_contrast_size=3,
+                pixel_contrast_size=10, contrast_kd_temperature=1.0, contrast_temperature=0.1, s_channels=6,
+                t_channels=8, ignore_label=255)
+    s_feats, t_feats = torch.randn(4, 6, 3, 5), torch.randn(4, 8, 3, 5)
+    labels = torch.randint(0, 4, (4, 3, 5))
+    labels[0, 0] = 255
+    out = str(tmp_path / "rank")
+    mp.spawn(_cirkd_memory_worker, args=(_free_port(), (s_feats, t_feats, labels, args), out), nprocs=WORLD)
+    torch.manual_seed(0)
+    single = StudentSegContrast(**args)
+    torch.manual_seed(5)
+    single._dequeue_and_enqueue(F.normalize(t_feats, dim=1), labels)
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        for name, buffer in single.state_dict().items():
+            if "queue" in name or "ptr" in name:
+                torch.testing.assert_close(got["state"][name], buffer, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.isfinite(got["pixel"])

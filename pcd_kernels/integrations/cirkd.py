@@ -60,7 +60,9 @@ class StudentSegContrast(nn.Module):
     the student map, class-wise memories of teacher pixels and of teacher region means (filled
     from each batch), and for every non-ignored pixel the KL between the teacher's and the
     student's softmaxes over a sample of each memory. ``forward(s_feats, t_feats, labels,
-    predict=None) -> (pixel_sim_dis, region_sim_dis)``."""
+    predict=None) -> (pixel_sim_dis, region_sim_dis)``; ``predict`` is unused, as in the official
+    module. Like the official head, ``project_head`` holds a ``SyncBatchNorm``, which
+    synchronises on GPUs only: in training mode under a CPU (gloo) process group it raises."""
 
     def __init__(self, num_classes, pixel_memory_size, region_memory_size, region_contrast_size,
                  pixel_contrast_size, contrast_kd_temperature, contrast_temperature, s_channels, t_channels,
