@@ -3,7 +3,9 @@
 The official formulas are imported from ``pcd_kernels.reference`` (checked against the official
 code in tests/test_pixel_relation.py): the mini-batch loss loops over the B² image pairs, each an
 (H·W × H·W) similarity matrix per map; the memory term multiplies every valid pixel of both maps
-by the sampled memory rows, (pixels × 19·4,096) logits each.
+by the sampled memory rows: CIRKD's train_cirkd.py samples 4,096 // 19 + 1 = 216 slots per class
+of the pixel memory and 1,024 // 19 + 1 = 54 of the region memory, (pixels × 4,104) and
+(pixels × 1,026) logits each.
 
 FLOPs: with N anchors, K keys per anchor and C channels, the forward forms the teacher's and the
 student's logits (2·N·K·C each); the backward recomputes both and forms the student's gradient,
@@ -11,7 +13,8 @@ as an anchor (2·N·K·C) and, in the mini-batch loss, as a key (2·N·K·C more
 has N·K = B²·(H·W)² pairs: forward 4·B²·(HW)²·C, backward 8·B²·(HW)²·C. The memory term has
 N = B·H·W and K memory rows: forward 4·N·K·C, backward 6·N·K·C.
 
-Exps: two per pair (both softmaxes), in the forward and again in the backward.
+Exps: two per pair (both softmaxes), in the forward and again in the backward (the fused
+kernels' count; the official formula takes a third, P_t from its log).
 
 Bytes: each input read once and each output written once: forward both maps (and the memory),
 backward both maps and the memory read, the student's gradient written.
@@ -70,11 +73,11 @@ class Case:
 def cases(device: str, quick: bool):
     if device == "cuda":
         if quick:
-            return [Case("citys-minibatch-small", 4, 256, 32, 64), Case("citys-memory-small", 4, 256, 32, 64, 19 * 512)]
-        # Cityscapes: 8 crops of 512x1024 -> 64x128 maps; memories of 19 classes x 4,096 pixels
-        # and 19 x 1,024 regions sampled per step
-        return [Case("citys-minibatch", 8, 256, 64, 128), Case("citys-memory-pixels", 8, 256, 64, 128, 19 * 4096),
-                Case("citys-memory-regions", 8, 256, 64, 128, 19 * 1024)]
+            return [Case("citys-minibatch-small", 4, 256, 32, 64), Case("citys-memory-small", 4, 256, 32, 64, 19 * 216)]
+        # Cityscapes: 8 crops of 512x1024 -> 64x128 maps; memory samples of 19 classes x 216
+        # pixels and 19 x 54 regions per step (train_cirkd.py)
+        return [Case("citys-minibatch", 8, 256, 64, 128), Case("citys-memory-pixels", 8, 256, 64, 128, 19 * 216),
+                Case("citys-memory-regions", 8, 256, 64, 128, 19 * 54)]
     if quick:
         return [Case("citys-minibatch-quick", 2, 64, 8, 16), Case("citys-memory-quick", 2, 64, 8, 16, 19 * 32)]
     return [Case("citys-minibatch-cpu", 4, 128, 16, 32), Case("citys-memory-cpu", 4, 128, 16, 32, 19 * 256)]

@@ -435,7 +435,8 @@ class _RelationInputs:
                                                                             device=student.device)
         images = valid.any(1).nonzero().squeeze(1)  # an image with no valid pixel is left out
         self.key_images, self.key_valid = images, valid[images]
-        zeroed = lambda x: x.masked_fill(~valid.reshape(-1, 1), 0).view(B, H * W, C)[images].reshape(-1, C)
+        zeroed = lambda x: (x.masked_fill(~valid.reshape(-1, 1), 0).view(B, H * W, x.shape[1])[images]
+                            .reshape(-1, x.shape[1]))
         self.s_keys, self.t_keys = zeroed(self.s_hat), zeroed(self.t_hat)
         self.segments = images.numel()
         self.share = 1.0 / max(self.segments, 1)
@@ -489,8 +490,9 @@ def pixel_relation_backward_chunked(grad_values: Tensor, student: Tensor, teache
         if grad_keys is not None:
             grad_keys.addmm_(weights.T, inp.s_hat[rows])
     grad_k = None
-    if keys is None and grad_s is not None:  # the student's pixels are keys too
-        grad_s.view(B, H * W, C).index_add_(0, inp.key_images, grad_keys.view(-1, H * W, C))
+    if keys is None:
+        if grad_s is not None and grad_keys.numel():  # the student's pixels are keys too
+            grad_s.view(B, H * W, C).index_add_(0, inp.key_images, grad_keys.view(-1, H * W, C))
     elif grad_keys is not None:
         grad_k = _normalize_backward(keys.to(inp.dtype), grad_keys) if normalize else grad_keys
         grad_k = grad_k.to(keys.dtype)
@@ -648,7 +650,7 @@ def omni_contrastive_backward_chunked(grad_loss: Tensor, student: Tensor, teache
 
 
 # --------------------------------------------------------------------------------------------
-# pixel_attention (DESIGN.md 3.3)
+# pixel_attention (DESIGN.md 3.4)
 # --------------------------------------------------------------------------------------------
 
 

@@ -265,3 +265,17 @@ def test_mini_batch_module_matches_the_official_formula_with_pooling():
         torch.testing.assert_close(got, expected.double(), rtol=1e-6, atol=1e-9)
         (g1,), (g2,) = torch.autograd.grad(expected, s1), torch.autograd.grad(got, s2)
         torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-9)
+
+
+def test_official_helper_methods_are_there_and_agree():
+    """Scripts may call the official module's helpers: _sample_negative, contrast_sim_kd,
+    concat_all_gather (the identity outside a process group)."""
+    official, ours = _pair()
+    index = torch.randperm(ARGS["pixel_memory_size"])[:7]
+    for a, b in zip(ours._sample_negative(ours.teacher_pixel_queue, index),
+                    official._sample_negative(official.teacher_pixel_queue, index)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    s_logits, t_logits = torch.randn(9, 14), torch.randn(9, 14)
+    torch.testing.assert_close(ours.contrast_sim_kd(s_logits, t_logits), official.contrast_sim_kd(s_logits, t_logits))
+    x = torch.randn(3, 4)
+    assert ours.concat_all_gather(x) is x

@@ -233,7 +233,8 @@ def test_mixed_dtypes_promote_and_autocast_runs_in_its_dtype():
     (lambda s, t, k: pixel_relation_loss(s, t, k, backend="fast"), ValueError, "backend"),
     (lambda s, t, k: pixel_relation_loss(s, t, k[:, :5]), ValueError, "keys must be (K, C)"),
     (lambda s, t, k: pixel_relation_loss(s, t, k.long()), TypeError, "keys"),
-    (lambda s, t, k: pixel_relation_loss(s, t[:, :4]), ValueError, "teacher"),
+    (lambda s, t, k: pixel_relation_loss(s, t[:, :4], k), ValueError, "teacher"),
+    (lambda s, t, k: pixel_relation_loss(s, t[:1]), ValueError, "teacher"),
     (lambda s, t, k: pixel_relation_loss(s, t, temperature=0), ValueError, "temperature"),
     (lambda s, t, k: pixel_relation_loss(s, t, reduction="max"), ValueError, "reduction"),
     (lambda s, t, k: pixel_relation_loss(s, t, normalize=1), TypeError, "normalize"),
@@ -307,3 +308,31 @@ def test_the_reference_transcriptions_equal_the_official_code():
     torch.testing.assert_close(reference.official_cirkd_memory_loss(student, teacher, memory, 0.1, 2.0, mask),
                                official_memory_logits_kd(rows(student), rows(teacher), memory, 0.1, 2.0),
                                rtol=1e-12, atol=1e-14)
+
+
+def test_cross_image_maps_may_differ_in_channels():
+    """Each map's similarities use its own pixels: a 128-channel student against a 512-channel
+    teacher is CIRKD's MobileNetV2 / ResNet-101 pairing. Keys need the same C on both sides."""
+    student = torch.randn(2, 12, 4, 6, dtype=torch.float64)
+    teacher = torch.randn(2, 40, 4, 6, dtype=torch.float64)
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    official = CriterionMiniBatchCrossImagePair(0.3)(s1, teacher)
+    ours = pixel_relation_loss(s2, teacher, temperature=0.3)
+    torch.testing.assert_close(ours, official.double(), rtol=1e-6, atol=1e-9)
+    (g1,), (g2,) = torch.autograd.grad(official, s1), torch.autograd.grad(ours, s2)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        pixel_relation_loss(student, teacher, torch.randn(5, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="batch and map size"):
+        pixel_relation_loss(student, teacher[:, :, :3])
+
+
+@pytest.mark.parametrize("mode", ["cross_image", "keys"])
+@pytest.mark.parametrize("shape", [(2, 4, 0, 3), (0, 4, 3, 3)])
+def test_empty_maps_give_zero_and_empty_gradients(mode, shape):
+    s = torch.randn(shape, requires_grad=True)
+    keys = torch.randn(5, 4, requires_grad=True) if mode == "keys" else None
+    loss = pixel_relation_loss(s, torch.randn(shape), keys)
+    loss.backward()
+    assert loss.item() == 0.0 and s.grad.shape == s.shape
+    assert keys is None or not keys.grad.any()

@@ -98,26 +98,40 @@ class StudentSegContrast(nn.Module):
         self.register_buffer("pixel_queue_ptr", torch.zeros(num_classes, dtype=torch.long))
 
     @torch.no_grad()
-    def _gather(self, keys: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+    def concat_all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 (no gradient), as the official method,
+        or ``tensor`` itself outside a process group of more than one rank."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return keys, labels
-        # all_gather needs the same shapes and dtypes on every rank: agreed first, or gloo aborts
-        check_same_on_every_rank("StudentSegContrast._dequeue_and_enqueue", None, {
-            "teacher map shape": tuple(keys.shape), "dtype": keys.dtype, "labels shape": tuple(labels.shape)})
-        world = dist.get_world_size()
-        gathered = []
-        for x in (keys, labels):
-            parts = [torch.empty_like(x) for _ in range(world)]
-            dist.all_gather(parts, x.contiguous())
-            gathered.append(torch.cat(parts))
-        return gathered[0], gathered[1]
+            return tensor
+        # all_gather needs the same shape and dtype on every rank: agreed first, or gloo aborts
+        check_same_on_every_rank("StudentSegContrast.concat_all_gather", None,
+                                 {"shape": tuple(tensor.shape), "dtype": tensor.dtype})
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    def _sample_negative(self, Q: Tensor, index: Tensor) -> Tuple[Tensor, Tensor]:
+        """Slots ``index`` of every class's memory, class-major, and their class labels (float, as
+        the official method returns them), on the memory's device."""
+        class_num, _, feat_size = Q.shape
+        X_ = Q[:, index.to(Q.device), :].reshape(-1, feat_size).float()
+        y_ = torch.arange(class_num, device=Q.device).repeat_interleave(index.numel()).float()[:, None]
+        return X_, y_
+
+    def contrast_sim_kd(self, s_logits: Tensor, t_logits: Tensor) -> Tensor:
+        """The official dense formula, for scripts that call it: KL(batchmean) of the two
+        (pixels x memory) logit matrices at ``contrast_kd_temperature``, times its square.
+        ``forward`` computes the same without those matrices."""
+        p_s = F.log_softmax(s_logits / self.contrast_kd_temperature, dim=1)
+        p_t = F.softmax(t_logits / self.contrast_kd_temperature, dim=1)
+        return F.kl_div(p_s, p_t, reduction="batchmean") * self.contrast_kd_temperature ** 2
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: Tensor, labels: Tensor) -> None:
         segment_queue, pixel_queue = self.teacher_segment_queue, self.teacher_pixel_queue
-        keys, labels = self._gather(keys, labels)
+        keys, labels = self.concat_all_gather(keys), self.concat_all_gather(labels)
         batch_size, feat_dim, H, W = keys.shape
         # Pointers and labels read once on the host: the official code reads them class by class.
         segment_ptr = self.segment_queue_ptr.tolist()
@@ -151,9 +165,8 @@ class StudentSegContrast(nn.Module):
         self.pixel_queue_ptr.copy_(torch.tensor(pixel_ptr))
 
     def _sample(self, queue: Tensor, contrast_size: int) -> Tensor:
-        """contrast_size slots of every class's memory, class-major (the official _sample_negative)."""
-        index = torch.randperm(queue.shape[1])[:contrast_size].to(queue.device)
-        return queue[:, index, :].reshape(-1, queue.shape[2])
+        """contrast_size random slots of every class's memory, drawn as the official forward does."""
+        return self._sample_negative(queue, torch.randperm(queue.shape[1])[:contrast_size])[0]
 
     def forward(self, s_feats: Tensor, t_feats: Tensor, labels: Optional[Tensor] = None,
                 predict: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:

@@ -53,16 +53,20 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others) ->
                              "all tensors must be on the same device")
 
 
-def check_maps(student, teacher) -> None:
-    """The (B, C, H, W) student and teacher maps the losses take."""
+def check_maps(student, teacher, same_channels: bool = True) -> None:
+    """The (B, C, H, W) student and teacher maps the losses take (with ``same_channels=False``,
+    the same B, H, W and any C)."""
     check_tensor("student", student, 4, "(B, C, H, W) ")
     check_tensor("teacher", teacher, 4, "(B, C, H, W) ")
     check_float("student", student)
     check_float("teacher", teacher)
-    if student.shape != teacher.shape:
+    if same_channels and student.shape != teacher.shape:
         raise ValueError(f"student and teacher must have the same shape, got {tuple(student.shape)} "
                          f"and {tuple(teacher.shape)}")
-    if student.shape[1] == 0:
+    if not same_channels and (student.shape[0], *student.shape[2:]) != (teacher.shape[0], *teacher.shape[2:]):
+        raise ValueError(f"student and teacher must have the same batch and map size (B, _, H, W), got "
+                         f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    if student.shape[1] == 0 or teacher.shape[1] == 0:
         raise ValueError("student and teacher have 0 channels; need C >= 1")
     check_same_device("student", student, teacher=teacher)
 

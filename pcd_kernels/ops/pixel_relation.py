@@ -73,7 +73,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(student, teacher, keys, temperature, normalize, mask, reduction, backend):
-    check_maps(student, teacher)
+    # Without keys each map is compared only with itself: the channel counts may differ.
+    check_maps(student, teacher, same_channels=keys is not None)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
     temperature = check_positive_finite("temperature", temperature)
@@ -117,7 +118,8 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
     memory O(chunk x keys)) and recomputes them in the backward.
 
     Args:
-        student, teacher: (B, C, H, W) float maps of the same shape, any strides.
+        student, teacher: (B, C, H, W) float maps of the same shape, any strides; without
+            ``keys`` their channel counts may differ (each map's similarities use its own).
         keys: optional (K, C) key rows (see above).
         temperature: softmax temperature, a finite number > 0.
         normalize: divide every pixel vector and key row by ``max(||x||, 1e-12)`` first (as
