@@ -130,10 +130,11 @@ def test_instruction_counts_find_the_main_loop_and_the_exps_under_mma():
 
     body = ["LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]", "MUFU.EX2 R3, R3", "WARPGROUP.ARRIVE",
             "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ", "MUFU.EX2 R4, R4", "@P0 MUFU.EX2 R5, R5",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R8, R8",  # one MMA still in flight
             "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R6, R6", "LDL R7, [R1]", "@!P1 BRA 0x0010"]
     lines = ["MOV R1, RZ"] + body + ["STL [R1], R7", "EXIT"]
     listing = "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
     counts = count_instructions(listing)
     loop = counts["main_loop"]
-    assert (loop["HGMMA"], loop["MUFU.EX2"], loop["EX2_UNDER_MMA"], loop["LDL"], loop["STL"]) == (1, 4, 2, 1, 0)
+    assert (loop["HGMMA"], loop["MUFU.EX2"], loop["EX2_UNDER_MMA"], loop["LDL"], loop["STL"]) == (1, 5, 3, 1, 0)
     assert (counts["kernel"]["STL"], counts["kernel"]["LDGSTS"]) == (1, 1)

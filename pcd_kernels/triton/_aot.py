@@ -97,11 +97,11 @@ def exps_under_mma(lines) -> int:
     WARPGROUP.DEPBAR that waits for it. These exps overlap the tensor cores' work; the rest wait
     for it or it for them."""
     in_flight, overlapped = False, 0
-    for _, opcode, _ in lines:
+    for _, opcode, operands in lines:
         if opcode.startswith("HGMMA"):
             in_flight = True
-        elif opcode.startswith("WARPGROUP.DEPBAR"):
-            in_flight = False
+        elif opcode.startswith("WARPGROUP.DEPBAR") and operands.rstrip().endswith("0x0"):
+            in_flight = False  # waits for all of them (".LE gsb0, 0x1" leaves one in flight)
         elif opcode.startswith("MUFU.EX2") and in_flight:
             overlapped += 1
     return overlapped
