@@ -62,13 +62,16 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
                                    "test_official_pcd_loss_with_transposed_queue", ("triton", "cuda")),
         "omni_contrastive_loss": ("test_omni_contrastive.py", "test_matches_official_formula or test_nan_in_nan_out "
                                   "or test_any_strides_and_one_sided_gradients", ("triton",)),
+        "pixel_relation_loss": ("test_pixel_relation.py", "test_matches_reference or "
+                                "test_backends_on_wider_channels_and_tails or test_triton_opcheck", ("triton",)),
         "pixel_attention": ("test_pixel_attention.py", "test_matches_reference or test_any_strides or "
                             "test_nan_in_nan_out or test_gpu_kernels_over_several_tiles or test_one_sided_gradients",
                             ("triton", "cuda")),
     }
     # The interpreter is slow: a dry run checks the plumbing on fewer cases of the biggest group.
     dry_selections = {"pixel_contrastive_loss": "(test_matches_reference and mean) or test_odd_shapes or "
-                                                "test_nan_in_nan_out_unless_masked"}
+                                                "test_nan_in_nan_out_unless_masked",
+                      "pixel_relation_loss": "test_matches_reference and mean and mask"}
     groups = []
     for op, (path, tests, backends) in selections.items():
         tests = dry_selections.get(op, tests) if dry_run else tests
@@ -133,6 +136,11 @@ TARGETS = [
     Target("Af-DCD Cityscapes fwd+bwd vs official cdist", "citys", "speedup", ("naive",), 5.0, dry_case="citys-quick"),
     Target("Af-DCD Cityscapes peak memory vs official", "citys", "memory", ("naive",), 20.0, dry_case="citys-quick"),
     Target("Af-DCD unpooled 64x128 runs", "citys-unpooled", "runs", dry_case="citys-quick"),
+    # CIRKD (report only: no goal was set before a measurement)
+    Target("CIRKD mini-batch 8 x 64x128 fwd+bwd vs official", "citys-minibatch", "speedup", ("naive",), None,
+           dry_case="citys-minibatch-quick"),
+    Target("CIRKD memory term peak memory vs official", "citys-memory-pixels", "memory", ("naive",), None,
+           dry_case="citys-memory-quick"),
     Target("MHSA2d 64x64 vs SDPA's fastest backend", "mhsa-64x64", "speedup", SDPA, 1.2, dry_case="mhsa-quick"),
     Target("MHSA2d 128x128 vs SDPA's fastest backend", "mhsa-128x128", "speedup", SDPA, 1.2, dry_case="mhsa-quick"),
     Target("attention 64x64 vs SDPA flash, same data", "attn-64x64", "speedup", ("sdpa-flash-prepermuted",), 0.8,

@@ -52,6 +52,31 @@ def infonce_launches(dtype, channels=256, negatives="none", masked=False):
             for call in calls]
 
 
+def relation_launches(dtype, channels=256, keys=0, masked=False, teacher_channels=None):
+    """pixel_relation_loss's kernels: cross-image over 4 maps of 16x16 (keys=0), or against a
+    (keys, C) memory."""
+    import torch
+
+    from pcd_kernels.triton import pixel_relation as pr
+
+    B, H, W = 4, 16, 16
+    s = torch.empty(B, channels, H, W, dtype=dtype)
+    t = torch.empty(B, teacher_channels or channels, H, W, dtype=dtype)
+    memory = torch.empty(keys, channels, dtype=dtype) if keys else None
+    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
+    inp = pr._Inputs(s, t, memory, mask, 0.5, True)
+    values = torch.empty(B, H, W)
+    lse = torch.empty(pr.saved_shape(s, memory))
+    g = values.reshape(-1)
+    rows = torch.empty(B * H * W, channels, dtype=dtype)
+    calls = [pr.forward_call(inp, values, lse), pr.anchor_backward_call(inp, lse, g, rows),
+             pr.key_backward_call(inp, lse, g, torch.ones(1), memory if keys else rows)]
+    variant = f"keys={keys}" if keys else "cross-image" + (f", teacher C={teacher_channels}" if teacher_channels else "")
+    return [(f"pixel_relation.{call.kind}", variant, pr._KERNELS[call.kind], call.args, call.flags,
+             pr.gpu_configs(call.kind, call.flags["PRECISION"], call.flags.get("SCALE_WEIGHTS", True)))
+            for call in calls]
+
+
 def attention_launches(dtype, head_dim, heads):
     """pixel_attention's kernels on q, k, v as channel slices of one fused projection (what
     MHSA2d passes), 2 maps of 64x64."""
@@ -95,12 +120,13 @@ def omni_launches(dtype, dims=128, samples=256, groups=16):
 
 def launches(dtype_name: str):
     """Every kernel the library launches, at representative sizes and flags: the InfoNCE with a
-    queue (negatives="none") and with pixel keys (negatives="batch", masked), attention at head
-    dims 32 and 64, Af-DCD."""
+    queue (negatives="none") and with pixel keys (negatives="batch", masked), CIRKD's relation
+    loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     return (infonce_launches(dtype, 256, "none") + infonce_launches(dtype, 256, "batch", masked=True)
+            + relation_launches(dtype, 256, masked=True) + relation_launches(dtype, 256, keys=4104)
             + attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4) + omni_launches(dtype))
 
 

@@ -120,6 +120,13 @@ def providers(case: Case, device: str):
         return lambda s, t, m: pixel_relation_loss(s, t, m, temperature=tau, backend=backend) * CONTRAST_KD_TEMPERATURE ** 2
 
     def triton():
-        raise Unavailable("pixel_relation_loss has no Triton kernels yet")
+        from pcd_kernels.ops._dispatch import triton_unavailable_reason
+
+        if device != "cuda":
+            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
+        reason = triton_unavailable_reason(torch.device(device))
+        if reason is not None:
+            raise Unavailable(reason)
+        return ours("triton")
 
     return {"naive": official, "ours-torch": lambda: ours("torch"), "ours-triton": triton}

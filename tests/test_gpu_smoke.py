@@ -110,8 +110,9 @@ def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
     import omni_contrastive
     import pixel_attention
     import pixel_contrastive
+    import pixel_relation
 
-    names = {c.name for op in (pixel_contrastive, omni_contrastive, pixel_attention)
+    names = {c.name for op in (pixel_contrastive, omni_contrastive, pixel_relation, pixel_attention)
              for device, quick in (("cuda", False), ("cpu", True)) for c in op.cases(device, quick)}
     for target in gpu_smoke.TARGETS:
         assert target.case in names and target.dry_case in names, target

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import assert_close, backend_cases
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
 from pcd_kernels import pixel_relation_loss, reference
 from pcd_kernels.reference import naive_pixel_relation_loss
 
 B, C, H, W, K = 3, 20, 5, 7, 50  # C not a power of two, H*W = 35 odd
-TORCH_CASES = [c for c in backend_cases(with_cuda=False) if c.values[0] == "torch"]
+CASES = backend_cases(with_cuda=False)  # torch (every dtype) and Triton (CUDA, or the interpreter)
 
 
 def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
@@ -34,11 +34,12 @@ def run(fn, student, teacher, keys, mask, dtype, device, weight=None, **kwargs):
     return value.cpu(), [g.cpu() for g in grads]
 
 
-def check_op(device, dtype, inputs, **kwargs):
-    weight = torch.rand(B, H, W, dtype=torch.float64) + 0.5 if kwargs.get("reduction") == "none" else None
+def check_op(backend, device, dtype, inputs, **kwargs):
+    b, _, h, w = inputs[0].shape
+    weight = torch.rand(b, h, w, dtype=torch.float64) + 0.5 if kwargs.get("reduction") == "none" else None
     ref, ref_grads = run(naive_pixel_relation_loss, *inputs, torch.float64, "cpu", weight, **kwargs)
     plain, plain_grads = run(naive_pixel_relation_loss, *inputs, dtype, "cpu", weight, **kwargs)
-    ours, our_grads = run(pixel_relation_loss, *inputs, dtype, device, weight, backend="torch", **kwargs)
+    ours, our_grads = run(pixel_relation_loss, *inputs, dtype, device, weight, backend=backend, **kwargs)
     assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close("loss", ours, plain, ref, dtype)
     for name, g, g_plain, g_ref in zip(("student", "keys"), our_grads, plain_grads, ref_grads):
@@ -49,10 +50,24 @@ def check_op(device, dtype, inputs, **kwargs):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("mode", ["cross_image", "keys"])
-@pytest.mark.parametrize("backend,device,dtype", TORCH_CASES)
+@pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_matches_reference(backend, device, dtype, mode, masked, reduction):
     inputs = make_inputs(k=K if mode == "keys" else 0, masked=masked)
-    check_op(device, dtype, inputs, temperature=0.5, reduction=reduction)
+    check_op(backend, device, dtype, inputs, temperature=0.5, reduction=reduction)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("mode", ["cross_image", "keys", "cross_image_other_channels"])
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+def test_backends_on_wider_channels_and_tails(backend, device, dtype, mode, normalize):
+    """C above one Triton channel tile (chunked), key and anchor tails, a teacher with other
+    channels, one image without a valid pixel."""
+    c_t = 70 if mode == "cross_image_other_channels" else 40
+    student, teacher, keys, mask = make_inputs(b=3, c=40, h=5, w=9, k=37 if mode == "keys" else 0, masked=True)
+    teacher = torch.randn(3, c_t, 5, 9, dtype=torch.float64) if c_t != 40 else teacher
+    mask[1] = False
+    check_op(backend, device, dtype, (student * 0.5, teacher * 0.5, keys, mask), temperature=0.7,
+             normalize=normalize, reduction="none")
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -228,8 +243,7 @@ def test_mixed_dtypes_promote_and_autocast_runs_in_its_dtype():
 
 
 @pytest.mark.parametrize("call, error, words", [
-    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="triton"), RuntimeError, "no Triton kernels"),
-    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="cuda"), RuntimeError, "no CUDA kernels"),
+    (lambda s, t, k: pixel_relation_loss(s, t, k, backend="cuda"), RuntimeError, "does not implement this op"),
     (lambda s, t, k: pixel_relation_loss(s, t, k, backend="fast"), ValueError, "backend"),
     (lambda s, t, k: pixel_relation_loss(s, t, k[:, :5]), ValueError, "keys must be (K, C)"),
     (lambda s, t, k: pixel_relation_loss(s, t, k.long()), TypeError, "keys"),
@@ -271,10 +285,10 @@ def test_opcheck(with_keys):
     s, t = student.float().requires_grad_(), teacher.float()
     k = keys.float().requires_grad_() if with_keys else None
     torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_forward.default, (s, t, k, mask, 0.5, True, "torch"))
-    values = torch.ops.pcd_kernels.pixel_relation_forward(s, t, k, mask, 0.5, True, "torch")
+    values, saved = torch.ops.pcd_kernels.pixel_relation_forward(s, t, k, mask, 0.5, True, "torch")
     torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_backward.default,
-                          (torch.randn_like(values), s.detach(), t, k.detach() if k is not None else None, mask, 0.5,
-                           True, "torch", True, with_keys))
+                          (torch.randn_like(values), s.detach(), t, k.detach() if k is not None else None, mask,
+                           saved.detach(), 0.5, True, "torch", True, with_keys))
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
@@ -336,3 +350,20 @@ def test_empty_maps_give_zero_and_empty_gradients(mode, shape):
     loss.backward()
     assert loss.item() == 0.0 and s.grad.shape == s.shape
     assert keys is None or not keys.grad.any()
+
+
+@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
+@pytest.mark.parametrize("with_keys", [False, True], ids=["cross_image", "keys"])
+def test_triton_opcheck_and_no_anchors_by_keys_allocation(with_keys):
+    from test_memory import LargestAllocation
+
+    device = "cuda" if CUDA else "cpu"
+    student, teacher, keys, mask = make_inputs(b=2, c=16, h=8, w=8, k=300 if with_keys else 0, masked=True)
+    s, t = student.float().to(device).requires_grad_(), teacher.float().to(device)
+    k = keys.float().to(device).requires_grad_() if with_keys else None
+    mask = mask.to(device)
+    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_forward.default, (s, t, k, mask, 0.5, True, "triton"))
+    anchors_by_keys = 2 * 64 * (300 if with_keys else 2 * 64)
+    with LargestAllocation() as mode:
+        pixel_relation_loss(s, t, k, mask=mask, backend="triton").backward()
+    assert mode.largest < anchors_by_keys // 4, (mode.largest, anchors_by_keys)

@@ -1,8 +1,9 @@
 """``pixel_relation_loss``: CIRKD's pixel-relation distillation without an (anchors x keys) matrix.
 
 This module owns the op's public function (argument checks, dtype promotion, backend dispatch, the
-reduction) and its two ``torch.library`` custom ops, forward and backward, which run the chunked
-torch backend (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
+reduction) and its two ``torch.library`` custom ops, forward and backward, which run the Triton
+kernels (``pcd_kernels/triton/pixel_relation.py``) or the chunked torch backend
+(``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
 """
 from typing import Optional, Tuple
 
@@ -12,59 +13,76 @@ from torch import Tensor
 from pcd_kernels import reference
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
                                      check_same_device, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, run_without_autocast
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_relation_loss"
 
 
+def _implementation(backend, direction):
+    if backend == "triton":
+        from pcd_kernels.triton import pixel_relation as kernels
+
+        return kernels.forward if direction == "forward" else kernels.backward
+    if direction == "forward":
+        return lambda *args: (reference.pixel_relation_forward_chunked(*args), args[0].new_empty(0))
+    return lambda grad, s, t, k, m, saved, *rest: reference.pixel_relation_backward_chunked(grad, s, t, k, m, *rest)
+
+
 @torch.library.custom_op("pcd_kernels::pixel_relation_forward", mutates_args=())
 def _forward_op(student: Tensor, teacher: Tensor, keys: Optional[Tensor], mask: Optional[Tensor],
-                temperature: float, normalize: bool, backend: str) -> Tensor:
-    """Per-anchor KL(P_t || P_s), (B, H, W), 0 at masked pixels."""
-    return run_without_autocast(student.device, reference.pixel_relation_forward_chunked, student, teacher, keys,
-                                mask, temperature, normalize)
+                temperature: float, normalize: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """Per-anchor KL(P_t || P_s), (B, H, W), 0 at masked pixels, and the state the same backend's
+    backward reads: nothing for the torch backend (it recomputes), both distributions' base-2
+    lse per anchor and key segment for the Triton kernels."""
+    return run_without_autocast(student.device, _implementation(backend, "forward"), student, teacher, keys, mask,
+                                temperature, normalize)
 
 
 @_forward_op.register_fake
 def _forward_fake(student, teacher, keys, mask, temperature, normalize, backend):
     B, _, H, W = student.shape
-    return student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
+    values = student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
+    if backend == "triton":
+        from pcd_kernels.triton.pixel_relation import saved_shape
+
+        return values, student.new_empty(saved_shape(student, keys), dtype=torch.float32)
+    return values, student.new_empty(0)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_relation_backward", mutates_args=())
 def _backward_op(grad_values: Tensor, student: Tensor, teacher: Tensor, keys: Optional[Tensor],
-                 mask: Optional[Tensor], temperature: float, normalize: bool, backend: str,
+                 mask: Optional[Tensor], saved: Tensor, temperature: float, normalize: bool, backend: str,
                  needs_student: bool, needs_keys: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for (student, keys); an empty tensor stands for one not asked for."""
-    grads = run_without_autocast(student.device, reference.pixel_relation_backward_chunked, grad_values, student,
-                                 teacher, keys, mask, temperature, normalize, needs_student, needs_keys)
+    grads = run_without_autocast(student.device, _implementation(backend, "backward"), grad_values, student,
+                                 teacher, keys, mask, saved, temperature, normalize, needs_student, needs_keys)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_values, student, teacher, keys, mask, temperature, normalize, backend, needs_student,
-                   needs_keys):
+def _backward_fake(grad_values, student, teacher, keys, mask, saved, temperature, normalize, backend,
+                   needs_student, needs_keys):
     B, C, H, W = student.shape
     empty = student.new_empty(0)
-    # The student's gradient is a channels_last view of (B*H*W, C) rows, as the backend returns it.
+    # The student's gradient is a channels_last view of (B*H*W, C) rows, as both backends return it.
     return (student.new_empty((B, H, W, C)).permute(0, 3, 1, 2) if needs_student else empty,
             keys.new_empty(keys.shape) if (needs_keys and keys is not None) else empty)
 
 
 def _setup_context(ctx, inputs, output):
     student, teacher, keys, mask, temperature, normalize, backend = inputs
-    ctx.save_for_backward(student, teacher, keys, mask)
+    ctx.save_for_backward(student, teacher, keys, mask, output[1])
     ctx.options = (temperature, normalize, backend)
 
 
-def _backward(ctx, grad_values):
-    student, teacher, keys, mask = ctx.saved_tensors
+def _backward(ctx, grad_values, grad_saved):
+    student, teacher, keys, mask, saved = ctx.saved_tensors
     temperature, normalize, backend = ctx.options
     need_s, _, need_k = ctx.needs_input_grad[:3]
     need_k = need_k and keys is not None
     grad_s, grad_k = torch.ops.pcd_kernels.pixel_relation_backward(
-        grad_values, student, teacher, keys, mask, temperature, normalize, backend, need_s, need_k)
+        grad_values, student, teacher, keys, mask, saved, temperature, normalize, backend, need_s, need_k)
     # The teacher's distribution is a constant target (CIRKD detaches it): no gradient to teacher.
     return grad_s if need_s else None, None, grad_k if need_k else None, None, None, None, None
 
@@ -114,8 +132,9 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
       ``temperature = contrast_temperature * contrast_kd_temperature``, times
       ``contrast_kd_temperature ** 2``.
 
-    No (anchors x keys) tensor is ever stored: the torch backend works in chunks of anchors (extra
-    memory O(chunk x keys)) and recomputes them in the backward.
+    No (anchors x keys) tensor is ever stored: the Triton kernels keep online logsumexps over key
+    tiles, the torch backend works in chunks of anchors (extra memory O(chunk x keys)); both
+    recompute the logits in the backward.
 
     Args:
         student, teacher: (B, C, H, W) float maps of the same shape, any strides; without
@@ -129,8 +148,8 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
             ``keys``, an image with no valid pixel is left out of the mean over images.
         reduction: ``"mean"`` over valid anchors, ``"sum"``, or ``"none"`` for the (B, H, W) map of
             per-anchor values with 0 at masked pixels. No valid anchor gives 0, not NaN.
-        backend: ``"auto"`` or ``"torch"`` (the chunked PyTorch backend, on any device); the
-            Triton and CUDA kernels of this op do not exist yet: ``"triton"`` and ``"cuda"`` raise.
+        backend: ``"auto"`` (Triton for CUDA tensors, the chunked torch backend for CPU or
+            float64), ``"triton"``, ``"torch"``; ``"cuda"`` raises (no CUDA kernel for this op).
 
     Returns:
         The loss: a scalar, or (B, H, W) for ``reduction="none"``; float32 (float64 for float64
@@ -153,15 +172,11 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
     if dtype is None:
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         dtype = dtype if keys is None else torch.promote_types(dtype, keys.dtype)
-    if backend in ("triton", "cuda"):
-        kind = "Triton" if backend == "triton" else "CUDA"
-        raise RuntimeError(f"{_OP}: backend={backend!r} cannot run: this op has no {kind} kernels yet; use "
-                           "backend='torch' (chunked, on any device)")
-    backend = "torch"  # what "auto" resolves to: the only backend this op has
+    backend = resolve_backend(_OP, backend, student.device, dtype)  # "cuda" raises: no CUDA kernels
     student, teacher = student.to(dtype), teacher.to(dtype)
     keys = keys.to(dtype) if keys is not None else None
-    values = torch.ops.pcd_kernels.pixel_relation_forward(student, teacher, keys, mask, temperature, normalize,
-                                                          backend)
+    values, _ = torch.ops.pcd_kernels.pixel_relation_forward(student, teacher, keys, mask, temperature, normalize,
+                                                             backend)
     if reduction == "none":
         return values
     total = values.sum()
