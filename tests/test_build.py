@@ -136,6 +136,8 @@ def test_public_api():
 
     assert sorted(pcd_kernels.__all__) == ["AfDCDLoss", "MHSA2d", "PixelContrastiveLoss", "SpatialAdaptor",
                                            "SpatialReLU", "__version__", "omni_contrastive_loss",
-                                           "pixel_attention", "pixel_contrastive_loss"]
-    assert pcd_kernels.pixel_contrastive_loss.__doc__ and ">>>" in pcd_kernels.pixel_contrastive_loss.__doc__
-    assert isinstance(torch.ops.pcd_kernels.pixel_contrastive_forward.default, torch._ops.OpOverload)
+                                           "pixel_attention", "pixel_contrastive_loss", "pixel_relation_loss"]
+    for op in ("pixel_contrastive_loss", "pixel_relation_loss"):
+        assert ">>>" in (getattr(pcd_kernels, op).__doc__ or ""), op
+    for op in ("pixel_contrastive_forward", "pixel_relation_forward"):
+        assert isinstance(getattr(torch.ops.pcd_kernels, op).default, torch._ops.OpOverload), op

@@ -71,6 +71,18 @@ def check_maps(student, teacher, same_channels: bool = True) -> None:
     check_same_device("student", student, teacher=teacher)
 
 
+def check_mask(mask, student) -> None:
+    """An optional (B, H, W) bool mask of the student map's pixels (True = valid)."""
+    if mask is None:
+        return
+    check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = valid pixel), got {mask.dtype}")
+    B, _, H, W = student.shape
+    if tuple(mask.shape) != (B, H, W):
+        raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
+
+
 def check_process_group(group) -> None:
     """None, or a process group of an initialised torch.distributed."""
     if group is None:

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from pcd_kernels import reference
-from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
-                                     check_process_group, check_same_device, check_same_on_every_rank,
-                                     check_tensor)
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
+                                     check_positive_finite, check_process_group, check_same_device,
+                                     check_same_on_every_rank, check_tensor)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 NEGATIVES = ("batch", "image", "none")
@@ -148,13 +148,7 @@ def _check_inputs(student, teacher, queue, negatives, temperature, normalize, ma
                              "queue.t())")
     elif negatives == "none":
         raise ValueError("negatives='none' needs a queue: the keys are the positive and the queue rows")
-    if mask is not None:
-        check_tensor("mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = valid pixel), got {mask.dtype}")
-        B, _, H, W = student.shape
-        if tuple(mask.shape) != (B, H, W):
-            raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
+    check_mask(mask, student)
     check_same_device("student", student, queue=queue, mask=mask)
     return temperature
 

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from pcd_kernels import reference
-from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_positive_finite,
-                                     check_same_device, check_tensor)
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
+                                     check_positive_finite, check_same_device, check_tensor)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -103,13 +103,7 @@ def _check_inputs(student, teacher, keys, temperature, normalize, mask, reductio
         if keys.shape[1] != student.shape[1]:
             raise ValueError(f"keys must be (K, C) with C = {student.shape[1]} channels like student, got shape "
                              f"{tuple(keys.shape)}")
-    if mask is not None:
-        check_tensor("mask", mask)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor (True = valid pixel), got {mask.dtype}")
-        B, _, H, W = student.shape
-        if tuple(mask.shape) != (B, H, W):
-            raise ValueError(f"mask must have shape (B, H, W) = {(B, H, W)}, got {tuple(mask.shape)}")
+    check_mask(mask, student)
     check_same_device("student", student, keys=keys, mask=mask)
     return temperature
 

@@ -78,14 +78,11 @@ def _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start, local, s
     return keys, k_ok, key0, tk0, sk0
 
 
-@triton.jit(do_not_specialize=["TUNE_KEY"])
-def _forward_kernel(
-    S, T, SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, inv_s_ptr, inv_t_ptr, inv_sk_ptr, inv_tk_ptr, valid_ptr,
-    key_valid_ptr, count_ptr, share_ptr, value_ptr, lse_ptr, n_rows, n_seg, seg_len, CS, CT, logit_scale, TUNE_KEY,
-    HAS_MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SHARED_KEYS: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CS: tl.constexpr, CS_TILES: tl.constexpr,
-    BLOCK_CT: tl.constexpr, CT_TILES: tl.constexpr, PRECISION: tl.constexpr,
-):
+@triton.jit
+def _anchor_tile(S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_scale, HAS_MASK: tl.constexpr,
+                 NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CS: tl.constexpr, BLOCK_CT: tl.constexpr):
+    """This program's anchor rows (which exist, which are valid), both maps' first channel chunks
+    and their base-2 logit scales (1 / (temperature ln 2), times the inverse norms)."""
     row0 = tl.program_id(0) * BLOCK_M
     rows = row0 + tl.arange(0, BLOCK_M)
     a_in = rows < n_rows
@@ -99,6 +96,20 @@ def _forward_kernel(
     if NORMALIZE:
         s_scale = s_scale * tl.load(inv_s_ptr + rows, mask=a_in, other=0.0)
         t_scale = t_scale * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
+    return row0, rows, a_in, valid, s0, t0, s_scale, t_scale
+
+
+@triton.jit(do_not_specialize=["TUNE_KEY"])
+def _forward_kernel(
+    S, T, SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, inv_s_ptr, inv_t_ptr, inv_sk_ptr, inv_tk_ptr, valid_ptr,
+    key_valid_ptr, count_ptr, share_ptr, value_ptr, lse_ptr, n_rows, n_seg, seg_len, CS, CT, logit_scale, TUNE_KEY,
+    HAS_MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SHARED_KEYS: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CS: tl.constexpr, CS_TILES: tl.constexpr,
+    BLOCK_CT: tl.constexpr, CT_TILES: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row0, rows, a_in, valid, s0, t0, s_scale, t_scale = _anchor_tile(
+        S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_scale, HAS_MASK, NORMALIZE, BLOCK_M, BLOCK_CS,
+        BLOCK_CT)
     total = tl.zeros((BLOCK_M,), tl.float32)
     for seg in range(0, n_seg):
         start, present = _segment(seg, seg_len, count_ptr, HAS_KEY_MASK)
@@ -158,20 +169,10 @@ def _backward_anchor_kernel(
     SCALE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_CS: tl.constexpr,
     CS_TILES: tl.constexpr, BLOCK_CT: tl.constexpr, CT_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    a_in = rows < n_rows
-    valid = a_in
-    if HAS_MASK:
-        valid = valid & (tl.load(valid_ptr + rows, mask=a_in, other=0) != 0)
+    row0, rows, a_in, valid, s0, t0, s_scale, t_scale = _anchor_tile(
+        S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_scale, HAS_MASK, NORMALIZE, BLOCK_M, BLOCK_CS,
+        BLOCK_CT)
     oc = tl.program_id(1) * BLOCK_CS  # this program writes channels [oc, oc + BLOCK_CS)
-    s0 = _load_chunk(S, row0, rows, a_in, CS, 1, 0, CS, BLOCK_CS)
-    t0 = _load_chunk(T, row0, rows, a_in, CT, 1, 0, CT, BLOCK_CT)
-    s_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
-    t_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
-    if NORMALIZE:
-        s_scale = s_scale * tl.load(inv_s_ptr + rows, mask=a_in, other=0.0)
-        t_scale = t_scale * tl.load(inv_t_ptr + rows, mask=a_in, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_CS), tl.float32)  # sum_k (P_s - P_t)_k sk_hat_k, this chunk
     d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (P_s - P_t)_k v_k: gives s_hat . grad
     for seg in range(0, n_seg):
