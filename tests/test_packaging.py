@@ -13,12 +13,15 @@ sys.modules["triton"] = None  # as if it were not installed: `import triton` rai
 import torch
 import pcd_kernels
 from pcd_kernels import AfDCDLoss, MHSA2d, PixelContrastiveLoss, omni_contrastive_loss, pixel_attention, \\
-    pixel_contrastive_loss
+    pixel_contrastive_loss, pixel_relation_loss
+from pcd_kernels.integrations.cirkd import CriterionMiniBatchCrossImagePair
 
 s = torch.randn(2, 16, 5, 6, requires_grad=True)
 t = torch.randn(2, 16, 5, 6)
 pixel_contrastive_loss(s, t).backward()
 PixelContrastiveLoss(negatives="none", queue_size=64, dim=16)(s, t).backward()
+pixel_relation_loss(s, t, torch.randn(7, 16)).backward()
+CriterionMiniBatchCrossImagePair(0.5)(s, t).backward()
 omni_contrastive_loss(torch.randn(1, 32, 8, 8, requires_grad=True), torch.randn(1, 32, 8, 8), groups=4,
                       pool_size=0).backward()
 q = torch.randn(1, 16, 5, 6, requires_grad=True)
