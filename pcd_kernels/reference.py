@@ -349,9 +349,11 @@ def naive_pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[T
     B, C, H, W = student.shape
     s = pixel_rows(student).to(compute_dtype(student.dtype))
     t = pixel_rows(teacher).detach().to(s.dtype)
+    valid = mask.reshape(-1) if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    # masked pixels are never used: zeroed first, so that their values (NaN too) reach nothing
+    s, t = s.masked_fill(~valid[:, None], 0), t.masked_fill(~valid[:, None], 0)
     if normalize:
         s, t = F.normalize(s, dim=1, eps=NORM_EPS), F.normalize(t, dim=1, eps=NORM_EPS)
-    valid = mask.reshape(-1) if mask is not None else torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
 
     def kl(t_logits, s_logits):  # row-wise KL(softmax(t) || softmax(s))
         log_pt, log_ps = t_logits.log_softmax(1), s_logits.log_softmax(1)

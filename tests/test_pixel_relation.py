@@ -206,6 +206,23 @@ def test_an_image_without_valid_pixels_leaves_the_mean_over_images():
     assert not full[1].any()
 
 
+@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+def test_masked_nan_pixels_reach_nothing_in_either_map(backend, device, dtype):
+    """NaN at masked pixels of both maps (used as keys without keys): every value and gradient as
+    the float64 formula gives with those pixels zeroed."""
+    student, teacher, _, mask = make_inputs(masked=True)
+    mask[0, 1, 2] = False
+    poisoned_s, poisoned_t = student.clone(), teacher.clone()
+    poisoned_s[0, :, 1, 2] = poisoned_t[0, :, 1, 2] = float("nan")
+    ours, (grad,) = run(pixel_relation_loss, poisoned_s, poisoned_t, None, mask, dtype, device, backend=backend,
+                        reduction="none")
+    ref, (ref_grad,) = run(naive_pixel_relation_loss, poisoned_s, poisoned_t, None, mask, torch.float64, "cpu",
+                           reduction="none")
+    assert torch.isfinite(ours).all() and torch.isfinite(grad).all() and torch.isfinite(ref_grad).all()
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["cross_image", "keys"])
 def test_nan_in_nan_out_unless_masked(mode):
     student, teacher, keys, _ = make_inputs(k=K if mode == "keys" else 0)

@@ -594,14 +594,19 @@ class _Inputs:
 INT32_OFFSETS = 2 ** 31
 
 
-def int32_tile_offsets(rows):
-    """Key rows whose offsets within a tile (up to the largest candidate's rows, all channels) fit
-    in 32 bits, as _load_chunk reads them: the rows themselves, or a contiguous copy when they do
-    not (only a queue of more than 2**31 / C rows passed transposed, as the official (C, K)
-    buffer's .t())."""
-    tile_rows = max(max(c[0], c[1]) for lists in (_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS)
-                    for cands in lists.values() for c in cands)
-    tile_rows = max(tile_rows, INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"])
+def largest_tile(*config_lists) -> int:
+    """The most rows any candidate (or the interpreter) puts in one tile."""
+    rows = [max(c[0], c[1]) for lists in config_lists for cands in lists.values() for c in cands]
+    return max(rows + [128, INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"]])
+
+
+def int32_tile_offsets(rows, tile_rows=None):
+    """Key rows whose offsets within a tile (up to ``tile_rows``, by default the largest of this
+    module's candidates, and all channels) fit in 32 bits, as _load_chunk reads them: the rows
+    themselves, or a contiguous copy when they do not (only a queue of more than 2**31 / C rows
+    passed transposed, as the official (C, K) buffer's .t())."""
+    if tile_rows is None:
+        tile_rows = largest_tile(_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS)
     span = (tile_rows - 1) * rows.stride(0) + (rows.shape[1] - 1) * rows.stride(1)
     return rows if span < INT32_OFFSETS else rows.contiguous()
 

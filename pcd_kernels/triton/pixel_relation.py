@@ -34,8 +34,8 @@ from pcd_kernels.reference import (anchor_weights, inverse_norms, key_side_weigh
                                    projection_scales)
 from pcd_kernels.triton.pixel_contrastive import (_MAX_INIT, CHUNK_BYTES, LN2, KernelCall, _device_guard,
                                                   _dot_rows, _load_chunk, _tune_key, autotune_enabled, block_c,
-                                                  int32_tile_offsets, is_interpreter, matmul_precision,
-                                                  pixel_matrix)
+                                                  int32_tile_offsets, is_interpreter, largest_tile,
+                                                  matmul_precision, pixel_matrix)
 
 
 @triton.jit
@@ -366,7 +366,7 @@ class _Inputs:
         self.has_mask = mask is not None
         self.valid = mask_bytes(mask) if self.has_mask else dummy
         if keys is not None:
-            self.keys = int32_tile_offsets(keys)
+            self.keys = int32_tile_offsets(keys, largest_tile(_GPU_CONFIGS, _IEEE_CONFIGS, {"": [(16, 32, 0, 0)]}))
             self.inv_k = norms(keys)
             self.n_seg, self.seg_len = 1, keys.shape[0]
             self.counts = dummy
@@ -462,7 +462,10 @@ def backward(grad_values, student, teacher, keys, mask, lse, temperature, normal
     as a channels_last (B, C, H, W) tensor, the keys' as a contiguous (K, C) one."""
     B, C, H, W = student.shape
     rows = lambda n, dtype: torch.zeros((n, C), dtype=dtype, device=student.device)  # the student side's C
-    grad_s = rows(B * H * W, student.dtype) if needs_student else None
+    # Without keys the student's gradient has an anchor part and a key part: both in float32,
+    # added, then rounded once.
+    cross = keys is None
+    grad_s = rows(B * H * W, torch.float32 if cross else student.dtype) if needs_student else None
     grad_k = rows(keys.shape[0], keys.dtype) if (needs_keys and keys is not None) else None
     as_map = lambda r: r.view(B, H, W, C).permute(0, 3, 1, 2) if r is not None else None
     if B * H * W == 0 or (keys is not None and keys.shape[0] == 0):
@@ -472,13 +475,13 @@ def backward(grad_values, student, teacher, keys, mask, lse, temperature, normal
     calls = []
     if grad_s is not None:
         calls.append(anchor_backward_call(inp, lse, g, grad_s))
-    as_keys = rows(B * H * W, student.dtype) if (keys is None and grad_s is not None) else grad_k
+    as_keys = rows(B * H * W, torch.float32) if (cross and grad_s is not None) else grad_k
     if as_keys is not None:
         g_scaled, g_max = key_side_weights(g)
         calls.append(key_backward_call(inp, lse, g_scaled, g_max, as_keys))
     with _device_guard(student):
         for call in calls:
             call.launch()
-    if keys is None and grad_s is not None:  # the student's pixels are keys too
-        grad_s += as_keys
+    if cross and grad_s is not None:  # the student's pixels are keys too
+        grad_s = (grad_s + as_keys).to(student.dtype)
     return as_map(grad_s), grad_k
