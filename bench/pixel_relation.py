@@ -80,7 +80,7 @@ def cases(device: str, quick: bool):
                 Case("citys-memory-regions", 8, 256, 64, 128, 19 * 54)]
     if quick:
         return [Case("citys-minibatch-quick", 2, 64, 8, 16), Case("citys-memory-quick", 2, 64, 8, 16, 19 * 32)]
-    return [Case("citys-minibatch-cpu", 4, 128, 16, 32), Case("citys-memory-cpu", 4, 128, 16, 32, 19 * 256)]
+    return [Case("citys-minibatch-cpu", 4, 128, 32, 64), Case("citys-memory-cpu", 4, 128, 16, 32, 19 * 256)]
 
 
 SWEEP_PROVIDERS = ("naive", "ours-torch", "ours-triton")
