@@ -5,6 +5,24 @@ class Unavailable(Exception):
     """A provider that cannot run here; the message says why."""
 
 
+def triton_reason(device: str):
+    """Why the Triton kernels cannot run on ``device`` here, or None when they can."""
+    if device != "cuda":
+        return "the Triton kernels need CUDA tensors (the CPU interpreter is for tests)"
+    import torch
+
+    from pcd_kernels.ops._dispatch import triton_unavailable_reason
+
+    return triton_unavailable_reason(torch.device(device))
+
+
+def require_triton(device: str) -> None:
+    """Raise Unavailable unless the Triton kernels can run on ``device``."""
+    reason = triton_reason(device)
+    if reason is not None:
+        raise Unavailable(reason)
+
+
 def cuda_extension_reason(device: str):
     """Why backend='cuda' cannot run on ``device`` here, or None when it can."""
     if device != "cuda":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import Unavailable
+from common import require_triton
 from pcd_kernels import omni_contrastive_loss
 from pcd_kernels.reference import official_omni_contrastive_loss
 
@@ -111,8 +111,6 @@ def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
 
 
 def providers(case: Case, device: str):
-    from pcd_kernels.ops._dispatch import triton_unavailable_reason
-
     options = dict(groups=case.groups, patch_size=(case.patch, case.patch), pool_size=case.pool,
                    temperature=TEMPERATURE)
 
@@ -124,11 +122,7 @@ def providers(case: Case, device: str):
         return lambda s, t: omni_contrastive_loss(s, t, backend=backend, **options)
 
     def triton():
-        if device != "cuda":
-            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
-        reason = triton_unavailable_reason(torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        require_triton(device)
         return ours("triton")
 
     # (off CPU the torch backend forms its gradient sums with a Python loop over dimension

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+import common
 from common import Unavailable, cuda_extension_reason
 from pcd_kernels import MHSA2d, pixel_attention
 from pcd_kernels.reference import attention_heads, naive_pixel_attention, sdpa_pixel_attention
@@ -149,12 +150,8 @@ class _EagerAttention(MHSA2d):
 
 
 def providers(case: Case, device: str):
-    from pcd_kernels.ops._dispatch import triton_unavailable_reason
-
     def triton_reason():
-        if device != "cuda":
-            return "the Triton kernels need CUDA tensors (the CPU interpreter is for tests)"
-        return triton_unavailable_reason(torch.device(device))
+        return common.triton_reason(device)
 
     def module(cls=MHSA2d, backend="torch", context=None):
         torch.manual_seed(0)  # the same weights for every provider

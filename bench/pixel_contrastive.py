@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import Unavailable, cuda_extension_reason
+from common import Unavailable, cuda_extension_reason, require_triton
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
@@ -188,14 +188,8 @@ def _flex(case, device):
 
 def providers(case: Case, device: str):
     """name -> factory() returning loss_fn(student, teacher, queue), or raising Unavailable."""
-    from pcd_kernels.ops._dispatch import triton_unavailable_reason
-
     def triton():
-        if device != "cuda":
-            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
-        reason = triton_unavailable_reason(torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        require_triton(device)
         return _ours(case, "triton")
 
     def cuda():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import Unavailable
+from common import require_triton
 from pcd_kernels import pixel_relation_loss
 from pcd_kernels.reference import official_cirkd_memory_loss, official_cirkd_minibatch_loss
 
@@ -120,13 +120,7 @@ def providers(case: Case, device: str):
         return lambda s, t, m: pixel_relation_loss(s, t, m, temperature=tau, backend=backend) * CONTRAST_KD_TEMPERATURE ** 2
 
     def triton():
-        from pcd_kernels.ops._dispatch import triton_unavailable_reason
-
-        if device != "cuda":
-            raise Unavailable("the Triton kernels need CUDA tensors (the CPU interpreter is for tests)")
-        reason = triton_unavailable_reason(torch.device(device))
-        if reason is not None:
-            raise Unavailable(reason)
+        require_triton(device)
         return ours("triton")
 
     return {"naive": official, "ours-torch": lambda: ours("torch"), "ours-triton": triton}
