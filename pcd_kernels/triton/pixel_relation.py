@@ -79,6 +79,25 @@ def _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start, local, s
 
 
 @triton.jit
+def _both_logits(S, T, SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, inv_sk_ptr, inv_tk_ptr, key_valid_ptr, s0, t0, row0,
+                 rows, a_in, s_scale, t_scale, start, kb, seg_len, CS, CT, HAS_KEY_MASK: tl.constexpr,
+                 SHARED_KEYS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_CS: tl.constexpr, CS_TILES: tl.constexpr, BLOCK_CT: tl.constexpr, CT_TILES: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Key tile kb of a segment against this program's anchors: its rows, which are valid, its
+    first row and student-side chunk, and both maps' base-2 logits (teacher u, student v), with
+    the student-side keys' inverse norms."""
+    keys, k_ok, key0, tk0, sk0 = _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start,
+                                           kb + tl.arange(0, BLOCK_N), seg_len, CS, CT, HAS_KEY_MASK, SHARED_KEYS,
+                                           BLOCK_CS, BLOCK_CT)
+    u, _ = _tile_logits(t0, T, row0, rows, a_in, t_scale, TK, tk_sr, tk_sc, tk0, key0, keys, k_ok, inv_tk_ptr,
+                        CT, NORMALIZE, BLOCK_CT, CT_TILES, PRECISION)
+    v, inv_sk = _tile_logits(s0, S, row0, rows, a_in, s_scale, SK, sk_sr, sk_sc, sk0, key0, keys, k_ok,
+                             inv_sk_ptr, CS, NORMALIZE, BLOCK_CS, CS_TILES, PRECISION)
+    return keys, k_ok, key0, sk0, u, v, inv_sk
+
+
+@triton.jit
 def _anchor_tile(S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_scale, HAS_MASK: tl.constexpr,
                  NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CS: tl.constexpr, BLOCK_CT: tl.constexpr):
     """This program's anchor rows (which exist, which are valid), both maps' first channel chunks
@@ -120,13 +139,10 @@ def _forward_kernel(
             l_s = tl.zeros((BLOCK_M,), tl.float32)
             cross = tl.zeros((BLOCK_M,), tl.float32)  # sum_k exp2(u - m_t) (u - v)
             for kb in range(0, seg_len, BLOCK_N):
-                keys, k_ok, key0, tk0, sk0 = _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start,
-                                                       kb + tl.arange(0, BLOCK_N), seg_len, CS, CT, HAS_KEY_MASK,
-                                                       SHARED_KEYS, BLOCK_CS, BLOCK_CT)
-                u, _ = _tile_logits(t0, T, row0, rows, a_in, t_scale, TK, tk_sr, tk_sc, tk0, key0, keys, k_ok,
-                                    inv_tk_ptr, CT, NORMALIZE, BLOCK_CT, CT_TILES, PRECISION)
-                v, _ = _tile_logits(s0, S, row0, rows, a_in, s_scale, SK, sk_sr, sk_sc, sk0, key0, keys, k_ok,
-                                    inv_sk_ptr, CS, NORMALIZE, BLOCK_CS, CS_TILES, PRECISION)
+                keys, k_ok, key0, sk0, u, v, inv_sk = _both_logits(
+                    S, T, SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, inv_sk_ptr, inv_tk_ptr, key_valid_ptr, s0, t0, row0,
+                    rows, a_in, s_scale, t_scale, start, kb, seg_len, CS, CT, HAS_KEY_MASK, SHARED_KEYS, NORMALIZE,
+                    BLOCK_N, BLOCK_CS, CS_TILES, BLOCK_CT, CT_TILES, PRECISION)
                 m_new = tl.maximum(m_t, tl.max(u, 1))
                 alpha = tl.exp2(m_t - m_new)
                 p = tl.exp2(u - m_new[:, None])
@@ -179,13 +195,10 @@ def _backward_anchor_kernel(
         start, present = _segment(seg, seg_len, count_ptr, HAS_KEY_MASK)
         if present:
             for kb in range(0, seg_len, BLOCK_N):
-                keys, k_ok, key0, tk0, sk0 = _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start,
-                                                       kb + tl.arange(0, BLOCK_N), seg_len, CS, CT, HAS_KEY_MASK,
-                                                       SHARED_KEYS, BLOCK_CS, BLOCK_CT)
-                u, _ = _tile_logits(t0, T, row0, rows, a_in, t_scale, TK, tk_sr, tk_sc, tk0, key0, keys, k_ok,
-                                    inv_tk_ptr, CT, NORMALIZE, BLOCK_CT, CT_TILES, PRECISION)
-                v, inv_sk = _tile_logits(s0, S, row0, rows, a_in, s_scale, SK, sk_sr, sk_sc, sk0, key0, keys, k_ok,
-                                         inv_sk_ptr, CS, NORMALIZE, BLOCK_CS, CS_TILES, PRECISION)
+                keys, k_ok, key0, sk0, u, v, inv_sk = _both_logits(
+                    S, T, SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, inv_sk_ptr, inv_tk_ptr, key_valid_ptr, s0, t0, row0,
+                    rows, a_in, s_scale, t_scale, start, kb, seg_len, CS, CT, HAS_KEY_MASK, SHARED_KEYS, NORMALIZE,
+                    BLOCK_N, BLOCK_CS, CS_TILES, BLOCK_CT, CT_TILES, PRECISION)
                 w = _weights(u, v, lse_ptr, rows, valid, n_seg, seg, True)
                 w = tl.where(k_ok[None, :], w, 0.0)
                 d += tl.sum(tl.where(k_ok[None, :], w * v, 0.0), 1)
