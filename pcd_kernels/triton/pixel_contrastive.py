@@ -594,10 +594,10 @@ class _Inputs:
 INT32_OFFSETS = 2 ** 31
 
 
-def largest_tile(*config_lists) -> int:
-    """The most rows any candidate (or the interpreter) puts in one tile."""
+def largest_tile(config_lists, interpreter_blocks) -> int:
+    """The most rows any candidate, or the interpreter, puts in one tile."""
     rows = [max(c[0], c[1]) for lists in config_lists for cands in lists.values() for c in cands]
-    return max(rows + [128, INTERPRETER_BLOCKS["BLOCK_M"], INTERPRETER_BLOCKS["BLOCK_N"]])
+    return max(rows + list(interpreter_blocks.values()))
 
 
 def int32_tile_offsets(rows, tile_rows=None):
@@ -606,7 +606,7 @@ def int32_tile_offsets(rows, tile_rows=None):
     themselves, or a contiguous copy when they do not (only a queue of more than 2**31 / C rows
     passed transposed, as the official (C, K) buffer's .t())."""
     if tile_rows is None:
-        tile_rows = largest_tile(_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS)
+        tile_rows = largest_tile((_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS), INTERPRETER_BLOCKS)
     span = (tile_rows - 1) * rows.stride(0) + (rows.shape[1] - 1) * rows.stride(1)
     return rows if span < INT32_OFFSETS else rows.contiguous()
 

@@ -379,7 +379,7 @@ class _Inputs:
         self.has_mask = mask is not None
         self.valid = mask_bytes(mask) if self.has_mask else dummy
         if keys is not None:
-            self.keys = int32_tile_offsets(keys, largest_tile(_GPU_CONFIGS, _IEEE_CONFIGS, {"": [(16, 32, 0, 0)]}))
+            self.keys = int32_tile_offsets(keys, largest_tile((_GPU_CONFIGS, _IEEE_CONFIGS), INTERPRETER_BLOCKS))
             self.inv_k = norms(keys)
             self.n_seg, self.seg_len = 1, keys.shape[0]
             self.counts = dummy
