@@ -11,9 +11,9 @@ def triton_reason(device: str):
         return "the Triton kernels need CUDA tensors (the CPU interpreter is for tests)"
     import torch
 
-    from pcd_kernels.ops._dispatch import triton_unavailable_reason
+    from pcd_kernels.backends import triton
 
-    return triton_unavailable_reason(torch.device(device))
+    return triton.unavailable_reason(torch.device(device))
 
 
 def require_triton(device: str) -> None:
@@ -27,6 +27,8 @@ def cuda_extension_reason(device: str):
     """Why backend='cuda' cannot run on ``device`` here, or None when it can."""
     if device != "cuda":
         return "the CUDA extension's kernels need CUDA tensors"
-    from pcd_kernels import _cuda
+    import torch
 
-    return _cuda.unavailable_reason()
+    from pcd_kernels.backends import cuda
+
+    return cuda.unavailable_reason(torch.device(device))

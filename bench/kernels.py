@@ -6,7 +6,7 @@ Writes DIR/kernels.json, a list with one object per compiled configuration: ``ke
 code), ``cubin`` (its path under DIR), ``registers``, ``stack_bytes``, ``shared_bytes``, and
 ``instructions``: counts of HGMMA, HMMA, MUFU.EX2, LDGSTS, UTMALDG, LDL and STL in the whole kernel
 and in its main loop, and EX2_UNDER_MMA, the exps issued while a warpgroup MMA is in flight
-(pcd_kernels/triton/_aot.py). Then it prints a table and, with ``--check``,
+(pcd_kernels/backends/triton/_aot.py). Then it prints a table and, with ``--check``,
 exits 1 when a 16-bit configuration spills (stack or local memory), a configuration does not fit
 the chip's shared memory, or a multiplying kernel in 16 bits or TF32 on sm_90a has no HGMMA. CI runs it
 (tests/test_triton_aot.py).
@@ -30,7 +30,7 @@ def infonce_launches(dtype, channels=256, negatives="none", masked=False):
     for these flags: 4 maps of 16x16 and a queue of 4,096 rows."""
     import torch
 
-    from pcd_kernels.triton import pixel_contrastive as pc
+    from pcd_kernels.backends.triton import pixel_contrastive as pc
 
     B, H, W, K, C = 4, 16, 16, 4096, channels
     s = torch.empty(B, C, H, W, dtype=dtype)
@@ -47,9 +47,7 @@ def infonce_launches(dtype, channels=256, negatives="none", masked=False):
         calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
     return [(f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else "")
              + ("[teacher]" if call.flags.get("TEACHER_POSITIVES") else ""),
-             f"negatives={negatives}", pc._KERNELS[call.kind], call.args, call.flags,
-             pc.gpu_configs(call.kind, call.flags["PRECISION"], call.flags.get("SCALE_WEIGHTS", True)))
-            for call in calls]
+             f"negatives={negatives}", call.kernel, call.args, call.flags, call.candidates()) for call in calls]
 
 
 def relation_launches(dtype, channels=256, keys=0, masked=False, teacher_channels=None):
@@ -57,7 +55,7 @@ def relation_launches(dtype, channels=256, keys=0, masked=False, teacher_channel
     (keys, C) memory."""
     import torch
 
-    from pcd_kernels.triton import pixel_relation as pr
+    from pcd_kernels.backends.triton import pixel_relation as pr
 
     B, H, W = 4, 16, 16
     s = torch.empty(B, channels, H, W, dtype=dtype)
@@ -72,8 +70,7 @@ def relation_launches(dtype, channels=256, keys=0, masked=False, teacher_channel
     calls = [pr.forward_call(inp, values, lse), pr.anchor_backward_call(inp, lse, g, rows),
              pr.key_backward_call(inp, lse, g, torch.ones(1), memory if keys else rows)]
     variant = f"keys={keys}" if keys else "cross-image" + (f", teacher C={teacher_channels}" if teacher_channels else "")
-    return [(f"pixel_relation.{call.kind}", variant, pr._KERNELS[call.kind], call.args, call.flags,
-             pr.gpu_configs(call.kind, call.flags["PRECISION"], call.flags.get("SCALE_WEIGHTS", True)))
+    return [(f"pixel_relation.{call.kind}", variant, call.kernel, call.args, call.flags, call.candidates())
             for call in calls]
 
 
@@ -82,30 +79,29 @@ def attention_launches(dtype, head_dim, heads):
     MHSA2d passes), 2 maps of 64x64."""
     import torch
 
-    from pcd_kernels.triton import pixel_attention as pa
+    from pcd_kernels.backends.triton import pixel_attention as pa
 
     qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
     out = torch.empty(2, heads * head_dim, 4096, dtype=dtype)
     lse = torch.empty(2 * heads, 4096)
     calls = [pa.forward_call(qkv, qkv, qkv, out, lse, heads, head_dim ** -0.5)]
     calls += pa.backward_calls(out, qkv, qkv, qkv, lse, lse, out, out, out, heads, head_dim ** -0.5)
-    return [(f"pixel_attention.{call.kind}", f"head_dim={head_dim}", pa._KERNELS[call.kind], call.args, call.flags,
-             pa.gpu_configs(call.kind, head_dim, call.element_size, call.flags["PRECISION"])) for call in calls]
+    return [(f"pixel_attention.{call.kind}", f"head_dim={head_dim}", call.kernel, call.args, call.flags,
+             call.candidates()) for call in calls]
 
 
 def omni_launches(dtype, dims=128, samples=256, groups=16):
     """omni_contrastive_loss's kernels (one launch configuration each: candidates (0, 0, warps,
     stages), no tiles to choose)."""
-    import math
-
     import torch
 
-    from pcd_kernels.triton import omni_contrastive as oc
+    from pcd_kernels.backends.triton import omni_contrastive as oc
+    from pcd_kernels.backends.triton._common import logit_scale
 
     packed = torch.empty(8, dims, samples, dtype=dtype)
     per_sample = torch.empty(8, samples)
     blocks = dict(SAMPLES_BLOCK=oc.samples_block(samples))
-    scales = (dims, samples, groups, 1.0 / (0.07 * math.log(2.0)))
+    scales = (dims, samples, groups, logit_scale(0.07))
     options = oc._launch_options()
     config = [(0, 0, options["num_warps"], options["num_stages"])]
     return [(f"omni_contrastive.{fn.__name__.strip('_')}", f"dims={dims}", fn, args, constexprs, config)
@@ -132,7 +128,7 @@ def launches(dtype_name: str):
 
 def compile_candidate(fn, args, constexprs, candidate, arch, cubin_path=None, sass=True):
     """compile_launch for one (BLOCK_M, BLOCK_N, warps, stages) candidate; (0, 0, ...) has no tiles."""
-    from pcd_kernels.triton._aot import compile_launch
+    from pcd_kernels.backends.triton._aot import compile_launch
 
     bm, bn, warps, stages = candidate
     tiles = {"BLOCK_M": bm, "BLOCK_N": bn} if bm else {}

@@ -4,7 +4,7 @@ Kernel level: q, k, v are (B, C, H, W) maps as a 1x1-conv projection produces th
 the eager softmax attention (``pcd_kernels.reference.naive_pixel_attention``, which builds the
 (H*W x H*W) matrix), ``torch.compile`` of it, and ``F.scaled_dot_product_attention`` pinned to each of its backends,
 called with the reshapes, permutes and copies a user has to write around it
-(``pcd_kernels.reference.sdpa_pixel_attention``), plus SDPA-flash on inputs already in its
+(``pcd_kernels/backends/torch/pixel_attention.py``), plus SDPA-flash on inputs already in its
 (B, heads, H*W, d) layout, copied outside the timing: the kernel alone.
 
 Module level: ``MHSA2d`` (fused 1x1-conv QKV, attention, 1x1-conv projection, residual) with
@@ -29,7 +29,9 @@ import torch
 import common
 from common import Unavailable, cuda_extension_reason
 from pcd_kernels import MHSA2d, pixel_attention
-from pcd_kernels.reference import attention_heads, naive_pixel_attention, sdpa_pixel_attention
+from pcd_kernels._conventions import attention_heads
+from pcd_kernels.backends.torch.pixel_attention import attention as sdpa_pixel_attention
+from pcd_kernels.reference import naive_pixel_attention
 
 OP = "pixel_attention"
 TENSOR_CORES = True

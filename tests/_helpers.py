@@ -48,9 +48,9 @@ def backend_cases(with_cuda=True):
 
 def cuda_extension_missing():
     """Why backend='cuda' cannot run here (extension not built), or None."""
-    from pcd_kernels import _cuda
+    from pcd_kernels.backends.cuda import _extension
 
-    return None if _cuda.is_built() else f"pcd_kernels._C not built: {_cuda.unavailable_reason()}"
+    return None if _extension.is_built() else f"pcd_kernels._C not built: {_extension.unavailable_reason()}"
 
 
 def assert_close(name, ours, plain, reference, dtype, scale=0.0):

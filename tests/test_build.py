@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _helpers import CUDA
-from pcd_kernels import _cuda
+from pcd_kernels.backends.cuda import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,8 +29,8 @@ def test_import_does_not_import_triton_or_the_extension():
 def test_missing_extension_is_explained():
     code = ("import sys; sys.modules['pcd_kernels._C'] = None\n"
             "import torch, pcd_kernels\n"
-            "from pcd_kernels import _cuda\n"
-            "print(_cuda.is_built()); print(_cuda.unavailable_reason())\n"
+            "from pcd_kernels.backends.cuda import _extension\n"
+            "print(_extension.is_built()); print(_extension.unavailable_reason())\n"
             "try:\n"
             "    pcd_kernels.pixel_contrastive_loss(torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2), backend='cuda')\n"
             "except RuntimeError as e:\n"
@@ -49,8 +49,8 @@ nvcc_present = shutil.which("nvcc") is not None or Path("/usr/local/cuda/bin/nvc
 @pytest.mark.skipif(not nvcc_present or os.environ.get("PCD_KERNELS_NO_CUDA") == "1",
                     reason="no nvcc here (or PCD_KERNELS_NO_CUDA=1): the pure-Python install is expected")
 def test_extension_was_built_with_nvcc():
-    assert _cuda.is_built(), _cuda.unavailable_reason()
-    ext = _cuda.extension()
+    assert _extension.is_built(), _extension.unavailable_reason()
+    ext = _extension.extension()
     assert ext.cuda_runtime_version() >= 12000
     archs = os.environ.get("PCD_KERNELS_CUDA_ARCHS", "80;90a").replace(";", ",")
     assert ext.cuda_architectures == archs
@@ -70,12 +70,12 @@ def _cuobjdump():
     return next((str(c) for c in candidates if c.is_file()), None)
 
 
-@pytest.mark.skipif(not _cuda.is_built(), reason="extension not built (no nvcc, or PCD_KERNELS_NO_CUDA=1)")
+@pytest.mark.skipif(not _extension.is_built(), reason="extension not built (no nvcc, or PCD_KERNELS_NO_CUDA=1)")
 def test_extension_kernels_use_tensor_cores_on_every_architecture():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump: install the test extra (nvidia-cuda-cuobjdump) or the CUDA toolkit's")
-    library = _cuda.extension().__file__
+    library = _extension.extension().__file__
     # (cuobjdump runs nvdisasm, which the wheels put beside it)
     env = {**os.environ, "PATH": f"{Path(tool).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     sass = subprocess.run([tool, "--dump-sass", library], capture_output=True, text=True, timeout=300, env=env)
@@ -113,15 +113,15 @@ def test_cuda_backend_on_cpu_tensors_says_why():
             call()
 
 
-@pytest.mark.skipif(not _cuda.is_built(), reason="extension not built")
+@pytest.mark.skipif(not _extension.is_built(), reason="extension not built")
 def test_probe_runs_on_the_gpu_or_says_why():
     if CUDA:
-        assert _cuda.probe() == 42
+        assert _extension.probe() == 42
     else:
         with pytest.raises(RuntimeError, match="no CUDA device"):
-            _cuda.probe()
+            _extension.probe()
         with pytest.raises(RuntimeError, match="cudaGetDeviceCount failed"):
-            _cuda.extension().device_count()
+            _extension.extension().device_count()
 
 
 def test_setup_without_cuda_says_so():

@@ -9,6 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from _helpers import CUDA, INTERPRETER
+from pcd_kernels.backends.torch import _common as torch_common
+from pcd_kernels.backends.torch import pixel_contrastive as torch_backend
 from pcd_kernels import reference
 from pcd_kernels.reference import naive_pixel_contrastive_loss
 
@@ -38,11 +40,11 @@ def _inputs(negatives):
 
 @pytest.mark.parametrize("negatives", ["batch", "none"])
 def test_torch_backend_never_allocates_anchors_by_keys(monkeypatch, negatives):
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 4096)
     args, anchors_by_keys = _inputs(negatives)
     with LargestAllocation() as mode:
-        loss, lse = reference.pixel_contrastive_forward_chunked(*args)
-        reference.pixel_contrastive_backward_chunked(torch.ones_like(loss), *args[:6], loss, lse, *args[6:],
+        loss, lse = torch_backend.forward(*args)
+        torch_backend.backward(torch.ones_like(loss), *args[:6], loss, lse, *args[6:],
                                                      True, True, True)
     assert mode.largest <= anchors_by_keys // 8, (mode.largest, anchors_by_keys)
     # The same probe catches the naive formula materialising the logit matrix.
@@ -55,7 +57,7 @@ def test_torch_backend_never_allocates_anchors_by_keys(monkeypatch, negatives):
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
 @pytest.mark.parametrize("negatives", ["batch", "none"])
 def test_triton_host_code_never_allocates_anchors_by_keys(negatives):
-    from pcd_kernels.triton import pixel_contrastive as kernels
+    from pcd_kernels.backends.triton import pixel_contrastive as kernels
 
     args, anchors_by_keys = _inputs(negatives)
     if CUDA:

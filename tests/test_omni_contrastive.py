@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from _helpers import CUDA, assert_close, backend_cases
-from pcd_kernels import omni_contrastive_loss, reference
+from pcd_kernels import omni_contrastive_loss
+from pcd_kernels._conventions import omni_pack
+from pcd_kernels.backends.torch import _common as torch_common
+from pcd_kernels.backends.torch import omni_contrastive as torch_backend
 from pcd_kernels.reference import official_omni_contrastive_loss
 
 TEMPERATURE = 0.07
@@ -72,7 +75,7 @@ TRITON_FP32 = [c for c in backend_cases(with_cuda=False) if c.values[0] == "trit
 def test_triton_tile_sizes(backend, device, dtype, block_elements, monkeypatch):
     """The tests otherwise run the interpreter's tile size; the GPU's differs (and a 1-row tile is
     what very large patches get)."""
-    from pcd_kernels.triton import omni_contrastive as kernels
+    from pcd_kernels.backends.triton import omni_contrastive as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", block_elements)
@@ -130,14 +133,14 @@ def test_nan_in_nan_out(backend, device, dtype):
 def test_torch_backend_never_allocates_pairs_by_dims(monkeypatch, sign_pass):
     from test_memory import LargestAllocation
 
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1 << 17)
-    monkeypatch.setattr(reference, "OMNI_SIGN_ELEMENTS", 1 << 17)
-    s = reference.omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))  # 16 patches, 4 dims, 256 samples
-    t = reference.omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 1 << 17)
+    monkeypatch.setattr(torch_backend, "OMNI_SIGN_ELEMENTS", 1 << 17)
+    s = omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))  # 16 patches, 4 dims, 256 samples
+    t = omni_pack(torch.randn(4, 64, 8, 8), 16, (4, 4))
     pairs_by_dims = s.shape[0] * s.shape[2] ** 2 * s.shape[1]
     with LargestAllocation() as mode:
-        loss, lse = reference.omni_contrastive_forward_chunked(s, t, 16, TEMPERATURE)
-        reference.omni_contrastive_backward_chunked(torch.ones_like(loss), s, t, lse, 16, TEMPERATURE, True, True,
+        loss, lse = torch_backend.forward(s, t, 16, TEMPERATURE)
+        torch_backend.backward(torch.ones_like(loss), s, t, lse, 16, TEMPERATURE, True, True,
                                                     sign_pass=sign_pass)
     assert mode.largest <= pairs_by_dims // 8, (mode.largest, pairs_by_dims)
     # The probe does see a (pairs x dims) tensor: here the L1 distances by broadcasting (what
@@ -149,12 +152,12 @@ def test_torch_backend_never_allocates_pairs_by_dims(monkeypatch, sign_pass):
 
 def test_both_torch_backward_paths_agree():
     """The explicit sign pass (used off CPU) and cdist's CPU backward give the same gradients."""
-    s = reference.omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
-    t = reference.omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
-    loss, lse = reference.omni_contrastive_forward_chunked(s, t, 8, TEMPERATURE)
+    s = omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
+    t = omni_pack(torch.randn(2, 48, 8, 8, dtype=torch.float64), 8, (2, 4))
+    loss, lse = torch_backend.forward(s, t, 8, TEMPERATURE)
     g = torch.rand_like(loss)
-    by_sign = reference.omni_contrastive_backward_chunked(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=True)
-    by_cdist = reference.omni_contrastive_backward_chunked(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=False)
+    by_sign = torch_backend.backward(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=True)
+    by_cdist = torch_backend.backward(g, s, t, lse, 8, TEMPERATURE, True, True, sign_pass=False)
     for a, b in zip(by_sign, by_cdist):
         torch.testing.assert_close(a, b)
 

@@ -158,7 +158,7 @@ def test_one_sided_gradients(backend, device, dtype, wanted):
 
 _NEW_TF32_API = r"""
 import torch
-from pcd_kernels.triton.pixel_contrastive import matmul_precision
+from pcd_kernels.backends.triton._common import matmul_precision
 assert matmul_precision(torch.float32) == "ieee"
 torch.backends.cuda.matmul.fp32_precision = "tf32"   # torch >= 2.9; the legacy flag then raises
 assert matmul_precision(torch.float32) == "tf32", matmul_precision(torch.float32)
@@ -280,7 +280,7 @@ def test_gpu_kernels_over_several_tiles(backend, device, dtype, head_dim):
 
 @CUDA_KERNELS
 def test_cuda_refuses_what_it_cannot_take():
-    from pcd_kernels.cuda import pixel_attention as kernels
+    from pcd_kernels.backends.cuda import pixel_attention as kernels
 
     x = torch.randn(1, 2 * kernels.MAX_HEAD_DIM, 2, 2, device="cuda")
     with pytest.raises(ValueError, match="backend='cuda' takes head dims up to"):
@@ -316,7 +316,7 @@ def test_cuda_is_deterministic():
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
 def test_triton_refuses_sizes_beyond_its_limits():
-    from pcd_kernels.triton import pixel_attention as kernels
+    from pcd_kernels.backends.triton import pixel_attention as kernels
 
     x = torch.randn(1, 2 * kernels.MAX_HEAD_DIM, 2, 2, device="cuda" if CUDA else "cpu")
     with pytest.raises(ValueError, match="head dims up to"):
@@ -344,9 +344,9 @@ def test_triton_is_deterministic():
 @pytest.mark.parametrize("blocks", [(32, 64), (64, 16)], ids=["wide-key-tiles", "tall-query-tiles"])
 def test_triton_tile_sizes(blocks, monkeypatch):
     """The suite otherwise runs 16 x 16 tiles; the GPU's are larger and not square."""
-    from pcd_kernels.triton import pixel_attention as kernels
+    from pcd_kernels.backends.triton import pixel_attention as kernels
 
-    monkeypatch.setattr(kernels, "INTERPRETER_BLOCKS", {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
+    monkeypatch.setattr(kernels.LAUNCHERS, "interpreter_blocks", {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
     shape = (1, 32, 2, (5, 9), (7, 11), None)
     inputs = make(shape)
     grad_out = torch.randn_like(inputs[0])
@@ -363,7 +363,7 @@ def test_triton_tile_sizes(blocks, monkeypatch):
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_every_autotune_candidate_on_gpu(head_dim, dtype, monkeypatch):
     """The suite runs each kernel's first configuration; the benchmark's autotuner may pick any."""
-    from pcd_kernels.triton import pixel_attention as kernels
+    from pcd_kernels.backends.triton import pixel_attention as kernels
 
     shape = (2, 2 * head_dim, 2, (37, 41), (29, 33), None)
     inputs = make(shape)
@@ -376,9 +376,7 @@ def test_every_autotune_candidate_on_gpu(head_dim, dtype, monkeypatch):
     for i in range(max(len(c) for c in candidates.values())):
         monkeypatch.setattr(kernels, "gpu_configs",
                             lambda kind, *sizes, i=i: [candidates[kind][min(i, len(candidates[kind]) - 1)]])
-        kernels._LAUNCHERS.clear()
         ours, grads = run(pixel_attention, cast, grad_out.cuda(), num_heads=2, backend="triton")
         assert_close(f"output, candidate {i}", ours.cpu(), plain.cpu(), ref, dtype)
         for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
             assert_close(f"d{name}, candidate {i}", g.cpu(), g_plain.cpu(), g_ref, dtype)
-    kernels._LAUNCHERS.clear()

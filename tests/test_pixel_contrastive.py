@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, cuda_extension_missing
 from pcd_kernels import pixel_contrastive_loss
-from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss, pixel_rows
+from pcd_kernels._conventions import pixel_rows
+from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
 # C not a power of two (and wider than the interpreter's 32-channel tile: two C chunks), H*W = 35
 # not a multiple of any block, a queue of 37 rows.
@@ -186,15 +187,16 @@ def test_transposed_queue_beyond_32_bit_tile_offsets(copied, monkeypatch):
     """The kernels address a tile's rows with 32-bit offsets: a transposed queue whose in-tile
     span would pass 2**31 (more than 2**31 / C rows) is read from a contiguous copy. The limit is
     lowered here to this queue's span, so both paths run and agree with the float64 formula."""
-    from pcd_kernels.triton import pixel_contrastive as kernels
+    from pcd_kernels.backends.triton import _common
+    from pcd_kernels.backends.triton import pixel_contrastive as kernels
 
     device = "cuda" if CUDA else "cpu"
     student, teacher, queue, mask = make_inputs(k=300, masked=True)
     buffer = queue.t().contiguous()  # (C, K), passed transposed
     transposed = buffer.to(device, torch.float32).t()
     if copied:
-        monkeypatch.setattr(kernels, "INT32_OFFSETS", buffer.shape[1] * (C - 1))
-    prepared = kernels.int32_tile_offsets(transposed)
+        monkeypatch.setattr(_common, "INT32_OFFSETS", buffer.shape[1] * (C - 1))
+    prepared = _common.int32_tile_offsets(transposed, kernels.TILE_ROWS)
     assert (prepared.data_ptr() != transposed.data_ptr()) == copied
     assert prepared.is_contiguous() == copied
     check_op("triton", device, torch.float32, (student, teacher, buffer.t(), mask), negatives="none")
@@ -387,20 +389,19 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
         device = "cuda" if CUDA else "cpu"
         with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
             pixel_contrastive_loss(s.to(device), t.to(device), q.to(device), backend="triton")
-    from pcd_kernels.triton import pixel_contrastive as kernels
+    from pcd_kernels.backends.triton import _common
 
-    monkeypatch.setattr(kernels, "is_interpreter", lambda: False)
+    monkeypatch.setattr(_common, "is_interpreter", lambda: False)
     with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu tensors"):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="triton")
 
 
 def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):
-    from pcd_kernels import reference
+    from pcd_kernels.backends.torch import pixel_contrastive as torch_backend
 
     calls = []
-    real = reference.pixel_contrastive_forward_chunked
-    monkeypatch.setattr(reference, "pixel_contrastive_forward_chunked",
-                        lambda *a: calls.append(1) or real(*a))
+    real = torch_backend.forward
+    monkeypatch.setattr(torch_backend, "forward", lambda *a: calls.append(1) or real(*a))
     s, t, q, _ = make_inputs()
     pixel_contrastive_loss(s.float(), t.float(), q.float())
     assert calls == [1]
@@ -408,8 +409,8 @@ def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
 def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypatch):
-    from pcd_kernels.ops import pixel_contrastive as ops
-    from pcd_kernels.ops.pixel_contrastive import MAX_GRID_IMAGES
+    from pcd_kernels.backends.triton import pixel_contrastive as kernels
+    from pcd_kernels.backends.triton.pixel_contrastive import MAX_GRID_IMAGES
 
     device = "cuda" if CUDA else "cpu"
     student = torch.randn(MAX_GRID_IMAGES + 1, 2, 1, 1, device=device)
@@ -419,7 +420,7 @@ def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypa
 
     # "auto" uses the torch backend instead (shown at a small limit: the torch backend is slow on
     # 65,536 one-pixel images).
-    monkeypatch.setattr(ops, "MAX_GRID_IMAGES", 2)
+    monkeypatch.setattr(kernels, "MAX_GRID_IMAGES", 2)
     student, teacher, _, _ = make_inputs(b=3)
     student, teacher = student.float().to(device), teacher.float().to(device)
     with pytest.raises(ValueError, match="takes up to 2 images per call, got 3"):
@@ -438,13 +439,11 @@ def test_every_autotune_candidate_on_gpu(dtype, negatives, monkeypatch):
     span several tiles of every candidate, with tails (float32 here is IEEE, float16 normalises
     tiles in registers: each has its own candidates; float16's differ in the backward kernels,
     which negatives="batch" runs all of: anchor, queue keys, pixel keys)."""
-    from pcd_kernels.triton import pixel_contrastive as kernels
+    from pcd_kernels.backends.triton import pixel_contrastive as kernels
 
     inputs = make_inputs(b=3, c=72, h=11, w=13, k=300 if negatives == "none" else 45, masked=True)
     lists = kernels.config_lists("ieee" if dtype == torch.float32 else "tf32", dtype != torch.float16)
     for i in range(max(len(c) for c in lists.values())):
         monkeypatch.setattr(kernels, "gpu_configs", lambda kind, precision, scale_weights=True, i=i:
                             [lists[kind][min(i, len(lists[kind]) - 1)]])
-        kernels._LAUNCHERS.clear()
         check_op("triton", "cuda", dtype, inputs, negatives=negatives)
-    kernels._LAUNCHERS.clear()

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
-from pcd_kernels import pixel_relation_loss, reference
+from pcd_kernels import pixel_relation_loss
+from pcd_kernels.backends.torch import _common as torch_common
+from pcd_kernels import reference
 from pcd_kernels.reference import naive_pixel_relation_loss
 
 B, C, H, W, K = 3, 20, 5, 7, 50  # C not a power of two, H*W = 35 odd
@@ -74,7 +76,7 @@ def test_backends_on_wider_channels_and_tails(backend, device, dtype, mode, norm
 @pytest.mark.parametrize("mode", ["cross_image", "keys"])
 def test_unnormalised_and_odd_shapes(mode, normalize, monkeypatch):
     """Chunks smaller than a row of keys, a single image, one-pixel maps, C = 1."""
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 64)
     for b, c, h, w in ((1, 3, 4, 9), (4, 1, 1, 1), (2, 33, 3, 3)):
         student, teacher, keys, mask = make_inputs(b, c, h, w, k=17 if mode == "keys" else 0, masked=True)
         mask[0, 0, 0] = True  # a random mask of 4 pixels may have none (test_no_valid_anchor_... covers that)
@@ -283,7 +285,7 @@ def test_bad_input_says_what_was_expected(call, error, words):
 def test_torch_backend_never_allocates_anchors_by_keys(mode, monkeypatch):
     from test_memory import LargestAllocation
 
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 256)
     b, c, h, w, k = 2, 8, 8, 8, 300
     student, teacher, keys, _ = make_inputs(b, c, h, w, k=k if mode == "keys" else 0)
     anchors_by_keys = b * h * w * (k if mode == "keys" else h * w)

@@ -126,7 +126,7 @@ def test_attention_kernels_compile_for_gpu(case):
 def test_instruction_counts_find_the_main_loop_and_the_exps_under_mma():
     """count_instructions on a hand-written listing: the loop is the backward branch's body; exps
     between an HGMMA and the WARPGROUP.DEPBAR that waits for it count as overlapped."""
-    from pcd_kernels.triton._aot import count_instructions
+    from pcd_kernels.backends.triton._aot import count_instructions
 
     body = ["LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]", "MUFU.EX2 R3, R3", "WARPGROUP.ARRIVE",
             "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], RZ", "MUFU.EX2 R4, R4", "@P0 MUFU.EX2 R5, R5",

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from pcd_kernels.ops._checks import check_choice, check_float, check_positive_finite, check_tensor
-from pcd_kernels.ops._dispatch import BACKENDS
+from pcd_kernels.backends import BACKENDS
 from pcd_kernels.ops.omni_contrastive import _check_int, _check_patch_size, omni_contrastive_loss
 
 CAMVID_CROP = 44  # the official code's CamVid branch crops both maps to 44 x 44 and does not pool

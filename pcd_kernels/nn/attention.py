@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcd_kernels.ops._checks import check_bool, check_choice, check_float, check_tensor
-from pcd_kernels.ops._dispatch import BACKENDS
+from pcd_kernels.backends import BACKENDS
 from pcd_kernels.ops.pixel_attention import pixel_attention
 
 POS_EMBEDS = ("sinusoidal", "learned", None)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_positive_finite,
                                      check_process_group, check_same_on_every_rank, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS
+from pcd_kernels.backends import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES, REDUCTIONS, pixel_contrastive_loss
 
 

@@ -2,9 +2,9 @@
 
 The public function checks arguments, max-pools, packs both maps into (patches, dims, samples)
 with differentiable torch ops (so autograd carries the gradients back through the packing and the
-pooling) and calls the ``torch.library`` custom ops, which run the Triton kernels
-(``pcd_kernels/triton/omni_contrastive.py``) or the chunked torch backend
-(``pcd_kernels/reference.py``). Math: DESIGN.md section 3.2.
+pooling) and calls the ``torch.library`` custom ops, which call the chosen backend's
+``pcd_kernels/backends/<backend>/omni_contrastive.py`` (Triton kernels or chunked torch).
+Math: DESIGN.md section 3.2.
 """
 import numbers
 from typing import Sequence, Tuple
@@ -13,42 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pcd_kernels import reference
+from pcd_kernels._conventions import compute_dtype, omni_pack
 from pcd_kernels.ops._checks import check_choice, check_maps, check_positive_finite
-from pcd_kernels.ops._dispatch import BACKENDS, resolve_backend, run_without_autocast
+from pcd_kernels.ops._dispatch import BACKENDS, resolve, run_backend
 
 _OP = "omni_contrastive_loss"
-# A Triton program holds a (tile x samples) block of distances in registers: past this many
-# samples per patch the tile would be a single row and spill.
-MAX_TRITON_SAMPLES = 4096
-
-
-def _implementation(backend, direction):
-    if backend == "triton":
-        from pcd_kernels.triton import omni_contrastive as kernels
-
-        return kernels.forward if direction == "forward" else kernels.backward
-    if direction == "forward":
-        return reference.omni_contrastive_forward_chunked
-    return reference.omni_contrastive_backward_chunked
-
-
-def _run(backend, direction, device, *args):
-    return run_without_autocast(device, _implementation(backend, direction), *args)
 
 
 @torch.library.custom_op("pcd_kernels::omni_contrastive_forward", mutates_args=())
 def _forward_op(student: Tensor, teacher: Tensor, groups: int, temperature: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
     """Per-sample (loss, saved_lse), each (patches, samples), of packed (patches, dims, samples)
-    maps; saved_lse is natural-log for the torch backend, base 2 for the Triton kernels."""
-    return _run(backend, "forward", student.device, student, teacher, groups, temperature)
+    maps; saved_lse is each sample's base-2 logsumexp."""
+    return run_backend(_OP, backend, "forward", student.device, student, teacher, groups, temperature)
 
 
 @_forward_op.register_fake
 def _forward_fake(student, teacher, groups, temperature, backend):
     P, _, K = student.shape
-    loss = student.new_empty((P, K), dtype=reference.compute_dtype(student.dtype))
+    loss = student.new_empty((P, K), dtype=compute_dtype(student.dtype))
     return loss, torch.empty_like(loss)
 
 
@@ -57,8 +40,8 @@ def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, lse: Tenso
                  temperature: float, backend: str, needs_student: bool,
                  needs_teacher: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for the packed (student, teacher); an empty tensor stands for one not asked for."""
-    grads = _run(backend, "backward", student.device, grad_loss, student, teacher, lse, groups,
-                 temperature, needs_student, needs_teacher)
+    grads = run_backend(_OP, backend, "backward", student.device, grad_loss, student, teacher, lse, groups,
+                        temperature, needs_student, needs_teacher)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
@@ -159,16 +142,9 @@ def omni_contrastive_loss(student: Tensor, teacher: Tensor, *, groups: int = 16,
 
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     student, teacher = student.to(dtype), teacher.to(dtype)
-    requested = backend
-    backend = resolve_backend(_OP, backend, student.device, dtype)
-    samples = patch_size[0] * patch_size[1] * groups
-    if backend == "triton" and samples > MAX_TRITON_SAMPLES:
-        if requested != "auto":
-            raise ValueError(f"backend='triton' takes up to {MAX_TRITON_SAMPLES} samples per patch "
-                             f"(patch positions x groups), got {patch_size[0]}x{patch_size[1]} x {groups} "
-                             f"= {samples}; use backend='torch'")
-        backend = "torch"
-    packed_s = reference.omni_pack(student, groups, patch_size)
-    packed_t = reference.omni_pack(teacher, groups, patch_size)
+    backend = resolve(_OP, backend, student.device, dtype, samples=patch_size[0] * patch_size[1] * groups,
+                      patch_size=patch_size, groups=groups)
+    packed_s = omni_pack(student, groups, patch_size)
+    packed_t = omni_pack(teacher, groups, patch_size)
     loss, _ = torch.ops.pcd_kernels.omni_contrastive_forward(packed_s, packed_t, groups, temperature, backend)
     return loss.sum() / (H * W) / max(B, 1)

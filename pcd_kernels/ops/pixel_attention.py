@@ -1,10 +1,11 @@
 """``pixel_attention``: multi-head softmax attention over the pixels of channel-major maps.
 
 The public function checks arguments and dispatches: the Triton kernels
-(``pcd_kernels/triton/pixel_attention.py``) or the CUDA extension's
-(``pcd_kernels/cuda/pixel_attention.py``, ``csrc/pixel_attention.cu``) through ``torch.library``
-custom ops that read the (B, heads*d, H, W) layout in place, or ``F.scaled_dot_product_attention``
-on reshaped views (the torch backend, ``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
+(``pcd_kernels/backends/triton/pixel_attention.py``) or the CUDA extension's
+(``pcd_kernels/backends/cuda/pixel_attention.py``, ``csrc/pixel_attention.cu``) through
+``torch.library`` custom ops that read the (B, heads*d, H, W) layout in place, or
+``F.scaled_dot_product_attention`` on reshaped views (the torch backend,
+``pcd_kernels/backends/torch/pixel_attention.py``). Math: DESIGN.md section 3.4.
 """
 import math
 import numbers
@@ -13,27 +14,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from pcd_kernels import reference
 from pcd_kernels.ops._checks import check_choice, check_float, check_same_device, check_tensor
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, implementation, resolve, run_backend
 
 _OP = "pixel_attention"
-
-
-def _kernels(backend: str):
-    """The kernels module of a GPU backend: the same forward/backward functions for both."""
-    if backend == "cuda":
-        from pcd_kernels.cuda import pixel_attention as kernels
-    else:
-        from pcd_kernels.triton import pixel_attention as kernels
-    return kernels
 
 
 @torch.library.custom_op("pcd_kernels::pixel_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
     """(output (B, C, Lq), base-2 lse (B * heads, Lq) float32) of (B, C, L) maps, any strides."""
-    return run_without_autocast(q.device, _kernels(backend).forward, q, k, v, num_heads, scale)
+    return run_backend(_OP, backend, "forward", q.device, q, k, v, num_heads, scale)
 
 
 @_forward_op.register_fake
@@ -48,8 +39,8 @@ def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                  needs_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for q, k, v; an empty tensor stands for one not asked for (the kernel that
     computes it does not run)."""
-    grads = run_without_autocast(q.device, _kernels(backend).backward, grad_out, q, k, v, out, lse, num_heads, scale,
-                                 needs_q, needs_kv)
+    grads = run_backend(_OP, backend, "backward", q.device, grad_out, q, k, v, out, lse, num_heads, scale, needs_q,
+                        needs_kv)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
@@ -161,36 +152,10 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
     if autocast is not None and dtype == torch.float32:
         dtype = autocast
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    requested = backend
-    backend = resolve_backend(_OP, backend, q.device, dtype, cuda_kernel=True)
-    if backend == "cuda":
-        # Only when asked for: "auto" keeps Triton on CUDA tensors, because the CUDA kernels have
-        # not been measured against it yet (bench/).
-        from pcd_kernels.cuda.pixel_attention import limit_reason
-
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got {dtype}; "
-                            f"use backend='torch' for {dtype}")
-        limit = limit_reason(B, num_heads, head_dim, H * W, k.shape[2] * k.shape[3])
-        if limit is not None:
-            raise ValueError(f"backend='cuda' takes {limit}; use backend='triton' or 'torch'")
-    if backend == "triton":
-        from pcd_kernels.triton.pixel_attention import MAX_BATCH_HEADS, MAX_HEAD_DIM, matmul_precision
-
-        if requested == "auto" and matmul_precision(dtype) == "ieee":
-            # float32 without TF32 multiplies on CUDA cores in the kernels: SDPA is faster there
-            return reference.sdpa_pixel_attention(q, k, v, num_heads, scale)
-        limit = None
-        if head_dim > MAX_HEAD_DIM:
-            limit = (f"head dims up to {MAX_HEAD_DIM}, got {C} channels / {num_heads} heads = {head_dim}")
-        elif B * num_heads > MAX_BATCH_HEADS:
-            limit = f"batch x heads up to {MAX_BATCH_HEADS}, got {B} x {num_heads}"
-        if limit is not None:
-            if requested != "auto":
-                raise ValueError(f"backend='triton' takes {limit}; use backend='torch'")
-            backend = "torch"
-    if backend == "torch":
-        return reference.sdpa_pixel_attention(q, k, v, num_heads, scale)
+    backend = resolve(_OP, backend, q.device, dtype, batch=B, num_heads=num_heads, head_dim=head_dim, lq=H * W,
+                      lk=k.shape[2] * k.shape[3])
+    if backend == "torch":  # SDPA, differentiable by itself: no custom op
+        return implementation(_OP, "torch").attention(q, k, v, num_heads, scale)
     # (B, C, H, W) -> (B, C, H*W): a view whenever the map's rows are evenly strided
     out, _ = torch.ops.pcd_kernels.pixel_attention_forward(q.flatten(2), k.flatten(2), v.flatten(2),
                                                            num_heads, scale, backend)

@@ -1,46 +1,25 @@
 """``pixel_contrastive_loss``: pixel-wise InfoNCE without an (anchors x keys) matrix.
 
 This module owns the op's public function (argument checks, dtype promotion, the process-group
-gather, backend dispatch, the reduction) and its two ``torch.library`` custom ops, forward and
-backward, which run the Triton kernels (``pcd_kernels/triton/pixel_contrastive.py``), the CUDA
-extension's kernels (``pcd_kernels/cuda/pixel_contrastive.py`` over ``csrc/pixel_contrastive.cu``) or
-the chunked torch backend (``pcd_kernels/reference.py``). Math: DESIGN.md section 3.1.
+gather, backend resolution, the reduction) and its two ``torch.library`` custom ops, forward and
+backward, which call the chosen backend's ``pcd_kernels/backends/<backend>/pixel_contrastive.py``
+(Triton kernels; the CUDA extension's over ``csrc/pixel_contrastive.cu``; chunked torch).
+Math: DESIGN.md section 3.1.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from pcd_kernels import reference
+from pcd_kernels._conventions import compute_dtype, pixel_rows
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
                                      check_positive_finite, check_process_group, check_same_device,
                                      check_same_on_every_rank, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve, run_backend
 
 NEGATIVES = ("batch", "image", "none")
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_contrastive_loss"
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The GPU kernels' grid has one row per image in negatives="image" mode; CUDA caps that axis.
-MAX_GRID_IMAGES = 65535
-
-
-def _implementation(backend, direction):
-    if backend == "triton":
-        from pcd_kernels.triton import pixel_contrastive as kernels
-
-        return kernels.forward if direction == "forward" else kernels.backward
-    if backend == "cuda":
-        from pcd_kernels.cuda import pixel_contrastive as cuda_kernels
-
-        return cuda_kernels.forward if direction == "forward" else cuda_kernels.backward
-    if direction == "forward":
-        return reference.pixel_contrastive_forward_chunked
-    return reference.pixel_contrastive_backward_chunked
-
-
-def _run(backend, direction, device, *args):
-    return run_without_autocast(device, _implementation(backend, direction), *args)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_contrastive_forward", mutates_args=())
@@ -49,18 +28,16 @@ def _forward_op(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra
                 temperature: float, normalize: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Per-anchor (loss, saved_lse), each (B, H, W), 0 at masked pixels.
 
-    ``saved_lse`` is the state the same backend's backward reads: each anchor's logsumexp, in
-    natural log for the torch backend and base 2 for the Triton and CUDA kernels (which work in
-    base 2)."""
-    return _run(backend, "forward", student.device, student, teacher, queue, extra_keys, mask,
-                extra_mask, negatives, temperature, normalize)
+    ``saved_lse`` is the state the same backend's backward reads: each anchor's base-2 logsumexp."""
+    return run_backend(_OP, backend, "forward", student.device, student, teacher, queue, extra_keys, mask,
+                       extra_mask, negatives, temperature, normalize)
 
 
 @_forward_op.register_fake
 def _forward_fake(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
                   normalize, backend):
     B, _, H, W = student.shape
-    loss = student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
+    loss = student.new_empty((B, H, W), dtype=compute_dtype(student.dtype))
     return loss, torch.empty_like(loss)
 
 
@@ -71,9 +48,9 @@ def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Opt
                  backend: str, needs_student: bool, needs_teacher: bool,
                  needs_queue: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for (student, teacher, queue); an empty tensor stands for one not asked for."""
-    grads = _run(backend, "backward", student.device, grad_loss, student, teacher, queue, extra_keys,
-                 mask, extra_mask, loss, lse, negatives, temperature, normalize, needs_student,
-                 needs_teacher, needs_queue)
+    grads = run_backend(_OP, backend, "backward", student.device, grad_loss, student, teacher, queue,
+                        extra_keys, mask, extra_mask, loss, lse, negatives, temperature, normalize,
+                        needs_student, needs_teacher, needs_queue)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
@@ -120,7 +97,7 @@ def _gather_pixel_keys(teacher: Tensor, mask: Optional[Tensor], group) -> Tuple[
     if world == 1:
         return None, None
     rank = dist.get_rank(group)
-    rows = reference.pixel_rows(teacher.detach()).contiguous()
+    rows = pixel_rows(teacher.detach()).contiguous()
     valid = (mask.reshape(-1) if mask is not None
              else torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)).to(torch.uint8)
     all_rows = [torch.empty_like(rows) for _ in range(world)]
@@ -224,19 +201,7 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
         if dtype is None:
             dtype = student.dtype if queue is None else torch.promote_types(student.dtype, queue.dtype)
             dtype = torch.promote_types(dtype, teacher.dtype)
-        # "auto" keeps choosing Triton on CUDA: the CUDA backend has not been measured against it yet.
-        requested = backend
-        backend = resolve_backend(_OP, backend, student.device, dtype, cuda_kernel=True)
-        if backend in ("triton", "cuda") and negatives == "image" and student.shape[0] > MAX_GRID_IMAGES:
-            # Both GPU backends give each image its own grid row (CUDA's y axis, 65,535 at most).
-            if requested != "auto":
-                raise ValueError(f"{_OP}: backend={backend!r} with negatives='image' takes up to "
-                                 f"{MAX_GRID_IMAGES} images per call, got {student.shape[0]}; split the batch or "
-                                 "use backend='torch'")
-            backend = "torch"
-        if backend == "cuda" and dtype not in _CUDA_DTYPES:
-            raise TypeError(f"{_OP}: backend='cuda' supports float16, bfloat16 and float32 inputs, got "
-                            f"{dtype}; use backend='torch' for {dtype}")
+        backend = resolve(_OP, backend, student.device, dtype, negatives=negatives, batch=student.shape[0])
     except Exception:
         if process_group is not None:  # the other ranks must not wait for this one's collectives
             check_same_on_every_rank(_OP, process_group, None)

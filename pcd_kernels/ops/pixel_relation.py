@@ -1,32 +1,22 @@
 """``pixel_relation_loss``: CIRKD's pixel-relation distillation without an (anchors x keys) matrix.
 
 This module owns the op's public function (argument checks, dtype promotion, backend dispatch, the
-reduction) and its two ``torch.library`` custom ops, forward and backward, which run the Triton
-kernels (``pcd_kernels/triton/pixel_relation.py``) or the chunked torch backend
-(``pcd_kernels/reference.py``). Math: DESIGN.md section 3.3.
+reduction) and its two ``torch.library`` custom ops, forward and backward, which call the chosen
+backend's ``pcd_kernels/backends/<backend>/pixel_relation.py`` (Triton kernels or chunked torch).
+Math: DESIGN.md section 3.3.
 """
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from pcd_kernels import reference
+from pcd_kernels._conventions import compute_dtype
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
                                      check_positive_finite, check_same_device, check_tensor)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve_backend, run_without_autocast
+from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, implementation, resolve, run_backend
 
 REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_relation_loss"
-
-
-def _implementation(backend, direction):
-    if backend == "triton":
-        from pcd_kernels.triton import pixel_relation as kernels
-
-        return kernels.forward if direction == "forward" else kernels.backward
-    if direction == "forward":
-        return lambda *args: (reference.pixel_relation_forward_chunked(*args), args[0].new_empty(0))
-    return lambda grad, s, t, k, m, saved, *rest: reference.pixel_relation_backward_chunked(grad, s, t, k, m, *rest)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_relation_forward", mutates_args=())
@@ -35,19 +25,16 @@ def _forward_op(student: Tensor, teacher: Tensor, keys: Optional[Tensor], mask: 
     """Per-anchor KL(P_t || P_s), (B, H, W), 0 at masked pixels, and the state the same backend's
     backward reads: nothing for the torch backend (it recomputes), both distributions' base-2
     lse per anchor and key segment for the Triton kernels."""
-    return run_without_autocast(student.device, _implementation(backend, "forward"), student, teacher, keys, mask,
-                                temperature, normalize)
+    return run_backend(_OP, backend, "forward", student.device, student, teacher, keys, mask, temperature,
+                       normalize)
 
 
 @_forward_op.register_fake
 def _forward_fake(student, teacher, keys, mask, temperature, normalize, backend):
     B, _, H, W = student.shape
-    values = student.new_empty((B, H, W), dtype=reference.compute_dtype(student.dtype))
-    if backend == "triton":
-        from pcd_kernels.triton.pixel_relation import saved_shape
-
-        return values, student.new_empty(saved_shape(student, keys), dtype=torch.float32)
-    return values, student.new_empty(0)
+    values = student.new_empty((B, H, W), dtype=compute_dtype(student.dtype))
+    saved_shape = implementation(_OP, backend).saved_shape(student, keys)
+    return values, student.new_empty(saved_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("pcd_kernels::pixel_relation_backward", mutates_args=())
@@ -55,8 +42,8 @@ def _backward_op(grad_values: Tensor, student: Tensor, teacher: Tensor, keys: Op
                  mask: Optional[Tensor], saved: Tensor, temperature: float, normalize: bool, backend: str,
                  needs_student: bool, needs_keys: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for (student, keys); an empty tensor stands for one not asked for."""
-    grads = run_without_autocast(student.device, _implementation(backend, "backward"), grad_values, student,
-                                 teacher, keys, mask, saved, temperature, normalize, needs_student, needs_keys)
+    grads = run_backend(_OP, backend, "backward", student.device, grad_values, student, teacher, keys, mask,
+                        saved, temperature, normalize, needs_student, needs_keys)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
@@ -166,7 +153,7 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
     if dtype is None:
         dtype = torch.promote_types(student.dtype, teacher.dtype)
         dtype = dtype if keys is None else torch.promote_types(dtype, keys.dtype)
-    backend = resolve_backend(_OP, backend, student.device, dtype)  # "cuda" raises: no CUDA kernels
+    backend = resolve(_OP, backend, student.device, dtype)  # "cuda" raises: no CUDA kernels
     student, teacher = student.to(dtype), teacher.to(dtype)
     keys = keys.to(dtype) if keys is not None else None
     values, _ = torch.ops.pcd_kernels.pixel_relation_forward(student, teacher, keys, mask, temperature, normalize,

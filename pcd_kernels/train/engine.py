@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pcd_kernels.nn.pixel_contrastive import PixelContrastiveLoss
-from pcd_kernels.ops._dispatch import BACKENDS
+from pcd_kernels.backends import BACKENDS
 from pcd_kernels.ops.pixel_contrastive import NEGATIVES
 from pcd_kernels.train.data import Augmentation, StepBatches, ViewPairs, steps_per_epoch
 from pcd_kernels.train.errors import TrainError

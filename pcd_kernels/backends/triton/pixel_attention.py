@@ -21,16 +21,12 @@ in the forward; with head dim 32 an H200's exps (16 per clock per SM) take as lo
 MMAs, so the forward + backward is bound at about 49 % of the bf16 peak (MHSA2d's default at
 C = 256 is 8 heads of 32); head dim 64 raises the bound to 65 %.
 """
-import contextlib
-import zlib
-
 import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.triton.pixel_contrastive import autotune_enabled, matmul_precision
-
-LOG2E = 1.4426950408889634
+from pcd_kernels._conventions import LOG2E
+from pcd_kernels.backends.triton._common import KernelCall, Launchers, device_guard, matmul_precision, tune_key
 
 
 @triton.jit
@@ -208,14 +204,19 @@ DELTA_BLOCK_M = 64
 MAX_HEAD_DIM = 256
 # (batch x heads) is the grid's second axis, which CUDA caps at 65,535 programs.
 MAX_BATCH_HEADS = 65535
+
+
+def limits(*, dtype, auto, batch, num_heads, head_dim, lq, lk):
+    if auto and matmul_precision(dtype) == "ieee":
+        # float32 without TF32 multiplies on CUDA cores in the kernels: SDPA is faster there
+        return "multiplies float32 on CUDA cores when TF32 is not allowed; SDPA is faster"
+    if head_dim > MAX_HEAD_DIM:
+        return f"takes head dims up to {MAX_HEAD_DIM}, got {head_dim}; use backend='torch'"
+    if batch * num_heads > MAX_BATCH_HEADS:
+        return f"takes batch x heads up to {MAX_BATCH_HEADS}, got {batch} x {num_heads}; use backend='torch'"
+    return None
 _KERNELS = {"forward": _forward_kernel, "key_value": _key_value_backward_kernel,
             "query": _query_backward_kernel}
-
-
-def is_interpreter() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_forward_kernel, InterpretedFunction)
 
 
 def block_d(head_dim: int) -> int:
@@ -232,51 +233,17 @@ def _config_class(head_dim: int, element_size: int, precision: str):
 
 
 def gpu_configs(kind: str, head_dim: int, element_size: int, precision: str):
-    """The autotuning candidates for a kernel (just the first with PCD_KERNELS_AUTOTUNE=0)."""
+    """The autotuning candidates of a kernel."""
     width = _config_class(head_dim, element_size, precision)
-    configs = _IEEE_CONFIGS[kind] if width == "ieee" else _GPU_CONFIGS[width][kind]
-    return configs if autotune_enabled() else configs[:1]
+    return _IEEE_CONFIGS[kind] if width == "ieee" else _GPU_CONFIGS[width][kind]
 
 
-_LAUNCHERS = {}
+LAUNCHERS = Launchers(_KERNELS, lambda kind, flags, tiles: gpu_configs(kind, *tiles, flags["PRECISION"]),
+                      tune_on=("TUNE_KEY", "BLOCK_D"), interpreter_blocks=INTERPRETER_BLOCKS)
 
 
-def _launcher(kind: str, head_dim: int, element_size: int, precision: str):
-    if is_interpreter():
-        return _KERNELS[kind], dict(INTERPRETER_BLOCKS)
-    key = (kind, _config_class(head_dim, element_size, precision))
-    if key not in _LAUNCHERS:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in gpu_configs(kind, head_dim, element_size, precision)]
-        _LAUNCHERS[key] = triton.autotune(configs=configs, key=["TUNE_KEY", "BLOCK_D"])(_KERNELS[kind])
-    return _LAUNCHERS[key], {}
-
-
-def _tune_key(lq: int, lk: int, dtype: torch.dtype, precision: str) -> int:
-    """One autotuning bucket per power-of-two range of query and key counts and per dtype."""
-    return zlib.crc32(repr((lq.bit_length(), lk.bit_length(), str(dtype), precision)).encode()) & 0x7FFFFFFF
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-class Call:
-    """A kernel launch: its kind, positional arguments and constexpr flags, and the sizes its
-    tiles are chosen by (the AOT compile test builds these without launching)."""
-
-    def __init__(self, kind, grid_block, grid_length, args, flags, head_dim, element_size):
-        self.kind, self.args, self.flags = kind, args, flags
-        self.grid_block, self.grid_length = grid_block, grid_length
-        self.head_dim, self.element_size = head_dim, element_size
-
-    def configs(self):
-        return gpu_configs(self.kind, self.head_dim, self.element_size, self.flags["PRECISION"])
-
-    def launch(self, batch_heads):
-        kernel, blocks = _launcher(self.kind, self.head_dim, self.element_size, self.flags["PRECISION"])
-        grid = lambda meta: (triton.cdiv(self.grid_length, meta[self.grid_block]), batch_heads)
-        kernel[grid](*self.args, **self.flags, **blocks)
+def _grid(block, length, batch_heads):
+    return lambda meta: (triton.cdiv(length, meta[block]), batch_heads)
 
 
 def _common(q, k, num_heads, scale):
@@ -284,26 +251,30 @@ def _common(q, k, num_heads, scale):
     D = q.shape[1] // num_heads
     precision = matmul_precision(q.dtype)
     flags = {"BLOCK_D": block_d(D), "PRECISION": precision}
-    sizes = (D, q.element_size())
-    return LQ, LK, D, flags, sizes, _tune_key(LQ, LK, q.dtype, precision), scale * LOG2E
+    tiles = (D, q.element_size())
+    # one autotuning bucket per power-of-two range of query and key counts and per dtype
+    bucket = tune_key(dict(flags, dtype=str(q.dtype)), LQ, LK)
+    return LQ, LK, D, flags, tiles, bucket, scale * LOG2E
 
 
 def forward_call(q, k, v, out, lse, num_heads, scale):
-    LQ, LK, D, flags, sizes, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    LQ, LK, D, flags, tiles, bucket, qk_scale2 = _common(q, k, num_heads, scale)
+    batch_heads = q.shape[0] * num_heads
     args = (q, k, v, out, lse, LQ, LK, num_heads, D, qk_scale2,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), tune_key)
-    return Call("forward", "BLOCK_M", LQ, args, flags, *sizes)
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), bucket)
+    return KernelCall(LAUNCHERS, "forward", args, flags, _grid("BLOCK_M", LQ, batch_heads), tiles)
 
 
 def backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
-    LQ, LK, D, flags, sizes, tune_key, qk_scale2 = _common(q, k, num_heads, scale)
+    LQ, LK, D, flags, tiles, bucket, qk_scale2 = _common(q, k, num_heads, scale)
+    batch_heads = q.shape[0] * num_heads
     shared = (LQ, LK, num_heads, D, qk_scale2, scale, *q.stride(), *k.stride(), *v.stride(),
               *grad_out.stride())
     key_value = (q, k, v, grad_out, lse, delta, grad_k, grad_v, *shared, *grad_k.stride(),
-                 *grad_v.stride(), tune_key)
-    query = (q, k, v, grad_out, lse, delta, grad_q, *shared, *grad_q.stride(), tune_key)
-    return [Call("key_value", "BLOCK_N", LK, key_value, flags, *sizes),
-            Call("query", "BLOCK_M", LQ, query, flags, *sizes)]
+                 *grad_v.stride(), bucket)
+    query = (q, k, v, grad_out, lse, delta, grad_q, *shared, *grad_q.stride(), bucket)
+    return [KernelCall(LAUNCHERS, "key_value", key_value, flags, _grid("BLOCK_N", LK, batch_heads), tiles),
+            KernelCall(LAUNCHERS, "query", query, flags, _grid("BLOCK_M", LQ, batch_heads), tiles)]
 
 
 def forward(q, k, v, num_heads, scale):
@@ -313,8 +284,8 @@ def forward(q, k, v, num_heads, scale):
     lse = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    with _device_guard(q):
-        forward_call(q, k, v, out, lse, num_heads, scale).launch(B * num_heads)
+    with device_guard(q):
+        forward_call(q, k, v, out, lse, num_heads, scale).launch()
     return out, lse
 
 
@@ -329,7 +300,7 @@ def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_
     D = C // num_heads
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     dummy = q.new_empty((1, 1, 1))  # stands for a gradient not asked for (never written)
-    with _device_guard(q):
+    with device_guard(q):
         _delta_kernel[(triton.cdiv(LQ, DELTA_BLOCK_M), B * num_heads)](
             out, grad_out, delta, LQ, num_heads, D, *out.stride(), *grad_out.stride(),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d(D))
@@ -337,7 +308,7 @@ def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_
                                                                          for g in (grad_q, grad_k, grad_v)),
                                           num_heads, scale)
         if needs_kv:
-            key_value.launch(B * num_heads)
+            key_value.launch()
         if needs_q:
-            query.launch(B * num_heads)
+            query.launch()
     return grad_q, grad_k, grad_v

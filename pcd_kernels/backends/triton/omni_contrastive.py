@@ -20,19 +20,26 @@ memory time.
 
 Each gradient element has exactly one writer: deterministic, no atomics.
 """
-import contextlib
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-LN2 = tl.constexpr(0.6931471805599453)
+from pcd_kernels.backends.triton._common import LN2, device_guard, is_interpreter, logit_scale
 
 # Elements of the (tile x samples) block a program keeps in registers; the tile of anchors (or
 # keys) is this divided by the padded number of samples per patch.
 BLOCK_ELEMENTS = 8192
 INTERPRETER_BLOCK_ELEMENTS = 4096
+# A program holds a (tile x samples) block of distances in registers: past this many samples per
+# patch the tile would be a single row and spill.
+MAX_SAMPLES = 4096
+
+
+def limits(*, dtype, auto, samples, patch_size, groups):
+    if samples > MAX_SAMPLES:
+        return (f"takes up to {MAX_SAMPLES} samples per patch (patch positions x groups), got "
+                f"{patch_size[0]}x{patch_size[1]} x {groups} = {samples}; use backend='torch'")
+    return None
 
 
 @triton.jit
@@ -133,12 +140,6 @@ def _key_backward_kernel(S, T, lse_ptr, grad_ptr, DT, D, SAMPLES, GROUPS, logit_
         tl.store(DT + row + keys, grad.to(DT.dtype.element_ty), mask=k_ok)
 
 
-def is_interpreter() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_forward_kernel, InterpretedFunction)
-
-
 def samples_block(samples: int) -> int:
     return triton.next_power_of_2(samples)
 
@@ -153,10 +154,6 @@ def _launch_options():
     return {} if is_interpreter() else {"num_warps": 8, "num_stages": 2}
 
 
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def forward(student, teacher, groups, temperature):
     """Per-sample loss (natural log) and base-2 lse, (patches, samples) float32 each."""
     P, D, K = student.shape
@@ -166,9 +163,9 @@ def forward(student, teacher, groups, temperature):
     if loss.numel() == 0:
         return loss, lse
     block = tile(K)
-    with _device_guard(student):
+    with device_guard(student):
         _forward_kernel[(P, triton.cdiv(K, block))](
-            student, teacher, loss, lse, D, K, groups, 1.0 / (temperature * math.log(2.0)),
+            student, teacher, loss, lse, D, K, groups, logit_scale(temperature),
             BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
     return loss, lse
 
@@ -185,8 +182,8 @@ def backward(grad_loss, student, teacher, lse, groups, temperature, needs_studen
                 grad_t.zero_() if grad_t is not None else None)
     block = tile(K)
     args = (student, teacher, lse, grad_loss)
-    scales = (D, K, groups, 1.0 / (temperature * math.log(2.0)), 1.0 / temperature)
-    with _device_guard(student):
+    scales = (D, K, groups, logit_scale(temperature), 1.0 / temperature)
+    with device_guard(student):
         if grad_s is not None:
             _anchor_backward_kernel[(P, triton.cdiv(K, block))](
                 *args, grad_s, *scales, BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())

@@ -32,57 +32,36 @@ the tensor cores and one exp on the MUFU, the backward 4*C FLOPs and one exp. On
 forward at 68 % of the bf16 peak and forward + backward at 76 %; 32,768 anchors x 65,536 keys
 take at least 4.4 ms for both.
 """
-import contextlib
-import math
-import os
-import zlib
-
 import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.reference import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
-                                   mask_bytes, pixel_rows, projection_scales)
+from pcd_kernels.backends._host import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
+                                        mask_bytes, projection_scales)
+from pcd_kernels.backends.triton._common import (LN2, LOG2E, MAX_INIT, KernelCall, Launchers, block_c, device_guard,
+                                                 dot_rows, int32_tile_offsets, largest_tile, load_chunk,
+                                                 logit_scale, matmul_precision, pixel_matrix, tune_key)
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
 MODES = {"none": 0, "image": 1, "batch": 2}
-# A finite "minus infinity" for the running max, so that a tile whose keys are all masked
-# gives exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN.
-_MAX_INIT = tl.constexpr(-1.0e30)
+# The grid has one row per image in negatives="image" mode; CUDA caps that axis at 65,535.
+MAX_GRID_IMAGES = 65535
 
 
-@triton.jit
-def _load_chunk(X, start, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
-    """(rows, BLOCK_C) tile of channels [c_start, c_start + BLOCK_C) of a row matrix; 0 outside.
-    rows = start + arange: the tile's first row is a 64-bit scalar offset and the rest 32-bit
-    offsets within the tile (the host keeps those below 2**31). 64-bit offsets per element cost
-    two registers each and, computed once for the loads before and after the key loop, spilled."""
-    cols = c_start + tl.arange(0, BLOCK_C)
-    ptrs = (X + tl.cast(start, tl.int64) * s_r) + ((rows - start)[:, None] * s_r + cols[None, :] * s_c)
-    return tl.load(ptrs, mask=ok[:, None] & (cols < C)[None, :], other=0.0)
-
-
-@triton.jit
-def _dot_rows(x0, X, x_start, x_rows, x_ok, x_sr, x_sc, y0, Y, y_start, y_rows, y_ok, y_sr, y_sc, C,
-              BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
-    """(rows of X) . (rows of Y) over all C channels, float32; x0 and y0 are the first chunks."""
-    acc = tl.dot(x0, tl.trans(y0), input_precision=PRECISION)
-    for ci in range(1, C_TILES):
-        x = _load_chunk(X, x_start, x_rows, x_ok, x_sr, x_sc, ci * BLOCK_C, C, BLOCK_C)
-        y = _load_chunk(Y, y_start, y_rows, y_ok, y_sr, y_sc, ci * BLOCK_C, C, BLOCK_C)
-        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
-    return acc
+def limits(*, dtype, auto, negatives, batch):
+    if negatives == "image" and batch > MAX_GRID_IMAGES:
+        return (f"with negatives='image' takes up to {MAX_GRID_IMAGES} images per call, got {batch}; split the "
+                "batch or use backend='torch'")
+    return None
 
 
 @triton.jit
 def _rowwise_dot(x0, X, Y, start, rows, ok, s_r, C, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr):
     """x_i . y_i for each row i of two row-major matrices (the positive pairs), float32."""
-    y = _load_chunk(Y, start, rows, ok, s_r, 1, 0, C, BLOCK_C)
+    y = load_chunk(Y, start, rows, ok, s_r, 1, 0, C, BLOCK_C)
     acc = tl.sum(x0.to(tl.float32) * y.to(tl.float32), 1)
     for ci in range(1, C_TILES):
-        x = _load_chunk(X, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
-        y = _load_chunk(Y, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        x = load_chunk(X, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
+        y = load_chunk(Y, start, rows, ok, s_r, 1, ci * BLOCK_C, C, BLOCK_C)
         acc += tl.sum(x.to(tl.float32) * y.to(tl.float32), 1)
     return acc
 
@@ -99,8 +78,8 @@ def _key_tile_logits(a0, A, row0, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, st
     k_ok = k_in
     if HAS_MASK:
         k_ok = k_ok & (tl.load(valid_k_ptr + keys, mask=k_in, other=0) != 0)
-    k0 = _load_chunk(K, start, keys, k_ok, k_sr, k_sc, 0, C, BLOCK_C)
-    s = _dot_rows(a0, A, row0, rows, a_in, a_sr, 1, k0, K, start, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
+    k0 = load_chunk(K, start, keys, k_ok, k_sr, k_sc, 0, C, BLOCK_C)
+    s = dot_rows(a0, A, row0, rows, a_in, a_sr, 1, k0, K, start, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
                   PRECISION)
     s = s * row_scale[:, None]
     inv_k = tl.full(keys.shape, 1.0, tl.float32)
@@ -153,7 +132,7 @@ def _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, a_sr, row_scale, lse2, 
         if C_TILES == 1:  # the tile the logits were computed from is the whole key
             k_chunk = k0
         else:
-            k_chunk = _load_chunk(K, start, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
+            k_chunk = load_chunk(K, start, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
         if NORMALIZE:
             if SCALE_WEIGHTS:  # q / ||k|| @ k: one multiply per logit, the raw tile feeds the MMA
                 p = p * inv_k[None, :]
@@ -194,7 +173,7 @@ def _forward_kernel(
     C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
     row0, rows, a_in, valid, key_lo, key_hi = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
-    a0 = _load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
+    a0 = load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
     row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
     if NORMALIZE:
         row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
@@ -208,7 +187,7 @@ def _forward_kernel(
         l = tl.full((BLOCK_M,), 1.0, tl.float32)
     else:  # the positive is among the teacher-pixel keys; picked out of its tile
         pos = tl.zeros((BLOCK_M,), tl.float32)
-        m = tl.full((BLOCK_M,), _MAX_INIT, tl.float32)
+        m = tl.full((BLOCK_M,), MAX_INIT, tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
         m, l, pos = _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, C, row_scale, T, C, 1, key_lo,
                                    key_hi, inv_t_ptr, valid_ptr, C, True, HAS_MASK, NORMALIZE,
@@ -257,21 +236,21 @@ def _backward_anchor_kernel(
         scale = tl.load(grad_ptr + rows, mask=valid, other=0.0) * inv_temperature * pos_weight
         if NORMALIZE:
             scale = scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
-        grad = scale[:, None] * _load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+        grad = scale[:, None] * load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
         if NORMALIZE:
             dot_hat = tl.load(grad_ptr + rows, mask=valid, other=0.0) * pos_weight * pos2 * LN2  # t_hat . grad_hat
-            t_chunk = _load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            t_chunk = load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
             grad = inv_t[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * t_chunk
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # sum_k (p - onehot)_ik k_hat_k, this chunk
         d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (p - onehot)_ik logit2_ik: gives a_hat . grad
         if MODE == 0:  # the positive's share, added before the loop while registers are free
-            acc = (pos_weight * inv_t)[:, None] * _load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            acc = (pos_weight * inv_t)[:, None] * load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
             d = pos_weight * pos2
         row_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
         if NORMALIZE:
             row_scale = row_scale * tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
-        a0 = _load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
+        a0 = load_chunk(A, row0, rows, a_in, C, 1, 0, C, BLOCK_C)
         if MODE != 0:
             acc, d = _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, C, row_scale, lse2, oc,
                                          T, C, 1, key_lo, key_hi, inv_t_ptr, valid_ptr, C,
@@ -295,7 +274,7 @@ def _backward_anchor_kernel(
         if NORMALIZE:
             dot_hat = g * d * LN2  # a_hat . grad_hat
             inv_a = tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
-            a_chunk = _load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
+            a_chunk = load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
             grad = inv_a[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * a_chunk
     grad = tl.where(valid[:, None], grad, 0.0)
     cols = oc + tl.arange(0, BLOCK_C)
@@ -330,7 +309,7 @@ def _backward_key_kernel(
     k_ok = k_in
     if KEYS_ARE_PIXELS and HAS_MASK:
         k_ok = k_ok & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
-    k0 = _load_chunk(K, key0, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
+    k0 = load_chunk(K, key0, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
     key_scale = tl.full((BLOCK_N,), 1.0, tl.float32) * logit_scale
     if NORMALIZE:
         key_scale = key_scale * tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
@@ -344,9 +323,9 @@ def _backward_key_kernel(
         if HAS_MASK:
             r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
         # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
-        a0 = _load_chunk(A, start, rows, r_ok, C, 1, 0, C, BLOCK_C)
+        a0 = load_chunk(A, start, rows, r_ok, C, 1, 0, C, BLOCK_C)
         # transposed logits (keys x anchors), base 2
-        s = _dot_rows(k0, K, key0, keys, k_in, k_sr, k_sc, a0, A, start, rows, r_ok, C, 1, C, BLOCK_C, C_TILES,
+        s = dot_rows(k0, K, key0, keys, k_in, k_sr, k_sc, a0, A, start, rows, r_ok, C, 1, C, BLOCK_C, C_TILES,
                       PRECISION)
         inv_a = tl.full((BLOCK_M,), 1.0, tl.float32)
         if NORMALIZE:
@@ -362,7 +341,7 @@ def _backward_key_kernel(
         if C_TILES == 1:
             a_chunk = a0
         else:
-            a_chunk = _load_chunk(A, start, rows, r_ok, C, 1, oc, C, BLOCK_C)
+            a_chunk = load_chunk(A, start, rows, r_ok, C, 1, oc, C, BLOCK_C)
         if NORMALIZE:
             if SCALE_WEIGHTS:
                 w = w * inv_a[None, :]
@@ -436,34 +415,7 @@ _IEEE_CONFIGS = {
 }
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
-INTERPRETER_MAX_BLOCK_C = 32
-# Rows of up to 512 bytes (C <= 256 in 16-bit, C <= 128 in float32) are one tile: the anchor
-# tile stays on chip across all key tiles. Wider rows go in 256-byte chunks (128 / 64 channels),
-# which keeps the pipelined tiles within shared memory; the backward then recomputes the logits
-# once per output chunk.
-SINGLE_TILE_MAX_BYTES = 512
-CHUNK_BYTES = 256
 _KERNELS = {"forward": _forward_kernel, "anchor": _backward_anchor_kernel, "key": _backward_key_kernel}
-
-
-def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_forward_kernel, InterpretedFunction)
-
-
-def block_c(channels: int, element_size: int) -> int:
-    """Channels per tile (a power of two, at least 16 for tl.dot)."""
-    if is_interpreter():
-        return max(16, min(triton.next_power_of_2(channels), INTERPRETER_MAX_BLOCK_C))
-    if channels * element_size <= SINGLE_TILE_MAX_BYTES:
-        return max(16, triton.next_power_of_2(channels))
-    return CHUNK_BYTES // element_size
-
-
-def autotune_enabled() -> bool:
-    return os.environ.get("PCD_KERNELS_AUTOTUNE", "1") != "0"
 
 
 def config_lists(precision, scale_weights=True):
@@ -478,50 +430,11 @@ def gpu_configs(kind, precision, scale_weights=True):
     return config_lists(precision, scale_weights)[kind]
 
 
-def _tuned(kind, precision, scale_weights):
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in gpu_configs(kind, precision, scale_weights)]
-    if not autotune_enabled():
-        configs = configs[:1]
-    return triton.autotune(configs=configs, key=["C", "TUNE_KEY", "BLOCK_C"])(_KERNELS[kind])
-
-
-_LAUNCHERS = {}
-
-
-def _launcher(kind, precision, scale_weights=True):
-    key = (kind, precision == "ieee", scale_weights)
-    if key not in _LAUNCHERS:
-        _LAUNCHERS[key] = _KERNELS[kind] if is_interpreter() else _tuned(kind, precision, scale_weights)
-    return _LAUNCHERS[key]
-
-
-def _blocks():
-    return dict(INTERPRETER_BLOCKS) if is_interpreter() else {}
-
-
-def _tune_key(flags, *sizes):
-    """One autotuning bucket per kernel variant (its constexpr flags) and per power-of-two size
-    range: re-tune when a size changes by more than 2x, not on every new batch shape."""
-    variant = sorted(flags.items()), [int(s).bit_length() for s in sizes]
-    # crc32, not hash(): string hashes change between processes, and Triton specialises
-    # integer arguments by value (== 1, divisible by 16).
-    return zlib.crc32(repr(variant).encode()) & 0x7FFFFFFF
-
-
-def tf32_allowed() -> bool:
-    """Whether the user allowed TF32 for float32 matmuls, through either of torch's APIs."""
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once fp32_precision was set
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
-
-
-def matmul_precision(dtype):
-    # float32 inputs use TF32 tensor cores only when the user allowed it for matmuls.
-    if dtype == torch.float32 and not tf32_allowed():
-        return "ieee"
-    return "tf32"
+LAUNCHERS = Launchers(_KERNELS, lambda kind, flags, tiles: gpu_configs(kind, flags["PRECISION"],
+                                                                        flags.get("SCALE_WEIGHTS", True)),
+                      tune_on=("C", "TUNE_KEY", "BLOCK_C"), interpreter_blocks=INTERPRETER_BLOCKS)
+# The most rows a tile of this module's kernels holds: key matrices are addressed within one in 32 bits.
+TILE_ROWS = largest_tile((_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS), INTERPRETER_BLOCKS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -536,24 +449,24 @@ class _Inputs:
                  normalize):
         B, C, H, W = student.shape
         self.anchors = pixel_matrix(student)
-        self.pixels = pixel_matrix(teacher)
+        self.teacher = pixel_matrix(teacher)
         self.channels, self.hw, self.n_rows = C, H * W, B * H * W
         self.mode = MODES[negatives]
         self.normalize = normalize
-        self.logit_scale = 1.0 / (temperature * math.log(2.0))  # base-2 logits
+        self.logit_scale = logit_scale(temperature)
         self.inv_temperature = 1.0 / temperature
         self.has_mask = mask is not None
         self.has_queue = queue is not None and queue.shape[0] > 0
         self.has_extra = (extra_keys is not None and extra_keys.shape[0] > 0
                           and self.mode == MODES["batch"])
-        self.queue = int32_tile_offsets(queue) if self.has_queue else None
-        self.extra = int32_tile_offsets(extra_keys) if self.has_extra else None
+        self.queue = int32_tile_offsets(queue, TILE_ROWS) if self.has_queue else None
+        self.extra = int32_tile_offsets(extra_keys, TILE_ROWS) if self.has_extra else None
         self.n_queue = queue.shape[0] if self.has_queue else 0
         self.n_extra = extra_keys.shape[0] if self.has_extra else 0
 
         dummy = self.anchors.new_empty(1, dtype=torch.float32)  # stands for absent pointers
         norms = inverse_norms if normalize else (lambda x: dummy)
-        self.inv_a, self.inv_t = norms(self.anchors), norms(self.pixels)
+        self.inv_a, self.inv_t = norms(self.anchors), norms(self.teacher)
         self.inv_q = norms(queue) if self.has_queue else dummy
         self.inv_x = norms(extra_keys) if self.has_extra else dummy
         self.valid = mask_bytes(mask) if self.has_mask else dummy
@@ -578,7 +491,7 @@ class _Inputs:
         q = self.queue if self.has_queue else self.anchors
         x_strides = (x.stride(0), x.stride(1)) if self.has_extra else (0, 0)
         q_strides = (q.stride(0), q.stride(1)) if self.has_queue else (0, 0)
-        return (self.anchors, self.pixels, x, *x_strides, self.n_extra, q, *q_strides, self.n_queue,
+        return (self.anchors, self.teacher, x, *x_strides, self.n_extra, q, *q_strides, self.n_queue,
                 self.inv_a, self.inv_t, self.inv_x, self.inv_q, self.valid, self.valid_x)
 
     def flags(self):
@@ -590,69 +503,32 @@ class _Inputs:
         return dict(SCALE_WEIGHTS=self.scale_weights)
 
 
-# Within a tile the kernels address rows with 32-bit offsets (_load_chunk).
-INT32_OFFSETS = 2 ** 31
-
-
-def largest_tile(config_lists, interpreter_blocks) -> int:
-    """The most rows any candidate, or the interpreter, puts in one tile."""
-    rows = [max(c[0], c[1]) for lists in config_lists for cands in lists.values() for c in cands]
-    return max(rows + list(interpreter_blocks.values()))
-
-
-def int32_tile_offsets(rows, tile_rows=None):
-    """Key rows whose offsets within a tile (up to ``tile_rows``, by default the largest of this
-    module's candidates, and all channels) fit in 32 bits, as _load_chunk reads them: the rows
-    themselves, or a contiguous copy when they do not (only a queue of more than 2**31 / C rows
-    passed transposed, as the official (C, K) buffer's .t())."""
-    if tile_rows is None:
-        tile_rows = largest_tile((_GPU_CONFIGS, _FLOAT16_CONFIGS, _IEEE_CONFIGS), INTERPRETER_BLOCKS)
-    span = (tile_rows - 1) * rows.stride(0) + (rows.shape[1] - 1) * rows.stride(1)
-    return rows if span < INT32_OFFSETS else rows.contiguous()
-
-
-def pixel_matrix(x):
-    """(B, C, H, W) map -> contiguous (B*H*W, C) rows: a view for channels_last maps."""
-    return pixel_rows(x).contiguous()
-
-
-class KernelCall:
-    """One kernel launch: which kernel, its arguments, constexpr flags and grid."""
-
-    def __init__(self, kind, args, flags, grid):
-        self.kind, self.args, self.flags, self.grid = kind, args, flags, grid
-
-    def launch(self):
-        launcher = _launcher(self.kind, self.flags["PRECISION"], self.flags.get("SCALE_WEIGHTS", True))
-        launcher[self.grid](*self.args, **self.flags, **_blocks())
-
-
 def forward_call(inp, loss, lse):
     flags = inp.flags()
-    tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
-    args = (*inp.sources(), loss, lse, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, tune_key)
+    bucket = tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
+    args = (*inp.sources(), loss, lse, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, bucket)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments)
-    return KernelCall("forward", args, flags, grid)
+    return KernelCall(LAUNCHERS, "forward", args, flags, grid)
 
 
 def anchor_backward_call(inp, loss, lse, g, out, teacher_positives=False):
     """The student's gradient, or with teacher_positives the teacher's for negatives="none"
     (it involves only the positive), into a contiguous (rows, C) buffer."""
     flags = dict(inp.flags(), **inp.weight_flags(), TEACHER_POSITIVES=teacher_positives)
-    tune_key = _tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
-    rows, inv = (inp.pixels, inp.inv_t) if teacher_positives else (inp.anchors, inp.inv_a)
+    bucket = tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
+    rows, inv = (inp.teacher, inp.inv_t) if teacher_positives else (inp.anchors, inp.inv_a)
     proj = projection_scales(rows, inv) if inp.normalize else inv
     args = (*inp.sources(), loss, lse, g, proj, out, inp.n_rows, inp.hw, inp.channels,
-            inp.logit_scale, inp.inv_temperature, tune_key)
+            inp.logit_scale, inp.inv_temperature, bucket)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
-    return KernelCall("anchor", args, flags, grid)
+    return KernelCall(LAUNCHERS, "anchor", args, flags, grid)
 
 
 def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
     """Gradient of the teacher pixels (keys_are_pixels) or of the queue rows, into a contiguous
     (rows, C) buffer."""
     if keys_are_pixels:
-        keys, inv_k, n_keys, k_len, segments = inp.pixels, inp.inv_t, inp.n_rows, inp.seg_len, inp.segments
+        keys, inv_k, n_keys, k_len, segments = inp.teacher, inp.inv_t, inp.n_rows, inp.seg_len, inp.segments
     else:
         keys, inv_k, n_keys, k_len, segments = inp.queue, inp.inv_q, inp.n_queue, inp.n_queue, 1
     flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
@@ -661,13 +537,9 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
     proj_k = projection_scales(keys, inv_k) if inp.normalize else inv_k
     args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, proj_k, inp.valid,
             lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
-            inp.logit_scale, inp.inv_temperature, _tune_key(flags, inp.seg_len, n_keys))
+            inp.logit_scale, inp.inv_temperature, tune_key(flags, inp.seg_len, n_keys))
     grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), segments, inp.c_tiles)
-    return KernelCall("key", args, flags, grid)
-
-
-def _device_guard(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    return KernelCall(LAUNCHERS, "key", args, flags, grid)
 
 
 def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
@@ -679,7 +551,7 @@ def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, te
     if loss.numel() == 0:
         return loss, lse
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    with _device_guard(student):
+    with device_guard(student):
         forward_call(inp, loss, lse).launch()
     return loss, lse
 
@@ -691,7 +563,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
     if grads.empty:
         return grads.maps()
-    grad_a, grad_t, grad_q = grads.anchors, grads.pixels, grads.queue
+    grad_a, grad_t, grad_q = grads.anchors, grads.teacher, grads.queue
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
     g = anchor_weights(grad_loss, mask)
     none_mode = inp.mode == MODES["none"]
@@ -708,7 +580,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
             calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_t, True))
         if queue_keys:
             calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_q, False))
-    with _device_guard(student):
+    with device_guard(student):
         for call in calls:
             call.launch()
     return grads.maps()

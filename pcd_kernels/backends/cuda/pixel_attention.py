@@ -1,6 +1,6 @@
 """CUDA kernels for ``pixel_attention`` (``csrc/pixel_attention.cu``, DESIGN.md 3.3).
 
-The same ``forward`` / ``backward`` as ``pcd_kernels.triton.pixel_attention``: q (B, C, LQ), k and v
+The same ``forward`` / ``backward`` as ``pcd_kernels.backends.triton.pixel_attention``: q (B, C, LQ), k and v
 (B, C, LK) with any strides, C = heads * d, head h = channels [h*d, (h+1)*d). The kernels are
 flash-attention-2 style tensor-core kernels (mma.sync; float32 through 3xTF32, as accurate as an
 FP32 product): a forward per (query tile, batch*head) with an online softmax, and a backward made
@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from pcd_kernels import _cuda
+from pcd_kernels.backends.cuda import _extension
 
 # The widest head the kernels take (the padded tile widths are 16, 32, 64 and 128).
 MAX_HEAD_DIM = 128
@@ -23,16 +23,17 @@ TILE = 64
 MAX_BLOCKS = 2 ** 31 - 1
 
 
-def limit_reason(batch: int, num_heads: int, head_dim: int, lq: int, lk: int) -> Optional[str]:
-    """What the kernels cannot take about these sizes ("head dims up to ..."), or None."""
+def limits(*, dtype, auto, batch: int, num_heads: int, head_dim: int, lq: int, lk: int) -> Optional[str]:
+    """What the kernels cannot take about these sizes ("takes head dims up to ..."), or None."""
+    hint = "; use backend='triton' or 'torch'"
     if head_dim > MAX_HEAD_DIM:
-        return f"head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+        return f"takes head dims up to {MAX_HEAD_DIM}, got {head_dim}{hint}"
     tiles = max(-(-lq // TILE), -(-lk // TILE), 1)
     if batch * num_heads * tiles > MAX_BLOCKS:
-        return (f"batch x heads x tiles of {TILE} pixels up to {MAX_BLOCKS} blocks, got {batch} x {num_heads} "
-                f"x {tiles}")
+        return (f"takes batch x heads x tiles of {TILE} pixels up to {MAX_BLOCKS} blocks, got {batch} x "
+                f"{num_heads} x {tiles}{hint}")
     if max(lq, lk) > MAX_BLOCKS - 2 * TILE:
-        return f"maps of fewer than 2^31 - {2 * TILE} pixels, got {max(lq, lk)}"
+        return f"takes maps of fewer than 2^31 - {2 * TILE} pixels, got {max(lq, lk)}{hint}"
     return None
 
 
@@ -50,7 +51,7 @@ def _launch_args(q, k, v, num_heads):
                             f"{q.device} and {t.dtype} on {t.device}")
     B, C, LQ = q.shape
     shape = (B, num_heads, C // num_heads, LQ, k.shape[2])
-    return shape, _cuda.dtype_code(q), q.device.index, _cuda.stream_of(q)
+    return shape, _extension.dtype_code(q), q.device.index, _extension.stream_of(q)
 
 
 def forward(q, k, v, num_heads, scale):
@@ -60,7 +61,7 @@ def forward(q, k, v, num_heads, scale):
     lse = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    ext = _cuda.extension()
+    ext = _extension.extension()
     with torch.cuda.device(q.device):
         shape, dtype, device, stream = _launch_args(q, k, v, num_heads)
         ext.pixel_attention_forward(_map(q), _map(k), _map(v), _map(out), lse.data_ptr(), shape, float(scale), dtype,
@@ -79,7 +80,7 @@ def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)
     lse = lse.contiguous()
-    ext = _cuda.extension()
+    ext = _extension.extension()
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device):
         shape, dtype, device, stream = _launch_args(q, k, v, num_heads)

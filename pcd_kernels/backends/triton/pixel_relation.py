@@ -24,19 +24,21 @@ exps) and forms one gradient (2*C). At CIRKD's Cityscapes mini-batch (8 maps of 
 4.3e9 pairs) that is at least 6.5 ms forward and 28 ms forward + backward on an H200 with the exps
 not overlapping the MMAs (78 % of the bf16 peak at that bound).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.reference import (anchor_weights, inverse_norms, key_side_weights, mask_bytes, pixel_rows,
-                                   projection_scales)
-from pcd_kernels.triton.pixel_contrastive import (_MAX_INIT, CHUNK_BYTES, LN2, KernelCall, _device_guard,
-                                                  _dot_rows, _load_chunk, _tune_key, autotune_enabled, block_c,
-                                                  int32_tile_offsets, is_interpreter, largest_tile,
-                                                  matmul_precision, pixel_matrix)
+from pcd_kernels.backends._host import anchor_weights, inverse_norms, key_side_weights, mask_bytes, projection_scales
+from pcd_kernels.backends.triton._common import (CHUNK_BYTES, LN2, MAX_INIT, KernelCall, Launchers, block_c,
+                                                 device_guard, dot_rows, int32_tile_offsets, largest_tile,
+                                                 is_interpreter, load_chunk, logit_scale, matmul_precision,
+                                                 pixel_matrix, tune_key)
 
+
+
+def limits(*, dtype, auto):
+    """Any size the public function accepts (images are skipped on device, not on a grid axis)."""
+    return None
 
 @triton.jit
 def _segment(seg, seg_len, count_ptr, HAS_KEY_MASK: tl.constexpr):
@@ -51,7 +53,7 @@ def _segment(seg, seg_len, count_ptr, HAS_KEY_MASK: tl.constexpr):
 def _tile_logits(a0, A, row0, rows, a_in, a_scale, K, k_sr, k_sc, k0, start, keys, k_ok, inv_k_ptr, C,
                  NORMALIZE: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 logits (rows x keys), -inf at keys that are absent or masked, and the keys' inverse norms."""
-    dots = _dot_rows(a0, A, row0, rows, a_in, C, 1, k0, K, start, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
+    dots = dot_rows(a0, A, row0, rows, a_in, C, 1, k0, K, start, keys, k_ok, k_sr, k_sc, C, BLOCK_C, C_TILES,
                      PRECISION)
     inv_k = tl.full(keys.shape, 1.0, tl.float32)
     if NORMALIZE:
@@ -70,11 +72,11 @@ def _key_tile(SK, sk_sr, sk_sc, TK, tk_sr, tk_sc, key_valid_ptr, start, local, s
     if HAS_KEY_MASK:
         k_ok = k_ok & (tl.load(key_valid_ptr + keys, mask=k_ok, other=0) != 0)
     key0 = start + tl.min(local, 0)
-    tk0 = _load_chunk(TK, key0, keys, k_ok, tk_sr, tk_sc, 0, CT, BLOCK_CT)
+    tk0 = load_chunk(TK, key0, keys, k_ok, tk_sr, tk_sc, 0, CT, BLOCK_CT)
     if SHARED_KEYS:
         sk0 = tk0
     else:
-        sk0 = _load_chunk(SK, key0, keys, k_ok, sk_sr, sk_sc, 0, CS, BLOCK_CS)
+        sk0 = load_chunk(SK, key0, keys, k_ok, sk_sr, sk_sc, 0, CS, BLOCK_CS)
     return keys, k_ok, key0, tk0, sk0
 
 
@@ -108,8 +110,8 @@ def _anchor_tile(S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_sc
     valid = a_in
     if HAS_MASK:
         valid = valid & (tl.load(valid_ptr + rows, mask=a_in, other=0) != 0)
-    s0 = _load_chunk(S, row0, rows, a_in, CS, 1, 0, CS, BLOCK_CS)
-    t0 = _load_chunk(T, row0, rows, a_in, CT, 1, 0, CT, BLOCK_CT)
+    s0 = load_chunk(S, row0, rows, a_in, CS, 1, 0, CS, BLOCK_CS)
+    t0 = load_chunk(T, row0, rows, a_in, CT, 1, 0, CT, BLOCK_CT)
     s_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
     t_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
     if NORMALIZE:
@@ -133,8 +135,8 @@ def _forward_kernel(
     for seg in range(0, n_seg):
         start, present = _segment(seg, seg_len, count_ptr, HAS_KEY_MASK)
         if present:
-            m_t = tl.full((BLOCK_M,), _MAX_INIT, tl.float32)
-            m_s = tl.full((BLOCK_M,), _MAX_INIT, tl.float32)
+            m_t = tl.full((BLOCK_M,), MAX_INIT, tl.float32)
+            m_s = tl.full((BLOCK_M,), MAX_INIT, tl.float32)
             l_t = tl.zeros((BLOCK_M,), tl.float32)
             l_s = tl.zeros((BLOCK_M,), tl.float32)
             cross = tl.zeros((BLOCK_M,), tl.float32)  # sum_k exp2(u - m_t) (u - v)
@@ -205,7 +207,7 @@ def _backward_anchor_kernel(
                 if CS_TILES == 1:
                     k_chunk = sk0
                 else:
-                    k_chunk = _load_chunk(SK, key0, keys, k_ok, sk_sr, sk_sc, oc, CS, BLOCK_CS)
+                    k_chunk = load_chunk(SK, key0, keys, k_ok, sk_sr, sk_sc, oc, CS, BLOCK_CS)
                 if NORMALIZE:
                     if SCALE_WEIGHTS:
                         w = w * inv_sk[None, :]
@@ -217,7 +219,7 @@ def _backward_anchor_kernel(
     if NORMALIZE:
         dot_hat = g * d * LN2  # s_hat . grad_hat
         inv_s = tl.load(inv_s_ptr + rows, mask=a_in, other=0.0)
-        s_chunk = _load_chunk(S, row0, rows, a_in, CS, 1, oc, CS, BLOCK_CS).to(tl.float32)
+        s_chunk = load_chunk(S, row0, rows, a_in, CS, 1, oc, CS, BLOCK_CS).to(tl.float32)
         grad = inv_s[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * s_chunk
     grad = tl.where(valid[:, None], grad, 0.0)
     cols = oc + tl.arange(0, BLOCK_CS)
@@ -255,17 +257,17 @@ def _backward_key_kernel(
             if HAS_MASK:
                 r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
             # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
-            ta0 = _load_chunk(T, a_start, rows, r_ok, CT, 1, 0, CT, BLOCK_CT)
-            sa0 = _load_chunk(S, a_start, rows, r_ok, CS, 1, 0, CS, BLOCK_CS)
+            ta0 = load_chunk(T, a_start, rows, r_ok, CT, 1, 0, CT, BLOCK_CT)
+            sa0 = load_chunk(S, a_start, rows, r_ok, CS, 1, 0, CS, BLOCK_CS)
             inv_ta = tl.full((BLOCK_M,), 1.0, tl.float32)
             inv_sa = tl.full((BLOCK_M,), 1.0, tl.float32)
             if NORMALIZE:
                 inv_ta = tl.load(inv_t_ptr + rows, mask=r_ok, other=0.0)
                 inv_sa = tl.load(inv_s_ptr + rows, mask=r_ok, other=0.0)
             # transposed logits (keys x anchors), base 2
-            u = _dot_rows(tk0, TK, key0, keys, k_ok, tk_sr, tk_sc, ta0, T, a_start, rows, r_ok, CT, 1, CT, BLOCK_CT,
+            u = dot_rows(tk0, TK, key0, keys, k_ok, tk_sr, tk_sc, ta0, T, a_start, rows, r_ok, CT, 1, CT, BLOCK_CT,
                           CT_TILES, PRECISION) * tk_scale[:, None] * inv_ta[None, :]
-            v = _dot_rows(sk0, SK, key0, keys, k_ok, sk_sr, sk_sc, sa0, S, a_start, rows, r_ok, CS, 1, CS, BLOCK_CS,
+            v = dot_rows(sk0, SK, key0, keys, k_ok, sk_sr, sk_sc, sa0, S, a_start, rows, r_ok, CS, 1, CS, BLOCK_CS,
                           CS_TILES, PRECISION) * sk_scale[:, None] * inv_sa[None, :]
             w = _weights(u, v, lse_ptr, rows, r_ok, n_seg, seg, False)
             w = w * tl.load(grad_scaled_ptr + rows, mask=r_ok, other=0.0)[None, :]
@@ -273,7 +275,7 @@ def _backward_key_kernel(
             if CS_TILES == 1:
                 a_chunk = sa0
             else:
-                a_chunk = _load_chunk(S, a_start, rows, r_ok, CS, 1, oc, CS, BLOCK_CS)
+                a_chunk = load_chunk(S, a_start, rows, r_ok, CS, 1, oc, CS, BLOCK_CS)
             if NORMALIZE:
                 if SCALE_WEIGHTS:
                     w = w * inv_sa[None, :]
@@ -333,32 +335,13 @@ def gpu_configs(kind, precision, scale_weights=True):
     return (_IEEE_CONFIGS if precision == "ieee" else _GPU_CONFIGS)[kind]
 
 
-_LAUNCHERS = {}
-
-
-def _launcher(kind, precision, scale_weights=True):
-    key = (kind, precision == "ieee", scale_weights)
-    if key not in _LAUNCHERS:
-        if is_interpreter():
-            _LAUNCHERS[key] = _KERNELS[kind]
-        else:
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                       for bm, bn, w, s in gpu_configs(kind, precision, scale_weights)]
-            configs = configs if autotune_enabled() else configs[:1]
-            _LAUNCHERS[key] = triton.autotune(configs=configs, key=["CS", "CT", "TUNE_KEY"])(_KERNELS[kind])
-    return _LAUNCHERS[key]
-
-
 # The interpreter runs every program in numpy: small tiles keep CI fast and exercise tails, and
 # BLOCK_M != BLOCK_N catches a tile shape used on the wrong side.
 INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32}
 
 
-class _Call(KernelCall):
-    def launch(self):
-        blocks = dict(INTERPRETER_BLOCKS) if is_interpreter() else {}
-        launcher = _launcher(self.kind, self.flags["PRECISION"], self.flags.get("SCALE_WEIGHTS", True))
-        launcher[self.grid](*self.args, **self.flags, **blocks)
+LAUNCHERS = Launchers(_KERNELS, lambda kind, flags, tiles: gpu_configs(kind, flags["PRECISION"]),
+                      tune_on=("CS", "CT", "TUNE_KEY"), interpreter_blocks=INTERPRETER_BLOCKS)
 
 
 class _Inputs:
@@ -370,7 +353,7 @@ class _Inputs:
         self.students, self.teachers = pixel_matrix(student), pixel_matrix(teacher)
         self.n_rows, self.cs, self.ct = B * H * W, CS, CT
         self.normalize = normalize
-        self.logit_scale = 1.0 / (temperature * math.log(2.0))  # base-2 logits
+        self.logit_scale = logit_scale(temperature)
         self.inv_temperature = 1.0 / temperature
         device = student.device
         dummy = self.students.new_empty(1, dtype=torch.float32)
@@ -421,16 +404,18 @@ class _Inputs:
 
 def forward_call(inp, values, lse):
     flags = inp.flags()
-    args = (*inp.sources(), values, lse, *inp.sizes(), _tune_key(flags, inp.n_rows, inp.seg_len))
-    return _Call("forward", args, flags, lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]),))
+    args = (*inp.sources(), values, lse, *inp.sizes(), tune_key(flags, inp.n_rows, inp.seg_len))
+    grid = lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]),)
+    return KernelCall(LAUNCHERS, "forward", args, flags, grid)
 
 
 def anchor_backward_call(inp, lse, g, grad_rows):
     flags = dict(inp.flags(), SCALE_WEIGHTS=inp.scale_weights)
     proj = projection_scales(inp.students, inp.inv_s) if inp.normalize else inp.inv_s
     args = (*inp.sources(), lse, g, proj, grad_rows, *inp.sizes(), inp.inv_temperature,
-            _tune_key(flags, inp.n_rows, inp.seg_len))
-    return _Call("anchor", args, flags, lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]), inp.cs_tiles))
+            tune_key(flags, inp.n_rows, inp.seg_len))
+    grid = lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]), inp.cs_tiles)
+    return KernelCall(LAUNCHERS, "anchor", args, flags, grid)
 
 
 def key_backward_call(inp, lse, g_scaled, g_max, grad_keys):
@@ -445,9 +430,9 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys):
     sk, _, _, inv_sk = inp.student_keys
     proj = projection_scales(sk, inv_sk) if inp.normalize else inv_sk
     args = (*inp.sources(), lse, g_scaled, g_max, proj, grad_keys, *inp.sizes(), inp.inv_temperature,
-            _tune_key(flags, inp.n_rows, inp.seg_len))
+            tune_key(flags, inp.n_rows, inp.seg_len))
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_N"]), inp.n_seg, flags["CS_TILES"])
-    return _Call("key", args, flags, grid)
+    return KernelCall(LAUNCHERS, "key", args, flags, grid)
 
 
 def saved_shape(student, keys):
@@ -465,7 +450,7 @@ def forward(student, teacher, keys, mask, temperature, normalize):
     if values.numel() == 0 or (keys is not None and keys.shape[0] == 0):
         return values, lse
     inp = _Inputs(student, teacher, keys, mask, temperature, normalize)
-    with _device_guard(student):
+    with device_guard(student):
         forward_call(inp, values, lse).launch()
     return values, lse
 
@@ -492,7 +477,7 @@ def backward(grad_values, student, teacher, keys, mask, lse, temperature, normal
     if as_keys is not None:
         g_scaled, g_max = key_side_weights(g)
         calls.append(key_backward_call(inp, lse, g_scaled, g_max, as_keys))
-    with _device_guard(student):
+    with device_guard(student):
         for call in calls:
             call.launch()
     if cross and grad_s is not None:  # the student's pixels are keys too

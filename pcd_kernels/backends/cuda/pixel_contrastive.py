@@ -1,5 +1,5 @@
 """Host-side wrapper of the CUDA kernels of ``pixel_contrastive_loss`` (``csrc/pixel_contrastive.cu``,
-DESIGN.md 3.1), with the same ``forward`` / ``backward`` as :mod:`pcd_kernels.triton.pixel_contrastive`.
+DESIGN.md 3.1), with the same ``forward`` / ``backward`` as :mod:`pcd_kernels.backends.triton.pixel_contrastive`.
 
 torch prepares what the kernels read (contiguous (B*H*W, C) pixel matrices, inverse norms,
 projection scales, mask bytes, the scaled upstream gradient) and allocates the outputs; the
@@ -15,11 +15,21 @@ import math
 
 import torch
 
-from pcd_kernels import _cuda
-from pcd_kernels.reference import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
-                                   mask_bytes, pixel_rows, projection_scales)
+from pcd_kernels.backends.cuda import _extension
+from pcd_kernels._conventions import pixel_rows
+from pcd_kernels.backends._host import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
+                                        mask_bytes, projection_scales)
 
 MODES = {"none": 0, "image": 1, "batch": 2}
+# The grid has one row per image in negatives="image" mode: its y axis, 65,535 at most.
+MAX_GRID_IMAGES = 65535
+
+
+def limits(*, dtype, auto, negatives, batch):
+    if negatives == "image" and batch > MAX_GRID_IMAGES:
+        return (f"with negatives='image' takes up to {MAX_GRID_IMAGES} images per call, got {batch}; split the "
+                "batch or use backend='torch'")
+    return None
 
 
 def _ptr(t):
@@ -57,7 +67,7 @@ class _Inputs:
         extra, queue = self.extra, self.queue
         return dict(
             device=self.device.index if self.device.index is not None else torch.cuda.current_device(),
-            stream=_cuda.stream_of(self.anchors), dtype=_cuda.dtype_code(self.anchors), mode=self.mode,
+            stream=_extension.stream_of(self.anchors), dtype=_extension.dtype_code(self.anchors), mode=self.mode,
             n_rows=self.n_rows, hw=self.hw, channels=self.channels,
             anchors=_ptr(self.anchors), pixels=_ptr(self.pixels),
             extra=_ptr(extra), n_extra=extra.shape[0] if extra is not None else 0,
@@ -84,7 +94,7 @@ def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, te
     if loss.numel() == 0:
         return loss, lse
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    ext = _cuda.extension()
+    ext = _extension.extension()
     with torch.cuda.device(student.device):
         ext.pixel_contrastive_forward(**inp.args(), loss=loss.data_ptr(), lse2=lse.data_ptr())
     return loss, lse
@@ -97,7 +107,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
     if grads.empty:
         return grads.maps()
-    grad_a, grad_t, grad_q = grads.anchors, grads.pixels, grads.queue
+    grad_a, grad_t, grad_q = grads.anchors, grads.teacher, grads.queue
     has_queue = queue is not None and queue.shape[0] > 0
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
     # The kernels write in the inputs' common dtype (the op promotes them to one before this).
@@ -109,7 +119,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     none_mode = inp.mode == MODES["none"]
     pixel_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and has_queue
-    ext = _cuda.extension()
+    ext = _extension.extension()
     with torch.cuda.device(student.device):
         args = inp.args()
         grad_t_none = grad_t if none_mode else None

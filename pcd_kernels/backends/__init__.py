@@ -1,0 +1,96 @@
+"""Every op's backends, found through one registry.
+
+A backend is a package here (``torch``, ``triton``, ``cuda``) with
+
+* ``unavailable_reason(device) -> str | None``: why none of its kernels can run there (not
+  installed, not built, wrong device), or None;
+* ``DTYPES``: the input dtypes its kernels take (None: every float dtype);
+
+and one module per op it implements, ``backends/<backend>/<op module>.py``, with
+
+* ``limits(*, dtype, auto, **problem) -> str | None``: what it cannot take about this call's
+  sizes ("takes ...; use ..."), or None; ``auto`` is True when ``backend="auto"`` asks, which may
+  prefer another backend where this one would run but slower;
+* ``forward(...)`` and ``backward(...)``: the implementations of the op's two ``torch.library``
+  custom ops (their signatures are the custom ops', in ``ops/<op module>.py``, without
+  ``backend``), or for a backend that is differentiable by itself the function the op calls.
+
+``ops/<op module>.py`` reads: check the arguments, :func:`resolve` the backend, call the custom op,
+which calls :func:`implementation`. docs/contributing.md says how to add an op or a backend.
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+# What backend="auto" tries on CUDA tensors, in order, before the torch backend. The CUDA
+# extension is not among them until a GPU run shows it correct and faster than Triton.
+_AUTO_ON_GPU = ("triton",)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One public op: its function's name, its module name under ``ops/`` and every backend
+    package, and the backends that implement it."""
+    name: str
+    module: str
+    backends: Tuple[str, ...]
+
+    @property
+    def custom_ops(self) -> Tuple[str, str]:
+        """Its ``torch.library`` ops, forward and backward, under ``torch.ops.pcd_kernels``."""
+        return f"{self.module}_forward", f"{self.module}_backward"
+
+
+OPS = {op.name: op for op in (
+    Op("pixel_contrastive_loss", "pixel_contrastive", ("torch", "triton", "cuda")),
+    Op("omni_contrastive_loss", "omni_contrastive", ("torch", "triton")),
+    Op("pixel_relation_loss", "pixel_relation", ("torch", "triton")),
+    Op("pixel_attention", "pixel_attention", ("torch", "triton", "cuda")),
+)}
+
+
+def implementation(op: str, backend: str):
+    """The module of ``backend`` that implements ``op`` (imported on first use: importing
+    pcd_kernels imports neither Triton nor the CUDA extension)."""
+    return importlib.import_module(f"pcd_kernels.backends.{backend}.{OPS[op].module}")
+
+
+def _package(backend: str):
+    return importlib.import_module(f"pcd_kernels.backends.{backend}")
+
+
+def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto: bool = False,
+                **problem) -> Optional[Exception]:
+    """The error an explicit request of ``backend`` for this call raises, or None when it runs:
+    RuntimeError when the backend cannot run at all, TypeError for a dtype it does not take,
+    ValueError for sizes beyond its limits."""
+    reason = _package(backend).unavailable_reason(device)
+    if reason is not None:
+        return RuntimeError(f"{op}: backend={backend!r} cannot run: {reason}")
+    if backend not in OPS[op].backends:
+        return RuntimeError(f"{op}: backend={backend!r} cannot run: the {backend} backend does not implement this op yet; use "
+                            "backend='triton' (GPU) or 'torch'")
+    dtypes = _package(backend).DTYPES
+    if dtypes is not None and dtype not in dtypes:
+        return TypeError(f"{op}: backend={backend!r} supports float16, bfloat16 and float32 inputs, got {dtype}; "
+                         f"use backend='torch' for {dtype}")
+    limit = implementation(op, backend).limits(dtype=dtype, auto=auto, **problem)
+    return None if limit is None else ValueError(f"{op}: backend={backend!r} {limit}")
+
+
+def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype, **problem) -> str:
+    """The backend that runs this call of ``op``. ``"auto"``: the first of the GPU backends that
+    takes it on CUDA tensors, else ``"torch"``; a named backend that cannot take it raises."""
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in _AUTO_ON_GPU:
+                if unavailable(op, candidate, device, dtype, auto=True, **problem) is None:
+                    return candidate
+        return "torch"
+    error = unavailable(op, backend, device, dtype, **problem)
+    if error is not None:
+        raise error
+    return backend

@@ -1,0 +1,81 @@
+"""Host-side preparation the GPU backends (Triton and CUDA) share: the buffers and per-row factors
+their kernels read, computed once in O(rows) by torch. Nothing here is a reference formula."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from pcd_kernels._conventions import NORM_EPS
+
+
+def mask_bytes(mask: Tensor) -> Tensor:
+    """A bool mask as the flat contiguous uint8 array the kernels read (1 = valid)."""
+    return mask.reshape(-1).contiguous().view(torch.uint8)
+
+
+class KernelGradients:
+    """The gradient buffers a kernel backend of ``pixel_contrastive_loss`` writes: contiguous
+    (rows, C) matrices, None where not needed, handed back as channels_last (B, C, H, W) maps
+    (and the queue's as a (K, C) matrix). ``empty`` is True when no kernel has to run: no anchor
+    at all (every buffer is zeroed), or only a queue gradient asked of an empty queue."""
+
+    def __init__(self, student: Tensor, teacher: Tensor, queue: Optional[Tensor], needs_student: bool,
+                 needs_teacher: bool, needs_queue: bool):
+        B, C, H, W = student.shape
+        self.shape = (B, H, W, C)
+
+        def rows(n, dtype):
+            return torch.empty((n, C), dtype=dtype, device=student.device)
+
+        self.anchors = rows(B * H * W, student.dtype) if needs_student else None
+        self.teacher = rows(B * H * W, teacher.dtype) if needs_teacher else None
+        self.queue = rows(queue.shape[0], queue.dtype) if (needs_queue and queue is not None) else None
+        has_queue = queue is not None and queue.shape[0] > 0
+        no_rows = B * H * W == 0
+        if no_rows or (self.queue is not None and not has_queue):
+            for grad in (self.anchors, self.teacher, self.queue):
+                if grad is not None:
+                    grad.zero_()
+        self.empty = no_rows
+
+    def maps(self) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        def as_map(rows):
+            return rows.view(self.shape).permute(0, 3, 1, 2) if rows is not None else None
+
+        return as_map(self.anchors), as_map(self.teacher), self.queue
+
+
+def anchor_weights(grad_loss: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """d(result)/d(loss_i) per anchor as a flat contiguous float32 vector, 0 at masked anchors."""
+    g = grad_loss.reshape(-1).to(torch.float32)
+    if mask is not None:
+        g = g.where(mask.reshape(-1), 0.0)
+    return g.contiguous()
+
+
+def key_side_weights(g: Tensor) -> Tuple[Tensor, Tensor]:
+    """(g / max|g|, max|g| as a 1-element tensor): key-side kernels weigh each anchor by the
+    first, which keeps the weights in half precision's range when a mean reduction makes every
+    g about 1 / anchors, and multiply by the second at the end."""
+    g_max = g.abs().amax().clamp_min(1e-30).reshape(1)
+    return g / g_max, g_max
+
+
+def inverse_norms(rows: Tensor) -> Tensor:
+    """1 / max(||row||, NORM_EPS) for each row of a (rows, C) matrix, float32.
+
+    The fused GPU kernels (Triton and CUDA) read raw vectors and these inverse norms, computed
+    once in O(rows), instead of normalised copies."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return norms.clamp_min_(NORM_EPS).reciprocal_()
+
+
+def projection_scales(rows: Tensor, inv: Tensor) -> Tensor:
+    """Per-row factor of the normalisation's gradient that the fused kernels apply.
+
+    The gradient through x / max(||x||, eps) is inv * (G - x_hat (x_hat . G)) where the norm
+    reaches eps and inv * G below it (the clamp is constant there; see ``backends.torch._common.normalize_backward``).
+    Written as inv * G - proj * (x_hat . G) * x, proj is inv^2 where ||x|| >= eps and 0 below,
+    float32; ``inv`` is :func:`inverse_norms` of the same rows."""
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
