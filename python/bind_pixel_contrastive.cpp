@@ -1,7 +1,7 @@
 // Bindings of the pixel_contrastive launchers (csrc/pixel_contrastive.cu).
 //
 // Every function takes plain integers: device pointers (0 = absent), sizes, strides in elements,
-// the dtype code of pcd_kernels._cuda.DTYPE_CODES and the cudaStream_t as an integer. The GIL is
+// the dtype code of pcd_kernels.backends.cuda._extension.DTYPE_CODES and the cudaStream_t as an integer. The GIL is
 // released while the launcher runs; std::runtime_error reaches Python as RuntimeError.
 #include <pybind11/pybind11.h>
 
