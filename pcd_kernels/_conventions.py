@@ -13,6 +13,9 @@ NORM_EPS = 1e-12  # F.normalize's eps: vectors are divided by max(||x||, NORM_EP
 # exp2, one instruction. lse2 = lse * LOG2E, lse = lse2 * LN2.
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
+# pixel_contrastive_loss's negatives modes as its kernels number them. csrc/ has the same numbers
+# in its Negatives enum; tests/test_csrc.py checks that both agree.
+NEGATIVES_MODES = {"none": 0, "image": 1, "batch": 2}
 
 
 def pixel_rows(x: Tensor) -> Tensor:

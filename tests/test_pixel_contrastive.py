@@ -409,8 +409,8 @@ def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):
 
 @pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
 def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypatch):
-    from pcd_kernels.backends.triton import pixel_contrastive as kernels
-    from pcd_kernels.backends.triton.pixel_contrastive import MAX_GRID_IMAGES
+    from pcd_kernels.backends import _host
+    from pcd_kernels.backends._host import MAX_GRID_IMAGES
 
     device = "cuda" if CUDA else "cpu"
     student = torch.randn(MAX_GRID_IMAGES + 1, 2, 1, 1, device=device)
@@ -420,7 +420,7 @@ def test_image_negatives_beyond_the_grid_limit_are_refused_or_fall_back(monkeypa
 
     # "auto" uses the torch backend instead (shown at a small limit: the torch backend is slow on
     # 65,536 one-pixel images).
-    monkeypatch.setattr(kernels, "MAX_GRID_IMAGES", 2)
+    monkeypatch.setattr(_host, "MAX_GRID_IMAGES", 2)
     student, teacher, _, _ = make_inputs(b=3)
     student, teacher = student.float().to(device), teacher.float().to(device)
     with pytest.raises(ValueError, match="takes up to 2 images per call, got 3"):

@@ -7,6 +7,18 @@ from torch import Tensor
 
 from pcd_kernels._conventions import NORM_EPS
 
+# Both GPU backends of pixel_contrastive_loss give each image its own grid row in negatives="image"
+# mode, and CUDA caps that axis (y) at 65,535.
+MAX_GRID_IMAGES = 65535
+
+
+def image_grid_limit(negatives: str, batch: int) -> Optional[str]:
+    """What a GPU backend of pixel_contrastive_loss cannot take about the batch size, or None."""
+    if negatives == "image" and batch > MAX_GRID_IMAGES:
+        return (f"with negatives='image' takes up to {MAX_GRID_IMAGES} images per call, got {batch}; split the "
+                "batch or use backend='torch'")
+    return None
+
 
 def mask_bytes(mask: Tensor) -> Tensor:
     """A bool mask as the flat contiguous uint8 array the kernels read (1 = valid)."""

@@ -16,20 +16,12 @@ import math
 import torch
 
 from pcd_kernels.backends.cuda import _extension
-from pcd_kernels._conventions import pixel_rows
-from pcd_kernels.backends._host import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
-                                        mask_bytes, projection_scales)
-
-MODES = {"none": 0, "image": 1, "batch": 2}
-# The grid has one row per image in negatives="image" mode: its y axis, 65,535 at most.
-MAX_GRID_IMAGES = 65535
-
+from pcd_kernels._conventions import NEGATIVES_MODES, pixel_rows
+from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
+                                        key_side_weights, mask_bytes, projection_scales)
 
 def limits(*, dtype, auto, negatives, batch):
-    if negatives == "image" and batch > MAX_GRID_IMAGES:
-        return (f"with negatives='image' takes up to {MAX_GRID_IMAGES} images per call, got {batch}; split the "
-                "batch or use backend='torch'")
-    return None
+    return image_grid_limit(negatives, batch)
 
 
 def _ptr(t):
@@ -46,12 +38,12 @@ class _Inputs:
         self.anchors = pixel_rows(student).contiguous()
         self.pixels = pixel_rows(teacher.to(student.dtype)).contiguous()
         self.n_rows, self.channels, self.hw = B * H * W, C, H * W
-        self.mode = MODES[negatives]
+        self.mode = NEGATIVES_MODES[negatives]
         self.normalize = normalize
         self.queue = queue.to(student.dtype) if queue is not None and queue.shape[0] > 0 else None
         self.extra = None
         self.valid_extra = None
-        if extra_keys is not None and extra_keys.shape[0] > 0 and self.mode == MODES["batch"]:
+        if extra_keys is not None and extra_keys.shape[0] > 0 and self.mode == NEGATIVES_MODES["batch"]:
             self.extra = extra_keys.to(student.dtype)
             if extra_mask is not None:
                 self.valid_extra = mask_bytes(extra_mask)
@@ -116,7 +108,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
             raise TypeError(f"backend='cuda': gradients in {grad.dtype} and {student.dtype} at once")
     g = anchor_weights(grad_loss, mask)
     lse2 = lse.reshape(-1).contiguous()
-    none_mode = inp.mode == MODES["none"]
+    none_mode = inp.mode == NEGATIVES_MODES["none"]
     pixel_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and has_queue
     ext = _extension.extension()

@@ -36,22 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.backends._host import (KernelGradients, anchor_weights, inverse_norms, key_side_weights,
-                                        mask_bytes, projection_scales)
+from pcd_kernels._conventions import NEGATIVES_MODES
+from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
+                                        key_side_weights, mask_bytes, projection_scales)
 from pcd_kernels.backends.triton._common import (LN2, LOG2E, MAX_INIT, KernelCall, Launchers, block_c, device_guard,
                                                  dot_rows, int32_tile_offsets, largest_tile, load_chunk,
                                                  logit_scale, matmul_precision, pixel_matrix, tune_key)
 
-MODES = {"none": 0, "image": 1, "batch": 2}
-# The grid has one row per image in negatives="image" mode; CUDA caps that axis at 65,535.
-MAX_GRID_IMAGES = 65535
-
-
 def limits(*, dtype, auto, negatives, batch):
-    if negatives == "image" and batch > MAX_GRID_IMAGES:
-        return (f"with negatives='image' takes up to {MAX_GRID_IMAGES} images per call, got {batch}; split the "
-                "batch or use backend='torch'")
-    return None
+    return image_grid_limit(negatives, batch)
 
 
 @triton.jit
@@ -451,14 +444,14 @@ class _Inputs:
         self.anchors = pixel_matrix(student)
         self.teacher = pixel_matrix(teacher)
         self.channels, self.hw, self.n_rows = C, H * W, B * H * W
-        self.mode = MODES[negatives]
+        self.mode = NEGATIVES_MODES[negatives]
         self.normalize = normalize
         self.logit_scale = logit_scale(temperature)
         self.inv_temperature = 1.0 / temperature
         self.has_mask = mask is not None
         self.has_queue = queue is not None and queue.shape[0] > 0
         self.has_extra = (extra_keys is not None and extra_keys.shape[0] > 0
-                          and self.mode == MODES["batch"])
+                          and self.mode == NEGATIVES_MODES["batch"])
         self.queue = int32_tile_offsets(queue, TILE_ROWS) if self.has_queue else None
         self.extra = int32_tile_offsets(extra_keys, TILE_ROWS) if self.has_extra else None
         self.n_queue = queue.shape[0] if self.has_queue else 0
@@ -477,8 +470,8 @@ class _Inputs:
 
         self.block_c = block_c(C, student.element_size())
         self.c_tiles = triton.cdiv(C, self.block_c)
-        self.segments = B if self.mode == MODES["image"] else 1
-        self.seg_len = H * W if self.mode == MODES["image"] else self.n_rows
+        self.segments = B if self.mode == NEGATIVES_MODES["image"] else 1
+        self.seg_len = H * W if self.mode == NEGATIVES_MODES["image"] else self.n_rows
         self.precision = matmul_precision(student.dtype)
         # Backward weights are divided by the key norms (one multiply per logit) unless float16,
         # whose range a zero vector's 1/||k|| = 1e12 would overflow.
@@ -566,7 +559,7 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     grad_a, grad_t, grad_q = grads.anchors, grads.teacher, grads.queue
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
     g = anchor_weights(grad_loss, mask)
-    none_mode = inp.mode == MODES["none"]
+    none_mode = inp.mode == NEGATIVES_MODES["none"]
     calls = []
     if grad_a is not None:
         calls.append(anchor_backward_call(inp, loss, lse, g, grad_a))
