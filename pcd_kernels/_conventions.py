@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 NORM_EPS = 1e-12  # F.normalize's eps: vectors are divided by max(||x||, NORM_EPS)
-# Every backend saves its logsumexps in base 2 (log2 sum 2^(logit * LOG2E)): the kernels' exp is
-# exp2, one instruction. lse2 = lse * LOG2E, lse = lse2 * LN2.
+# ``lse`` is a natural logsumexp, ``lse2`` a base-2 one (log2 sum 2^(logit * LOG2E)), what the
+# kernels compute, save and read: their exp is exp2, one instruction. lse2 = lse * LOG2E.
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
 # pixel_contrastive_loss's negatives modes as its kernels number them. csrc/ has the same numbers

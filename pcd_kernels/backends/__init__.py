@@ -67,12 +67,12 @@ def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype,
     """The error an explicit request of ``backend`` for this call raises, or None when it runs:
     RuntimeError when the backend cannot run at all, TypeError for a dtype it does not take,
     ValueError for sizes beyond its limits."""
+    if backend not in OPS[op].backends:
+        return RuntimeError(f"{op}: backend={backend!r} cannot run: the {backend} backend does not implement this "
+                            "op yet; use backend='triton' (GPU) or 'torch'")
     reason = _package(backend).unavailable_reason(device)
     if reason is not None:
         return RuntimeError(f"{op}: backend={backend!r} cannot run: {reason}")
-    if backend not in OPS[op].backends:
-        return RuntimeError(f"{op}: backend={backend!r} cannot run: the {backend} backend does not implement this op yet; use "
-                            "backend='triton' (GPU) or 'torch'")
     dtypes = _package(backend).DTYPES
     if dtypes is not None and dtype not in dtypes:
         return TypeError(f"{op}: backend={backend!r} supports float16, bfloat16 and float32 inputs, got {dtype}; "

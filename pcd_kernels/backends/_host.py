@@ -91,3 +91,31 @@ def projection_scales(rows: Tensor, inv: Tensor) -> Tensor:
     float32; ``inv`` is :func:`inverse_norms` of the same rows."""
     norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
     return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
+
+
+def per_anchor_outputs(student: Tensor) -> Tuple[Tensor, Tensor]:
+    """The (loss, lse) buffers of pixel_contrastive_loss's GPU forward: (B, H, W) float32 each."""
+    B, _, H, W = student.shape
+    loss = torch.empty((B, H, W), dtype=torch.float32, device=student.device)
+    return loss, torch.empty_like(loss)
+
+
+def attention_outputs(q: Tensor, num_heads: int) -> Tuple[Tensor, Tensor]:
+    """The (output, lse) buffers of pixel_attention's GPU forward for (B, C, LQ) queries: the output
+    contiguous in q's dtype, the base-2 lse (B * heads, LQ) float32."""
+    B, C, LQ = q.shape
+    return q.new_empty((B, C, LQ)), torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+
+
+def attention_gradients(q: Tensor, k: Tensor, v: Tensor, needs_q: bool, needs_kv: bool
+                        ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], bool]:
+    """pixel_attention's GPU gradient buffers (each in its input's layout when that is dense, None
+    where not needed) and whether no kernel has to run (no query or no key: they are zeroed)."""
+    grad_q = torch.empty_like(q) if needs_q else None
+    grad_k, grad_v = (torch.empty_like(k), torch.empty_like(v)) if needs_kv else (None, None)
+    empty = q.numel() == 0 or k.numel() == 0
+    if empty:
+        for g in (grad_q, grad_k, grad_v):
+            if g is not None:
+                g.zero_()
+    return grad_q, grad_k, grad_v, empty

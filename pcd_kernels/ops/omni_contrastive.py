@@ -23,8 +23,9 @@ _OP = "omni_contrastive_loss"
 @torch.library.custom_op("pcd_kernels::omni_contrastive_forward", mutates_args=())
 def _forward_op(student: Tensor, teacher: Tensor, groups: int, temperature: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
-    """Per-sample (loss, saved_lse), each (patches, samples), of packed (patches, dims, samples)
-    maps; saved_lse is each sample's base-2 logsumexp."""
+    """Per-sample (loss, saved), each (patches, samples), of packed (patches, dims, samples)
+    maps; ``saved`` is what the same backend's backward reads, each sample's logsumexp (``lse2``,
+    base 2, for the kernels; ``lse``, natural, for the torch backend)."""
     return run_backend(_OP, backend, "forward", student.device, student, teacher, groups, temperature)
 
 
@@ -36,17 +37,17 @@ def _forward_fake(student, teacher, groups, temperature, backend):
 
 
 @torch.library.custom_op("pcd_kernels::omni_contrastive_backward", mutates_args=())
-def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, lse: Tensor, groups: int,
+def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, saved: Tensor, groups: int,
                  temperature: float, backend: str, needs_student: bool,
                  needs_teacher: bool) -> Tuple[Tensor, Tensor]:
     """Gradients for the packed (student, teacher); an empty tensor stands for one not asked for."""
-    grads = run_backend(_OP, backend, "backward", student.device, grad_loss, student, teacher, lse, groups,
+    grads = run_backend(_OP, backend, "backward", student.device, grad_loss, student, teacher, saved, groups,
                         temperature, needs_student, needs_teacher)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_loss, student, teacher, lse, groups, temperature, backend, needs_student,
+def _backward_fake(grad_loss, student, teacher, saved, groups, temperature, backend, needs_student,
                    needs_teacher):
     empty = student.new_empty(0)
     return (student.new_empty(student.shape) if needs_student else empty,
@@ -59,12 +60,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (groups, temperature, backend)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    student, teacher, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_saved):
+    student, teacher, saved = ctx.saved_tensors
     groups, temperature, backend = ctx.options
     need_s, need_t = ctx.needs_input_grad[:2]
     grad_s, grad_t = torch.ops.pcd_kernels.omni_contrastive_backward(
-        grad_loss, student, teacher, lse, groups, temperature, backend, need_s, need_t)
+        grad_loss, student, teacher, saved, groups, temperature, backend, need_s, need_t)
     return grad_s if need_s else None, grad_t if need_t else None, None, None, None
 
 

@@ -23,7 +23,7 @@ _OP = "pixel_attention"
 @torch.library.custom_op("pcd_kernels::pixel_attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, num_heads: int, scale: float,
                 backend: str) -> Tuple[Tensor, Tensor]:
-    """(output (B, C, Lq), base-2 lse (B * heads, Lq) float32) of (B, C, L) maps, any strides."""
+    """(output (B, C, Lq), lse2 (base 2, (B * heads, Lq)) float32) of (B, C, L) maps, any strides."""
     return run_backend(_OP, backend, "forward", q.device, q, k, v, num_heads, scale)
 
 
@@ -34,18 +34,18 @@ def _forward_fake(q, k, v, num_heads, scale, backend):
 
 
 @torch.library.custom_op("pcd_kernels::pixel_attention_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor,
                  num_heads: int, scale: float, backend: str, needs_q: bool,
                  needs_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for q, k, v; an empty tensor stands for one not asked for (the kernel that
     computes it does not run)."""
-    grads = run_backend(_OP, backend, "backward", q.device, grad_out, q, k, v, out, lse, num_heads, scale, needs_q,
+    grads = run_backend(_OP, backend, "backward", q.device, grad_out, q, k, v, out, lse2, num_heads, scale, needs_q,
                         needs_kv)
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out, q, k, v, out, lse, num_heads, scale, backend, needs_q, needs_kv):
+def _backward_fake(grad_out, q, k, v, out, lse2, num_heads, scale, backend, needs_q, needs_kv):
     # (separate empties: outputs of a custom op must not alias each other)
     return tuple(torch.empty_like(x) if needed else q.new_empty(0)
                  for x, needed in ((q, needs_q), (k, needs_kv), (v, needs_kv)))
@@ -57,10 +57,10 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (num_heads, scale, backend)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse2):
+    q, k, v, out, lse2 = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
-    grads = torch.ops.pcd_kernels.pixel_attention_backward(grad_out, q, k, v, out, lse, *ctx.options,
+    grads = torch.ops.pcd_kernels.pixel_attention_backward(grad_out, q, k, v, out, lse2, *ctx.options,
                                                            need_q, need_k or need_v)
     return (*(g if need else None for g, need in zip(grads, (need_q, need_k, need_v))), None, None, None)
 

@@ -26,9 +26,10 @@ _OP = "pixel_contrastive_loss"
 def _forward_op(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra_keys: Optional[Tensor],
                 mask: Optional[Tensor], extra_mask: Optional[Tensor], negatives: str,
                 temperature: float, normalize: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """Per-anchor (loss, saved_lse), each (B, H, W), 0 at masked pixels.
+    """Per-anchor (loss, saved), each (B, H, W), 0 at masked pixels.
 
-    ``saved_lse`` is the state the same backend's backward reads: each anchor's base-2 logsumexp."""
+    ``saved`` is what the same backend's backward reads: each anchor's logsumexp over its keys,
+    ``lse2`` (base 2) for the kernels, ``lse`` (natural) for the torch backend."""
     return run_backend(_OP, backend, "forward", student.device, student, teacher, queue, extra_keys, mask,
                        extra_mask, negatives, temperature, normalize)
 
@@ -44,18 +45,18 @@ def _forward_fake(student, teacher, queue, extra_keys, mask, extra_mask, negativ
 @torch.library.custom_op("pcd_kernels::pixel_contrastive_backward", mutates_args=())
 def _backward_op(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Optional[Tensor],
                  extra_keys: Optional[Tensor], mask: Optional[Tensor], extra_mask: Optional[Tensor],
-                 loss: Tensor, lse: Tensor, negatives: str, temperature: float, normalize: bool,
+                 loss: Tensor, saved: Tensor, negatives: str, temperature: float, normalize: bool,
                  backend: str, needs_student: bool, needs_teacher: bool,
                  needs_queue: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients for (student, teacher, queue); an empty tensor stands for one not asked for."""
     grads = run_backend(_OP, backend, "backward", student.device, grad_loss, student, teacher, queue,
-                        extra_keys, mask, extra_mask, loss, lse, negatives, temperature, normalize,
+                        extra_keys, mask, extra_mask, loss, saved, negatives, temperature, normalize,
                         needs_student, needs_teacher, needs_queue)
     return tuple(g if g is not None else student.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse,
+def _backward_fake(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, saved,
                    negatives, temperature, normalize, backend, needs_student, needs_teacher,
                    needs_queue):
     B, C, H, W = student.shape
@@ -69,18 +70,18 @@ def _backward_fake(grad_loss, student, teacher, queue, extra_keys, mask, extra_m
 
 def _setup_context(ctx, inputs, output):
     student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize, backend = inputs
-    loss, lse = output
-    ctx.save_for_backward(student, teacher, queue, extra_keys, mask, extra_mask, loss, lse)
+    loss, saved = output
+    ctx.save_for_backward(student, teacher, queue, extra_keys, mask, extra_mask, loss, saved)
     ctx.options = (negatives, temperature, normalize, backend)
 
 
-def _backward(ctx, grad_loss, grad_lse):
-    student, teacher, queue, extra_keys, mask, extra_mask, loss, lse = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_saved):
+    student, teacher, queue, extra_keys, mask, extra_mask, loss, saved = ctx.saved_tensors
     negatives, temperature, normalize, backend = ctx.options
     need_s, need_t, need_q = ctx.needs_input_grad[:3]
     need_q = need_q and queue is not None
     grad_s, grad_t, grad_q = torch.ops.pcd_kernels.pixel_contrastive_backward(
-        grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse, negatives,
+        grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, saved, negatives,
         temperature, normalize, backend, need_s, need_t, need_q)
     return (grad_s if need_s else None, grad_t if need_t else None, grad_q if need_q else None,
             None, None, None, None, None, None, None)

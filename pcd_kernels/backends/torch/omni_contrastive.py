@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from pcd_kernels._conventions import LN2, LOG2E, compute_dtype
+from pcd_kernels._conventions import compute_dtype
 from pcd_kernels.backends.torch import _common
 
 
@@ -30,7 +30,7 @@ def _omni_patch_chunks(patches: int, samples: int) -> int:
 
 
 def forward(student: Tensor, teacher: Tensor, groups: int, temperature: float) -> Tuple[Tensor, Tensor]:
-    """Per-sample loss and base-2 lse (patches, samples) of packed (patches, dims, samples) maps;
+    """Per-sample loss and (natural) lse (patches, samples) of packed (patches, dims, samples) maps;
     memory O(patch chunk x samples^2), never (pairs x dims)."""
     P, _, K = student.shape
     dtype = compute_dtype(student.dtype)
@@ -46,7 +46,7 @@ def forward(student: Tensor, teacher: Tensor, groups: int, temperature: float) -
         lse_chunk = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), 2)
         lse[start:start + step] = lse_chunk
         loss[start:start + step] = lse_chunk - positive
-    return loss, lse.mul_(LOG2E)
+    return loss, lse
 
 
 def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, lse: Tensor, groups: int, temperature: float,
@@ -76,7 +76,7 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, lse: Tensor, g
         t = teacher[rows].to(dtype)
         s_rows, t_rows = s.transpose(1, 2).contiguous(), t.transpose(1, 2).contiguous()
         distances = torch.cdist(s_rows, t_rows, p=1)
-        weights = (distances / -temperature - lse[rows].to(dtype)[:, :, None] * LN2).exp_()
+        weights = (distances / -temperature - lse[rows].to(dtype)[:, :, None]).exp_()
         weights.masked_fill_(~allowed, 0).sub_(eye.to(dtype))
         weights.mul_(grad_loss[rows].to(dtype)[:, :, None] / temperature)
         if not sign_pass:

@@ -6,7 +6,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from pcd_kernels._conventions import LN2, LOG2E, compute_dtype, pixel_rows
+from pcd_kernels._conventions import compute_dtype, pixel_rows
 from pcd_kernels.backends.torch._common import chunks, normalize_backward, prepared, valid_rows
 
 
@@ -61,7 +61,7 @@ class _Prepared:
 def forward(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra_keys: Optional[Tensor],
             mask: Optional[Tensor], extra_mask: Optional[Tensor], negatives: str, temperature: float,
             normalize: bool) -> Tuple[Tensor, Tensor]:
-    """Per-anchor loss and base-2 lse, (B, H, W) each, 0 at masked pixels; memory O(chunk x keys).
+    """Per-anchor loss and (natural) lse, (B, H, W) each, 0 at masked pixels; memory O(chunk x keys).
 
     ``extra_keys`` (rows, C) with ``extra_mask`` are further teacher pixels (other ranks'), used
     as keys by ``negatives="batch"`` only.
@@ -81,7 +81,7 @@ def forward(student: Tensor, teacher: Tensor, queue: Optional[Tensor], extra_key
                 lse_rows = torch.logaddexp(lse_rows, pos[rows])
             lse[rows] = lse_rows
             loss[rows] = lse_rows - pos[rows]
-    return loss.reshape(B, H, W), lse.mul_(LOG2E).reshape(B, H, W)
+    return loss.reshape(B, H, W), lse.reshape(B, H, W)
 
 
 def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Optional[Tensor],
@@ -98,7 +98,7 @@ def backward(grad_loss: Tensor, student: Tensor, teacher: Tensor, queue: Optiona
     inv_tau = 1.0 / temperature
     valid_idx = prep.valid_idx
     n = prep.a_hat.shape[0]
-    lse = lse.reshape(-1).to(prep.dtype) * LN2  # natural log from here
+    lse = lse.reshape(-1).to(prep.dtype)
     coef = grad_loss.reshape(-1).to(prep.dtype) * inv_tau  # d loss_i / d logit_ik = coef_i (p_ik - onehot)
     grad_a = prep.a_hat.new_zeros(n, C) if needs_student else None
     grad_t = prep.a_hat.new_zeros(n, C) if needs_teacher else None

@@ -7,7 +7,7 @@ built one dimension at a time from two contiguous vectors: CUDA-core work, no te
 (pairs x dims) buffer anywhere.
 
 * ``_forward_kernel``: distances, logits -|s - t|_1 / tau over the allowed keys (the positive and
-  every sample of another group), logsumexp, per-sample loss and lse.
+  every sample of another group), logsumexp, per-sample loss and lse2.
 * ``_anchor_backward_kernel``: recomputes the block, weights w_ij = g_i (p_ij - [i = j]), then per
   dimension d/ds_i = -sum_j w_ij sign(s_i - t_j) / tau for its anchors.
 * ``_key_backward_kernel``: the transposed block (all anchors x a tile of keys), per dimension
@@ -99,6 +99,24 @@ def _sign(x):
 
 
 @triton.jit
+def _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, a_ok, keys, k_ok, D, SAMPLES, GROUPS, logit_scale,
+                      BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w_ij of these anchors and keys (see _weights), their distances recomputed."""
+    lse2 = tl.load(lse_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    g = tl.load(grad_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
+    dist = _distances(S, T, patch * D * SAMPLES, anchors, a_ok, keys, k_ok, D, SAMPLES, BLOCK_A, BLOCK_K)
+    return _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g)
+
+
+@triton.jit
+def _signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok):
+    """w_ij sign(s_i - t_j) in one dimension (``row`` its offset): d distance_ij / d s_i."""
+    s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
+    t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
+    return w * _sign(s[:, None] - t[None, :])
+
+
+@triton.jit
 def _anchor_backward_kernel(S, T, lse_ptr, grad_ptr, DS, D, SAMPLES, GROUPS, logit_scale,
                             inv_temperature, BLOCK_A: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
     patch = tl.program_id(0).to(tl.int64)
@@ -106,16 +124,11 @@ def _anchor_backward_kernel(S, T, lse_ptr, grad_ptr, DS, D, SAMPLES, GROUPS, log
     a_ok = anchors < SAMPLES
     keys = tl.arange(0, SAMPLES_BLOCK)
     k_ok = keys < SAMPLES
-    base = patch * D * SAMPLES
-    lse2 = tl.load(lse_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
-    g = tl.load(grad_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
-    dist = _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES, BLOCK_A, SAMPLES_BLOCK)
-    w = _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g)
+    w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, a_ok, keys, k_ok, D, SAMPLES, GROUPS,
+                          logit_scale, BLOCK_A, SAMPLES_BLOCK)
     for d in range(D):
-        row = base + d * SAMPLES
-        s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
-        t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
-        grad = -tl.sum(w * _sign(s[:, None] - t[None, :]), 1) * inv_temperature
+        row = patch * D * SAMPLES + d * SAMPLES
+        grad = -tl.sum(_signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok), 1) * inv_temperature
         tl.store(DS + row + anchors, grad.to(DS.dtype.element_ty), mask=a_ok)
 
 
@@ -127,16 +140,11 @@ def _key_backward_kernel(S, T, lse_ptr, grad_ptr, DT, D, SAMPLES, GROUPS, logit_
     k_ok = keys < SAMPLES
     anchors = tl.arange(0, SAMPLES_BLOCK)
     a_ok = anchors < SAMPLES
-    base = patch * D * SAMPLES
-    lse2 = tl.load(lse_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
-    g = tl.load(grad_ptr + patch * SAMPLES + anchors, mask=a_ok, other=0.0)
-    dist = _distances(S, T, base, anchors, a_ok, keys, k_ok, D, SAMPLES, SAMPLES_BLOCK, BLOCK_K)
-    w = _weights(dist, anchors, a_ok, keys, k_ok, GROUPS, logit_scale, lse2, g)
+    w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, a_ok, keys, k_ok, D, SAMPLES, GROUPS,
+                          logit_scale, SAMPLES_BLOCK, BLOCK_K)
     for d in range(D):
-        row = base + d * SAMPLES
-        s = tl.load(S + row + anchors, mask=a_ok, other=0.0).to(tl.float32)
-        t = tl.load(T + row + keys, mask=k_ok, other=0.0).to(tl.float32)
-        grad = tl.sum(w * _sign(s[:, None] - t[None, :]), 0) * inv_temperature
+        row = patch * D * SAMPLES + d * SAMPLES
+        grad = tl.sum(_signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok), 0) * inv_temperature
         tl.store(DT + row + keys, grad.to(DT.dtype.element_ty), mask=k_ok)
 
 
@@ -155,22 +163,22 @@ def _launch_options():
 
 
 def forward(student, teacher, groups, temperature):
-    """Per-sample loss (natural log) and base-2 lse, (patches, samples) float32 each."""
+    """Per-sample loss (natural log) and lse2 (base 2), (patches, samples) float32 each."""
     P, D, K = student.shape
     student, teacher = student.contiguous(), teacher.contiguous()
     loss = torch.empty((P, K), dtype=torch.float32, device=student.device)
-    lse = torch.empty_like(loss)
+    lse2 = torch.empty_like(loss)
     if loss.numel() == 0:
-        return loss, lse
+        return loss, lse2
     block = tile(K)
     with device_guard(student):
         _forward_kernel[(P, triton.cdiv(K, block))](
-            student, teacher, loss, lse, D, K, groups, logit_scale(temperature),
+            student, teacher, loss, lse2, D, K, groups, logit_scale(temperature),
             BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
-    return loss, lse
+    return loss, lse2
 
 
-def backward(grad_loss, student, teacher, lse, groups, temperature, needs_student, needs_teacher):
+def backward(grad_loss, student, teacher, lse2, groups, temperature, needs_student, needs_teacher):
     """Gradients of sum(grad_loss * loss) for the packed maps (None where not needed)."""
     P, D, K = student.shape
     student, teacher = student.contiguous(), teacher.contiguous()
@@ -181,7 +189,7 @@ def backward(grad_loss, student, teacher, lse, groups, temperature, needs_studen
         return (grad_s.zero_() if grad_s is not None else None,
                 grad_t.zero_() if grad_t is not None else None)
     block = tile(K)
-    args = (student, teacher, lse, grad_loss)
+    args = (student, teacher, lse2, grad_loss)
     scales = (D, K, groups, logit_scale(temperature), 1.0 / temperature)
     with device_guard(student):
         if grad_s is not None:

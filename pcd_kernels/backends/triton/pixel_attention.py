@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from pcd_kernels._conventions import LOG2E
+from pcd_kernels.backends._host import attention_gradients, attention_outputs
 from pcd_kernels.backends.triton._common import KernelCall, Launchers, device_guard, matmul_precision, tune_key
 
 
@@ -122,9 +123,9 @@ def _key_value_backward_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LQ, LK, HEADS, D
         queries = start + tl.arange(0, BLOCK_M)
         q_ok = queries < LQ
         q_t = _tile_t(Q, queries, q_ok, sql, dims, d_ok, sqc)
-        lse = tl.load(LSE + queries, mask=q_ok, other=0.0)
+        lse2 = tl.load(LSE + queries, mask=q_ok, other=0.0)
         s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale2  # (keys, queries)
-        p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.where(q_ok[None, :], tl.exp2(s_t - lse2[None, :]), 0.0)
         do = _tile(DO, queries, q_ok, sdl, dims, d_ok, sdc)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -151,7 +152,7 @@ def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_sca
     d_ok = dims < D
     q = _tile(Q + _head_base(bh, HEADS, D, sqb, sqc), queries, q_ok, sql, dims, d_ok, sqc)
     do = _tile(DO + _head_base(bh, HEADS, D, sdb, sdc), queries, q_ok, sdl, dims, d_ok, sdc)
-    lse = tl.load(LSE + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)
     K += _head_base(bh, HEADS, D, skb, skc)
     V += _head_base(bh, HEADS, D, svb, svc)
@@ -161,7 +162,7 @@ def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_sca
         k_ok = keys < LK
         k = _tile(K, keys, k_ok, skl, dims, d_ok, skc)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale2
-        p = tl.where(k_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(k_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
         v_t = _tile_t(V, keys, k_ok, svl, dims, d_ok, svc)
         dp = tl.dot(do, v_t, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -257,46 +258,43 @@ def _common(q, k, num_heads, scale):
     return LQ, LK, D, flags, tiles, bucket, scale * LOG2E
 
 
-def forward_call(q, k, v, out, lse, num_heads, scale):
+def forward_call(q, k, v, out, lse2, num_heads, scale):
     LQ, LK, D, flags, tiles, bucket, qk_scale2 = _common(q, k, num_heads, scale)
     batch_heads = q.shape[0] * num_heads
-    args = (q, k, v, out, lse, LQ, LK, num_heads, D, qk_scale2,
+    args = (q, k, v, out, lse2, LQ, LK, num_heads, D, qk_scale2,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), bucket)
     return KernelCall(LAUNCHERS, "forward", args, flags, _grid("BLOCK_M", LQ, batch_heads), tiles)
 
 
-def backward_calls(grad_out, q, k, v, lse, delta, grad_q, grad_k, grad_v, num_heads, scale):
+def backward_calls(grad_out, q, k, v, lse2, delta, grad_q, grad_k, grad_v, num_heads, scale):
     LQ, LK, D, flags, tiles, bucket, qk_scale2 = _common(q, k, num_heads, scale)
     batch_heads = q.shape[0] * num_heads
     shared = (LQ, LK, num_heads, D, qk_scale2, scale, *q.stride(), *k.stride(), *v.stride(),
               *grad_out.stride())
-    key_value = (q, k, v, grad_out, lse, delta, grad_k, grad_v, *shared, *grad_k.stride(),
+    key_value = (q, k, v, grad_out, lse2, delta, grad_k, grad_v, *shared, *grad_k.stride(),
                  *grad_v.stride(), bucket)
-    query = (q, k, v, grad_out, lse, delta, grad_q, *shared, *grad_q.stride(), bucket)
+    query = (q, k, v, grad_out, lse2, delta, grad_q, *shared, *grad_q.stride(), bucket)
     return [KernelCall(LAUNCHERS, "key_value", key_value, flags, _grid("BLOCK_N", LK, batch_heads), tiles),
             KernelCall(LAUNCHERS, "query", query, flags, _grid("BLOCK_M", LQ, batch_heads), tiles)]
 
 
 def forward(q, k, v, num_heads, scale):
-    """Output (B, C, LQ) contiguous and the base-2 lse (B * heads, LQ) float32."""
-    B, C, LQ = q.shape
-    out = q.new_empty((B, C, LQ))
-    lse = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    """Output (B, C, LQ) contiguous and the lse2 (base 2) (B * heads, LQ) float32."""
+    out, lse2 = attention_outputs(q, num_heads)
     if out.numel() == 0:
-        return out, lse
+        return out, lse2
     with device_guard(q):
-        forward_call(q, k, v, out, lse, num_heads, scale).launch()
-    return out, lse
+        forward_call(q, k, v, out, lse2, num_heads, scale).launch()
+    return out, lse2
 
 
-def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_kv=True):
+def backward(grad_out, q, k, v, out, lse2, num_heads, scale, needs_q=True, needs_kv=True):
     """Gradients of sum(grad_out * out) for q, k, v (each in its input's layout when that is
     dense); None for those not needed, whose kernel does not run."""
     B, C, LQ = q.shape
-    grad_q = torch.empty_like(q) if needs_q else None
-    grad_k, grad_v = (torch.empty_like(k), torch.empty_like(v)) if needs_kv else (None, None)
-    if q.numel() == 0 or k.numel() == 0:
-        return tuple(g.zero_() if g is not None else None for g in (grad_q, grad_k, grad_v))
+    grad_q, grad_k, grad_v, empty = attention_gradients(q, k, v, needs_q, needs_kv)
+    if empty:
+        return grad_q, grad_k, grad_v
     D = C // num_heads
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
     dummy = q.new_empty((1, 1, 1))  # stands for a gradient not asked for (never written)
@@ -304,7 +302,7 @@ def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_
         _delta_kernel[(triton.cdiv(LQ, DELTA_BLOCK_M), B * num_heads)](
             out, grad_out, delta, LQ, num_heads, D, *out.stride(), *grad_out.stride(),
             BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d(D))
-        key_value, query = backward_calls(grad_out, q, k, v, lse, delta, *(g if g is not None else dummy
+        key_value, query = backward_calls(grad_out, q, k, v, lse2, delta, *(g if g is not None else dummy
                                                                          for g in (grad_q, grad_k, grad_v)),
                                           num_heads, scale)
         if needs_kv:

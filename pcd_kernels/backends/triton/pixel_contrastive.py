@@ -4,7 +4,7 @@ Three kernels, none of which stores anything of size anchors x keys:
 
 * ``_forward_kernel``: one program per tile of anchors streams the key tiles (teacher pixels of
   the image or batch, other ranks' pixels, queue rows), keeps a running max and sum per anchor
-  (online logsumexp, base 2), and writes the per-anchor loss and lse.
+  (online logsumexp, base 2), and writes the per-anchor loss and lse2.
 * ``_backward_anchor_kernel``: recomputes each anchor's softmax tile by tile and accumulates
   sum_k (p_ik - [k is i's positive]) k_hat_k (like flash-attention's dQ). With
   ``negatives="none"`` a second launch of it (TEACHER_POSITIVES, no key loop) writes the teacher
@@ -38,7 +38,7 @@ import triton.language as tl
 
 from pcd_kernels._conventions import NEGATIVES_MODES
 from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
-                                        key_side_weights, mask_bytes, projection_scales)
+                                        key_side_weights, mask_bytes, per_anchor_outputs, projection_scales)
 from pcd_kernels.backends.triton._common import (LN2, LOG2E, MAX_INIT, KernelCall, Launchers, block_c, device_guard,
                                                  dot_rows, int32_tile_offsets, largest_tile, load_chunk,
                                                  logit_scale, matmul_precision, pixel_matrix, tune_key)
@@ -89,7 +89,7 @@ def _lse_over_keys(m, l, pos, a0, A, rows, row0, a_in, a_sr, row_scale, K, k_sr,
                    BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """Online logsumexp (running max m, running sum l, base 2) over key rows [lo, hi) of one
     source. For teacher pixels it also picks each anchor's positive logit out of the tile holding
-    it, so that loss = lse - positive uses the very number the lse summed."""
+    it, so that loss = lse2 - positive uses the very number the lse2 summed."""
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         s, _, _, _ = _key_tile_logits(a0, A, row0, rows, a_in, a_sr, row_scale, K, k_sr, k_sc, start, keys,
@@ -195,7 +195,7 @@ def _forward_kernel(
                                    BLOCK_M, BLOCK_N, BLOCK_C, C_TILES, PRECISION)
     lse2 = m + tl.log2(l)
     tl.store(loss_ptr + rows, tl.where(valid, (lse2 - pos) * LN2, 0.0), mask=a_in)
-    # Saved in base 2: converting to natural log and back would move lse by an ulp of the
+    # Saved in base 2: converting to natural log and back would move lse2 by an ulp of the
     # logits, which is all that p_positive - 1 is for saturated anchors.
     tl.store(lse_ptr + rows, tl.where(valid, lse2, 0.0), mask=a_in)
 
@@ -496,28 +496,28 @@ class _Inputs:
         return dict(SCALE_WEIGHTS=self.scale_weights)
 
 
-def forward_call(inp, loss, lse):
+def forward_call(inp, loss, lse2):
     flags = inp.flags()
     bucket = tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
-    args = (*inp.sources(), loss, lse, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, bucket)
+    args = (*inp.sources(), loss, lse2, inp.n_rows, inp.hw, inp.channels, inp.logit_scale, bucket)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments)
     return KernelCall(LAUNCHERS, "forward", args, flags, grid)
 
 
-def anchor_backward_call(inp, loss, lse, g, out, teacher_positives=False):
+def anchor_backward_call(inp, loss, lse2, g, out, teacher_positives=False):
     """The student's gradient, or with teacher_positives the teacher's for negatives="none"
     (it involves only the positive), into a contiguous (rows, C) buffer."""
     flags = dict(inp.flags(), **inp.weight_flags(), TEACHER_POSITIVES=teacher_positives)
     bucket = tune_key(flags, inp.seg_len, inp.n_queue + inp.n_extra)
     rows, inv = (inp.teacher, inp.inv_t) if teacher_positives else (inp.anchors, inp.inv_a)
     proj = projection_scales(rows, inv) if inp.normalize else inv
-    args = (*inp.sources(), loss, lse, g, proj, out, inp.n_rows, inp.hw, inp.channels,
+    args = (*inp.sources(), loss, lse2, g, proj, out, inp.n_rows, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, bucket)
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_M"]), inp.segments, inp.c_tiles)
     return KernelCall(LAUNCHERS, "anchor", args, flags, grid)
 
 
-def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
+def key_backward_call(inp, lse2, g_scaled, g_max, grad_keys, keys_are_pixels):
     """Gradient of the teacher pixels (keys_are_pixels) or of the queue rows, into a contiguous
     (rows, C) buffer."""
     if keys_are_pixels:
@@ -529,27 +529,25 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys, keys_are_pixels):
                  PRECISION=inp.precision, **inp.weight_flags())
     proj_k = projection_scales(keys, inv_k) if inp.normalize else inv_k
     args = (inp.anchors, keys, keys.stride(0), keys.stride(1), inp.inv_a, inv_k, proj_k, inp.valid,
-            lse, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
+            lse2, g_scaled, g_max, grad_keys, inp.n_rows, n_keys, inp.hw, inp.channels,
             inp.logit_scale, inp.inv_temperature, tune_key(flags, inp.seg_len, n_keys))
     grid = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), segments, inp.c_tiles)
     return KernelCall(LAUNCHERS, "key", args, flags, grid)
 
 
 def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
-    """Per-anchor loss and base-2 lse (log2 of the softmax denominator, what the backward
+    """Per-anchor loss and lse2 (base 2) (log2 of the softmax denominator, what the backward
     kernels read), (B, H, W) float32 each, 0 at masked pixels."""
-    B, _, H, W = student.shape
-    loss = torch.empty((B, H, W), dtype=torch.float32, device=student.device)
-    lse = torch.empty_like(loss)
+    loss, lse2 = per_anchor_outputs(student)
     if loss.numel() == 0:
-        return loss, lse
+        return loss, lse2
     inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
     with device_guard(student):
-        forward_call(inp, loss, lse).launch()
-    return loss, lse
+        forward_call(inp, loss, lse2).launch()
+    return loss, lse2
 
 
-def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse, negatives,
+def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse2, negatives,
              temperature, normalize, needs_student, needs_teacher, needs_queue):
     """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
     as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
@@ -562,17 +560,17 @@ def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, l
     none_mode = inp.mode == NEGATIVES_MODES["none"]
     calls = []
     if grad_a is not None:
-        calls.append(anchor_backward_call(inp, loss, lse, g, grad_a))
+        calls.append(anchor_backward_call(inp, loss, lse2, g, grad_a))
     if grad_t is not None and none_mode:
-        calls.append(anchor_backward_call(inp, loss, lse, g, grad_t, teacher_positives=True))
+        calls.append(anchor_backward_call(inp, loss, lse2, g, grad_t, teacher_positives=True))
     pixel_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and inp.has_queue
     if pixel_keys or queue_keys:
         g_scaled, g_max = key_side_weights(g)
         if pixel_keys:
-            calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_t, True))
+            calls.append(key_backward_call(inp, lse2, g_scaled, g_max, grad_t, True))
         if queue_keys:
-            calls.append(key_backward_call(inp, lse, g_scaled, g_max, grad_q, False))
+            calls.append(key_backward_call(inp, lse2, g_scaled, g_max, grad_q, False))
     with device_guard(student):
         for call in calls:
             call.launch()

@@ -8,7 +8,7 @@ with ``keys`` one segment of K rows shared by both.
 * ``_forward_kernel``: one program per tile of anchors streams each segment's key tiles and keeps,
   per anchor, two online logsumexps (base 2) and the running sum of P_t (u - v) rescaled with the
   teacher's; the segment's KL is that sum / l_t - lse_t + lse_s. It writes the anchor's value (the
-  mean over segments) and both lse per segment, what the backward reads.
+  mean over segments) and both lse2 per segment, what the backward reads.
 * ``_backward_anchor_kernel``: recomputes each anchor's two softmaxes tile by tile and accumulates
   sum_k (P_s - P_t)_k k_hat_k: the student's gradient as an anchor.
 * ``_backward_key_kernel``: one program per tile of a segment's keys loops over every anchor and
@@ -166,7 +166,7 @@ def _forward_kernel(
 
 @triton.jit
 def _weights(u, v, lse_ptr, rows, r_ok, n_seg, seg, ROWS_FIRST: tl.constexpr):
-    """P_s - P_t from base-2 logits and the saved lse of these anchors (rows of the tile when
+    """P_s - P_t from base-2 logits and the saved lse2 of these anchors (rows of the tile when
     ROWS_FIRST, else its columns), 0 at absent keys and anchors."""
     base = lse_ptr + rows.to(tl.int64) * (2 * n_seg) + seg
     lse_t = tl.load(base, mask=r_ok, other=0.0)
@@ -402,23 +402,23 @@ class _Inputs:
         return (self.n_rows, self.n_seg, self.seg_len, self.cs, self.ct, self.logit_scale)
 
 
-def forward_call(inp, values, lse):
+def forward_call(inp, values, lse2):
     flags = inp.flags()
-    args = (*inp.sources(), values, lse, *inp.sizes(), tune_key(flags, inp.n_rows, inp.seg_len))
+    args = (*inp.sources(), values, lse2, *inp.sizes(), tune_key(flags, inp.n_rows, inp.seg_len))
     grid = lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]),)
     return KernelCall(LAUNCHERS, "forward", args, flags, grid)
 
 
-def anchor_backward_call(inp, lse, g, grad_rows):
+def anchor_backward_call(inp, lse2, g, grad_rows):
     flags = dict(inp.flags(), SCALE_WEIGHTS=inp.scale_weights)
     proj = projection_scales(inp.students, inp.inv_s) if inp.normalize else inp.inv_s
-    args = (*inp.sources(), lse, g, proj, grad_rows, *inp.sizes(), inp.inv_temperature,
+    args = (*inp.sources(), lse2, g, proj, grad_rows, *inp.sizes(), inp.inv_temperature,
             tune_key(flags, inp.n_rows, inp.seg_len))
     grid = lambda meta: (triton.cdiv(inp.n_rows, meta["BLOCK_M"]), inp.cs_tiles)
     return KernelCall(LAUNCHERS, "anchor", args, flags, grid)
 
 
-def key_backward_call(inp, lse, g_scaled, g_max, grad_keys):
+def key_backward_call(inp, lse2, g_scaled, g_max, grad_keys):
     flags = dict(inp.flags(), SCALE_WEIGHTS=inp.scale_weights)
     # The gradient of given keys (a memory that requires grad: rare) goes in channel chunks: beside
     # a whole-row accumulator its bfloat16 SASS spilled (tests/test_triton_aot.py). Each chunk's
@@ -429,33 +429,33 @@ def key_backward_call(inp, lse, g_scaled, g_max, grad_keys):
         flags.update(BLOCK_CS=chunk, CS_TILES=tiles, BLOCK_CT=chunk, CT_TILES=tiles)
     sk, _, _, inv_sk = inp.student_keys
     proj = projection_scales(sk, inv_sk) if inp.normalize else inv_sk
-    args = (*inp.sources(), lse, g_scaled, g_max, proj, grad_keys, *inp.sizes(), inp.inv_temperature,
+    args = (*inp.sources(), lse2, g_scaled, g_max, proj, grad_keys, *inp.sizes(), inp.inv_temperature,
             tune_key(flags, inp.n_rows, inp.seg_len))
     grid = lambda meta: (triton.cdiv(inp.seg_len, meta["BLOCK_N"]), inp.n_seg, flags["CS_TILES"])
     return KernelCall(LAUNCHERS, "key", args, flags, grid)
 
 
 def saved_shape(student, keys):
-    """The shape of the lse the forward saves: (anchors, 2, segments), float32."""
+    """The shape of the lse2 the forward saves: (anchors, 2, segments), float32."""
     B, _, H, W = student.shape
     return (B * H * W, 2, 1 if keys is not None else B)
 
 
 def forward(student, teacher, keys, mask, temperature, normalize):
-    """Per-anchor values (B, H, W) float32, 0 at masked pixels, and the base-2 lse of both
+    """Per-anchor values (B, H, W) float32, 0 at masked pixels, and the lse2 (base 2) of both
     distributions per segment (saved_shape), what the backward kernels read."""
     B, _, H, W = student.shape
     values = torch.zeros((B, H, W), dtype=torch.float32, device=student.device)
-    lse = torch.zeros(saved_shape(student, keys), dtype=torch.float32, device=student.device)
+    lse2 = torch.zeros(saved_shape(student, keys), dtype=torch.float32, device=student.device)
     if values.numel() == 0 or (keys is not None and keys.shape[0] == 0):
-        return values, lse
+        return values, lse2
     inp = _Inputs(student, teacher, keys, mask, temperature, normalize)
     with device_guard(student):
-        forward_call(inp, values, lse).launch()
-    return values, lse
+        forward_call(inp, values, lse2).launch()
+    return values, lse2
 
 
-def backward(grad_values, student, teacher, keys, mask, lse, temperature, normalize, needs_student, needs_keys):
+def backward(grad_values, student, teacher, keys, mask, lse2, temperature, normalize, needs_student, needs_keys):
     """Gradients (student, keys) of sum(grad_values * values), None where not needed: the student's
     as a channels_last (B, C, H, W) tensor, the keys' as a contiguous (K, C) one."""
     B, C, H, W = student.shape
@@ -472,11 +472,11 @@ def backward(grad_values, student, teacher, keys, mask, lse, temperature, normal
     g = anchor_weights(grad_values, mask)
     calls = []
     if grad_s is not None:
-        calls.append(anchor_backward_call(inp, lse, g, grad_s))
+        calls.append(anchor_backward_call(inp, lse2, g, grad_s))
     as_keys = rows(B * H * W, torch.float32) if (cross and grad_s is not None) else grad_k
     if as_keys is not None:
         g_scaled, g_max = key_side_weights(g)
-        calls.append(key_backward_call(inp, lse, g_scaled, g_max, as_keys))
+        calls.append(key_backward_call(inp, lse2, g_scaled, g_max, as_keys))
     with device_guard(student):
         for call in calls:
             call.launch()
