@@ -8,10 +8,9 @@ built one dimension at a time from two contiguous vectors: CUDA-core work, no te
 
 * ``_forward_kernel``: distances, logits -|s - t|_1 / tau over the allowed keys (the positive and
   every sample of another group), logsumexp, per-sample loss and lse2.
-* ``_anchor_backward_kernel``: recomputes the block, weights w_ij = g_i (p_ij - [i = j]), then per
-  dimension d/ds_i = -sum_j w_ij sign(s_i - t_j) / tau for its anchors.
-* ``_key_backward_kernel``: the transposed block (all anchors x a tile of keys), per dimension
-  d/dt_j = +sum_i w_ij sign(s_i - t_j) / tau.
+* ``_backward_kernel``: recomputes the block, weights w_ij = g_i (p_ij - [i = j]), then per
+  dimension d/ds_i = -sum_j w_ij sign(s_i - t_j) / tau for its anchors; with KEY_SIDE the
+  transposed block (all anchors x a tile of keys), per dimension d/dt_j = +sum_i (same).
 
 Modelled bound (bench/model.py; not measured): 3 CUDA-core instructions per sample pair and
 dimension forward, 6 backward, at an H200's plain fp32 instruction rate (33.5 T/s); the Cityscapes
@@ -117,35 +116,29 @@ def _signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok):
 
 
 @triton.jit
-def _anchor_backward_kernel(S, T, lse_ptr, grad_ptr, DS, D, SAMPLES, GROUPS, logit_scale,
-                            inv_temperature, BLOCK_A: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
+def _backward_kernel(S, T, lse_ptr, grad_ptr, OUT, D, SAMPLES, GROUPS, logit_scale, inv_temperature,
+                     BLOCK: tl.constexpr, SAMPLES_BLOCK: tl.constexpr, KEY_SIDE: tl.constexpr):
+    """A tile of anchors against every key (the student's gradient, d/ds_i = -sum_j ...), or with
+    KEY_SIDE a tile of keys against every anchor (the teacher's, d/dt_j = +sum_i ...), into OUT."""
     patch = tl.program_id(0).to(tl.int64)
-    anchors = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)
-    a_ok = anchors < SAMPLES
-    keys = tl.arange(0, SAMPLES_BLOCK)
-    k_ok = keys < SAMPLES
-    w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, a_ok, keys, k_ok, D, SAMPLES, GROUPS,
-                          logit_scale, BLOCK_A, SAMPLES_BLOCK)
+    tile = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    every = tl.arange(0, SAMPLES_BLOCK)
+    if KEY_SIDE:
+        anchors, keys = every, tile
+        w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, anchors < SAMPLES, keys, keys < SAMPLES, D,
+                              SAMPLES, GROUPS, logit_scale, SAMPLES_BLOCK, BLOCK)
+    else:
+        anchors, keys = tile, every
+        w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, anchors < SAMPLES, keys, keys < SAMPLES, D,
+                              SAMPLES, GROUPS, logit_scale, BLOCK, SAMPLES_BLOCK)
     for d in range(D):
         row = patch * D * SAMPLES + d * SAMPLES
-        grad = -tl.sum(_signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok), 1) * inv_temperature
-        tl.store(DS + row + anchors, grad.to(DS.dtype.element_ty), mask=a_ok)
-
-
-@triton.jit
-def _key_backward_kernel(S, T, lse_ptr, grad_ptr, DT, D, SAMPLES, GROUPS, logit_scale,
-                         inv_temperature, BLOCK_K: tl.constexpr, SAMPLES_BLOCK: tl.constexpr):
-    patch = tl.program_id(0).to(tl.int64)
-    keys = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = keys < SAMPLES
-    anchors = tl.arange(0, SAMPLES_BLOCK)
-    a_ok = anchors < SAMPLES
-    w = _backward_weights(S, T, lse_ptr, grad_ptr, patch, anchors, a_ok, keys, k_ok, D, SAMPLES, GROUPS,
-                          logit_scale, SAMPLES_BLOCK, BLOCK_K)
-    for d in range(D):
-        row = patch * D * SAMPLES + d * SAMPLES
-        grad = tl.sum(_signed_weights(w, S, T, row, anchors, a_ok, keys, k_ok), 0) * inv_temperature
-        tl.store(DT + row + keys, grad.to(DT.dtype.element_ty), mask=k_ok)
+        signed = _signed_weights(w, S, T, row, anchors, anchors < SAMPLES, keys, keys < SAMPLES)
+        if KEY_SIDE:
+            grad = tl.sum(signed, 0) * inv_temperature
+        else:
+            grad = -tl.sum(signed, 1) * inv_temperature
+        tl.store(OUT + row + tile, grad.to(OUT.dtype.element_ty), mask=tile < SAMPLES)
 
 
 def samples_block(samples: int) -> int:
@@ -193,10 +186,12 @@ def backward(grad_loss, student, teacher, lse2, groups, temperature, needs_stude
     scales = (D, K, groups, logit_scale(temperature), 1.0 / temperature)
     with device_guard(student):
         if grad_s is not None:
-            _anchor_backward_kernel[(P, triton.cdiv(K, block))](
-                *args, grad_s, *scales, BLOCK_A=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
+            _backward_kernel[(P, triton.cdiv(K, block))](
+                *args, grad_s, *scales, BLOCK=block, SAMPLES_BLOCK=samples_block(K), KEY_SIDE=False,
+                **_launch_options())
         if grad_t is not None:
-            _key_backward_kernel[(P, triton.cdiv(K, block))](
-                *args, grad_t, *scales, BLOCK_K=block, SAMPLES_BLOCK=samples_block(K), **_launch_options())
+            _backward_kernel[(P, triton.cdiv(K, block))](
+                *args, grad_t, *scales, BLOCK=block, SAMPLES_BLOCK=samples_block(K), KEY_SIDE=True,
+                **_launch_options())
     return grad_s, grad_t
 
