@@ -71,6 +71,17 @@ def check_maps(student, teacher, same_channels: bool = True) -> None:
     check_same_device("student", student, teacher=teacher)
 
 
+def check_key_rows(name: str, rows, student, hint: str = "") -> None:
+    """Optional (K, C) key rows (a queue, a memory) with the student's channel count C."""
+    if rows is None:
+        return
+    check_tensor(name, rows, 2, "(K, C) ")
+    check_float(name, rows)
+    if rows.shape[1] != student.shape[1]:
+        raise ValueError(f"{name} must be (K, C) with C = {student.shape[1]} channels like student, got shape "
+                         f"{tuple(rows.shape)}{hint}")
+
+
 def check_mask(mask, student) -> None:
     """An optional (B, H, W) bool mask of the student map's pixels (True = valid)."""
     if mask is None:

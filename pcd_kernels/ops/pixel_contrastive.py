@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 
 from pcd_kernels._conventions import compute_dtype, pixel_rows
-from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_key_rows, check_maps, check_mask,
                                      check_positive_finite, check_process_group, check_same_device,
-                                     check_same_on_every_rank, check_tensor)
+                                     check_same_on_every_rank)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve, run_backend
+from pcd_kernels.ops._reduction import REDUCTIONS, reduce_per_anchor
 
 NEGATIVES = ("batch", "image", "none")
-REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_contrastive_loss"
 
 
@@ -117,14 +117,8 @@ def _check_inputs(student, teacher, queue, negatives, temperature, normalize, ma
     check_choice("backend", backend, BACKENDS)
     temperature = check_positive_finite("temperature", temperature)
     check_bool("normalize", normalize)
-    if queue is not None:
-        check_tensor("queue", queue, 2, "(K, C) ")
-        check_float("queue", queue)
-        if queue.shape[1] != student.shape[1]:
-            raise ValueError(f"queue must be (K, C) with C = {student.shape[1]} channels like student, got "
-                             f"shape {tuple(queue.shape)} (for the official (C, K) queue buffer pass "
-                             "queue.t())")
-    elif negatives == "none":
+    check_key_rows("queue", queue, student, " (for the official (C, K) queue buffer pass queue.t())")
+    if queue is None and negatives == "none":
         raise ValueError("negatives='none' needs a queue: the keys are the positive and the queue rows")
     check_mask(mask, student)
     check_same_device("student", student, queue=queue, mask=mask)
@@ -222,17 +216,10 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
         extra_keys, extra_mask = _gather_pixel_keys(teacher, mask, process_group)
     loss_map, _ = torch.ops.pcd_kernels.pixel_contrastive_forward(
         student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize, backend)
-    if reduction == "none":
-        return loss_map
-    total = loss_map.sum()
-    if reduction == "sum":
-        return total
-    count = mask.sum() if mask is not None else loss_map.numel()
+    anchor_count = None
     if process_group is not None:
-        count = _mean_valid_count_over_ranks(count, loss_map.device, process_group)
-    if isinstance(count, int):
-        return total / max(count, 1)
-    return total / count.clamp_min(1)
+        anchor_count = lambda count: _mean_valid_count_over_ranks(count, loss_map.device, process_group)
+    return reduce_per_anchor(loss_map, mask, reduction, anchor_count)
 
 
 def _mean_valid_count_over_ranks(count, device, group):

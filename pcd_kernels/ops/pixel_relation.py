@@ -11,11 +11,11 @@ import torch
 from torch import Tensor
 
 from pcd_kernels._conventions import compute_dtype
-from pcd_kernels.ops._checks import (check_bool, check_choice, check_float, check_maps, check_mask,
-                                     check_positive_finite, check_same_device, check_tensor)
+from pcd_kernels.ops._checks import (check_bool, check_choice, check_key_rows, check_maps, check_mask,
+                                     check_positive_finite, check_same_device)
 from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, implementation, resolve, run_backend
+from pcd_kernels.ops._reduction import REDUCTIONS, reduce_per_anchor
 
-REDUCTIONS = ("mean", "sum", "none")
 _OP = "pixel_relation_loss"
 
 
@@ -84,12 +84,7 @@ def _check_inputs(student, teacher, keys, temperature, normalize, mask, reductio
     check_choice("backend", backend, BACKENDS)
     temperature = check_positive_finite("temperature", temperature)
     check_bool("normalize", normalize)
-    if keys is not None:
-        check_tensor("keys", keys, 2, "(K, C) ")
-        check_float("keys", keys)
-        if keys.shape[1] != student.shape[1]:
-            raise ValueError(f"keys must be (K, C) with C = {student.shape[1]} channels like student, got shape "
-                             f"{tuple(keys.shape)}")
+    check_key_rows("keys", keys, student)
     check_mask(mask, student)
     check_same_device("student", student, keys=keys, mask=mask)
     return temperature
@@ -158,12 +153,4 @@ def pixel_relation_loss(student: Tensor, teacher: Tensor, keys: Optional[Tensor]
     keys = keys.to(dtype) if keys is not None else None
     values, _ = torch.ops.pcd_kernels.pixel_relation_forward(student, teacher, keys, mask, temperature, normalize,
                                                              backend)
-    if reduction == "none":
-        return values
-    total = values.sum()
-    if reduction == "sum":
-        return total
-    count = mask.sum() if mask is not None else values.numel()
-    if isinstance(count, int):
-        return total / max(count, 1)
-    return total / count.clamp_min(1)
+    return reduce_per_anchor(values, mask, reduction)
