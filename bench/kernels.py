@@ -91,8 +91,9 @@ def attention_launches(dtype, head_dim, heads):
 
 
 def omni_launches(dtype, dims=128, samples=256, groups=16):
-    """omni_contrastive_loss's kernels (one launch configuration each: candidates (0, 0, warps,
-    stages), no tiles to choose)."""
+    """omni_contrastive_loss's kernels: the forward and the backward for each side, anchors (the
+    student's gradient) and keys (the teacher's). One launch configuration each: candidates (0, 0,
+    warps, stages), no tiles to choose."""
     import torch
 
     from pcd_kernels.backends.triton import omni_contrastive as oc
@@ -102,16 +103,15 @@ def omni_launches(dtype, dims=128, samples=256, groups=16):
     per_sample = torch.empty(8, samples)
     blocks = dict(SAMPLES_BLOCK=oc.samples_block(samples))
     scales = (dims, samples, groups, logit_scale(0.07))
+    backward = (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07)
     options = oc._launch_options()
     config = [(0, 0, options["num_warps"], options["num_stages"])]
-    return [(f"omni_contrastive.{fn.__name__.strip('_')}", f"dims={dims}", fn, args, constexprs, config)
-            for fn, args, constexprs in (
-                (oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
+    return [(f"omni_contrastive.{name}", f"dims={dims}", fn, args, constexprs, config)
+            for name, fn, args, constexprs in (
+                ("forward", oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
                  dict(blocks, BLOCK_A=oc.tile(samples))),
-                (oc._anchor_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
-                 dict(blocks, BLOCK_A=oc.tile(samples))),
-                (oc._key_backward_kernel, (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07),
-                 dict(blocks, BLOCK_K=oc.tile(samples))))]
+                ("anchor_backward", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=False)),
+                ("key_backward", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=True)))]
 
 
 def launches(dtype_name: str):
