@@ -1,11 +1,18 @@
-"""Shared test helpers: devices, backends and the DESIGN.md 5 comparison rule."""
+"""The test kit: devices, the (backend, device, dtype) cases of every op (read from the registry,
+``pcd_kernels.backends.OPS``), running an op with its gradients, and the DESIGN.md 5 comparison
+rule against a float64 reference."""
+import importlib
 import os
 
 import pytest
 import torch
 
+import pcd_kernels
+from pcd_kernels.backends import OPS
+
 CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 # Absolute floor of the comparison rule, relative to the reference's largest magnitude.
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -16,34 +23,49 @@ def devices():
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 
 
-def backend_cases(with_cuda=True):
-    """(backend, device, dtype) cases every op test runs; ``with_cuda`` adds the CUDA extension's
-    (for the ops it implements)."""
+def _dtype_name(dtype):
+    return str(dtype)[6:]
+
+
+def _backend_package(backend):
+    return importlib.import_module(f"pcd_kernels.backends.{backend}")
+
+
+def _skip_reason(backend, device, dtype):
+    """Why (backend, device, dtype) cannot run here, or None."""
+    if device == "cuda" and not CUDA:
+        return "no CUDA device"
+    reason = _backend_package(backend).unavailable_reason(torch.device(device))
+    if reason is None and backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        reason = "bfloat16 gives wrong numbers in Triton's CPU interpreter; checked on CUDA"
+    return reason
+
+
+def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
+    """The (backend, device, dtype) cases of ``op`` (a name in ``pcd_kernels.backends.OPS``): every
+    backend the registry lists for it, on each of ``devices``, in each of ``dtypes`` the backend
+    takes; ``backends`` keeps only those named. A case that cannot run here is skipped with the
+    reason. backend='cuda' has no CPU case: on CPU tensors it is an error (tested in
+    test_build.py). Ids read ``<backend>-<device>-<dtype>`` (make gpu-smoke selects by them)."""
     cases = []
-    for device in ("cpu", "cuda"):
-        no_device = device == "cuda" and not CUDA
-        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
-            marks = [pytest.mark.skipif(no_device, reason="no CUDA device")]
-            cases.append(pytest.param("torch", device, dtype, marks=marks,
-                                      id=f"torch-{device}-{str(dtype)[6:]}"))
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            reason = None
-            if no_device:
-                reason = "no CUDA device"
-            elif device == "cpu" and not INTERPRETER:
-                reason = "Triton runs on CUDA tensors here (TRITON_INTERPRET is off)"
-            elif device == "cpu" and dtype == torch.bfloat16:
-                reason = "bfloat16 gives wrong numbers in Triton's CPU interpreter; checked on CUDA"
-            marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
-            cases.append(pytest.param("triton", device, dtype, marks=marks,
-                                      id=f"triton-{device}-{str(dtype)[6:]}"))
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if device == "cpu" or not with_cuda:
-                continue  # backend='cuda' on CPU tensors is an error, tested in test_build.py
-            reason = "no CUDA device" if no_device else cuda_extension_missing()
-            marks = [pytest.mark.skipif(reason is not None, reason=reason or "")]
-            cases.append(pytest.param("cuda", device, dtype, marks=marks, id=f"cuda-{device}-{str(dtype)[6:]}"))
+    for device in devices:
+        for backend in OPS[op].backends:
+            if (backends is not None and backend not in backends) or (backend == "cuda" and device == "cpu"):
+                continue
+            takes = _backend_package(backend).DTYPES
+            for dtype in dtypes:
+                if takes is not None and dtype not in takes:
+                    continue
+                reason = _skip_reason(backend, device, dtype)
+                cases.append(pytest.param(backend, device, dtype, id=f"{backend}-{device}-{_dtype_name(dtype)}",
+                                          marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
     return cases
+
+
+def op_cases(dtypes=(torch.float32,)):
+    """(op, backend, device, dtype) over every op of the registry: :func:`backend_cases` of each."""
+    return [pytest.param(op, *case.values, marks=case.marks, id=f"{op}-{case.id}")
+            for op in OPS for case in backend_cases(op, dtypes)]
 
 
 def cuda_extension_missing():
@@ -51,6 +73,53 @@ def cuda_extension_missing():
     from pcd_kernels.backends.cuda import _extension
 
     return None if _extension.is_built() else f"pcd_kernels._C not built: {_extension.unavailable_reason()}"
+
+
+def run(fn, inputs, dtype, device, grads=None, weight=None, **kwargs):
+    """``fn(*inputs, **kwargs)`` on ``inputs`` cast to (device, dtype) (None passes through; tensors
+    among ``kwargs``, e.g. a mask, are moved only), and the gradients of sum(weight * result)
+    w.r.t. the inputs ``grads`` flags (default: every input), None for the others."""
+    grads = (True,) * len(inputs) if grads is None else grads
+    leaves = [x.to(device=device, dtype=dtype).requires_grad_(g) if x is not None else None
+              for x, g in zip(inputs, grads)]
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    out = fn(*leaves, **kwargs)
+    weight = torch.ones(()) if weight is None else weight
+    wanted = [x for x in leaves if x is not None and x.requires_grad]
+    got = iter(torch.autograd.grad((out * weight.to(device=device, dtype=out.dtype)).sum(), wanted,
+                                   allow_unused=True) if wanted else [])
+    return out, [next(got) if x is not None and x.requires_grad else None for x in leaves]
+
+
+def check_against_reference(op, reference, inputs, backend, device, dtype, *, grads=None, weight=None,
+                            names=None, out_dtype=None, plain_dtype=None, plain_device="cpu",
+                            result_scale=0.0, grad_scale=0.0, **kwargs):
+    """The public ``op`` (a name in ``OPS``) on ``backend``, ``device`` and ``dtype``, forward and the
+    gradients :func:`run` takes, against ``reference`` (the formula with the same arguments,
+    ``backend`` aside) in float64 on the CPU, with the error bound of :func:`assert_close` set by
+    ``reference`` in plain PyTorch: on the inputs rounded to ``dtype``, computed in ``plain_dtype``
+    (default ``dtype``; float64 where PyTorch has no kernel in ``dtype``) on ``plain_device``
+    ("cpu", or "device" for the case's). The result must come out in ``out_dtype`` (default
+    float32, float64 for float64 inputs) and each gradient in ``dtype`` and the input's shape;
+    ``result_scale`` and ``grad_scale`` are assert_close's ``scale`` of the result and of the
+    gradients.
+    ``names`` name the inputs in messages."""
+    names = names or [f"input {i}" for i in range(len(inputs))]
+    out_dtype = out_dtype or torch.promote_types(dtype, torch.float32)
+    plain_dtype = plain_dtype or dtype
+    plain_device = device if plain_device == "device" else plain_device
+    rounded = [x.to(dtype) if x is not None else None for x in inputs]
+    ref, ref_grads = run(reference, inputs, torch.float64, "cpu", grads, weight, **kwargs)
+    plain, plain_grads = run(reference, rounded, plain_dtype, plain_device, grads, weight, **kwargs)
+    ours, our_grads = run(getattr(pcd_kernels, op), inputs, dtype, device, grads, weight, backend=backend, **kwargs)
+    assert ours.dtype == out_dtype, f"{op}: result dtype {ours.dtype}, expected {out_dtype}"
+    assert_close(op, ours.cpu(), plain.cpu(), ref, dtype, scale=result_scale)
+    for name, g, g_plain, g_ref, x in zip(names, our_grads, plain_grads, ref_grads, inputs):
+        if g_ref is None:
+            assert g is None, f"{name} got a gradient it did not ask for"
+            continue
+        assert g.dtype == dtype and g.shape == x.shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
+        assert_close(f"d{name}", g.cpu(), g_plain.cpu(), g_ref, dtype, scale=grad_scale)
 
 
 def assert_close(name, ours, plain, reference, dtype, scale=0.0):
@@ -75,6 +144,6 @@ def assert_close(name, ours, plain, reference, dtype, scale=0.0):
         rows = [f"  at {tuple(int(i) for i in torch.unravel_index(k, err.shape))}: ours "
                 f"{ours.detach().flatten()[k].item():.6g} ref {ref.flatten()[k].item():.6g}" for k in idx]
         raise AssertionError(
-            f"{name}: max error {worst:.3g} > bound {bound:.3g} (2 x plain-{str(dtype)[6:]} error "
+            f"{name}: max error {worst:.3g} > bound {bound:.3g} (2 x plain-{_dtype_name(dtype)} error "
             f"{float(err_plain):.3g} + floor {FLOOR[dtype]:g} x {scale:.3g}); {int(bad.sum())} of "
             f"{flat.numel()} elements beyond it:\n" + "\n".join(rows))

@@ -2,13 +2,16 @@
 import pytest
 import torch
 
-from _helpers import CUDA, assert_close, backend_cases
+from _helpers import CUDA, backend_cases, check_against_reference, run
 from pcd_kernels import omni_contrastive_loss
 from pcd_kernels._conventions import omni_pack
 from pcd_kernels.backends.torch import _common as torch_common
 from pcd_kernels.backends.torch import omni_contrastive as torch_backend
 from pcd_kernels.reference import official_omni_contrastive_loss
 
+OP = "omni_contrastive_loss"
+CASES = backend_cases(OP)
+FP32 = backend_cases(OP, dtypes=(torch.float32,))
 TEMPERATURE = 0.07
 # (B, C, H, W, groups, patch_size, pool_size): groups 4/8/16, pooled and not, a floor-pooled
 # 34x66 map, a non-square patch, D = C / groups odd.
@@ -21,44 +24,43 @@ SHAPES = [
 ]
 
 
-def run(fn, student, teacher, dtype, device, **kwargs):
-    s = student.to(device=device, dtype=dtype).requires_grad_()
-    t = teacher.to(device=device, dtype=dtype).requires_grad_()
-    loss = fn(s, t, **kwargs)
-    return loss, torch.autograd.grad(loss, (s, t))
+def run_loss(student, teacher, dtype, device, fn=omni_contrastive_loss, **kwargs):
+    """fn's loss and its gradients w.r.t. (student, teacher)."""
+    return run(fn, (student, teacher), dtype, device, **kwargs)
 
 
-def official(s, t, groups, patch_size, pool_size):
-    return official_omni_contrastive_loss(s, t, groups, patch_size, pool_size, TEMPERATURE)
+def check_matches_official(backend, device, dtype, student, teacher, grad_atol=1e-6, **options):
+    """Loss and both gradients within fixed float32 tolerances of the float64 official formula."""
+    options["temperature"] = TEMPERATURE
+    ref, ref_grads = run_loss(student, teacher, torch.float64, "cpu", official_omni_contrastive_loss, **options)
+    ours, grads = run_loss(student, teacher, dtype, device, backend=backend, **options)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=grad_atol)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}C{s[1]}-{s[2]}x{s[3]}-M{s[4]}-p{s[5][0]}{s[5][1]}-pool{s[6]}")
-@pytest.mark.parametrize("backend,device,dtype", backend_cases(with_cuda=False))
+@pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_matches_official_formula(backend, device, dtype, shape):
     B, C, H, W, groups, patch_size, pool_size = shape
     student = torch.randn(B, C, H, W, dtype=torch.float64)
     teacher = student + 0.5 * torch.randn(B, C, H, W, dtype=torch.float64)
-    options = dict(groups=groups, patch_size=patch_size, pool_size=pool_size)
-    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
-    # plain PyTorch: the official formula on the inputs rounded to dtype (cdist has no CPU half)
-    plain, plain_grads = run(official, student.to(dtype), teacher.to(dtype), torch.float64, "cpu", **options)
-    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
-                      temperature=TEMPERATURE, **options)
-    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close("loss", ours.cpu(), plain, ref, dtype)
     pooled = (H // pool_size) * (W // pool_size) if pool_size else H * W
-    term = 1.0 / (pooled * B * TEMPERATURE)  # one sign term of a gradient: g / tau
-    for name, g, g_plain, g_ref in zip(("student", "teacher"), grads, plain_grads, ref_grads):
-        assert g.dtype == dtype
-        assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
+    # plain PyTorch: the official formula on the inputs rounded to dtype, in float64 (cdist has no
+    # CPU half); the scale of a gradient is one sign term's, g / tau
+    check_against_reference(OP, official_omni_contrastive_loss, (student, teacher), backend, device, dtype,
+                            names=("student", "teacher"), plain_dtype=torch.float64,
+                            grad_scale=1.0 / (pooled * B * TEMPERATURE), groups=groups, patch_size=patch_size,
+                            pool_size=pool_size, temperature=TEMPERATURE)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_any_strides_and_one_sided_gradients(backend, device, dtype):
     student = torch.randn(2, 32, 8, 8, dtype=torch.float64)
     teacher = torch.randn(2, 32, 8, 8, dtype=torch.float64)
     options = dict(groups=8, patch_size=(2, 2), pool_size=0)
-    ref, (ref_s, ref_t) = run(official, student, teacher, torch.float64, "cpu", **options)
+    ref, (ref_s, ref_t) = run_loss(student, teacher, torch.float64, "cpu", official_omni_contrastive_loss,
+                                   temperature=TEMPERATURE, **options)
     s = student.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     t = teacher.to(device, dtype).transpose(2, 3).contiguous().transpose(2, 3)  # no grad
     loss = omni_contrastive_loss(s, t, backend=backend, temperature=TEMPERATURE, **options)
@@ -67,7 +69,7 @@ def test_any_strides_and_one_sided_gradients(backend, device, dtype):
     torch.testing.assert_close(grad_s.double().cpu(), ref_s, rtol=1e-4, atol=1e-6)
 
 
-TRITON_FP32 = [c for c in backend_cases(with_cuda=False) if c.values[0] == "triton" and c.values[2] == torch.float32]
+TRITON_FP32 = backend_cases(OP, dtypes=(torch.float32,), backends=("triton",))
 
 
 @pytest.mark.parametrize("block_elements", [128, 8192], ids=["one-anchor-tiles", "gpu-sized-tiles"])
@@ -81,28 +83,17 @@ def test_triton_tile_sizes(backend, device, dtype, block_elements, monkeypatch):
     monkeypatch.setattr(kernels, "BLOCK_ELEMENTS", block_elements)
     student = torch.randn(1, 24, 6, 10, dtype=torch.float64)  # (3, 5) patches x 8 groups: 120 samples
     teacher = torch.randn(1, 24, 6, 10, dtype=torch.float64)
-    options = dict(groups=8, patch_size=(3, 5), pool_size=0)
-    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
-    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
-                      temperature=TEMPERATURE, **options)
-    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-6)
+    check_matches_official(backend, device, dtype, student, teacher, groups=8, patch_size=(3, 5), pool_size=0)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_ties_follow_cdist(backend, device, dtype):
     """|s - t| at s == t: the gradient uses sign(0) = 0, as torch.cdist's backward does."""
     student = torch.randn(1, 16, 4, 4, dtype=torch.float64)
     teacher = student.clone()
     teacher[:, :, :2] = torch.randn(1, 16, 2, 4, dtype=torch.float64)  # half the pixels tie exactly
-    options = dict(groups=4, patch_size=(2, 2), pool_size=0)
-    ref, ref_grads = run(official, student, teacher, torch.float64, "cpu", **options)
-    ours, grads = run(omni_contrastive_loss, student, teacher, dtype, device, backend=backend,
-                      temperature=TEMPERATURE, **options)
-    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
-    for g, g_ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=2e-5)  # terms ~ 1 / (HW tau)
+    check_matches_official(backend, device, dtype, student, teacher, grad_atol=2e-5,  # terms ~ 1 / (HW tau)
+                           groups=4, patch_size=(2, 2), pool_size=0)
 
 
 @pytest.mark.parametrize("backend,device,dtype", TRITON_FP32)
@@ -112,20 +103,18 @@ def test_triton_refuses_patches_beyond_its_limit(backend, device, dtype):
         omni_contrastive_loss(s, s, groups=128, patch_size=(8, 8), pool_size=0, backend="triton")
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_single_group_has_only_the_positive(backend, device, dtype):
     s, t = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4)
-    loss, grads = run(omni_contrastive_loss, s, t, dtype, device, backend=backend, groups=1, patch_size=(2, 2),
-                      pool_size=0)
+    loss, grads = run_loss(s, t, dtype, device, backend=backend, groups=1, patch_size=(2, 2), pool_size=0)
     assert loss.item() == 0.0 and all(not g.any() for g in grads)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_nan_in_nan_out(backend, device, dtype):
     s, t = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4)
     s[0, 3, 1, 1] = float("nan")
-    loss, _ = run(omni_contrastive_loss, s, t, dtype, device, backend=backend, groups=4, patch_size=(2, 2),
-                  pool_size=0)
+    loss, _ = run_loss(s, t, dtype, device, backend=backend, groups=4, patch_size=(2, 2), pool_size=0)
     assert loss.isnan().item()
 
 

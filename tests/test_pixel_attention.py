@@ -4,9 +4,14 @@ import math
 import pytest
 import torch
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, cuda_extension_missing
+from _helpers import (CUDA, INTERPRETER, assert_close, backend_cases, check_against_reference, cuda_extension_missing,
+                      run)
 from pcd_kernels import pixel_attention
 from pcd_kernels.reference import naive_pixel_attention
+
+OP = "pixel_attention"
+CASES = backend_cases(OP)
+FP32 = backend_cases(OP, dtypes=(torch.float32,))
 
 # (B, C, heads, query map, key map or None for self-attention, scale or None): odd map sizes
 # (5x7, 3x13, 9x9), head dims 8 (padded to 16), 20 (not a power of two), 16, 32 and 128,
@@ -35,35 +40,20 @@ def make(shape, dtype=torch.float64):
     return q, k, v
 
 
-def run(fn, inputs, grad_out, **kwargs):
-    leaves = [x.detach().requires_grad_() for x in inputs]
-    out = fn(*leaves, **kwargs)
-    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-
-
-def naive(q, k, v, num_heads, scale):
-    return naive_pixel_attention(q, k, v, num_heads, scale)
+def check_op(backend, device, dtype, shape):
+    """Output and every gradient against the float64 formula; plain PyTorch is the eager formula
+    in ``dtype`` on the device."""
+    heads, scale = shape[2], shape[5]
+    inputs = make(shape)
+    check_against_reference(OP, naive_pixel_attention, inputs, backend, device, dtype,
+                            weight=torch.randn_like(inputs[0]), names="qkv", out_dtype=dtype, plain_device="device",
+                            num_heads=heads, scale=scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_matches_reference(backend, device, dtype, shape):
-    heads, scale = shape[2], shape[5]
-    inputs = make(shape)
-    grad_out = torch.randn_like(inputs[0])
-    ref, ref_grads = run(naive, inputs, grad_out, num_heads=heads, scale=scale)
-    # plain PyTorch: the eager formula in dtype, on the device
-    cast = [x.to(device, dtype) for x in inputs]
-    plain, plain_grads = run(naive, cast, grad_out.to(device), num_heads=heads, scale=scale)
-    ours, grads = run(pixel_attention, cast, grad_out.to(device), num_heads=heads, scale=scale, backend=backend)
-    assert ours.dtype == dtype and ours.shape == inputs[0].shape
-    assert_close("output", ours.cpu(), plain.cpu(), ref, dtype)
-    for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
-        assert g.dtype == dtype and g.shape == g_ref.shape
-        assert_close(f"d{name}", g.cpu(), g_plain.cpu(), g_ref, dtype)
-
-
-FP32 = [c for c in backend_cases() if c.values[2] == torch.float32]
+    check_op(backend, device, dtype, shape)
 
 
 @pytest.mark.parametrize("backend,device,dtype", FP32)
@@ -146,14 +136,12 @@ def test_empty_batch_and_empty_query_map(backend, device, dtype):
 def test_one_sided_gradients(backend, device, dtype, wanted):
     """Frozen queries or frozen keys/values: only the gradients asked for are computed."""
     inputs = make((1, 16, 2, (3, 5), (4, 3), None))
-    grad_out = torch.randn_like(inputs[0])
-    leaves = [x.to(device, dtype).requires_grad_(name in wanted) for name, x in zip("qkv", inputs)]
-    out = pixel_attention(*leaves, num_heads=2, backend=backend)
-    grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], grad_out.to(device, dtype))
-    _, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
-    expected = [g for name, g in zip("qkv", ref_grads) if name in wanted]
-    for g, g_ref in zip(grads, expected):
-        torch.testing.assert_close(g.double().cpu(), g_ref, rtol=1e-4, atol=1e-5)
+    options = dict(grads=[name in wanted for name in "qkv"], weight=torch.randn_like(inputs[0]), num_heads=2)
+    _, grads = run(pixel_attention, inputs, dtype, device, backend=backend, **options)
+    _, ref_grads = run(naive_pixel_attention, inputs, torch.float64, "cpu", **options)
+    for name, g, g_ref in zip("qkv", grads, ref_grads):
+        assert (g is None) == (name not in wanted), f"d{name}: {'not ' if g is None else ''}computed"
+        torch.testing.assert_close(g.double().cpu() if g is not None else None, g_ref, rtol=1e-4, atol=1e-5)
 
 
 _NEW_TF32_API = r"""
@@ -256,7 +244,7 @@ def test_cuda_backend_says_why_it_cannot_run():
 
 CUDA_KERNELS = pytest.mark.skipif(not CUDA or cuda_extension_missing() is not None,
                                   reason="the CUDA kernels need a GPU and the built extension")
-GPU_CASES = [c for c in backend_cases() if c.values[1] == "cuda" and c.values[0] != "torch"]
+GPU_CASES = backend_cases(OP, backends=("triton", "cuda"), devices=("cuda",))
 
 
 @pytest.mark.parametrize("backend,device,dtype", GPU_CASES)
@@ -265,17 +253,7 @@ def test_gpu_kernels_over_several_tiles(backend, device, dtype, head_dim):
     """Query and key counts beyond one 64-position tile and not multiples of it (135 queries, 143
     keys, and one query against 70 keys), every padded head width of the CUDA kernels."""
     for shape in [(2, 2 * head_dim, 2, (9, 15), (11, 13), None), (1, head_dim, 1, (1, 1), (7, 10), 0.7)]:
-        heads, scale = shape[2], shape[5]
-        inputs = make(shape)
-        grad_out = torch.randn_like(inputs[0])
-        ref, ref_grads = run(naive, inputs, grad_out, num_heads=heads, scale=scale)
-        cast = [x.to(device, dtype) for x in inputs]
-        plain, plain_grads = run(naive, cast, grad_out.to(device), num_heads=heads, scale=scale)
-        ours, grads = run(pixel_attention, cast, grad_out.to(device), num_heads=heads, scale=scale,
-                          backend=backend)
-        assert_close("output", ours.cpu(), plain.cpu(), ref, dtype)
-        for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
-            assert_close(f"d{name}", g.cpu(), g_plain.cpu(), g_ref, dtype)
+        check_op(backend, device, dtype, shape)
 
 
 @CUDA_KERNELS
@@ -350,8 +328,8 @@ def test_triton_tile_sizes(blocks, monkeypatch):
     shape = (1, 32, 2, (5, 9), (7, 11), None)
     inputs = make(shape)
     grad_out = torch.randn_like(inputs[0])
-    ref, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
-    ours, grads = run(pixel_attention, [x.float() for x in inputs], grad_out, num_heads=2, backend="triton")
+    ref, ref_grads = run(naive_pixel_attention, inputs, torch.float64, "cpu", weight=grad_out, num_heads=2)
+    ours, grads = run(pixel_attention, inputs, torch.float32, "cpu", weight=grad_out, num_heads=2, backend="triton")
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5)
@@ -368,15 +346,14 @@ def test_every_autotune_candidate_on_gpu(head_dim, dtype, monkeypatch):
     shape = (2, 2 * head_dim, 2, (37, 41), (29, 33), None)
     inputs = make(shape)
     grad_out = torch.randn_like(inputs[0])
-    ref, ref_grads = run(naive, inputs, grad_out, num_heads=2, scale=None)
-    cast = [x.to("cuda", dtype) for x in inputs]
-    plain, plain_grads = run(naive, cast, grad_out.cuda(), num_heads=2, scale=None)
+    ref, ref_grads = run(naive_pixel_attention, inputs, torch.float64, "cpu", weight=grad_out, num_heads=2)
+    plain, plain_grads = run(naive_pixel_attention, inputs, dtype, "cuda", weight=grad_out, num_heads=2)
     width = kernels._config_class(head_dim, 2, "tf32")
     candidates = kernels._GPU_CONFIGS[width]
     for i in range(max(len(c) for c in candidates.values())):
         monkeypatch.setattr(kernels, "gpu_configs",
                             lambda kind, *sizes, i=i: [candidates[kind][min(i, len(candidates[kind]) - 1)]])
-        ours, grads = run(pixel_attention, cast, grad_out.cuda(), num_heads=2, backend="triton")
+        ours, grads = run(pixel_attention, inputs, dtype, "cuda", weight=grad_out, num_heads=2, backend="triton")
         assert_close(f"output, candidate {i}", ours.cpu(), plain.cpu(), ref, dtype)
         for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
             assert_close(f"d{name}, candidate {i}", g.cpu(), g_plain.cpu(), g_ref, dtype)

@@ -3,10 +3,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, cuda_extension_missing
+from _helpers import CUDA, INTERPRETER, backend_cases, check_against_reference, cuda_extension_missing, run
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels._conventions import pixel_rows
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
+
+OP = "pixel_contrastive_loss"
+CASES = backend_cases(OP)
+FP32 = backend_cases(OP, dtypes=(torch.float32,))
 
 # C not a power of two (and wider than the interpreter's 32-channel tile: two C chunks), H*W = 35
 # not a multiple of any block, a queue of 37 rows.
@@ -21,37 +25,18 @@ def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
     return student, teacher, queue, mask
 
 
-def run(fn, student, teacher, queue, mask, dtype, device, weight=None, grads=(True, True, True), **kwargs):
-    """fn's loss and the gradients of sum(weight * loss) w.r.t. (student, teacher, queue)."""
-    tensors = [x.to(device=device, dtype=dtype).requires_grad_(g) if x is not None else None
-               for x, g in zip((student, teacher, queue), grads)]
-    mask = mask.to(device) if mask is not None else None
-    loss = fn(*tensors, mask=mask, **kwargs)
-    weight = torch.ones(()) if weight is None else weight
-    wanted = [x for x in tensors if x is not None and x.requires_grad]
-    got = torch.autograd.grad((loss * weight.to(device=device, dtype=loss.dtype)).sum(), wanted,
-                              allow_unused=True) if wanted else []
-    it = iter(got)
-    return loss, [next(it) if x is not None and x.requires_grad else None for x in tensors]
-
-
 def check_op(backend, device, dtype, inputs, weight=None, grads=(True, True, True), **kwargs):
     """Value and every gradient of ``backend`` in ``dtype`` against the float64 naive formula."""
-    ref, ref_grads = run(naive_pixel_contrastive_loss, *inputs, torch.float64, "cpu", weight, grads, **kwargs)
-    plain, plain_grads = run(naive_pixel_contrastive_loss, *inputs, dtype, "cpu", weight, grads, **kwargs)
-    ours, our_grads = run(pixel_contrastive_loss, *inputs, dtype, device, weight, grads, backend=backend,
-                          **kwargs)
-    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert ours.dtype == expected_dtype, f"loss dtype {ours.dtype}, expected {expected_dtype}"
-    assert_close("loss", ours.cpu(), plain, ref, dtype, scale=loss_term_scale(inputs, **kwargs))
-    term = gradient_term_scale(ref, inputs, weight, **kwargs)
-    for name, g, g_plain, g_ref, x in zip(("student", "teacher", "queue"), our_grads, plain_grads,
-                                          ref_grads, inputs[:3]):
-        if g_ref is None:
-            assert g is None, f"{name} got a gradient it did not ask for"
-            continue
-        assert g.dtype == dtype and g.shape == x.shape, f"d{name}: {g.dtype} {tuple(g.shape)}"
-        assert_close(f"d{name}", g.cpu(), g_plain, g_ref, dtype, scale=term)
+    *tensors, mask = inputs
+    check_against_reference(OP, naive_pixel_contrastive_loss, tensors, backend, device, dtype, grads=grads,
+                            weight=weight, names=("student", "teacher", "queue"),
+                            result_scale=loss_term_scale(inputs, **kwargs),
+                            grad_scale=gradient_term_scale(inputs, weight, **kwargs), mask=mask, **kwargs)
+
+
+def run_loss(student, teacher, queue, mask, dtype, device, fn=pixel_contrastive_loss, **kwargs):
+    """fn's loss and the gradients of its sum w.r.t. (student, teacher, queue)."""
+    return run(fn, (student, teacher, queue), dtype, device, mask=mask, **kwargs)
 
 
 def loss_term_scale(inputs, temperature=0.2, normalize=True, reduction="mean", **_):
@@ -66,7 +51,7 @@ def loss_term_scale(inputs, temperature=0.2, normalize=True, reduction="mean", *
     return logit * (count if reduction == "sum" else 1)
 
 
-def gradient_term_scale(ref, inputs, weight, temperature=0.2, normalize=True, reduction="mean", **_):
+def gradient_term_scale(inputs, weight, temperature=0.2, normalize=True, reduction="mean", **_):
     """Size of one anchor-key term of a gradient, |g| / temperature x |key| / |x| (unit vectors
     when normalising): the scale its rounding is relative to."""
     student, teacher, queue, mask = inputs
@@ -88,7 +73,7 @@ def mask_free_count(x):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-@pytest.mark.parametrize("backend,device,dtype", backend_cases())
+@pytest.mark.parametrize("backend,device,dtype", CASES)
 def test_matches_reference(backend, device, dtype, negatives, masked, reduction):
     inputs = make_inputs(masked=masked)
     weight = torch.randn(B, H, W) if reduction == "none" else torch.randn(())
@@ -99,7 +84,7 @@ def test_matches_reference(backend, device, dtype, negatives, masked, reduction)
                                    (2, 24, 3, 3, 0)],
                          ids=["C3-3x13", "no-queue", "C70-2x9", "1x1-map", "empty-queue"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_odd_shapes(backend, device, dtype, negatives, shape):
     if negatives == "none" and shape[-1] is None:
         pytest.skip("negatives='none' needs a queue (tested in test_bad_inputs)")
@@ -107,17 +92,16 @@ def test_odd_shapes(backend, device, dtype, negatives, shape):
     check_op(backend, device, dtype, inputs, negatives=negatives)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_empty_batch(backend, device, dtype):
     for negatives in ("batch", "none"):
-        loss, grads = run(pixel_contrastive_loss, *make_inputs(b=0), torch.float32, device, backend=backend,
-                          negatives=negatives)
+        loss, grads = run_loss(*make_inputs(b=0), torch.float32, device, backend=backend, negatives=negatives)
         assert loss.item() == 0.0
         assert [tuple(g.shape) for g in grads] == [(0, C, H, W), (0, C, H, W), (K, C)]
         assert not grads[2].any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
 def test_without_normalization(backend, device, dtype, negatives):
     student, teacher, queue, mask = make_inputs(masked=True)
@@ -125,13 +109,13 @@ def test_without_normalization(backend, device, dtype, negatives):
     check_op(backend, device, dtype, inputs, negatives=negatives, normalize=False, temperature=0.5)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_tiny_temperature_is_stable(backend, device, dtype):
     check_op(backend, device, dtype, make_inputs(masked=True), negatives="batch", temperature=0.01)
     check_op(backend, device, dtype, make_inputs(), negatives="none", temperature=0.01)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 @pytest.mark.parametrize("negatives", ["batch", "none"])
 @pytest.mark.parametrize("norm", [0.0, 1e-13], ids=["zero", "below-eps"])
 def test_tiny_vectors_follow_f_normalize(backend, device, dtype, norm, negatives):
@@ -143,8 +127,8 @@ def test_tiny_vectors_follow_f_normalize(backend, device, dtype, norm, negatives
     for x, index in tiny:
         x[index] *= norm / x[index].norm()
     inputs = (student, teacher, queue, mask)
-    ref, ref_grads = run(naive_pixel_contrastive_loss, *inputs, torch.float64, "cpu", negatives=negatives)
-    ours, our_grads = run(pixel_contrastive_loss, *inputs, dtype, device, backend=backend, negatives=negatives)
+    ref, ref_grads = run_loss(*inputs, torch.float64, "cpu", fn=naive_pixel_contrastive_loss, negatives=negatives)
+    ours, our_grads = run_loss(*inputs, dtype, device, backend=backend, negatives=negatives)
     torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-5, atol=1e-5)
     for name, g, g_ref in zip(("student", "teacher", "queue"), our_grads, ref_grads):
         # Row by row (a pixel's or queue row's gradient vector), relative to the row's largest
@@ -159,12 +143,12 @@ def test_tiny_vectors_follow_f_normalize(backend, device, dtype, norm, negatives
 @pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True)], ids=["student", "teacher", "queue", "keys"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_gradients_only_where_required(backend, device, dtype, negatives, grads):
     check_op(backend, device, dtype, make_inputs(masked=True), grads=grads, negatives=negatives)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_official_pcd_loss_with_transposed_queue(backend, device, dtype):
     """Official PCD: (C, K) queue buffer of unit columns, passed as queue=buffer.t() (no copy)."""
     student, teacher, _, _ = make_inputs()
@@ -215,7 +199,7 @@ def _layouts(x):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "permuted_view", "strided_slice"])
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_any_strides(backend, device, dtype, layout):
     student, teacher, queue, mask = make_inputs(masked=True)
     inputs = (_layouts(student)[layout], _layouts(teacher)[layout], queue, mask)
@@ -223,20 +207,20 @@ def test_any_strides(backend, device, dtype, layout):
     check_op(backend, device, dtype, inputs, negatives="image")
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_no_valid_anchor_gives_zero_not_nan(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     mask = torch.zeros(B, H, W, dtype=torch.bool)
     for reduction in ("mean", "sum"):
-        loss, grads = run(pixel_contrastive_loss, student, teacher, queue, mask, dtype, device,
-                          backend=backend, reduction=reduction)
+        loss, grads = run_loss(student, teacher, queue, mask, dtype, device,
+                               backend=backend, reduction=reduction)
         assert loss.item() == 0.0
         for g in grads:
             assert torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's numpy, on purpose
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_nan_in_nan_out_unless_masked(backend, device, dtype):
     student, teacher, queue, mask = make_inputs(masked=True)
     valid = mask.nonzero()[0].tolist()
@@ -244,29 +228,29 @@ def test_nan_in_nan_out_unless_masked(backend, device, dtype):
     for negatives in ("batch", "none"):
         s = student.clone()
         s[valid[0], :, valid[1], valid[2]] = float("nan")
-        loss, _ = run(pixel_contrastive_loss, s, teacher, queue, mask, dtype, device,
-                      backend=backend, negatives=negatives)
+        loss, _ = run_loss(s, teacher, queue, mask, dtype, device,
+                           backend=backend, negatives=negatives)
         assert loss.isnan().item(), f"{negatives}: NaN in a valid student pixel was not propagated"
         t = teacher.clone()
         t[valid[0], :, valid[1], valid[2]] = float("nan")
-        loss, _ = run(pixel_contrastive_loss, student, t, queue, mask, dtype, device,
-                      backend=backend, negatives=negatives)
+        loss, _ = run_loss(student, t, queue, mask, dtype, device,
+                           backend=backend, negatives=negatives)
         assert loss.isnan().item(), f"{negatives}: NaN in a valid teacher pixel was not propagated"
         q = queue.clone()
         q[3, 0] = float("nan")
-        loss, _ = run(pixel_contrastive_loss, student, teacher, q, mask, dtype, device,
-                      backend=backend, negatives=negatives)
+        loss, _ = run_loss(student, teacher, q, mask, dtype, device,
+                           backend=backend, negatives=negatives)
         assert loss.isnan().item(), f"{negatives}: NaN in the queue was not propagated"
     # A masked pixel is neither anchor nor key: its values, NaN included, do not reach the result.
     s, t = student.clone(), teacher.clone()
     s[invalid[0], :, invalid[1], invalid[2]] = float("nan")
     t[invalid[0], :, invalid[1], invalid[2]] = float("nan")
-    loss, grads = run(pixel_contrastive_loss, s, t, queue, mask, dtype, device, backend=backend)
+    loss, grads = run_loss(s, t, queue, mask, dtype, device, backend=backend)
     assert loss.isfinite().item()
     assert all(g.isfinite().all() for g in grads)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(backend, device, dtype):
     # With negatives="none" a teacher pixel is only its own anchor's positive: a NaN there makes
     # that anchor's loss and gradients NaN and no other's (a kernel that multiplies whole tiles of
@@ -274,8 +258,8 @@ def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(b
     student, teacher, queue, _ = make_inputs()
     b, h, w = 1, 2, 3
     teacher[b, :, h, w] = float("nan")
-    loss, (grad_s, grad_t, grad_q) = run(pixel_contrastive_loss, student, teacher, queue, None, dtype, device,
-                                         backend=backend, negatives="none", reduction="none")
+    loss, (grad_s, grad_t, grad_q) = run_loss(student, teacher, queue, None, dtype, device,
+                                              backend=backend, negatives="none", reduction="none")
     own = torch.zeros(loss.shape, dtype=torch.bool)
     own[b, h, w] = True
     own = own.to(loss.device)
@@ -285,7 +269,7 @@ def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(b
     assert grad_q.isnan().any()  # every queue row is a key of the NaN anchor
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_mixed_dtypes_are_promoted(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     s = student.to(device, torch.bfloat16).requires_grad_()
@@ -298,7 +282,7 @@ def test_mixed_dtypes_are_promoted(backend, device, dtype):
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases() if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_autocast_runs_the_op_in_the_autocast_dtype(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     s = student.to(device, torch.float32).requires_grad_()
@@ -319,8 +303,8 @@ def test_triton_backward_is_deterministic():
     student, teacher, queue, mask = make_inputs(masked=True)
     results = []
     for _ in range(2):
-        loss, grads = run(pixel_contrastive_loss, student, teacher, queue, mask, torch.float32, device,
-                          backend="triton", negatives="batch")
+        loss, grads = run_loss(student, teacher, queue, mask, torch.float32, device,
+                               backend="triton", negatives="batch")
         results.append([loss, *grads])
     for first, second in zip(*results):
         assert torch.equal(first, second)

@@ -5,14 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases
+from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, check_against_reference, run
 from pcd_kernels import pixel_relation_loss
 from pcd_kernels.backends.torch import _common as torch_common
 from pcd_kernels import reference
 from pcd_kernels.reference import naive_pixel_relation_loss
 
 B, C, H, W, K = 3, 20, 5, 7, 50  # C not a power of two, H*W = 35 odd
-CASES = backend_cases(with_cuda=False)  # torch (every dtype) and Triton (CUDA, or the interpreter)
+OP = "pixel_relation_loss"
+CASES = backend_cases(OP)
+FP32 = backend_cases(OP, dtypes=(torch.float32,))
 
 
 def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
@@ -23,30 +25,18 @@ def make_inputs(b=B, c=C, h=H, w=W, k=K, masked=False):
     return student, teacher, keys, mask
 
 
-def run(fn, student, teacher, keys, mask, dtype, device, weight=None, **kwargs):
-    """fn's value and the gradients of sum(weight * value) w.r.t. (student, keys)."""
-    s = student.to(device, dtype).requires_grad_()
-    t = teacher.to(device, dtype)
-    k = keys.to(device, dtype).requires_grad_() if keys is not None else None
-    m = mask.to(device) if mask is not None else None
-    value = fn(s, t, k, mask=m, **kwargs)
-    w = weight.to(device, value.dtype) if weight is not None else torch.ones_like(value)
-    wanted = [x for x in (s, k) if x is not None]
-    grads = torch.autograd.grad((value * w).sum(), wanted)
-    return value.cpu(), [g.cpu() for g in grads]
+def run_loss(student, teacher, keys, mask, dtype, device, fn=pixel_relation_loss, **kwargs):
+    """fn's value and the gradients of its sum w.r.t. (student, teacher, keys): the teacher's is
+    None (a constant target)."""
+    return run(fn, (student, teacher, keys), dtype, device, grads=(True, False, True), mask=mask, **kwargs)
 
 
 def check_op(backend, device, dtype, inputs, **kwargs):
-    b, _, h, w = inputs[0].shape
+    *tensors, mask = inputs
+    b, _, h, w = tensors[0].shape
     weight = torch.rand(b, h, w, dtype=torch.float64) + 0.5 if kwargs.get("reduction") == "none" else None
-    ref, ref_grads = run(naive_pixel_relation_loss, *inputs, torch.float64, "cpu", weight, **kwargs)
-    plain, plain_grads = run(naive_pixel_relation_loss, *inputs, dtype, "cpu", weight, **kwargs)
-    ours, our_grads = run(pixel_relation_loss, *inputs, dtype, device, weight, backend=backend, **kwargs)
-    assert ours.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close("loss", ours, plain, ref, dtype)
-    for name, g, g_plain, g_ref in zip(("student", "keys"), our_grads, plain_grads, ref_grads):
-        assert g.dtype == dtype, f"{name} gradient dtype {g.dtype}"
-        assert_close(f"grad {name}", g, g_plain, g_ref, dtype)
+    check_against_reference(OP, naive_pixel_relation_loss, tensors, backend, device, dtype, grads=(True, False, True),
+                            weight=weight, names=("student", "teacher", "keys"), mask=mask, **kwargs)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -60,7 +50,7 @@ def test_matches_reference(backend, device, dtype, mode, masked, reduction):
 
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("mode", ["cross_image", "keys", "cross_image_other_channels"])
-@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_backends_on_wider_channels_and_tails(backend, device, dtype, mode, normalize):
     """C above one Triton channel tile (chunked), key and anchor tails, a teacher with other
     channels, one image without a valid pixel."""
@@ -84,12 +74,12 @@ def test_unnormalised_and_odd_shapes(mode, normalize, monkeypatch):
         student, teacher = student * 0.3, teacher * 0.3
         keys = keys * 0.3 if keys is not None else None
         for reduction in ("mean", "none"):
-            ours, our_grads = run(pixel_relation_loss, student, teacher, keys, mask, torch.float64, "cpu",
-                                  temperature=0.7, normalize=normalize, reduction=reduction)
-            ref, ref_grads = run(naive_pixel_relation_loss, student, teacher, keys, mask, torch.float64, "cpu",
-                                 temperature=0.7, normalize=normalize, reduction=reduction)
+            options = dict(temperature=0.7, normalize=normalize, reduction=reduction)
+            ours, our_grads = run_loss(student, teacher, keys, mask, torch.float64, "cpu", **options)
+            ref, ref_grads = run_loss(student, teacher, keys, mask, torch.float64, "cpu", naive_pixel_relation_loss,
+                                      **options)
             torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
-            for g, g_ref in zip(our_grads, ref_grads):
+            for g, g_ref in zip(our_grads, ref_grads):  # (the teacher's is None in both)
                 torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
@@ -209,7 +199,7 @@ def test_an_image_without_valid_pixels_leaves_the_mean_over_images():
     assert not full[1].any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in CASES if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_masked_nan_pixels_reach_nothing_in_either_map(backend, device, dtype):
     """NaN at masked pixels of both maps (used as keys without keys): every value and gradient as
     the float64 formula gives with those pixels zeroed."""
@@ -217,13 +207,13 @@ def test_masked_nan_pixels_reach_nothing_in_either_map(backend, device, dtype):
     mask[0, 1, 2] = False
     poisoned_s, poisoned_t = student.clone(), teacher.clone()
     poisoned_s[0, :, 1, 2] = poisoned_t[0, :, 1, 2] = float("nan")
-    ours, (grad,) = run(pixel_relation_loss, poisoned_s, poisoned_t, None, mask, dtype, device, backend=backend,
-                        reduction="none")
-    ref, (ref_grad,) = run(naive_pixel_relation_loss, poisoned_s, poisoned_t, None, mask, torch.float64, "cpu",
-                           reduction="none")
+    ours, (grad, _, _) = run_loss(poisoned_s, poisoned_t, None, mask, dtype, device, backend=backend,
+                                  reduction="none")
+    ref, (ref_grad, _, _) = run_loss(poisoned_s, poisoned_t, None, mask, torch.float64, "cpu",
+                                     naive_pixel_relation_loss, reduction="none")
     assert torch.isfinite(ours).all() and torch.isfinite(grad).all() and torch.isfinite(ref_grad).all()
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(ours.double().cpu(), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["cross_image", "keys"])
