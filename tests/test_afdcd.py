@@ -43,7 +43,7 @@ def test_terms_match_the_official_formula(channels, enhance):
         torch.testing.assert_close(g, g_ref)
 
 
-@pytest.mark.parametrize("backend,device,dtype", [c for c in backend_cases(with_cuda=False) if c.values[2] == torch.float32])
+@pytest.mark.parametrize("backend,device,dtype", backend_cases("omni_contrastive_loss", dtypes=(torch.float32,)))
 def test_module_in_float32_on_each_backend(backend, device, dtype):
     torch.manual_seed(0)
     reference = AfDCDLoss(8, 16, M_ocd=4, pool_size=2, patch_size=(2, 2), rand_mask=False).double()
