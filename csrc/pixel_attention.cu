@@ -33,11 +33,10 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <stdexcept>
 #include <string>
 #include <type_traits>
 
-#include "pcd_kernels/cuda_check.h"
+#include "pcd_kernels/dispatch.cuh"
 #include "pcd_kernels/tiles.cuh"
 
 namespace pcd_kernels {
@@ -77,7 +76,7 @@ struct Map {
 
 struct Params {
   Map q, k, v, o, dout, dq, dk, dv;  // (unused ones are null)
-  float* lse;                        // (B * heads, LQ)
+  float* lse2;                       // (B * heads, LQ)
   float* delta;                      // (B * heads, LQ)
   std::int64_t heads;
   int head_dim, lq, lk, n_tiles;     // n_tiles: tiles per (batch, head), the fastest grid index
@@ -259,7 +258,7 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int query = q0 + warp * 16 + g + 8 * r;
-      if (query < p.lq) p.lse[bh * p.lq + query] = row[r].lse2();
+      if (query < p.lq) p.lse2[bh * p.lq + query] = row[r].lse2();
     }
   }
   __syncthreads();
@@ -292,8 +291,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
   T* qt = dos + BM * LD;                // [DP][LDM queries]
   T* dot = qt + DP * LDM;               // [DP][LDM queries]
   T* ps = dot + DP * LDM;               // [kTile keys][LDM queries]: P^T, then dS^T; warp-private rows
-  float* lse_s = reinterpret_cast<float*>(ps + kTile * LDM);  // [BM]
-  float* delta_s = lse_s + BM;                                 // [BM]
+  float* lse2_s = reinterpret_cast<float*>(ps + kTile * LDM);  // [BM]
+  float* delta_s = lse2_s + BM;                                 // [BM]
 
   const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
   const std::int64_t bh = blockIdx.x / static_cast<unsigned>(p.n_tiles);
@@ -301,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
   const int warp = threadIdx.x / 32;
   const T* q = head_ptr<T>(p.q, bh, p.heads, p.head_dim);
   const T* dout = head_ptr<T>(p.dout, bh, p.heads, p.head_dim);
-  const float* lse = p.lse + bh * p.lq;
+  const float* lse2 = p.lse2 + bh * p.lq;
   const float* delta = p.delta + bh * p.lq;
 
   load_tile<T, kTile, DP, false>(ks, LD, head_ptr<T>(p.k, bh, p.heads, p.head_dim), p.k.sl, p.k.sc, k0, p.lk,
@@ -318,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
     load_tile<T, BM, DP, true>(dot, LDM, dout, p.dout.sl, p.dout.sc, q0, p.lq, p.head_dim);
     for (int i = threadIdx.x; i < BM; i += kThreads) {
       const bool ok = q0 + i < p.lq;
-      lse_s[i] = ok ? lse[q0 + i] : 0.f;
+      lse2_s[i] = ok ? lse2[q0 + i] : 0.f;
       delta_s[i] = ok ? delta[q0 + i] : 0.f;
     }
     __syncthreads();
@@ -331,7 +330,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int col = fragment_col(n, j);
-        pt[n][j] = q0 + col < p.lq ? exp2f(pt[n][j] * p.scale2 - lse_s[col]) : 0.f;
+        pt[n][j] = q0 + col < p.lq ? exp2f(pt[n][j] * p.scale2 - lse2_s[col]) : 0.f;
       }
     }
     store_fragments<T, BM>(rows, LDM, pt, 1.f, 1.f);
@@ -389,11 +388,11 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Pa
                                  p.head_dim);
   load_tile<T, kTile, DP, false>(dos, LD, head_ptr<T>(p.dout, bh, p.heads, p.head_dim), p.dout.sl, p.dout.sc, q0,
                                  p.lq, p.head_dim);
-  float lse[2], delta[2];  // rows g and g + 8
+  float lse2[2], delta[2];  // rows g and g + 8
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int query = q0 + warp * 16 + g + 8 * r;
-    lse[r] = query < p.lq ? p.lse[bh * p.lq + query] : 0.f;
+    lse2[r] = query < p.lq ? p.lse2[bh * p.lq + query] : 0.f;
     delta[r] = query < p.lq ? p.delta[bh * p.lq + query] : 0.f;
   }
   float dq[DP / 8][4] = {};
@@ -413,7 +412,7 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Pa
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int r = j >> 1;
-        ds[n][j] = k0 + fragment_col(n, j) < p.lk ? exp2f(s[n][j] * p.scale2 - lse[r]) * (ds[n][j] - delta[r]) : 0.f;
+        ds[n][j] = k0 + fragment_col(n, j) < p.lk ? exp2f(s[n][j] * p.scale2 - lse2[r]) * (ds[n][j] - delta[r]) : 0.f;
       }
     }
     store_fragments<T, BN>(rows, LDN, ds, 1.f, 1.f);
@@ -430,186 +429,130 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Pa
 
 // --- host side -------------------------------------------------------------------------------
 
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
 template <int DP>
 using Dim = std::integral_constant<int, DP>;
 
-void check_dtype(int dtype) {
-  if (dtype < 0 || dtype > 2) {
-    throw std::invalid_argument("pixel_attention: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                                std::to_string(dtype));
-  }
-}
-
-// Calls f(TypeTag<T>{}, Dim<DP>{}) for the element type `dtype` and the padded head dim.
+// Calls f(Dim<DP>{}) for the head dim padded on chip, DP = 16, 32, 64 or 128.
 template <typename F>
-void dispatch(int dtype, int head_dim, F&& f) {
-  auto by_dim = [&](auto tag) {
-    if (head_dim <= 16) return f(tag, Dim<16>{});
-    if (head_dim <= 32) return f(tag, Dim<32>{});
-    if (head_dim <= 64) return f(tag, Dim<64>{});
-    return f(tag, Dim<128>{});
-  };
-  switch (dtype) {
-    case 0:
-      return by_dim(TypeTag<float>{});
-    case 1:
-      return by_dim(TypeTag<__half>{});
-    case 2:
-      return by_dim(TypeTag<__nv_bfloat16>{});
-    default:
-      check_dtype(dtype);
-  }
+void by_head_dim(std::int64_t head_dim, F&& f) {
+  if (head_dim <= 16) return f(Dim<16>{});
+  if (head_dim <= 32) return f(Dim<32>{});
+  if (head_dim <= 64) return f(Dim<64>{});
+  return f(Dim<128>{});
 }
 
-Map device_map(const AttentionMap& m) { return Map{reinterpret_cast<const void*>(m.data), m.stride_b, m.stride_c, m.stride_l}; }
+enum class Pass { kForward, kDelta, kBackwardKV, kBackwardQ };
+
+struct KernelLaunch {
+  void (*kernel)(Params);
+  std::size_t smem;  // dynamic shared memory per block, bytes
+  const char* name;
+};
+
+// The kernel of pass P for element type T and head dim DP (the delta pass has one for every DP).
+template <Pass P, typename T, int DP>
+KernelLaunch kernel_of() {
+  if constexpr (P == Pass::kForward) {
+    return {attention_forward_kernel<T, DP>, forward_smem<T, DP>(), "pixel_attention attention_forward_kernel"};
+  } else if constexpr (P == Pass::kDelta) {
+    return {attention_delta_kernel<T>, 0, "pixel_attention attention_delta_kernel"};
+  } else if constexpr (P == Pass::kBackwardKV) {
+    return {attention_backward_kv_kernel<T, DP>, backward_kv_smem<T, DP>(),
+            "pixel_attention attention_backward_kv_kernel"};
+  } else {
+    return {attention_backward_q_kernel<T, DP>, backward_q_smem<T, DP>(),
+            "pixel_attention attention_backward_q_kernel"};
+  }
+}
 
 std::int64_t cdiv(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
-// Checks the sizes, sets the device and fills the parts of Params every kernel uses. Returns the
-// number of (batch, head) pairs.
-std::int64_t prepare(Params& p, const AttentionShape& shape, double scale, int device) {
-  const std::string where = "pixel_attention: ";
-  if (shape.batch < 0 || shape.heads < 1 || shape.head_dim < 1 || shape.lq < 0 || shape.lk < 0) {
-    throw std::invalid_argument(where + "invalid sizes (batch " + std::to_string(shape.batch) + ", heads " +
-                                std::to_string(shape.heads) + ", head_dim " + std::to_string(shape.head_dim) +
-                                ", LQ " + std::to_string(shape.lq) + ", LK " + std::to_string(shape.lk) + ")");
+void check_sizes(const PixelAttentionParams& a) {
+  if (a.batch < 0 || a.heads < 1 || a.head_dim < 1 || a.lq < 0 || a.lk < 0) {
+    invalid_argument("pixel_attention: invalid sizes (batch " + std::to_string(a.batch) + ", heads " +
+                     std::to_string(a.heads) + ", head_dim " + std::to_string(a.head_dim) + ", LQ " +
+                     std::to_string(a.lq) + ", LK " + std::to_string(a.lk) + ")");
   }
-  if (shape.head_dim > kAttentionMaxHeadDim) {
-    throw std::invalid_argument(where + "head dims up to " + std::to_string(kAttentionMaxHeadDim) + ", got " +
-                                std::to_string(shape.head_dim));
+  if (a.head_dim > kAttentionMaxHeadDim) {
+    invalid_argument("pixel_attention: head dims up to " + std::to_string(kAttentionMaxHeadDim) + ", got " +
+                     std::to_string(a.head_dim));
   }
   constexpr std::int64_t kMaxPositions = 2147483647 - 2 * kAttentionTile;  // int position arithmetic
-  if (shape.lq > kMaxPositions || shape.lk > kMaxPositions || shape.heads * shape.head_dim > 2147483647) {
-    throw std::invalid_argument(where + "positions and channels must be below 2^31");
+  if (a.lq > kMaxPositions || a.lk > kMaxPositions || a.heads * a.head_dim > 2147483647) {
+    invalid_argument("pixel_attention: positions and channels must be below 2^31");
   }
-  PCD_CUDA_CHECK(cudaSetDevice(device), "cudaSetDevice");
-  p = Params{};
-  p.heads = shape.heads;
-  p.head_dim = static_cast<int>(shape.head_dim);
-  p.lq = static_cast<int>(shape.lq);
-  p.lk = static_cast<int>(shape.lk);
-  p.scale = static_cast<float>(scale);
-  p.scale2 = static_cast<float>(scale * kLog2e);
-  return shape.batch * shape.heads;
 }
 
 // Blocks for `tiles` tiles per (batch, head): checked against the grid's x limit.
 unsigned grid_blocks(std::int64_t tiles, std::int64_t batch_heads) {
   if (tiles > 0 && batch_heads > kAttentionMaxBlocks / tiles) {
-    throw std::invalid_argument("pixel_attention: batch x heads x tiles of " + std::to_string(kAttentionTile) +
-                                " positions must be at most 2^31 - 1 blocks, got " + std::to_string(batch_heads) +
-                                " x " + std::to_string(tiles));
+    invalid_argument("pixel_attention: batch x heads x tiles of " + std::to_string(kAttentionTile) +
+                     " positions must be at most 2^31 - 1 blocks, got " + std::to_string(batch_heads) + " x " +
+                     std::to_string(tiles));
   }
   return static_cast<unsigned>(tiles * batch_heads);
 }
 
-template <typename Kernel>
-void launch(Kernel kernel, unsigned blocks, std::size_t smem, const Params& p, std::uintptr_t stream,
-            const char* name) {
-  if (blocks == 0) return;
-  PCD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                 name);
-  kernel<<<blocks, kThreads, smem, reinterpret_cast<cudaStream_t>(stream)>>>(p);
-  PCD_CUDA_CHECK(cudaGetLastError(), name);
+Map device_map(const AttentionMap& m) {
+  return Map{reinterpret_cast<const void*>(m.data), m.stride_b, m.stride_c, m.stride_l};
 }
 
+// Pass P over the launch's maps: one block per tile of `tile` positions (of `positions`) and
+// (batch, head). Maps a pass does not use may be absent.
+template <Pass P>
+void run(const PixelAttentionParams& a, std::int64_t positions, int tile) {
+  by_dtype(a.dtype, [](auto) {});  // an unknown dtype code is reported first
+  check_sizes(a);
+  check_cuda(cudaSetDevice(a.device), "cudaSetDevice");
+  Params p{};
+  p.q = device_map(a.q);
+  p.k = device_map(a.k);
+  p.v = device_map(a.v);
+  p.o = device_map(a.out);
+  p.dout = device_map(a.grad_out);
+  p.dq = device_map(a.grad_q);
+  p.dk = device_map(a.grad_k);
+  p.dv = device_map(a.grad_v);
+  p.lse2 = device_ptr<float>(a.lse2);
+  p.delta = device_ptr<float>(a.delta);
+  p.heads = a.heads;
+  p.head_dim = static_cast<int>(a.head_dim);
+  p.lq = static_cast<int>(a.lq);
+  p.lk = static_cast<int>(a.lk);
+  p.scale = static_cast<float>(a.scale);
+  p.scale2 = static_cast<float>(a.scale * kLog2e);
+  const std::int64_t tiles = cdiv(positions, tile);
+  p.n_tiles = static_cast<int>(tiles);
+  const unsigned blocks = grid_blocks(tiles, a.batch * a.heads);
+  by_dtype(a.dtype, [&](auto tag) {
+    by_head_dim(a.head_dim, [&](auto dim) {
+      const KernelLaunch k = kernel_of<P, typename decltype(tag)::type, decltype(dim)::value>();
+      launch(k.kernel, blocks, kThreads, k.smem, a.stream, k.name, p);
+    });
+  });
+}
 
 }  // namespace
 
-void pixel_attention_forward(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                             const AttentionMap& out, std::uintptr_t lse, const AttentionShape& shape, double scale,
-                             int dtype, int device, std::uintptr_t stream) {
-  check_dtype(dtype);
-  Params p;
-  const std::int64_t batch_heads = prepare(p, shape, scale, device);
-  if (shape.lq == 0 || batch_heads == 0) return;
-  if (shape.lk == 0) throw std::invalid_argument("pixel_attention: the key map must have at least one position");
-  p.q = device_map(q);
-  p.k = device_map(k);
-  p.v = device_map(v);
-  p.o = device_map(out);
-  p.lse = reinterpret_cast<float*>(lse);
-  const std::int64_t tiles = cdiv(shape.lq, kTile);
-  p.n_tiles = static_cast<int>(tiles);
-  const unsigned blocks = grid_blocks(tiles, batch_heads);
-  dispatch(dtype, p.head_dim, [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    constexpr int DP = decltype(dim)::value;
-    launch(attention_forward_kernel<T, DP>, blocks, forward_smem<T, DP>(), p, stream,
-           "pixel_attention attention_forward_kernel");
-  });
+void pixel_attention_forward(const PixelAttentionParams& params) {
+  if (params.lq > 0 && params.batch * params.heads > 0 && params.lk == 0) {
+    invalid_argument("pixel_attention: the key map must have at least one position");
+  }
+  run<Pass::kForward>(params, params.lq, kTile);
 }
 
-void pixel_attention_backward_delta(const AttentionMap& out, const AttentionMap& grad_out, std::uintptr_t delta,
-                                    const AttentionShape& shape, int dtype, int device, std::uintptr_t stream) {
-  check_dtype(dtype);
-  Params p;
-  const std::int64_t batch_heads = prepare(p, shape, 1.0, device);
-  p.o = device_map(out);
-  p.dout = device_map(grad_out);
-  p.delta = reinterpret_cast<float*>(delta);
-  const std::int64_t tiles = cdiv(shape.lq, kDeltaRows);
-  p.n_tiles = static_cast<int>(tiles);
-  const unsigned blocks = grid_blocks(tiles, batch_heads);
-  dispatch(dtype, 16, [&](auto tag, auto) {
-    using T = typename decltype(tag)::type;
-    launch(attention_delta_kernel<T>, blocks, 0, p, stream, "pixel_attention attention_delta_kernel");
-  });
+void pixel_attention_backward_delta(const PixelAttentionParams& params) {
+  run<Pass::kDelta>(params, params.lq, kDeltaRows);
 }
 
-void pixel_attention_backward_kv(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                                 const AttentionMap& grad_out, std::uintptr_t lse, std::uintptr_t delta,
-                                 const AttentionMap& grad_k, const AttentionMap& grad_v, const AttentionShape& shape,
-                                 double scale, int dtype, int device, std::uintptr_t stream) {
-  check_dtype(dtype);
-  Params p;
-  const std::int64_t batch_heads = prepare(p, shape, scale, device);
-  p.q = device_map(q);
-  p.k = device_map(k);
-  p.v = device_map(v);
-  p.dout = device_map(grad_out);
-  p.dk = device_map(grad_k);
-  p.dv = device_map(grad_v);
-  p.lse = reinterpret_cast<float*>(lse);
-  p.delta = reinterpret_cast<float*>(delta);
-  const std::int64_t tiles = cdiv(shape.lk, kTile);
-  p.n_tiles = static_cast<int>(tiles);
-  const unsigned blocks = grid_blocks(tiles, batch_heads);  // LQ = 0: the kernel writes zeros
-  dispatch(dtype, p.head_dim, [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    constexpr int DP = decltype(dim)::value;
-    launch(attention_backward_kv_kernel<T, DP>, blocks, backward_kv_smem<T, DP>(), p, stream,
-           "pixel_attention attention_backward_kv_kernel");
-  });
+// LQ = 0: the kernel writes zeros.
+void pixel_attention_backward_kv(const PixelAttentionParams& params) {
+  run<Pass::kBackwardKV>(params, params.lk, kTile);
 }
 
-void pixel_attention_backward_q(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                                const AttentionMap& grad_out, std::uintptr_t lse, std::uintptr_t delta,
-                                const AttentionMap& grad_q, const AttentionShape& shape, double scale, int dtype,
-                                int device, std::uintptr_t stream) {
-  check_dtype(dtype);
-  Params p;
-  const std::int64_t batch_heads = prepare(p, shape, scale, device);
-  p.q = device_map(q);
-  p.k = device_map(k);
-  p.v = device_map(v);
-  p.dout = device_map(grad_out);
-  p.dq = device_map(grad_q);
-  p.lse = reinterpret_cast<float*>(lse);
-  p.delta = reinterpret_cast<float*>(delta);
-  const std::int64_t tiles = cdiv(shape.lq, kTile);
-  p.n_tiles = static_cast<int>(tiles);
-  const unsigned blocks = grid_blocks(tiles, batch_heads);  // LK = 0: the kernel writes zeros
-  dispatch(dtype, p.head_dim, [&](auto tag, auto dim) {
-    using T = typename decltype(tag)::type;
-    constexpr int DP = decltype(dim)::value;
-    launch(attention_backward_q_kernel<T, DP>, blocks, backward_q_smem<T, DP>(), p, stream,
-           "pixel_attention attention_backward_q_kernel");
-  });
+// LK = 0: the kernel writes zeros.
+void pixel_attention_backward_q(const PixelAttentionParams& params) {
+  run<Pass::kBackwardQ>(params, params.lq, kTile);
 }
 
 }  // namespace pcd_kernels

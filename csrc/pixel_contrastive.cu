@@ -29,10 +29,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
-#include "pcd_kernels/cuda_check.h"
+#include "pcd_kernels/dispatch.cuh"
 #include "pcd_kernels/pixel_contrastive.h"
 #include "pcd_kernels/tiles.cuh"
 
@@ -225,40 +224,32 @@ __device__ __forceinline__ void weights_times_rows(float (&out)[Tile<T>::out_til
   }
 }
 
+// Calls f(acc, col) for each of this lane's accumulators of output row g + 8 h (out as
+// weights_times_rows leaves it) whose channel col is below C: a backward block's epilogue.
+template <int N, typename F>
+__device__ __forceinline__ void for_each_output(const float (&out)[N][4], int h, int oc, int C, F&& f) {
+  const int t = tiles::lane_in_group();
+#pragma unroll
+  for (int jj = 0; jj < N; ++jj) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = oc + 8 * jj + 2 * t + c;
+      if (col < C) f(out[jj][2 * h + c], col);
+    }
+  }
+}
+
 // Which key tiles a source contributes and how its positives are found.
-enum class Keys { kPlain, kPixels, kPositiveOnly };
+enum class Keys { kPlain, kTeacher, kPositiveOnly };
 
 template <typename T>
 struct Params {
-  Rows<T> anchors, pixels, extra, queue;
-  int mode, n_rows, hw, C;
+  Rows<T> anchors, teacher, extra, queue;
+  Negatives negatives;
+  int n_rows, hw, C;
   bool resident;
   float logit_scale, inv_temperature;
 };
-
-template <typename T>
-Params<T> make_params(const PixelContrastiveInputs& in, bool resident) {
-  auto rows = [](std::uintptr_t p, std::int64_t sr, std::int64_t sc, std::int64_t n, std::uintptr_t scale,
-                 std::uintptr_t valid) {
-    return Rows<T>{reinterpret_cast<const T*>(p), sr, sc, static_cast<int>(n), reinterpret_cast<const float*>(scale),
-                   reinterpret_cast<const std::uint8_t*>(valid)};
-  };
-  Params<T> p;
-  const std::int64_t C = in.channels;
-  p.anchors = rows(in.anchors, C, 1, in.n_rows, in.inv_anchors, in.valid);
-  p.pixels = rows(in.pixels, C, 1, in.n_rows, in.inv_pixels, in.valid);
-  p.extra = rows(in.extra, in.extra_stride_row, in.extra_stride_col, in.mode == 2 ? in.n_extra : 0, in.inv_extra,
-                 in.valid_extra);
-  p.queue = rows(in.queue, in.queue_stride_row, in.queue_stride_col, in.n_queue, in.inv_queue, 0);
-  p.mode = in.mode;
-  p.n_rows = static_cast<int>(in.n_rows);
-  p.hw = static_cast<int>(in.hw);
-  p.C = static_cast<int>(C);
-  p.resident = resident;
-  p.logit_scale = in.logit_scale;
-  p.inv_temperature = in.inv_temperature;
-  return p;
-}
 
 // The anchors a block owns: rows [row0, row0 + 64) of segment [seg_lo, seg_hi) (an image in
 // "image" mode, the batch otherwise). The anchors' Rows get hi = seg_hi.
@@ -269,8 +260,9 @@ struct Segment {
 template <typename T>
 __device__ __forceinline__ Segment anchor_segment(const Params<T>& p) {
   Segment s;
-  s.lo = p.mode == 1 ? static_cast<int>(blockIdx.y) * p.hw : 0;
-  s.hi = p.mode == 1 ? s.lo + p.hw : p.n_rows;
+  const bool image = p.negatives == Negatives::kImage;
+  s.lo = image ? static_cast<int>(blockIdx.y) * p.hw : 0;
+  s.hi = image ? s.lo + p.hw : p.n_rows;
   s.row0 = s.lo + static_cast<int>(blockIdx.x) * kRows;
   return s;
 }
@@ -282,11 +274,12 @@ template <typename T>
 __device__ __forceinline__ void key_source(const Params<T>& p, const Segment& seg, int i, Rows<T>& rows, int& lo,
                                            int& end, Keys& kind) {
   if (i == 0) {
-    rows = p.pixels;
+    const bool none = p.negatives == Negatives::kNone;
+    rows = p.teacher;
     rows.hi = seg.hi;
-    lo = p.mode == 0 ? seg.row0 : seg.lo;
-    end = p.mode == 0 ? seg.row0 + 1 : seg.hi;
-    kind = p.mode == 0 ? Keys::kPositiveOnly : Keys::kPixels;
+    lo = none ? seg.row0 : seg.lo;
+    end = none ? seg.row0 + 1 : seg.hi;
+    kind = none ? Keys::kPositiveOnly : Keys::kTeacher;
   } else {
     rows = i == 1 ? p.extra : p.queue;  // extra.hi is 0 outside "batch" mode
     lo = 0;
@@ -300,7 +293,7 @@ __device__ __forceinline__ void key_source(const Params<T>& p, const Segment& se
 // ------------------------------------------------------------------------------------------
 
 struct ForwardState {
-  tiles::OnlineLse lse[2];  // rows g and g + 8 of the warp (identical in the 4 lanes of a quad)
+  tiles::OnlineLse online[2];  // rows g and g + 8 of the warp (identical in the 4 lanes of a quad)
   float pos[2];             // this lane's share of the positive logit (quad-summed at the end)
 };
 
@@ -332,14 +325,14 @@ __device__ __forceinline__ void forward_tile(ForwardState& st, const Smem<T>& sm
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    st.lse[h].rescale_to(tiles::quad_max(tile_max[h]));
+    st.online[h].rescale_to(tiles::quad_max(tile_max[h]));
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
 #pragma unroll
-      for (int e = 2 * h; e < 2 * h + 2; ++e) sum += exp2f(s[j][e] - st.lse[h].max);  // NaN stays NaN
+      for (int e = 2 * h; e < 2 * h + 2; ++e) sum += exp2f(s[j][e] - st.online[h].max);  // NaN stays NaN
     }
-    st.lse[h].sum += tiles::quad_sum(sum);
+    st.online[h].sum += tiles::quad_sum(sum);
   }
 }
 
@@ -367,17 +360,17 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(Params<T> p, float
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float pos = tiles::quad_sum(st.pos[h]);
-    if (p.mode == 0) {
+    if (p.negatives == Negatives::kNone) {
       // "none": the positive is a key of its own, counted once here (fmaxf ignores a NaN
       // positive, exp2f(NaN) then carries it into the sum).
-      const float new_max = fmaxf(st.lse[h].max, pos);
-      st.lse[h].sum = st.lse[h].sum * exp2f(st.lse[h].max - new_max) + exp2f(pos - new_max);
-      st.lse[h].max = new_max;
+      const float new_max = fmaxf(st.online[h].max, pos);
+      st.online[h].sum = st.online[h].sum * exp2f(st.online[h].max - new_max) + exp2f(pos - new_max);
+      st.online[h].max = new_max;
     }
     const int row = seg.row0 + warp_id() * 16 + g + 8 * h;
     if (tiles::lane_in_group() == 0 && row < seg.hi) {
       const bool valid = own.ok(row);
-      const float lse2 = st.lse[h].lse2();
+      const float lse2 = st.online[h].lse2();
       loss[row] = valid ? (lse2 - pos) * kLn2 : 0.f;
       lse2_out[row] = valid ? lse2 : 0.f;
     }
@@ -450,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   own.hi = seg.hi;
   if (p.resident) load_own(sm, own, seg.row0, p.C);
 
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
+  const int g = tiles::lane_group();
   AnchorState<T> st;
   float gi[2];
 #pragma unroll
@@ -478,7 +471,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   const bool normalize = own.scale != nullptr;
-  const Rows<T>& pixels = p.pixels;
+  const bool none = p.negatives == Negatives::kNone;
+  const Rows<T>& teacher = p.teacher;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = seg.row0 + warp_id() * 16 + g + 8 * h;
@@ -487,31 +481,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float pos_weight = tiles::quad_sum(st.pos_weight[h]);
     if (row >= seg.hi) continue;  // after the shuffles: every lane takes part in them
     const float coef = gi[h] * p.inv_temperature;
-    const float inv_a = own.row_scale(row), inv_t = pixels.row_scale(row);
+    const float inv_a = own.row_scale(row), inv_t = teacher.row_scale(row);
     const float pa = normalize && grad_a != nullptr ? proj_a[row] : 0.f;
     const float pt = normalize && grad_t != nullptr ? proj_t[row] : 0.f;
     const std::int64_t base = static_cast<std::int64_t>(row) * p.C;
-#pragma unroll
-    for (int jj = 0; jj < Tile<T>::out_tiles; ++jj) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = oc + 8 * jj + 2 * t + c;
-        if (col >= p.C) continue;
-        const float a_raw = own.raw(row, col);
-        const float t_raw = p.mode == 0 ? pixels.raw(row, col) : 0.f;
-        if (grad_a != nullptr) {
-          // "none" mode: the positive's share (p - 1) t_hat_i, left out of the tile MMAs
-          float x = coef * (st.out[jj][2 * h + c] + (p.mode == 0 ? pos_weight * inv_t * t_raw : 0.f));
-          if (normalize) x = inv_a * x - pa * (gi[h] * d * kLn2) * a_raw;
-          grad_a[base + col] = from_float<T>(st.row_ok[h] ? x : 0.f);
-        }
-        if (grad_t != nullptr) {  // "none" mode: the teacher pixel is its anchor's key alone
-          float y = coef * pos_weight * inv_a * a_raw;
-          if (normalize) y = inv_t * y - pt * (gi[h] * pos_weight * pos * kLn2) * t_raw;
-          grad_t[base + col] = from_float<T>(st.row_ok[h] ? y : 0.f);
-        }
+    for_each_output(st.out, h, oc, p.C, [&](float acc, int col) {
+      const float a_raw = own.raw(row, col);
+      const float t_raw = none ? teacher.raw(row, col) : 0.f;
+      if (grad_a != nullptr) {
+        // "none" mode: the positive's share (p - 1) t_hat_i, left out of the tile MMAs
+        float x = coef * (acc + (none ? pos_weight * inv_t * t_raw : 0.f));
+        if (normalize) x = inv_a * x - pa * (gi[h] * d * kLn2) * a_raw;
+        grad_a[base + col] = from_float<T>(st.row_ok[h] ? x : 0.f);
       }
-    }
+      if (grad_t != nullptr) {  // "none" mode: the teacher pixel is its anchor's key alone
+        float y = coef * pos_weight * inv_a * a_raw;
+        if (normalize) y = inv_t * y - pt * (gi[h] * pos_weight * pos * kLn2) * t_raw;
+        grad_t[base + col] = from_float<T>(st.row_ok[h] ? y : 0.f);
+      }
+    });
   }
 }
 
@@ -521,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    key_backward_kernel(Params<T> p, bool keys_are_pixels, const float* lse2, const float* grad_scaled,
+    key_backward_kernel(Params<T> p, bool keys_are_teacher, const float* lse2, const float* grad_scaled,
                         const float* grad_max, const float* proj_k, T* grad_k) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int own_chunks = p.resident ? (p.C + kChunk - 1) / kChunk : 1;
@@ -529,10 +517,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int oc = static_cast<int>(blockIdx.z) * Tile<T>::out_chunk;
 
   // The block's keys and the anchors that see them.
-  Rows<T> keys = keys_are_pixels ? p.pixels : p.queue;
+  Rows<T> keys = keys_are_teacher ? p.teacher : p.queue;
   Rows<T> anchors = p.anchors;
   int key_lo = 0, a_lo = 0;
-  if (keys_are_pixels && p.mode == 1) {  // "image": the pixels of image blockIdx.y and its anchors
+  if (keys_are_teacher && p.negatives == Negatives::kImage) {  // the pixels of image blockIdx.y and its anchors
     key_lo = a_lo = static_cast<int>(blockIdx.y) * p.hw;
     keys.hi = anchors.hi = key_lo + p.hw;
   }
@@ -569,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const bool ok = sm.col_ok[col] != 0.f;
         const float v = s[j][e] * p.logit_scale;
         const float prob = exp2f(v - sm.col_a[col]);
-        const bool positive = keys_are_pixels && a0 + col == my_key0 + 8 * h;
+        const bool positive = keys_are_teacher && a0 + col == my_key0 + 8 * h;
         const float w = ok ? sm.col_b[col] * (positive ? prob - 1.f : prob) : 0.f;
         e_sum[h] += ok ? w * v : 0.f;
         s[j][e] = w;
@@ -591,17 +579,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float inv_k = keys.row_scale(key);
     const float pk = normalize ? proj_k[key] : 0.f;
     const std::int64_t base = static_cast<std::int64_t>(key) * p.C;
-#pragma unroll
-    for (int jj = 0; jj < Tile<T>::out_tiles; ++jj) {
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const int col = oc + 8 * jj + 2 * t + c;
-        if (col >= p.C) continue;
-        float x = out[jj][2 * h + c] * (g_max * p.inv_temperature);
-        if (normalize) x = inv_k * x - pk * (e_k * g_max * kLn2) * keys.raw(key, col);
-        grad_k[base + col] = from_float<T>(key_ok ? x : 0.f);
-      }
-    }
+    for_each_output(out, h, oc, p.C, [&](float acc, int col) {
+      float x = acc * (g_max * p.inv_temperature);
+      if (normalize) x = inv_k * x - pk * (e_k * g_max * kLn2) * keys.raw(key, col);
+      grad_k[base + col] = from_float<T>(key_ok ? x : 0.f);
+    });
   }
 }
 
@@ -611,140 +593,140 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 int ceil_div(std::int64_t a, std::int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-void check_sizes(const PixelContrastiveInputs& in) {
+bool is_known(Negatives negatives) {
+  return negatives == Negatives::kNone || negatives == Negatives::kImage || negatives == Negatives::kBatch;
+}
+
+void check_params(const PixelContrastiveParams& in) {
+  if (!is_known(in.negatives)) {
+    invalid_argument("pixel_contrastive: negatives code must be 0 (none), 1 (image) or 2 (batch), got " +
+                     std::to_string(static_cast<int>(in.negatives)));
+  }
   const std::int64_t limit = (std::int64_t{1} << 31) - kRows * 2;
   if (in.n_rows > limit || in.n_queue > limit || in.n_extra > limit || in.channels > limit) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive CUDA kernels take fewer than 2^31 rows and channels");
+    invalid_argument("pixel_contrastive CUDA kernels take fewer than 2^31 rows and channels");
   }
   if (in.channels < 1 || in.n_rows < 1) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive CUDA launchers need n_rows >= 1 and C >= 1");
+    invalid_argument("pixel_contrastive CUDA launchers need n_rows >= 1 and C >= 1");
   }
   if (in.channels > std::int64_t{65535} * 64) {  // grid z counts gradient slices of 64 or 128 channels
-    throw std::runtime_error("pcd_kernels: pixel_contrastive CUDA kernels take at most 4194240 channels");
+    invalid_argument("pixel_contrastive CUDA kernels take at most 4194240 channels");
   }
-  if (in.mode == 1 && (in.n_rows / in.hw) > 65535) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive CUDA kernels take at most 65535 images");
+  if (in.negatives == Negatives::kImage) {
+    if (in.hw < 1 || in.n_rows % in.hw != 0) {
+      invalid_argument("pixel_contrastive: n_rows must be a multiple of hw >= 1 in 'image' mode");
+    }
+    if (in.n_rows / in.hw > 65535) invalid_argument("pixel_contrastive CUDA kernels take at most 65535 images");
   }
 }
 
 // Shared memory a block needs, with its own rows resident when that fits the budget.
 template <typename T>
-std::size_t plan_smem(const PixelContrastiveInputs& in, bool backward, bool* resident) {
-  PCD_CUDA_CHECK(cudaSetDevice(in.device), "cudaSetDevice");
+std::size_t plan_smem(const PixelContrastiveParams& in, bool backward, bool* resident) {
+  check_cuda(cudaSetDevice(in.device), "cudaSetDevice");
   int optin = 0;
-  PCD_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.device),
-                 "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   const int chunks = ceil_div(in.channels, kChunk);
   const std::size_t all = Smem<T>::bytes(backward, chunks);
   *resident = all <= std::min<std::size_t>(kResidentBudget, static_cast<std::size_t>(optin));
   const std::size_t bytes = *resident ? all : Smem<T>::bytes(backward, 1);
   if (bytes > static_cast<std::size_t>(optin)) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive kernels need " + std::to_string(bytes) +
-                             " bytes of shared memory per block, the device allows " + std::to_string(optin));
+    invalid_argument("pixel_contrastive kernels need " + std::to_string(bytes) +
+                     " bytes of shared memory per block, the device allows " + std::to_string(optin));
   }
   return bytes;
 }
 
-template <typename Kernel>
-void allow_smem(Kernel kernel, std::size_t bytes, const char* name) {
-  PCD_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-                 name);
-}
-
-// Grid over the anchors: (tiles per segment, segments, extra z).
-dim3 anchor_grid(const PixelContrastiveInputs& in, int z) {
-  const bool image = in.mode == 1;
-  const std::int64_t seg_len = image ? in.hw : in.n_rows;
-  const int segments = image ? static_cast<int>(in.n_rows / in.hw) : 1;
-  return dim3(ceil_div(seg_len, kRows), segments, z);
-}
+// What the kernels read of the launch parameters, and the shared memory a block needs.
+template <typename T>
+struct Plan {
+  Params<T> params;
+  std::size_t smem;
+};
 
 template <typename T>
-void forward_impl(const PixelContrastiveInputs& in, std::uintptr_t loss, std::uintptr_t lse2) {
-  bool resident = false;
-  const std::size_t bytes = plan_smem<T>(in, false, &resident);
-  auto kernel = forward_kernel<T>;
-  allow_smem(kernel, bytes, "cudaFuncSetAttribute(pixel_contrastive forward_kernel)");
-  kernel<<<anchor_grid(in, 1), kThreads, bytes, reinterpret_cast<cudaStream_t>(in.stream)>>>(
-      make_params<T>(in, resident), reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse2));
-  PCD_CUDA_CHECK(cudaGetLastError(), "pixel_contrastive forward_kernel");
+Plan<T> make_plan(const PixelContrastiveParams& in, bool backward) {
+  auto rows = [](std::uintptr_t p, std::int64_t sr, std::int64_t sc, std::int64_t n, std::uintptr_t scale,
+                 std::uintptr_t valid) {
+    return Rows<T>{device_ptr<const T>(p), sr, sc, static_cast<int>(n), device_ptr<const float>(scale),
+                   device_ptr<const std::uint8_t>(valid)};
+  };
+  Plan<T> plan;
+  Params<T>& p = plan.params;
+  plan.smem = plan_smem<T>(in, backward, &p.resident);
+  const std::int64_t C = in.channels;
+  const bool batch = in.negatives == Negatives::kBatch;
+  p.anchors = rows(in.anchors, C, 1, in.n_rows, in.inv_anchors, in.valid);
+  p.teacher = rows(in.teacher, C, 1, in.n_rows, in.inv_teacher, in.valid);
+  p.extra = rows(in.extra, in.extra_stride_row, in.extra_stride_col, batch ? in.n_extra : 0, in.inv_extra,
+                 in.valid_extra);
+  p.queue = rows(in.queue, in.queue_stride_row, in.queue_stride_col, in.n_queue, in.inv_queue, 0);
+  p.negatives = in.negatives;
+  p.n_rows = static_cast<int>(in.n_rows);
+  p.hw = static_cast<int>(in.hw);
+  p.C = static_cast<int>(C);
+  p.logit_scale = in.logit_scale;
+  p.inv_temperature = in.inv_temperature;
+  return plan;
 }
 
+// Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
+dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image, int z) {
+  if (by_image) return dim3(ceil_div(in.hw, kRows), static_cast<int>(in.n_rows / in.hw), z);
+  return dim3(ceil_div(rows, kRows), 1, z);
+}
+
+// Gradient slices of a backward block (grid z).
 template <typename T>
-void anchors_impl(const PixelContrastiveInputs& in, std::uintptr_t lse2, std::uintptr_t grad, std::uintptr_t proj_a,
-                  std::uintptr_t proj_t, std::uintptr_t grad_a, std::uintptr_t grad_t) {
-  bool resident = false;
-  const std::size_t bytes = plan_smem<T>(in, true, &resident);
-  auto kernel = anchor_backward_kernel<T>;
-  allow_smem(kernel, bytes, "cudaFuncSetAttribute(pixel_contrastive anchor_backward_kernel)");
-  kernel<<<anchor_grid(in, ceil_div(in.channels, Tile<T>::out_chunk)), kThreads, bytes,
-           reinterpret_cast<cudaStream_t>(in.stream)>>>(
-      make_params<T>(in, resident), reinterpret_cast<const float*>(lse2), reinterpret_cast<const float*>(grad),
-      reinterpret_cast<const float*>(proj_a), reinterpret_cast<const float*>(proj_t), reinterpret_cast<T*>(grad_a),
-      reinterpret_cast<T*>(grad_t));
-  PCD_CUDA_CHECK(cudaGetLastError(), "pixel_contrastive anchor_backward_kernel");
-}
-
-template <typename T>
-void keys_impl(const PixelContrastiveInputs& in, bool keys_are_pixels, std::uintptr_t lse2,
-               std::uintptr_t grad_scaled, std::uintptr_t grad_max, std::uintptr_t proj_k, std::uintptr_t grad_k) {
-  bool resident = false;
-  const std::size_t bytes = plan_smem<T>(in, true, &resident);
-  auto kernel = key_backward_kernel<T>;
-  allow_smem(kernel, bytes, "cudaFuncSetAttribute(pixel_contrastive key_backward_kernel)");
-  const bool image = keys_are_pixels && in.mode == 1;
-  const std::int64_t k_len = keys_are_pixels ? (image ? in.hw : in.n_rows) : in.n_queue;
-  const int segments = image ? static_cast<int>(in.n_rows / in.hw) : 1;
-  const dim3 grid(ceil_div(k_len, kRows), segments, ceil_div(in.channels, Tile<T>::out_chunk));
-  kernel<<<grid, kThreads, bytes, reinterpret_cast<cudaStream_t>(in.stream)>>>(
-      make_params<T>(in, resident), keys_are_pixels, reinterpret_cast<const float*>(lse2),
-      reinterpret_cast<const float*>(grad_scaled), reinterpret_cast<const float*>(grad_max),
-      reinterpret_cast<const float*>(proj_k), reinterpret_cast<T*>(grad_k));
-  PCD_CUDA_CHECK(cudaGetLastError(), "pixel_contrastive key_backward_kernel");
-}
-
-template <typename F>
-void by_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: f(float{}); break;
-    case 1: f(__half{}); break;
-    case 2: f(__nv_bfloat16{}); break;
-    default: throw std::runtime_error("pcd_kernels: pixel_contrastive: unknown dtype code " + std::to_string(dtype));
-  }
+int out_slices(const PixelContrastiveParams& in) {
+  return ceil_div(in.channels, Tile<T>::out_chunk);
 }
 
 }  // namespace
 
-void pixel_contrastive_forward(const PixelContrastiveInputs& in, std::uintptr_t loss, std::uintptr_t lse2) {
-  check_sizes(in);
-  by_dtype(in.dtype, [&](auto tag) { forward_impl<decltype(tag)>(in, loss, lse2); });
-}
-
-void pixel_contrastive_backward_anchors(const PixelContrastiveInputs& in, std::uintptr_t lse2, std::uintptr_t grad,
-                                        std::uintptr_t proj_anchors, std::uintptr_t proj_pixels,
-                                        std::uintptr_t grad_anchors, std::uintptr_t grad_pixels) {
-  check_sizes(in);
-  if (grad_pixels != 0 && in.mode != 0) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive anchor backward writes the teacher gradient in "
-                             "negatives='none' mode only");
-  }
-  if (grad_anchors == 0 && grad_pixels == 0) return;
+void pixel_contrastive_forward(const PixelContrastiveParams& in) {
+  check_params(in);
   by_dtype(in.dtype, [&](auto tag) {
-    anchors_impl<decltype(tag)>(in, lse2, grad, proj_anchors, proj_pixels, grad_anchors, grad_pixels);
+    using T = typename decltype(tag)::type;
+    const Plan<T> run = make_plan<T>(in, false);
+    launch(forward_kernel<T>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), kThreads, run.smem,
+           in.stream, "pixel_contrastive forward_kernel", run.params, device_ptr<float>(in.loss),
+           device_ptr<float>(in.lse2));
   });
 }
 
-void pixel_contrastive_backward_keys(const PixelContrastiveInputs& in, bool keys_are_pixels, std::uintptr_t lse2,
-                                     std::uintptr_t grad_scaled, std::uintptr_t grad_max, std::uintptr_t proj_keys,
-                                     std::uintptr_t grad_keys) {
-  check_sizes(in);
-  if (keys_are_pixels && in.mode == 0) {
-    throw std::runtime_error("pcd_kernels: pixel_contrastive key backward: pixel keys exist in 'image' and "
-                             "'batch' modes only");
+void pixel_contrastive_backward_anchors(const PixelContrastiveParams& in) {
+  check_params(in);
+  if (in.grad_teacher != 0 && in.negatives != Negatives::kNone) {
+    invalid_argument("pixel_contrastive anchor backward writes the teacher gradient in negatives='none' mode only");
   }
-  if (!keys_are_pixels && in.n_queue == 0) return;
+  if (in.grad_anchors == 0 && in.grad_teacher == 0) return;
   by_dtype(in.dtype, [&](auto tag) {
-    keys_impl<decltype(tag)>(in, keys_are_pixels, lse2, grad_scaled, grad_max, proj_keys, grad_keys);
+    using T = typename decltype(tag)::type;
+    const Plan<T> run = make_plan<T>(in, true);
+    launch(anchor_backward_kernel<T>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, out_slices<T>(in)),
+           kThreads, run.smem, in.stream, "pixel_contrastive anchor_backward_kernel", run.params,
+           device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad), device_ptr<const float>(in.proj_anchors),
+           device_ptr<const float>(in.proj_teacher), device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
+  });
+}
+
+void pixel_contrastive_backward_keys(const PixelContrastiveParams& in) {
+  check_params(in);
+  if (in.keys_are_teacher && in.negatives == Negatives::kNone) {
+    invalid_argument("pixel_contrastive key backward: teacher keys exist in 'image' and 'batch' modes only");
+  }
+  if (!in.keys_are_teacher && in.n_queue == 0) return;
+  const bool by_image = in.keys_are_teacher && in.negatives == Negatives::kImage;
+  const std::int64_t keys = in.keys_are_teacher ? in.n_rows : in.n_queue;
+  by_dtype(in.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Plan<T> run = make_plan<T>(in, true);
+    launch(key_backward_kernel<T>, row_grid(in, keys, by_image, out_slices<T>(in)), kThreads, run.smem, in.stream,
+           "pixel_contrastive key_backward_kernel", run.params, in.keys_are_teacher, device_ptr<const float>(in.lse2),
+           device_ptr<const float>(in.grad_scaled), device_ptr<const float>(in.grad_max),
+           device_ptr<const float>(in.proj_keys), device_ptr<T>(in.grad_keys));
   });
 }
 

@@ -1,15 +1,16 @@
 // pybind11 bindings for csrc/: pcd_kernels._C.
 //
-// The module takes plain integers (device pointers, sizes, strides, the cudaStream_t from
-// torch.cuda.current_stream().cuda_stream) and never includes libtorch, so one build works with
-// any torch version. std::runtime_error from csrc/ reaches Python as RuntimeError.
+// Each op's launchers take its parameter struct, whose fields are plain integers (device pointers,
+// sizes, strides, the cudaStream_t from torch.cuda.current_stream().cuda_stream) and floats; the
+// module never includes libtorch, so one build works with any torch version.
+// std::invalid_argument from csrc/ reaches Python as ValueError, std::runtime_error as RuntimeError.
 #include <pybind11/pybind11.h>
 
-#include <cstdint>
-
+#include "bind_params.h"
+#include "pcd_kernels/params.h"
 #include "pcd_kernels/probe.h"
 
-namespace py = pybind11;
+using namespace pcd_kernels_bindings;
 
 // Each op binds its launchers in python/bind_<op>.cpp.
 void bind_pixel_contrastive(py::module_& m);
@@ -25,6 +26,8 @@ PYBIND11_MODULE(_C, m) {
         "Launch a one-thread kernel on `stream` of `device` that returns value + 1; raises "
         "RuntimeError naming the failing step.",
         py::call_guard<py::gil_scoped_release>());
+  auto e = bind_enum<pcd_kernels::DType>(m, "DType");
+  PCD_KERNELS_DTYPES(PCD_BIND_ENUMERATOR)
   bind_pixel_contrastive(m);
   bind_pixel_attention(m);
 #ifdef PCD_KERNELS_CUDA_ARCHS

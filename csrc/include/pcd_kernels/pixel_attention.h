@@ -3,24 +3,50 @@
 // Multi-head softmax attention over the positions of channel-major maps: q is (B, heads * d, LQ),
 // k and v are (B, heads * d, LK), each with arbitrary (batch, channel, position) strides in
 // elements; head h is channels [h * d, (h + 1) * d). Pointers are device addresses passed as
-// integers, `dtype` is 0 = float32 (3xTF32 tensor-core products), 1 = float16, 2 = bfloat16 (all
-// tensors of one call share it; lse and delta are float32), `stream` is a cudaStream_t as an
-// integer. Everything runs asynchronously on `stream` of `device`; errors (bad arguments, launch
-// failures) throw std::invalid_argument / std::runtime_error naming the kernel.
+// integers; all maps of one call share the element type `dtype`, lse2 and delta are float32.
+// Everything runs asynchronously on `stream` of `device`; arguments the kernels cannot take throw
+// std::invalid_argument, CUDA errors std::runtime_error, both naming the kernel.
 #pragma once
 
 #include <cstdint>
 
-namespace pcd_kernels {
+#include "pcd_kernels/params.h"
 
 // A (B, C, L) map: its device address and its strides in elements.
+#define PCD_KERNELS_ATTENTION_MAP(X) \
+  X(std::uintptr_t, data)            \
+  X(std::int64_t, stride_b)          \
+  X(std::int64_t, stride_c)          \
+  X(std::int64_t, stride_l)
+
+// What the launchers read; each launcher's comment below names the maps it reads and writes.
+#define PCD_KERNELS_PIXEL_ATTENTION_PARAMS(X)                                                     \
+  PCD_KERNELS_LAUNCH_PARAMS(X)                                                                    \
+  X(std::int64_t, batch)                                                                          \
+  X(std::int64_t, heads)                                                                          \
+  X(std::int64_t, head_dim)                                                                       \
+  X(std::int64_t, lq)                                                                             \
+  X(std::int64_t, lk)                                                                             \
+  X(double, scale) /* the logit scale; the kernels use scale * log2(e) with exp2 */               \
+  X(::pcd_kernels::AttentionMap, q)                                                               \
+  X(::pcd_kernels::AttentionMap, k)                                                               \
+  X(::pcd_kernels::AttentionMap, v)                                                               \
+  X(::pcd_kernels::AttentionMap, out)                                                             \
+  X(::pcd_kernels::AttentionMap, grad_out)                                                        \
+  X(::pcd_kernels::AttentionMap, grad_q)                                                          \
+  X(::pcd_kernels::AttentionMap, grad_k)                                                          \
+  X(::pcd_kernels::AttentionMap, grad_v)                                                          \
+  X(std::uintptr_t, lse2)  /* (B * heads, LQ): base-2 logsumexp of scale * q.k per query */       \
+  X(std::uintptr_t, delta) /* (B * heads, LQ): rowsum(grad_out * out), the softmax-backward term */
+
+namespace pcd_kernels {
+
 struct AttentionMap {
-  std::uintptr_t data = 0;
-  std::int64_t stride_b = 0, stride_c = 0, stride_l = 0;
+  PCD_KERNELS_ATTENTION_MAP(PCD_KERNELS_FIELD)
 };
 
-struct AttentionShape {
-  std::int64_t batch = 0, heads = 0, head_dim = 0, lq = 0, lk = 0;
+struct PixelAttentionParams {
+  PCD_KERNELS_PIXEL_ATTENTION_PARAMS(PCD_KERNELS_FIELD)
 };
 
 // The largest head dim the kernels take (padded on chip to 16, 32, 64 or 128).
@@ -30,26 +56,18 @@ constexpr std::int64_t kAttentionMaxHeadDim = 128;
 constexpr std::int64_t kAttentionTile = 64;
 constexpr std::int64_t kAttentionMaxBlocks = 2147483647;
 
-// out (B, heads * d, LQ) and lse (B * heads, LQ) float32 (base-2 logsumexp of scale * q.k per
-// query). scale is the logit scale (the kernels use scale * log2(e) with exp2).
-void pixel_attention_forward(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                             const AttentionMap& out, std::uintptr_t lse, const AttentionShape& shape,
-                             double scale, int dtype, int device, std::uintptr_t stream);
+// Reads q, k, v; writes out (B, heads * d, LQ) and lse2.
+void pixel_attention_forward(const PixelAttentionParams& params);
 
-// delta (B * heads, LQ) float32 = rowsum(grad_out * out), the softmax-backward row term.
-void pixel_attention_backward_delta(const AttentionMap& out, const AttentionMap& grad_out, std::uintptr_t delta,
-                                    const AttentionShape& shape, int dtype, int device, std::uintptr_t stream);
+// Reads out, grad_out; writes delta.
+void pixel_attention_backward_delta(const PixelAttentionParams& params);
 
-// grad_k, grad_v (B, heads * d, LK): one block per (key tile, batch * head) looping over query tiles.
-void pixel_attention_backward_kv(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                                 const AttentionMap& grad_out, std::uintptr_t lse, std::uintptr_t delta,
-                                 const AttentionMap& grad_k, const AttentionMap& grad_v, const AttentionShape& shape,
-                                 double scale, int dtype, int device, std::uintptr_t stream);
+// Reads q, k, v, grad_out, lse2, delta; writes grad_k and grad_v (B, heads * d, LK): one block per
+// (key tile, batch * head) looping over query tiles.
+void pixel_attention_backward_kv(const PixelAttentionParams& params);
 
-// grad_q (B, heads * d, LQ): one block per (query tile, batch * head) looping over key tiles.
-void pixel_attention_backward_q(const AttentionMap& q, const AttentionMap& k, const AttentionMap& v,
-                                const AttentionMap& grad_out, std::uintptr_t lse, std::uintptr_t delta,
-                                const AttentionMap& grad_q, const AttentionShape& shape, double scale, int dtype,
-                                int device, std::uintptr_t stream);
+// Reads q, k, v, grad_out, lse2, delta; writes grad_q (B, heads * d, LQ): one block per
+// (query tile, batch * head) looping over key tiles.
+void pixel_attention_backward_q(const PixelAttentionParams& params);
 
 }  // namespace pcd_kernels

@@ -2,62 +2,87 @@
 //
 // Plain integers only: device pointers and the cudaStream_t travel as std::uintptr_t, so neither
 // this header nor its callers (python/bind_pixel_contrastive.cpp) need CUDA, Python or libtorch.
-// Every launcher throws std::runtime_error naming the kernel when CUDA reports an error.
+// Arguments the kernels cannot take throw std::invalid_argument, CUDA errors std::runtime_error,
+// both naming the kernel.
 //
-// Notation: anchors are student pixels, pixel keys teacher pixels, both as contiguous
+// Notation: anchors are student pixels, teacher rows the teacher's pixels, both as contiguous
 // (n_rows, C) matrices in (b, h, w) order; extra keys are other ranks' teacher pixels
 // (negatives="batch" only, no gradient); queue rows are read through both of their strides.
 // Logits are base 2: logit2_ik = a_hat_i . k_hat_k * logit_scale with
-// logit_scale = log2(e) / temperature.
+// logit_scale = log2(e) / temperature; lse2 is a base-2 logsumexp (pcd_kernels/_conventions.py).
 #pragma once
 
 #include <cstdint>
 
+#include "pcd_kernels/params.h"
+
+// The keys of an anchor besides the queue rows, numbered as pcd_kernels._conventions.NEGATIVES_MODES.
+#define PCD_KERNELS_NEGATIVES(X) \
+  X(kNone, none, 0)   /* its own teacher pixel (the positive) only */ \
+  X(kImage, image, 1) /* the teacher pixels of its image */           \
+  X(kBatch, batch, 2) /* the teacher pixels of the batch, and the extra keys */
+
+// What the launchers read, grouped by the launchers that read them. n_* are row counts, strides
+// count elements, float32 per-row arrays have one entry per row of their matrix.
+#define PCD_KERNELS_PIXEL_CONTRASTIVE_PARAMS(X)                                                     \
+  PCD_KERNELS_LAUNCH_PARAMS(X) /* dtype: of anchors, teacher, extra, queue and the gradients */     \
+  X(::pcd_kernels::Negatives, negatives)                                                            \
+  X(std::int64_t, n_rows)   /* B * H * W */                                                         \
+  X(std::int64_t, hw)       /* H * W, the image length ("image" mode) */                            \
+  X(std::int64_t, channels) /* C */                                                                 \
+  X(std::uintptr_t, anchors) /* (n_rows, C) contiguous */                                           \
+  X(std::uintptr_t, teacher) /* (n_rows, C) contiguous */                                           \
+  X(std::uintptr_t, extra)   /* (n_extra, C); read in "batch" mode only */                          \
+  X(std::int64_t, n_extra)                                                                          \
+  X(std::int64_t, extra_stride_row)                                                                 \
+  X(std::int64_t, extra_stride_col)                                                                 \
+  X(std::uintptr_t, queue) /* (n_queue, C) */                                                       \
+  X(std::int64_t, n_queue)                                                                          \
+  X(std::int64_t, queue_stride_row)                                                                 \
+  X(std::int64_t, queue_stride_col)                                                                 \
+  /* float32 1 / max(||x||, eps) per row; all absent when normalize=False */                        \
+  X(std::uintptr_t, inv_anchors)                                                                    \
+  X(std::uintptr_t, inv_teacher)                                                                    \
+  X(std::uintptr_t, inv_extra)                                                                      \
+  X(std::uintptr_t, inv_queue)                                                                      \
+  X(std::uintptr_t, valid)       /* uint8 per pixel, nonzero = valid; absent: all valid */          \
+  X(std::uintptr_t, valid_extra) /* uint8 per extra key; absent: all valid */                       \
+  X(float, logit_scale)          /* log2(e) / temperature */                                        \
+  X(float, inv_temperature)      /* 1 / temperature */                                              \
+  /* float32 (n_rows), 0 at masked anchors: the forward writes them, the backward reads lse2 */     \
+  X(std::uintptr_t, loss) /* natural log */                                                         \
+  X(std::uintptr_t, lse2)                                                                           \
+  /* anchor backward */                                                                             \
+  X(std::uintptr_t, grad) /* float32 g = d(result) / d(loss) (n_rows), 0 at masked anchors */       \
+  X(std::uintptr_t, proj_anchors) /* float32 inv^2 where ||x|| >= eps, else 0 (normalising only) */ \
+  X(std::uintptr_t, proj_teacher)                                                                   \
+  X(std::uintptr_t, grad_anchors) /* (n_rows, C) contiguous; absent: not written */                 \
+  X(std::uintptr_t, grad_teacher) /* "none" mode only; absent: not written */                       \
+  /* key backward */                                                                                \
+  X(bool, keys_are_teacher)   /* the keys are the teacher rows ("image"/"batch"), else the queue */ \
+  X(std::uintptr_t, grad_scaled) /* float32 g / g_max (n_rows), 0 at masked anchors */              \
+  X(std::uintptr_t, grad_max)    /* float32 device scalar g_max */                                  \
+  X(std::uintptr_t, proj_keys)                                                                      \
+  X(std::uintptr_t, grad_keys) /* (rows, C) contiguous */
+
 namespace pcd_kernels {
 
-// What every pixel_contrastive kernel reads. A pointer of 0 means "absent".
-struct PixelContrastiveInputs {
-  int device = 0;         // CUDA device ordinal the pointers live on
-  std::uintptr_t stream = 0;  // cudaStream_t
-  int dtype = 0;          // element type of anchors, pixels, extra, queue and the gradients:
-                          // 0 float32 (3xTF32 tensor cores), 1 float16, 2 bfloat16
-  int mode = 0;           // negatives: 0 "none", 1 "image", 2 "batch"
-  std::int64_t n_rows = 0;    // B * H * W
-  std::int64_t hw = 0;        // H * W (the image length, "image" mode)
-  std::int64_t channels = 0;  // C
-  std::uintptr_t anchors = 0;  // (n_rows, C) contiguous
-  std::uintptr_t pixels = 0;   // (n_rows, C) contiguous
-  std::uintptr_t extra = 0;    // (n_extra, C), strides below; used in "batch" mode only
-  std::int64_t n_extra = 0, extra_stride_row = 0, extra_stride_col = 0;
-  std::uintptr_t queue = 0;    // (n_queue, C), any strides
-  std::int64_t n_queue = 0, queue_stride_row = 0, queue_stride_col = 0;
-  // float32 inverse norms 1 / max(||x||, eps) per row; all 0 (absent) when normalize=False.
-  std::uintptr_t inv_anchors = 0, inv_pixels = 0, inv_extra = 0, inv_queue = 0;
-  std::uintptr_t valid = 0;        // uint8 per pixel (n_rows), nonzero = valid; 0 = no mask
-  std::uintptr_t valid_extra = 0;  // uint8 per extra key; 0 = all valid
-  float logit_scale = 0.f;         // log2(e) / temperature
-  float inv_temperature = 0.f;     // 1 / temperature
+enum class Negatives : int { PCD_KERNELS_NEGATIVES(PCD_KERNELS_ENUMERATOR) };
+
+struct PixelContrastiveParams {
+  PCD_KERNELS_PIXEL_CONTRASTIVE_PARAMS(PCD_KERNELS_FIELD)
 };
 
-// Per-anchor loss (natural log) and base-2 lse, float32 (n_rows), 0 at masked anchors.
-void pixel_contrastive_forward(const PixelContrastiveInputs& in, std::uintptr_t loss, std::uintptr_t lse2);
+// Per-anchor loss and lse2.
+void pixel_contrastive_forward(const PixelContrastiveParams& params);
 
-// The anchor side of the backward, grad = d(sum g * loss) with g float32 (n_rows), 0 at masked
-// anchors. Writes grad_anchors (n_rows, C) contiguous in the element type when nonzero, and in
-// "none" mode grad_pixels (the teacher gradient: it involves only each anchor's positive) when
-// nonzero. proj_* are float32 per row: inv^2 where ||x|| >= eps, else 0 (only read when
-// normalising).
-void pixel_contrastive_backward_anchors(const PixelContrastiveInputs& in, std::uintptr_t lse2,
-                                        std::uintptr_t grad, std::uintptr_t proj_anchors,
-                                        std::uintptr_t proj_pixels, std::uintptr_t grad_anchors,
-                                        std::uintptr_t grad_pixels);
+// The anchor side of the backward, grad_* = d(sum g * loss): the student gradient and, in "none"
+// mode, the teacher's (it involves only each anchor's positive).
+void pixel_contrastive_backward_anchors(const PixelContrastiveParams& params);
 
-// The key side: gradient of the teacher pixels ("image"/"batch" modes, keys_are_pixels) or of
-// the queue rows into a contiguous (rows, C) buffer in the element type. grad_scaled = g / g_max
-// (float32, n_rows, 0 at masked anchors), g_max a float32 device scalar; proj_keys as above.
-void pixel_contrastive_backward_keys(const PixelContrastiveInputs& in, bool keys_are_pixels,
-                                     std::uintptr_t lse2, std::uintptr_t grad_scaled,
-                                     std::uintptr_t grad_max, std::uintptr_t proj_keys,
-                                     std::uintptr_t grad_keys);
+// The key side: the gradient of the teacher rows ("image"/"batch" modes) or of the queue rows.
+// Key-side weights are g / g_max (half precision's range holds them when a mean makes every g
+// about 1 / anchors); the result is multiplied by g_max at the end.
+void pixel_contrastive_backward_keys(const PixelContrastiveParams& params);
 
 }  // namespace pcd_kernels

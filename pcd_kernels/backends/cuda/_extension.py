@@ -65,7 +65,8 @@ def probe(device=None) -> int:
     return ext.probe(device.index if device.index is not None else 0, stream, 41)
 
 
-# Element types the kernels are instantiated for, as the launchers number them.
+# Element types the kernels are instantiated for, as the launchers number them (csrc/'s DType,
+# exported as _C.DType; tests/test_csrc.py checks that both agree).
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
@@ -82,3 +83,31 @@ def stream_of(tensor) -> int:
     import torch
 
     return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def device_index(tensor) -> int:
+    """The CUDA device ordinal of ``tensor`` (the current device for a bare "cuda" device)."""
+    import torch
+
+    index = tensor.device.index
+    return index if index is not None else torch.cuda.current_device()
+
+
+def pointer(tensor) -> int:
+    """``tensor``'s device address for a launcher's field; 0 (absent) for None."""
+    return tensor.data_ptr() if tensor is not None else 0
+
+
+def struct(cls, **fields):
+    """An instance of the extension's struct ``cls`` (every field 0) with ``fields`` set by name;
+    a name the C++ struct does not declare raises AttributeError."""
+    instance = cls()
+    for name, value in fields.items():
+        setattr(instance, name, value)
+    return instance
+
+
+def params(cls, tensor, **fields):
+    """An op's launch parameters ``cls`` (``_C.<Op>Params``, declared in ``csrc/include/pcd_kernels/<op>.h``)
+    for a launch on ``tensor``'s device and current stream in its dtype, with ``fields`` set by name."""
+    return struct(cls, device=device_index(tensor), stream=stream_of(tensor), dtype=dtype_code(tensor), **fields)

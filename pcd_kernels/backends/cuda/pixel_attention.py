@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from pcd_kernels.backends._host import attention_gradients, attention_outputs
 from pcd_kernels.backends.cuda import _extension
 
 # The widest head the kernels take (the padded tile widths are 16, 32, 64 and 128).
@@ -38,57 +39,58 @@ def limits(*, dtype, auto, batch: int, num_heads: int, head_dim: int, lq: int, l
 
 
 def _map(t):
-    """(device pointer, batch stride, channel stride, position stride) of a (B, C, L) tensor."""
-    return (t.data_ptr(), *t.stride())
+    """A (B, C, L) tensor as the kernels' AttentionMap: device pointer and (batch, channel,
+    position) strides; absent for None."""
+    if t is None:
+        return _extension.extension().AttentionMap()
+    stride_b, stride_c, stride_l = t.stride()
+    return _extension.struct(_extension.extension().AttentionMap, data=t.data_ptr(), stride_b=stride_b,
+                             stride_c=stride_c, stride_l=stride_l)
 
 
-def _launch_args(q, k, v, num_heads):
-    """(sizes, dtype code, device index, stream) of a launch; q, k, v must share a CUDA device and a
-    dtype (pixel_attention converts them)."""
+def _params(q, k, v, num_heads, scale, lse2, delta=None, **maps):
+    """The launchers' ``PixelAttentionParams`` for maps q, k, v and ``maps`` (out, grad_out,
+    grad_q, grad_k, grad_v by field name; None or left out: absent), whose lse2 and delta are
+    (B * heads, LQ) float32. q, k, v must share a CUDA device and a dtype (pixel_attention converts
+    them)."""
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"backend='cuda' needs q and {name} of one dtype and device, got {q.dtype} on "
                             f"{q.device} and {t.dtype} on {t.device}")
     B, C, LQ = q.shape
-    shape = (B, num_heads, C // num_heads, LQ, k.shape[2])
-    return shape, _extension.dtype_code(q), q.device.index, _extension.stream_of(q)
+    maps = {name: _map(t) for name, t in dict(q=q, k=k, v=v, **maps).items()}
+    return _extension.params(_extension.extension().PixelAttentionParams, q, batch=B, heads=num_heads,
+                             head_dim=C // num_heads, lq=LQ, lk=k.shape[2], scale=float(scale),
+                             lse2=_extension.pointer(lse2), delta=_extension.pointer(delta), **maps)
 
 
 def forward(q, k, v, num_heads, scale):
-    """Output (B, C, LQ) contiguous and the base-2 lse (B * heads, LQ) float32."""
-    B, C, LQ = q.shape
-    out = q.new_empty((B, C, LQ))
-    lse = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    """Output (B, C, LQ) contiguous and the lse2 (base 2) (B * heads, LQ) float32."""
+    out, lse2 = attention_outputs(q, num_heads)
     if out.numel() == 0:
-        return out, lse
-    ext = _extension.extension()
+        return out, lse2
     with torch.cuda.device(q.device):
-        shape, dtype, device, stream = _launch_args(q, k, v, num_heads)
-        ext.pixel_attention_forward(_map(q), _map(k), _map(v), _map(out), lse.data_ptr(), shape, float(scale), dtype,
-                                    device, stream)
-    return out, lse
+        _extension.extension().pixel_attention_forward(_params(q, k, v, num_heads, scale, lse2, out=out))
+    return out, lse2
 
 
-def backward(grad_out, q, k, v, out, lse, num_heads, scale, needs_q=True, needs_kv=True):
+def backward(grad_out, q, k, v, out, lse2, num_heads, scale, needs_q=True, needs_kv=True):
     """Gradients of sum(grad_out * out) for q, k, v (each in its input's layout when that is
     dense); None for those not needed, whose kernel does not run."""
-    B, C, LQ = q.shape
-    grad_q = torch.empty_like(q) if needs_q else None
-    grad_k, grad_v = (torch.empty_like(k), torch.empty_like(v)) if needs_kv else (None, None)
-    if q.numel() == 0 or k.numel() == 0:
-        return tuple(g.zero_() if g is not None else None for g in (grad_q, grad_k, grad_v))
-    if grad_out.dtype != q.dtype:
-        grad_out = grad_out.to(q.dtype)
-    lse = lse.contiguous()
-    ext = _extension.extension()
+    grad_q, grad_k, grad_v, empty = attention_gradients(q, k, v, needs_q, needs_kv)
+    if empty:
+        return grad_q, grad_k, grad_v
+    B, _, LQ = q.shape
+    grad_out = grad_out.to(q.dtype)
+    lse2 = lse2.contiguous()
     delta = torch.empty((B * num_heads, LQ), dtype=torch.float32, device=q.device)
+    ext = _extension.extension()
     with torch.cuda.device(q.device):
-        shape, dtype, device, stream = _launch_args(q, k, v, num_heads)
-        ext.pixel_attention_backward_delta(_map(out), _map(grad_out), delta.data_ptr(), shape, dtype, device, stream)
-        common = (_map(q), _map(k), _map(v), _map(grad_out), lse.data_ptr(), delta.data_ptr())
+        params = _params(q, k, v, num_heads, scale, lse2, delta, out=out, grad_out=grad_out, grad_q=grad_q,
+                         grad_k=grad_k, grad_v=grad_v)
+        ext.pixel_attention_backward_delta(params)
         if needs_kv:
-            ext.pixel_attention_backward_kv(*common, _map(grad_k), _map(grad_v), shape, float(scale), dtype, device,
-                                            stream)
+            ext.pixel_attention_backward_kv(params)
         if needs_q:
-            ext.pixel_attention_backward_q(*common, _map(grad_q), shape, float(scale), dtype, device, stream)
+            ext.pixel_attention_backward_q(params)
     return grad_q, grad_k, grad_v
