@@ -15,8 +15,9 @@ and one module per op it implements, ``backends/<backend>/<op module>.py``, with
   custom ops (their signatures are the custom ops', in ``ops/<op module>.py``, without
   ``backend``), or for a backend that is differentiable by itself the function the op calls.
 
-``ops/<op module>.py`` reads: check the arguments, :func:`resolve` the backend, call the custom op,
-which calls :func:`implementation`. docs/contributing.md says how to add an op or a backend.
+``ops/<op module>.py`` registers its op, and reads: check the arguments, :func:`resolve` the
+backend, call the custom op, which calls :func:`implementation`. docs/contributing.md says how to
+add an op or a backend.
 """
 import importlib
 from dataclasses import dataclass
@@ -44,12 +45,18 @@ class Op:
         return f"{self.module}_forward", f"{self.module}_backward"
 
 
-OPS = {op.name: op for op in (
-    Op("pixel_contrastive_loss", "pixel_contrastive", ("torch", "triton", "cuda")),
-    Op("omni_contrastive_loss", "omni_contrastive", ("torch", "triton")),
-    Op("pixel_relation_loss", "pixel_relation", ("torch", "triton")),
-    Op("pixel_attention", "pixel_attention", ("torch", "triton", "cuda")),
-)}
+# Every op, by its public name, in the order pcd_kernels imports them: each ops/<op>.py registers
+# its own (importing pcd_kernels, which imports this package first, fills it).
+OPS = {}
+
+
+def register(op: Op) -> Op:
+    """Add ``op`` to OPS (from its ops/<op>.py, at import)."""
+    unknown = set(op.backends) - set(BACKENDS[1:])
+    if unknown:
+        raise ValueError(f"{op.name}: unknown backends {sorted(unknown)}")
+    OPS[op.name] = op
+    return op
 
 
 def implementation(op: str, backend: str):

@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-from pcd_kernels.backends import BACKENDS, implementation, resolve
+from pcd_kernels.backends import BACKENDS, Op, implementation, register, resolve
 
-__all__ = ["BACKENDS", "implementation", "resolve", "autocast_dtype", "run_backend"]
+__all__ = ["BACKENDS", "Op", "implementation", "register", "resolve", "autocast_dtype", "run_backend"]
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

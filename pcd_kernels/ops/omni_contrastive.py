@@ -15,9 +15,9 @@ from torch import Tensor
 
 from pcd_kernels._conventions import compute_dtype, omni_pack
 from pcd_kernels.ops._checks import check_choice, check_maps, check_positive_finite
-from pcd_kernels.ops._dispatch import BACKENDS, resolve, run_backend
+from pcd_kernels.ops._dispatch import BACKENDS, Op, register, resolve, run_backend
 
-_OP = "omni_contrastive_loss"
+_OP = register(Op("omni_contrastive_loss", "omni_contrastive", ("torch", "triton"))).name
 
 
 @torch.library.custom_op("pcd_kernels::omni_contrastive_forward", mutates_args=())

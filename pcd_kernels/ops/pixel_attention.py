@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from pcd_kernels.ops._checks import check_choice, check_float, check_same_device, check_tensor
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, implementation, resolve, run_backend
+from pcd_kernels.ops._dispatch import BACKENDS, Op, autocast_dtype, implementation, register, resolve, run_backend
 
-_OP = "pixel_attention"
+_OP = register(Op("pixel_attention", "pixel_attention", ("torch", "triton", "cuda"))).name
 
 
 @torch.library.custom_op("pcd_kernels::pixel_attention_forward", mutates_args=())

@@ -15,11 +15,11 @@ from pcd_kernels._conventions import compute_dtype, pixel_rows
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_key_rows, check_maps, check_mask,
                                      check_positive_finite, check_process_group, check_same_device,
                                      check_same_on_every_rank)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, resolve, run_backend
+from pcd_kernels.ops._dispatch import BACKENDS, Op, autocast_dtype, register, resolve, run_backend
 from pcd_kernels.ops._reduction import REDUCTIONS, reduce_per_anchor
 
 NEGATIVES = ("batch", "image", "none")
-_OP = "pixel_contrastive_loss"
+_OP = register(Op("pixel_contrastive_loss", "pixel_contrastive", ("torch", "triton", "cuda"))).name
 
 
 @torch.library.custom_op("pcd_kernels::pixel_contrastive_forward", mutates_args=())

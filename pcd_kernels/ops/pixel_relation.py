@@ -13,10 +13,10 @@ from torch import Tensor
 from pcd_kernels._conventions import compute_dtype
 from pcd_kernels.ops._checks import (check_bool, check_choice, check_key_rows, check_maps, check_mask,
                                      check_positive_finite, check_same_device)
-from pcd_kernels.ops._dispatch import BACKENDS, autocast_dtype, implementation, resolve, run_backend
+from pcd_kernels.ops._dispatch import BACKENDS, Op, autocast_dtype, implementation, register, resolve, run_backend
 from pcd_kernels.ops._reduction import REDUCTIONS, reduce_per_anchor
 
-_OP = "pixel_relation_loss"
+_OP = register(Op("pixel_relation_loss", "pixel_relation", ("torch", "triton"))).name
 
 
 @torch.library.custom_op("pcd_kernels::pixel_relation_forward", mutates_args=())
