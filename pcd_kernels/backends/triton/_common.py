@@ -44,6 +44,18 @@ def load_chunk(X, start, rows, ok, s_r, s_c, c_start, C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def row_block(start, end, valid_ptr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [start, start + BLOCK), which exist (< end) and which are valid (existing and, with
+    HAS_MASK, marked valid in the byte mask)."""
+    rows = start + tl.arange(0, BLOCK)
+    r_in = rows < end
+    r_ok = r_in
+    if HAS_MASK:
+        r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
+    return rows, r_in, r_ok
+
+
+@triton.jit
 def dot_rows(x0, X, x_start, x_rows, x_ok, x_sr, x_sc, y0, Y, y_start, y_rows, y_ok, y_sr, y_sc, C,
              BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr):
     """(rows of X) . (rows of Y) over all C channels, float32; x0 and y0 are the first chunks."""
@@ -53,6 +65,70 @@ def dot_rows(x0, X, x_start, x_rows, x_ok, x_sr, x_sc, y0, Y, y_start, y_rows, y
         y = load_chunk(Y, y_start, y_rows, y_ok, y_sr, y_sc, ci * BLOCK_C, C, BLOCK_C)
         acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def accumulate_rows(acc, w, x0, X, start, rows, ok, s_r, s_c, inv, c_start, C, NORMALIZE: tl.constexpr,
+                    SCALE_WEIGHTS: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """acc + w @ x_hat over channels [c_start, c_start + BLOCK_C) of the rows of X: a backward
+    kernel's second MMA. x0 is the rows' first chunk, which is the whole row when C_TILES == 1.
+    With NORMALIZE, w is divided by the rows' norms (``inv``; one multiply per weight, the raw tile
+    feeds the MMA) unless not SCALE_WEIGHTS: float16, where a zero row's 1/||x|| = 1e12 would
+    overflow the weights, normalises the tile in registers instead (a zero row's tile is 0)."""
+    if C_TILES == 1:
+        x = x0
+    else:
+        x = load_chunk(X, start, rows, ok, s_r, s_c, c_start, C, BLOCK_C)
+    if NORMALIZE:
+        if SCALE_WEIGHTS:
+            w = w * inv[None, :]
+        else:
+            x = (x.to(tl.float32) * inv[:, None]).to(X.dtype.element_ty)
+    return tl.dot(w.to(x.dtype), x, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def through_normalization(grad, dot_hat, X, start, rows, r_in, s_r, s_c, inv, proj_ptr, C, c_start,
+                          WIDE_OFFSETS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A gradient G (rows, BLOCK_C) with respect to x_hat = x / max(||x||, eps), taken to x: inv G -
+    proj (x_hat . G) x, with ``dot_hat`` = x_hat . G accumulated in the kernel's loop (the
+    backends' projection_scales gives proj). WIDE_OFFSETS reads x with 64-bit offsets per element:
+    the key kernels' epilogues do, because with load_chunk's the compiler would keep the offsets
+    of the tile loaded before their loop alive across it to reuse them here, and spill."""
+    if WIDE_OFFSETS:
+        cols = c_start + tl.arange(0, BLOCK_C)
+        x = tl.load(X + rows.to(tl.int64)[:, None] * s_r + cols.to(tl.int64)[None, :] * s_c,
+                    mask=r_in[:, None] & (cols < C)[None, :], other=0.0)
+    else:
+        x = load_chunk(X, start, rows, r_in, s_r, s_c, c_start, C, BLOCK_C)
+    proj = tl.load(proj_ptr + rows, mask=r_in, other=0.0)
+    return inv[:, None] * grad - (proj * dot_hat)[:, None] * x.to(tl.float32)
+
+
+@triton.jit
+def store_rows(OUT, grad, start, rows, r_in, r_ok, C, c_start, BLOCK_C: tl.constexpr):
+    """Channels [c_start, c_start + BLOCK_C) of rows' gradients into a row-major (rows, C) buffer,
+    0 at rows that are not ok (masked: their values, NaN included, must reach nothing)."""
+    grad = tl.where(r_ok[:, None], grad, 0.0)
+    cols = c_start + tl.arange(0, BLOCK_C)
+    out = (OUT + start.to(tl.int64) * C) + ((rows - start)[:, None] * C + cols[None, :])
+    tl.store(out, grad.to(OUT.dtype.element_ty), mask=r_in[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def store_gradient(OUT, acc, d, g, inv_temperature, X, start, rows, r_in, r_ok, s_r, s_c, inv_ptr, proj_ptr, C,
+                   c_start, NORMALIZE: tl.constexpr, WIDE_OFFSETS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The epilogue of a backward kernel: rows' gradient g * acc / temperature (g per row, or one
+    number for all), through the normalisation when NORMALIZE (x_hat . G = g * d * ln 2, with d
+    the loop's sum of weights times base-2 logits), stored by store_rows."""
+    g = tl.zeros_like(d) + g
+    grad = (g * inv_temperature)[:, None] * acc
+    if NORMALIZE:
+        inv = tl.load(inv_ptr + rows, mask=r_in, other=0.0)
+        grad = through_normalization(grad, g * d * LN2, X, start, rows, r_in, s_r, s_c, inv, proj_ptr, C, c_start,
+                                     WIDE_OFFSETS, BLOCK_C)
+    store_rows(OUT, grad, start, rows, r_in, r_ok, C, c_start, BLOCK_C)
 
 
 def is_interpreter() -> bool:

@@ -51,15 +51,20 @@ def _head_base(bh, HEADS, D, sb, sc):
 
 
 @triton.jit
+def _program_tile(length, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch x head, its tile of positions along program_id(0) (and which exist),
+    and the head's dims (and which exist)."""
+    positions = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    return tl.program_id(1), positions, positions < length, dims, dims < D
+
+
+@triton.jit
 def _forward_kernel(Q, K, V, O, LSE, LQ, LK, HEADS, D, qk_scale2,
                     sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sob, soc, sol,
                     TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = queries < LQ
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
+    bh, queries, q_ok, dims, d_ok = _program_tile(LQ, D, BLOCK_M, BLOCK_D)
     Q += _head_base(bh, HEADS, D, sqb, sqc)
     K += _head_base(bh, HEADS, D, skb, skc)
     V += _head_base(bh, HEADS, D, svb, svc)
@@ -90,11 +95,7 @@ def _forward_kernel(Q, K, V, O, LSE, LQ, LK, HEADS, D, qk_scale2,
 @triton.jit
 def _delta_kernel(O, DO, DELTA, LQ, HEADS, D, sob, soc, sol, sdb, sdc, sdl,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = queries < LQ
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
+    bh, queries, q_ok, dims, d_ok = _program_tile(LQ, D, BLOCK_M, BLOCK_D)
     o = _tile(O + _head_base(bh, HEADS, D, sob, soc), queries, q_ok, sol, dims, d_ok, soc)
     do = _tile(DO + _head_base(bh, HEADS, D, sdb, sdc), queries, q_ok, sdl, dims, d_ok, sdc)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -106,11 +107,7 @@ def _key_value_backward_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, LQ, LK, HEADS, D
                                sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
                                sgkb, sgkc, sgkl, sgvb, sgvc, sgvl, TUNE_KEY, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = keys < LK
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
+    bh, keys, k_ok, dims, d_ok = _program_tile(LK, D, BLOCK_N, BLOCK_D)
     Q += _head_base(bh, HEADS, D, sqb, sqc)
     DO += _head_base(bh, HEADS, D, sdb, sdc)
     k = _tile(K + _head_base(bh, HEADS, D, skb, skc), keys, k_ok, skl, dims, d_ok, skc)
@@ -145,11 +142,7 @@ def _query_backward_kernel(Q, K, V, DO, LSE, DELTA, DQ, LQ, LK, HEADS, D, qk_sca
                            sqb, sqc, sql, skb, skc, skl, svb, svc, svl, sdb, sdc, sdl,
                            sgqb, sgqc, sgql, TUNE_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    bh = tl.program_id(1)
-    queries = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok = queries < LQ
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
+    bh, queries, q_ok, dims, d_ok = _program_tile(LQ, D, BLOCK_M, BLOCK_D)
     q = _tile(Q + _head_base(bh, HEADS, D, sqb, sqc), queries, q_ok, sql, dims, d_ok, sqc)
     do = _tile(DO + _head_base(bh, HEADS, D, sdb, sdc), queries, q_ok, sdl, dims, d_ok, sdc)
     lse2 = tl.load(LSE + bh.to(tl.int64) * LQ + queries, mask=q_ok, other=0.0)

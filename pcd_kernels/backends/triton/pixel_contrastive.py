@@ -39,9 +39,11 @@ import triton.language as tl
 from pcd_kernels._conventions import NEGATIVES_MODES
 from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
                                         key_side_weights, mask_bytes, per_anchor_outputs, projection_scales)
-from pcd_kernels.backends.triton._common import (LN2, LOG2E, MAX_INIT, KernelCall, Launchers, block_c, device_guard,
-                                                 dot_rows, int32_tile_offsets, largest_tile, load_chunk,
-                                                 logit_scale, matmul_precision, pixel_matrix, tune_key)
+from pcd_kernels.backends.triton._common import (KernelCall, LN2, LOG2E, Launchers, MAX_INIT, accumulate_rows,
+                                                 block_c, device_guard, dot_rows, int32_tile_offsets, largest_tile,
+                                                 load_chunk, logit_scale, matmul_precision, pixel_matrix, row_block,
+                                                 store_gradient, store_rows, through_normalization, tune_key)
+
 
 def limits(*, dtype, auto, negatives, batch):
     return image_grid_limit(negatives, batch)
@@ -122,18 +124,8 @@ def _softmax_times_keys(acc, d, a0, A, row0, rows, a_in, a_sr, row_scale, lse2, 
         if HOLDS_POSITIVES:  # teacher pixels: key row i is anchor row i's positive
             p = tl.where(keys[None, :] == rows[:, None], p - 1.0, p)
         d += tl.sum(tl.where(k_ok[None, :], p * s, 0.0), 1)
-        if C_TILES == 1:  # the tile the logits were computed from is the whole key
-            k_chunk = k0
-        else:
-            k_chunk = load_chunk(K, start, keys, k_ok, k_sr, k_sc, oc, C, BLOCK_C)
-        if NORMALIZE:
-            if SCALE_WEIGHTS:  # q / ||k|| @ k: one multiply per logit, the raw tile feeds the MMA
-                p = p * inv_k[None, :]
-            else:
-                # float16: a zero key's 1/||k|| = 1e12 overflows q / ||k||, so normalise the tile
-                # instead (a zero key's tile is simply 0).
-                k_chunk = (k_chunk.to(tl.float32) * inv_k[:, None]).to(K.dtype.element_ty)
-        acc = tl.dot(p.to(k_chunk.dtype), k_chunk, acc, input_precision=PRECISION)
+        acc = accumulate_rows(acc, p, k0, K, start, keys, k_ok, k_sr, k_sc, inv_k, oc, C, NORMALIZE, SCALE_WEIGHTS,
+                              BLOCK_C, C_TILES, PRECISION)
     return acc, d
 
 
@@ -232,8 +224,9 @@ def _backward_anchor_kernel(
         grad = scale[:, None] * load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
         if NORMALIZE:
             dot_hat = tl.load(grad_ptr + rows, mask=valid, other=0.0) * pos_weight * pos2 * LN2  # t_hat . grad_hat
-            t_chunk = load_chunk(T, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-            grad = inv_t[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * t_chunk
+            grad = through_normalization(grad, dot_hat, T, row0, rows, a_in, C, 1, inv_t, proj_ptr, C, oc, False,
+                                         BLOCK_C)
+        store_rows(OUT, grad, row0, rows, a_in, valid, C, oc, BLOCK_C)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_C), tl.float32)  # sum_k (p - onehot)_ik k_hat_k, this chunk
         d = tl.zeros((BLOCK_M,), tl.float32)  # sum_k (p - onehot)_ik logit2_ik: gives a_hat . grad
@@ -263,17 +256,8 @@ def _backward_anchor_kernel(
         # beside the accumulator, where it spilled.
         _, _, _, valid, _, _ = _anchor_tile(n_rows, HW, valid_ptr, HAS_MASK, MODE, BLOCK_M)
         g = tl.load(grad_ptr + rows, mask=valid, other=0.0)
-        grad = (g * inv_temperature)[:, None] * acc
-        if NORMALIZE:
-            dot_hat = g * d * LN2  # a_hat . grad_hat
-            inv_a = tl.load(inv_a_ptr + rows, mask=a_in, other=0.0)
-            a_chunk = load_chunk(A, row0, rows, a_in, C, 1, oc, C, BLOCK_C).to(tl.float32)
-            grad = inv_a[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * a_chunk
-    grad = tl.where(valid[:, None], grad, 0.0)
-    cols = oc + tl.arange(0, BLOCK_C)
-    # The gradient buffers are row-major (rows, C).
-    out = (OUT + row0.to(tl.int64) * C) + ((rows - row0)[:, None] * C + cols[None, :])
-    tl.store(out, grad.to(OUT.dtype.element_ty), mask=a_in[:, None] & (cols < C)[None, :])
+        store_gradient(OUT, acc, d, g, inv_temperature, A, row0, rows, a_in, valid, C, 1, inv_a_ptr, proj_ptr, C, oc,
+                       NORMALIZE, False, BLOCK_C)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -310,11 +294,7 @@ def _backward_key_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik a_hat_i
     d = tl.zeros((BLOCK_N,), tl.float32)  # sum_i (g_i / g_max) (p - onehot)_ik logit2_ik
     for start in range(a_lo, a_hi, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        r_in = rows < a_hi
-        r_ok = r_in
-        if HAS_MASK:
-            r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
+        rows, r_in, r_ok = row_block(start, a_hi, valid_ptr, HAS_MASK, BLOCK_M)
         # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
         a0 = load_chunk(A, start, rows, r_ok, C, 1, 0, C, BLOCK_C)
         # transposed logits (keys x anchors), base 2
@@ -331,39 +311,16 @@ def _backward_key_kernel(
         g_scaled = tl.load(grad_scaled_ptr + rows, mask=r_ok, other=0.0)
         w = tl.where(r_ok[None, :], p * g_scaled[None, :], 0.0)
         d += tl.sum(tl.where(r_ok[None, :], w * s, 0.0), 1)
-        if C_TILES == 1:
-            a_chunk = a0
-        else:
-            a_chunk = load_chunk(A, start, rows, r_ok, C, 1, oc, C, BLOCK_C)
-        if NORMALIZE:
-            if SCALE_WEIGHTS:
-                w = w * inv_a[None, :]
-            else:  # float16: see _softmax_times_keys
-                a_chunk = (a_chunk.to(tl.float32) * inv_a[:, None]).to(A.dtype.element_ty)
-        acc = tl.dot(w.to(a_chunk.dtype), a_chunk, acc, input_precision=PRECISION)
+        acc = accumulate_rows(acc, w, a0, A, start, rows, r_ok, C, 1, inv_a, oc, C, NORMALIZE, SCALE_WEIGHTS, BLOCK_C,
+                              C_TILES, PRECISION)
 
     # g was divided by max|g| so that w fits half precision (mean reductions make g ~ 1/anchors).
     # What the epilogue needs is loaded again here (from L2), not kept in registers across the
     # loop beside the accumulator, where it spilled.
-    grad_max = tl.load(grad_max_ptr)
-    grad = acc * (grad_max * inv_temperature)
-    if NORMALIZE:
-        dot_hat = d * (grad_max * LN2)  # k_hat . grad_hat
-        # 64-bit offsets, unlike the tile loaded before the loop: the compiler would otherwise
-        # keep that one's offsets alive across the loop to reuse them here.
-        cols = oc + tl.arange(0, BLOCK_C)
-        k_chunk = tl.load(K + keys.to(tl.int64)[:, None] * k_sr + cols.to(tl.int64)[None, :] * k_sc,
-                          mask=k_in[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
-        inv_k = tl.load(inv_k_ptr + keys, mask=k_in, other=0.0)
-        proj_k = tl.load(proj_k_ptr + keys, mask=k_in, other=0.0)
-        grad = inv_k[:, None] * grad - (proj_k * dot_hat)[:, None] * k_chunk
     if KEYS_ARE_PIXELS and HAS_MASK:
         k_ok = k_in & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
-    grad = tl.where(k_ok[:, None], grad, 0.0)
-    cols = oc + tl.arange(0, BLOCK_C)
-    # The gradient buffers are row-major (rows, C).
-    tl.store((DK + key0.to(tl.int64) * C) + ((keys - key0)[:, None] * C + cols[None, :]),
-             grad.to(DK.dtype.element_ty), mask=k_in[:, None] & (cols < C)[None, :])
+    store_gradient(DK, acc, d, tl.load(grad_max_ptr), inv_temperature, K, key0, keys, k_in, k_ok, k_sr, k_sc,
+                   inv_k_ptr, proj_k_ptr, C, oc, NORMALIZE, True, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------------

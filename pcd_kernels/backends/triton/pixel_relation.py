@@ -29,11 +29,10 @@ import triton
 import triton.language as tl
 
 from pcd_kernels.backends._host import anchor_weights, inverse_norms, key_side_weights, mask_bytes, projection_scales
-from pcd_kernels.backends.triton._common import (CHUNK_BYTES, LN2, MAX_INIT, KernelCall, Launchers, block_c,
-                                                 device_guard, dot_rows, int32_tile_offsets, largest_tile,
-                                                 is_interpreter, load_chunk, logit_scale, matmul_precision,
-                                                 pixel_matrix, tune_key)
-
+from pcd_kernels.backends.triton._common import (CHUNK_BYTES, KernelCall, LN2, Launchers, MAX_INIT, accumulate_rows,
+                                                 block_c, device_guard, dot_rows, int32_tile_offsets, is_interpreter,
+                                                 largest_tile, load_chunk, logit_scale, matmul_precision,
+                                                 pixel_matrix, row_block, store_gradient, tune_key)
 
 
 def limits(*, dtype, auto):
@@ -105,11 +104,7 @@ def _anchor_tile(S, T, inv_s_ptr, inv_t_ptr, valid_ptr, n_rows, CS, CT, logit_sc
     """This program's anchor rows (which exist, which are valid), both maps' first channel chunks
     and their base-2 logit scales (1 / (temperature ln 2), times the inverse norms)."""
     row0 = tl.program_id(0) * BLOCK_M
-    rows = row0 + tl.arange(0, BLOCK_M)
-    a_in = rows < n_rows
-    valid = a_in
-    if HAS_MASK:
-        valid = valid & (tl.load(valid_ptr + rows, mask=a_in, other=0) != 0)
+    rows, a_in, valid = row_block(row0, n_rows, valid_ptr, HAS_MASK, BLOCK_M)
     s0 = load_chunk(S, row0, rows, a_in, CS, 1, 0, CS, BLOCK_CS)
     t0 = load_chunk(T, row0, rows, a_in, CT, 1, 0, CT, BLOCK_CT)
     s_scale = tl.full((BLOCK_M,), 1.0, tl.float32) * logit_scale
@@ -204,27 +199,11 @@ def _backward_anchor_kernel(
                 w = _weights(u, v, lse_ptr, rows, valid, n_seg, seg, True)
                 w = tl.where(k_ok[None, :], w, 0.0)
                 d += tl.sum(tl.where(k_ok[None, :], w * v, 0.0), 1)
-                if CS_TILES == 1:
-                    k_chunk = sk0
-                else:
-                    k_chunk = load_chunk(SK, key0, keys, k_ok, sk_sr, sk_sc, oc, CS, BLOCK_CS)
-                if NORMALIZE:
-                    if SCALE_WEIGHTS:
-                        w = w * inv_sk[None, :]
-                    else:  # float16: 1/||k|| of a zero key (1e12) would overflow the weights
-                        k_chunk = (k_chunk.to(tl.float32) * inv_sk[:, None]).to(SK.dtype.element_ty)
-                acc = tl.dot(w.to(k_chunk.dtype), k_chunk, acc, input_precision=PRECISION)
+                acc = accumulate_rows(acc, w, sk0, SK, key0, keys, k_ok, sk_sr, sk_sc, inv_sk, oc, CS, NORMALIZE,
+                                      SCALE_WEIGHTS, BLOCK_CS, CS_TILES, PRECISION)
     g = tl.load(grad_ptr + rows, mask=valid, other=0.0) * tl.load(share_ptr)
-    grad = (g * inv_temperature)[:, None] * acc
-    if NORMALIZE:
-        dot_hat = g * d * LN2  # s_hat . grad_hat
-        inv_s = tl.load(inv_s_ptr + rows, mask=a_in, other=0.0)
-        s_chunk = load_chunk(S, row0, rows, a_in, CS, 1, oc, CS, BLOCK_CS).to(tl.float32)
-        grad = inv_s[:, None] * grad - (tl.load(proj_ptr + rows, mask=a_in, other=0.0) * dot_hat)[:, None] * s_chunk
-    grad = tl.where(valid[:, None], grad, 0.0)
-    cols = oc + tl.arange(0, BLOCK_CS)
-    out = (OUT + row0.to(tl.int64) * CS) + ((rows - row0)[:, None] * CS + cols[None, :])
-    tl.store(out, grad.to(OUT.dtype.element_ty), mask=a_in[:, None] & (cols < CS)[None, :])
+    store_gradient(OUT, acc, d, g, inv_temperature, S, row0, rows, a_in, valid, CS, 1, inv_s_ptr, proj_ptr, CS, oc,
+                   NORMALIZE, False, BLOCK_CS)
 
 
 @triton.jit(do_not_specialize=["TUNE_KEY"])
@@ -251,11 +230,7 @@ def _backward_key_kernel(
     d = tl.zeros((BLOCK_N,), tl.float32)  # sum_i (g_i / g_max) (P_s - P_t)_ik v_ik
     if present:
         for a_start in range(0, n_rows, BLOCK_M):
-            rows = a_start + tl.arange(0, BLOCK_M)
-            r_in = rows < n_rows
-            r_ok = r_in
-            if HAS_MASK:
-                r_ok = r_ok & (tl.load(valid_ptr + rows, mask=r_in, other=0) != 0)
+            rows, r_in, r_ok = row_block(a_start, n_rows, valid_ptr, HAS_MASK, BLOCK_M)
             # Masked anchors are loaded as zeros: their values (NaN included) must not reach keys.
             ta0 = load_chunk(T, a_start, rows, r_ok, CT, 1, 0, CT, BLOCK_CT)
             sa0 = load_chunk(S, a_start, rows, r_ok, CS, 1, 0, CS, BLOCK_CS)
@@ -272,16 +247,8 @@ def _backward_key_kernel(
             w = _weights(u, v, lse_ptr, rows, r_ok, n_seg, seg, False)
             w = w * tl.load(grad_scaled_ptr + rows, mask=r_ok, other=0.0)[None, :]
             d += tl.sum(w * v, 1)
-            if CS_TILES == 1:
-                a_chunk = sa0
-            else:
-                a_chunk = load_chunk(S, a_start, rows, r_ok, CS, 1, oc, CS, BLOCK_CS)
-            if NORMALIZE:
-                if SCALE_WEIGHTS:
-                    w = w * inv_sa[None, :]
-                else:  # float16: see _backward_anchor_kernel
-                    a_chunk = (a_chunk.to(tl.float32) * inv_sa[:, None]).to(S.dtype.element_ty)
-            acc = tl.dot(w.to(a_chunk.dtype), a_chunk, acc, input_precision=PRECISION)
+            acc = accumulate_rows(acc, w, sa0, S, a_start, rows, r_ok, CS, 1, inv_sa, oc, CS, NORMALIZE, SCALE_WEIGHTS,
+                                  BLOCK_CS, CS_TILES, PRECISION)
     # g was divided by max|g| so that the weights fit half precision (see key_side_weights). The
     # key rows and masks are recomputed here rather than kept across the loop beside the
     # accumulator, where they spilled.
@@ -291,20 +258,8 @@ def _backward_key_kernel(
     k_ok = k_in
     if HAS_KEY_MASK:
         k_ok = k_ok & (tl.load(key_valid_ptr + keys, mask=k_in, other=0) != 0)
-    scale = tl.load(grad_max_ptr) * tl.load(share_ptr)
-    grad = acc * (scale * inv_temperature)
-    if NORMALIZE:
-        dot_hat = d * (scale * LN2)  # k_hat . grad_hat
-        cols = oc + tl.arange(0, BLOCK_CS)
-        # 64-bit offsets, unlike the tile loaded before the loop (see pixel_contrastive)
-        k_chunk = tl.load(SK + keys.to(tl.int64)[:, None] * sk_sr + cols.to(tl.int64)[None, :] * sk_sc,
-                          mask=k_ok[:, None] & (cols < CS)[None, :], other=0.0).to(tl.float32)
-        inv_sk = tl.load(inv_sk_ptr + keys, mask=k_ok, other=0.0)
-        grad = inv_sk[:, None] * grad - (tl.load(proj_ptr + keys, mask=k_ok, other=0.0) * dot_hat)[:, None] * k_chunk
-    grad = tl.where(k_ok[:, None], grad, 0.0)
-    cols = oc + tl.arange(0, BLOCK_CS)
-    tl.store((DK + key0.to(tl.int64) * CS) + ((keys - key0)[:, None] * CS + cols[None, :]),
-             grad.to(DK.dtype.element_ty), mask=k_in[:, None] & (cols < CS)[None, :])
+    store_gradient(DK, acc, d, tl.load(grad_max_ptr) * tl.load(share_ptr), inv_temperature, SK, key0, keys, k_in,
+                   k_ok, sk_sr, sk_sc, inv_sk_ptr, proj_ptr, CS, oc, NORMALIZE, True, BLOCK_CS)
 
 
 # ----------------------------------------------------------------------------------------------
