@@ -352,7 +352,7 @@ _GPU_CONFIGS = {
     "key": [(32, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 4), (16, 128, 8, 3)],
 }
 # float16 normalises each key or anchor tile in registers before the backward's second MMA (see
-# _softmax_times_keys): that costs the key kernel the registers of 16 anchors.
+# _common.accumulate_rows): that costs the key kernel the registers of 16 anchors.
 _FLOAT16_CONFIGS = dict(_GPU_CONFIGS,
                         anchor=[(128, 32, 8, 3), (128, 32, 8, 4), (128, 16, 8, 3), (128, 16, 8, 4)],
                         key=[(16, 128, 8, 3), (16, 128, 8, 4), (16, 128, 8, 2), (16, 64, 4, 3)])
