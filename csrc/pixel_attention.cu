@@ -84,6 +84,14 @@ struct Params {
   float scale;
 };
 
+// A block's tile and its head bh = batch * heads + h (blockIdx.x enumerates them tile fastest).
+__device__ __forceinline__ int block_tile(const Params& p) {
+  return static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
+}
+__device__ __forceinline__ std::int64_t block_head(const Params& p) {
+  return blockIdx.x / static_cast<unsigned>(p.n_tiles);
+}
+
 // Element (batch, head h, channel 0, position 0) of head `bh` = batch * heads + h.
 template <typename T>
 __device__ __forceinline__ T* head_ptr(const Map& m, std::int64_t bh, std::int64_t heads, int head_dim) {
@@ -166,6 +174,16 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[N / 8][4], const T* a, in
 // Column of accumulator entry j of n8 tile n for this lane (rows: g for j < 2, g + 8 otherwise).
 __device__ __forceinline__ int fragment_col(int n, int j) { return 8 * n + 2 * tiles::lane_in_group() + (j & 1); }
 
+// acc[n][j] = f(acc[n][j], n, j) for each of this lane's entries of a warp's 16 x 8NT accumulators.
+template <int NT, typename F>
+__device__ __forceinline__ void for_each_entry(float (&acc)[NT][4], F&& f) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[n][j] = f(acc[n][j], n, j);
+  }
+}
+
 // --- shared memory per kernel, in bytes -------------------------------------------------------
 
 template <typename T, int DP>
@@ -198,9 +216,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
   T* vt = ks + kTile * LD;              // [DP][LDN keys]
   T* ps = vt + DP * LDN;                // [kTile queries][LDN keys], warp w writes rows 16w..16w+15
 
-  const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
-  const std::int64_t bh = blockIdx.x / static_cast<unsigned>(p.n_tiles);
-  const int q0 = tile * kTile;
+  const std::int64_t bh = block_head(p);
+  const int q0 = block_tile(p) * kTile;
   const int warp = threadIdx.x / 32, g = tiles::lane_group(), t = tiles::lane_in_group();
   const T* q = head_ptr<T>(p.q, bh, p.heads, p.head_dim);
   const T* k = head_ptr<T>(p.k, bh, p.heads, p.head_dim);
@@ -219,33 +236,23 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
     float s[kTile / 8][4] = {};
     warp_gemm<T, kTile, DP>(s, qs + warp * 16 * LD, LD, ks, LD);
     float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // select, not multiply: a NaN logit stays NaN, a missing key is exactly -inf
-        s[n][j] = k0 + fragment_col(n, j) < p.lk ? s[n][j] * p.scale2 : -INFINITY;
-        tile_max[j >> 1] = fmaxf(tile_max[j >> 1], s[n][j]);
-      }
-    }
+    for_each_entry(s, [&](float x, int n, int j) {
+      // select, not multiply: a NaN logit stays NaN, a missing key is exactly -inf
+      x = k0 + fragment_col(n, j) < p.lk ? x * p.scale2 : -INFINITY;
+      tile_max[j >> 1] = fmaxf(tile_max[j >> 1], x);
+      return x;
+    });
     float factor[2], sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int r = 0; r < 2; ++r) factor[r] = row[r].rescale_to(tiles::quad_max(tile_max[r]));
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        s[n][j] = exp2f(s[n][j] - row[j >> 1].max);  // NaN logits give NaN weights: NaN in, NaN out
-        sum[j >> 1] += s[n][j];
-      }
-    }
+    for_each_entry(s, [&](float x, int, int j) {
+      x = exp2f(x - row[j >> 1].max);  // NaN logits give NaN weights: NaN in, NaN out
+      sum[j >> 1] += x;
+      return x;
+    });
 #pragma unroll
     for (int r = 0; r < 2; ++r) row[r].sum += tiles::quad_sum(sum[r]);
-#pragma unroll
-    for (int n = 0; n < DP / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) o[n][j] *= factor[j >> 1];
-    }
+    for_each_entry(o, [&](float x, int, int j) { return x * factor[j >> 1]; });
     store_fragments<T, kTile>(p_rows, LDN, s, 1.f, 1.f);
     __syncwarp();  // P rows are read by every lane of the warp
     warp_gemm<T, DP, kTile>(o, p_rows, LDN, vt, LDN);
@@ -268,9 +275,8 @@ __global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Param
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params p) {
-  const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
-  const std::int64_t bh = blockIdx.x / static_cast<unsigned>(p.n_tiles);
-  const int query = tile * kDeltaRows + static_cast<int>(threadIdx.x);
+  const std::int64_t bh = block_head(p);
+  const int query = block_tile(p) * kDeltaRows + static_cast<int>(threadIdx.x);
   if (query >= p.lq) return;
   const T* o = head_ptr<T>(p.o, bh, p.heads, p.head_dim) + query * p.o.sl;
   const T* dout = head_ptr<T>(p.dout, bh, p.heads, p.head_dim) + query * p.dout.sl;
@@ -294,9 +300,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
   float* lse2_s = reinterpret_cast<float*>(ps + kTile * LDM);  // [BM]
   float* delta_s = lse2_s + BM;                                 // [BM]
 
-  const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
-  const std::int64_t bh = blockIdx.x / static_cast<unsigned>(p.n_tiles);
-  const int k0 = tile * kTile;
+  const std::int64_t bh = block_head(p);
+  const int k0 = block_tile(p) * kTile;
   const int warp = threadIdx.x / 32;
   const T* q = head_ptr<T>(p.q, bh, p.heads, p.head_dim);
   const T* dout = head_ptr<T>(p.dout, bh, p.heads, p.head_dim);
@@ -325,14 +330,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
     // P^T = exp2(scale2 * K Q^T - lse2), queries >= LQ exactly 0
     float pt[BM / 8][4] = {};
     warp_gemm<T, BM, DP>(pt, ks + warp * 16 * LD, LD, qs, LD);
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = fragment_col(n, j);
-        pt[n][j] = q0 + col < p.lq ? exp2f(pt[n][j] * p.scale2 - lse2_s[col]) : 0.f;
-      }
-    }
+    for_each_entry(pt, [&](float x, int n, int j) {
+      const int col = fragment_col(n, j);
+      return q0 + col < p.lq ? exp2f(x * p.scale2 - lse2_s[col]) : 0.f;
+    });
     store_fragments<T, BM>(rows, LDM, pt, 1.f, 1.f);
     __syncwarp();
     warp_gemm<T, DP, BM>(dv, rows, LDM, dot, LDM);  // dV += P^T dO
@@ -340,14 +341,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const P
     // dS^T = P^T (V dO^T - delta)
     float ds[BM / 8][4] = {};
     warp_gemm<T, BM, DP>(ds, vs + warp * 16 * LD, LD, dos, LD);
-#pragma unroll
-    for (int n = 0; n < BM / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = fragment_col(n, j);
-        ds[n][j] = q0 + col < p.lq ? pt[n][j] * (ds[n][j] - delta_s[col]) : 0.f;
-      }
-    }
+    for_each_entry(ds, [&](float x, int n, int j) {
+      const int col = fragment_col(n, j);
+      return q0 + col < p.lq ? pt[n][j] * (x - delta_s[col]) : 0.f;
+    });
     __syncwarp();  // every lane has read P^T
     store_fragments<T, BM>(rows, LDM, ds, 1.f, 1.f);
     __syncwarp();
@@ -377,9 +374,8 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Pa
   T* kt = vs + BN * LD;                 // [DP][LDN keys]
   T* ps = kt + DP * LDN;                // [kTile queries][LDN keys]: dS, warp-private rows
 
-  const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
-  const std::int64_t bh = blockIdx.x / static_cast<unsigned>(p.n_tiles);
-  const int q0 = tile * kTile;
+  const std::int64_t bh = block_head(p);
+  const int q0 = block_tile(p) * kTile;
   const int warp = threadIdx.x / 32, g = tiles::lane_group();
   const T* k = head_ptr<T>(p.k, bh, p.heads, p.head_dim);
   const T* v = head_ptr<T>(p.v, bh, p.heads, p.head_dim);
@@ -407,14 +403,10 @@ __global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Pa
     float s[BN / 8][4] = {}, ds[BN / 8][4] = {};
     warp_gemm<T, BN, DP>(s, qs + warp * 16 * LD, LD, ks, LD);    // Q K^T
     warp_gemm<T, BN, DP>(ds, dos + warp * 16 * LD, LD, vs, LD);  // dP = dO V^T
-#pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = j >> 1;
-        ds[n][j] = k0 + fragment_col(n, j) < p.lk ? exp2f(s[n][j] * p.scale2 - lse2[r]) * (ds[n][j] - delta[r]) : 0.f;
-      }
-    }
+    for_each_entry(ds, [&](float x, int n, int j) {
+      const int r = j >> 1;
+      return k0 + fragment_col(n, j) < p.lk ? exp2f(s[n][j] * p.scale2 - lse2[r]) * (x - delta[r]) : 0.f;
+    });
     store_fragments<T, BN>(rows, LDN, ds, 1.f, 1.f);
     __syncwarp();
     warp_gemm<T, DP, BN>(dq, rows, LDN, kt, LDN);  // dQ += dS K

@@ -33,10 +33,9 @@ py::enum_<E> bind_enum(py::module_& m, const char* name) {
 }
 #define PCD_BIND_ENUMERATOR(enumerator, name, number) e.value(#name, decltype(e)::type::enumerator);
 
-// A launcher taking its op's parameter struct; the GIL is released while it enqueues the kernels.
-template <typename P>
-void def_launcher(py::module_& m, const char* name, void (*launcher)(const P&), const char* doc) {
-  m.def(name, launcher, py::arg("params"), doc, py::call_guard<py::gil_scoped_release>());
-}
+// The launcher pcd_kernels::name as the function `name` of the module `m`, taking its op's
+// parameter struct; the GIL is released while it enqueues the kernels.
+#define PCD_BIND_LAUNCHER(name, doc) \
+  m.def(#name, &pcd_kernels::name, py::arg("params"), doc, py::call_guard<py::gil_scoped_release>());
 
 }  // namespace pcd_kernels_bindings

@@ -18,12 +18,8 @@ void bind_pixel_attention(py::module_& m) {
   auto cls = bind_struct<pcd_kernels::PixelAttentionParams>(
       m, "PixelAttentionParams", "What the pixel_attention launchers read; maps a kernel does not use may be absent.");
   PCD_KERNELS_PIXEL_ATTENTION_PARAMS(PCD_BIND_FIELD)
-  def_launcher(m, "pixel_attention_forward", &pcd_kernels::pixel_attention_forward,
-               "Attention output (B, heads*d, LQ) and base-2 lse (B*heads, LQ) float32 from q, k, v.");
-  def_launcher(m, "pixel_attention_backward_delta", &pcd_kernels::pixel_attention_backward_delta,
-               "delta (B*heads, LQ) float32 = rowsum(grad_out * out).");
-  def_launcher(m, "pixel_attention_backward_kv", &pcd_kernels::pixel_attention_backward_kv,
-               "grad_k and grad_v written through their strides.");
-  def_launcher(m, "pixel_attention_backward_q", &pcd_kernels::pixel_attention_backward_q,
-               "grad_q written through its strides.");
+  PCD_BIND_LAUNCHER(pixel_attention_forward, "Attention output (B, heads*d, LQ) and lse2 (B*heads, LQ) float32.")
+  PCD_BIND_LAUNCHER(pixel_attention_backward_delta, "delta (B*heads, LQ) float32 = rowsum(grad_out * out).")
+  PCD_BIND_LAUNCHER(pixel_attention_backward_kv, "grad_k and grad_v, written through their strides.")
+  PCD_BIND_LAUNCHER(pixel_attention_backward_q, "grad_q, written through its strides.")
 }

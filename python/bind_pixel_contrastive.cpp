@@ -13,10 +13,7 @@ void bind_pixel_contrastive(py::module_& m) {
       m, "PixelContrastiveParams",
       "What the pixel_contrastive launchers read: device pointers (0 = absent), sizes, strides in elements.");
   PCD_KERNELS_PIXEL_CONTRASTIVE_PARAMS(PCD_BIND_FIELD)
-  def_launcher(m, "pixel_contrastive_forward", &pcd_kernels::pixel_contrastive_forward,
-               "Per-anchor loss and base-2 lse (float32, 0 at masked anchors) of pixel_contrastive_loss.");
-  def_launcher(m, "pixel_contrastive_backward_anchors", &pcd_kernels::pixel_contrastive_backward_anchors,
-               "Student gradient (and the teacher's in negatives='none' mode) of pixel_contrastive_loss.");
-  def_launcher(m, "pixel_contrastive_backward_keys", &pcd_kernels::pixel_contrastive_backward_keys,
-               "Gradient of the teacher keys ('image'/'batch') or of the queue rows of pixel_contrastive_loss.");
+  PCD_BIND_LAUNCHER(pixel_contrastive_forward, "Per-anchor loss and lse2 (float32, 0 at masked anchors).")
+  PCD_BIND_LAUNCHER(pixel_contrastive_backward_anchors, "The student gradient, and the teacher's in 'none' mode.")
+  PCD_BIND_LAUNCHER(pixel_contrastive_backward_keys, "The gradient of the teacher keys or of the queue rows.")
 }
