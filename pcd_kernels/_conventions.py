@@ -13,6 +13,13 @@ NORM_EPS = 1e-12  # F.normalize's eps: vectors are divided by max(||x||, NORM_EP
 # kernels compute, save and read: their exp is exp2, one instruction. lse2 = lse * LOG2E.
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
+
+
+def logit_scale(temperature: float) -> float:
+    """The factor that turns a dot product into a base-2 logit (the kernels' exp is exp2)."""
+    return 1.0 / (temperature * LN2)
+
+
 # pixel_contrastive_loss's negatives modes as its kernels number them. csrc/ has the same numbers
 # in its Negatives enum; tests/test_csrc.py checks that both agree.
 NEGATIVES_MODES = {"none": 0, "image": 1, "batch": 2}

@@ -67,6 +67,9 @@ def test_every_registered_backend_module_keeps_the_contract(op):
         assert path.exists(), f"{op.name} lists backend {backend!r} but {path} is missing"
         tree = ast.parse(path.read_text())
         functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        functions |= {target.id for node in tree.body if isinstance(node, ast.Assign)  # forward, backward = ...
+                      for tuple_ in node.targets for target in getattr(tuple_, "elts", [tuple_])
+                      if isinstance(target, ast.Name)}
         assert "limits" in functions, f"{name} has no limits()"
         assert {"forward", "backward"} <= functions or op.module == "pixel_attention" and backend == "torch", (
             f"{name} needs forward() and backward()")

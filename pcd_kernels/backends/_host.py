@@ -93,11 +93,40 @@ def projection_scales(rows: Tensor, inv: Tensor) -> Tensor:
     return torch.where(norms >= NORM_EPS, inv * inv, torch.zeros_like(inv))
 
 
-def per_anchor_outputs(student: Tensor) -> Tuple[Tensor, Tensor]:
-    """The (loss, lse) buffers of pixel_contrastive_loss's GPU forward: (B, H, W) float32 each."""
-    B, _, H, W = student.shape
-    loss = torch.empty((B, H, W), dtype=torch.float32, device=student.device)
-    return loss, torch.empty_like(loss)
+class PixelContrastiveKernels:
+    """``forward`` and ``backward`` of pixel_contrastive_loss for a GPU backend (the contract in
+    docs/contributing.md), given how it prepares its inputs (``prepare``, called with the forward's
+    arguments), launches its forward (``launch_forward(inputs, loss, lse2)``) and its backward
+    kernels (``launch_backward(inputs, gradients, g, loss, lse2)``, g the anchor weights), inside
+    ``device_guard(student)``: the buffers, the empty cases and the order are the same for both."""
+
+    def __init__(self, prepare, launch_forward, launch_backward, device_guard):
+        self.prepare, self.launch_forward, self.launch_backward = prepare, launch_forward, launch_backward
+        self.device_guard = device_guard
+
+    def forward(self, student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
+        """Per-anchor loss and lse2, (B, H, W) float32 each, 0 at masked pixels."""
+        B, _, H, W = student.shape
+        loss = torch.empty((B, H, W), dtype=torch.float32, device=student.device)
+        lse2 = torch.empty_like(loss)
+        if loss.numel():
+            inputs = self.prepare(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
+                                  normalize)
+            with self.device_guard(student):
+                self.launch_forward(inputs, loss, lse2)
+        return loss, lse2
+
+    def backward(self, grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse2, negatives,
+                 temperature, normalize, needs_student, needs_teacher, needs_queue):
+        """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
+        as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
+        grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
+        if not grads.empty:
+            inputs = self.prepare(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
+                                  normalize)
+            with self.device_guard(student):
+                self.launch_backward(inputs, grads, anchor_weights(grad_loss, mask), loss, lse2)
+        return grads.maps()
 
 
 def attention_outputs(q: Tensor, num_heads: int) -> Tuple[Tensor, Tensor]:

@@ -12,13 +12,11 @@ kernels, none storing anything of size anchors x keys, each output element writt
 * anchor backward: the student gradient, and the teacher's for ``negatives="none"``;
 * key backward: the teacher keys' gradient ("image"/"batch") and the queue's.
 """
-import math
-
 import torch
 
-from pcd_kernels._conventions import NEGATIVES_MODES, pixel_rows
-from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
-                                        key_side_weights, mask_bytes, per_anchor_outputs, projection_scales)
+from pcd_kernels._conventions import NEGATIVES_MODES, logit_scale, pixel_rows
+from pcd_kernels.backends._host import (PixelContrastiveKernels, image_grid_limit, inverse_norms, key_side_weights,
+                                        mask_bytes, projection_scales)
 from pcd_kernels.backends.cuda import _extension
 from pcd_kernels.backends.cuda._extension import pointer
 
@@ -72,41 +70,21 @@ class _Inputs:
             inv_anchors=pointer(self.inv_anchors), inv_teacher=pointer(self.inv_teacher),
             inv_extra=pointer(self.inv_extra), inv_queue=pointer(self.inv_queue),
             valid=pointer(self.valid), valid_extra=pointer(self.valid_extra),
-            logit_scale=1.0 / (self.temperature * math.log(2.0)), inv_temperature=1.0 / self.temperature,
+            logit_scale=logit_scale(self.temperature), inv_temperature=1.0 / self.temperature,
             **fields)
 
     def projections(self, rows, inv):
         return projection_scales(rows, inv) if self.normalize else None
 
 
-def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
-    """Per-anchor loss and lse2 (log2 of the softmax denominator, what :func:`backward` reads),
-    (B, H, W) float32 each, 0 at masked pixels."""
-    loss, lse2 = per_anchor_outputs(student)
-    if loss.numel() == 0:
-        return loss, lse2
-    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    with torch.cuda.device(student.device):
-        _extension.extension().pixel_contrastive_forward(inp.params(loss=pointer(loss), lse2=pointer(lse2)))
-    return loss, lse2
+def _launch_forward(inp, loss, lse2):
+    _extension.extension().pixel_contrastive_forward(inp.params(loss=pointer(loss), lse2=pointer(lse2)))
 
 
-def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse2, negatives,
-             temperature, normalize, needs_student, needs_teacher, needs_queue):
-    """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
-    as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
-    grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
-    if grads.empty:
-        return grads.maps()
-    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    with torch.cuda.device(student.device):
-        _launch_backward(inp, grads, anchor_weights(grad_loss, mask), lse2.reshape(-1).contiguous())
-    return grads.maps()
-
-
-def _launch_backward(inp, grads, g, lse2):
-    """The backward kernels writing ``grads``' buffers, for anchor weights ``g`` and the forward's
-    ``lse2``, both flat float32."""
+def _launch_backward(inp, grads, g, loss, lse2):
+    """The backward kernels writing ``grads``' buffers, for anchor weights ``g`` (flat float32) and
+    the forward's ``lse2``."""
+    lse2 = lse2.reshape(-1).contiguous()
     grad_a, grad_t, grad_q = grads.anchors, grads.teacher, grads.queue
     # The kernels write in the inputs' common dtype (the op promotes them to one before this).
     for grad in (grad_t, grad_q):
@@ -134,3 +112,9 @@ def _launch_backward(inp, grads, g, lse2):
                 ext.pixel_contrastive_backward_keys(inp.params(
                     keys_are_teacher=are_teacher, lse2=pointer(lse2), grad_scaled=pointer(g_scaled),
                     grad_max=pointer(g_max), proj_keys=pointer(proj), grad_keys=pointer(grad)))
+
+
+# forward(...) -> (loss, lse2) and backward(...) -> gradients: the contract of docs/contributing.md.
+_ENTRY_POINTS = PixelContrastiveKernels(_Inputs, _launch_forward, _launch_backward,
+                                        lambda student: torch.cuda.device(student.device))
+forward, backward = _ENTRY_POINTS.forward, _ENTRY_POINTS.backward

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from pcd_kernels._conventions import LN2 as _LN2
-from pcd_kernels._conventions import pixel_rows
+from pcd_kernels._conventions import logit_scale, pixel_rows  # noqa: F401  (logit_scale: the kernels' modules use it)
 
 LOG2E = tl.constexpr(1.0 / _LN2)
 LN2 = tl.constexpr(_LN2)
@@ -162,11 +162,6 @@ def matmul_precision(dtype) -> str:
     if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
-
-
-def logit_scale(temperature: float) -> float:
-    """The factor that turns a dot product into a base-2 logit: the kernels' exp is exp2."""
-    return 1.0 / (temperature * _LN2)
 
 
 def tune_key(flags, *sizes) -> int:

@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from pcd_kernels._conventions import NEGATIVES_MODES
-from pcd_kernels.backends._host import (KernelGradients, anchor_weights, image_grid_limit, inverse_norms,
-                                        key_side_weights, mask_bytes, per_anchor_outputs, projection_scales)
+from pcd_kernels.backends._host import (PixelContrastiveKernels, image_grid_limit, inverse_norms, key_side_weights,
+                                        mask_bytes, projection_scales)
 from pcd_kernels.backends.triton._common import (KernelCall, LN2, LOG2E, Launchers, MAX_INIT, accumulate_rows,
                                                  block_c, device_guard, dot_rows, int32_tile_offsets, largest_tile,
                                                  load_chunk, logit_scale, matmul_precision, pixel_matrix, row_block,
@@ -492,43 +492,28 @@ def key_backward_call(inp, lse2, g_scaled, g_max, grad_keys, keys_are_pixels):
     return KernelCall(LAUNCHERS, "key", args, flags, grid)
 
 
-def forward(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize):
-    """Per-anchor loss and lse2 (base 2) (log2 of the softmax denominator, what the backward
-    kernels read), (B, H, W) float32 each, 0 at masked pixels."""
-    loss, lse2 = per_anchor_outputs(student)
-    if loss.numel() == 0:
-        return loss, lse2
-    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    with device_guard(student):
-        forward_call(inp, loss, lse2).launch()
-    return loss, lse2
-
-
-def backward(grad_loss, student, teacher, queue, extra_keys, mask, extra_mask, loss, lse2, negatives,
-             temperature, normalize, needs_student, needs_teacher, needs_queue):
-    """Gradients (student, teacher, queue) of sum(grad_loss * loss), None where not needed: maps
-    as channels_last (B, C, H, W) tensors, the queue as a contiguous (K, C) one."""
-    grads = KernelGradients(student, teacher, queue, needs_student, needs_teacher, needs_queue)
-    if grads.empty:
-        return grads.maps()
+def _launch_backward(inp, grads, g, loss, lse2):
+    """The backward kernels writing ``grads``' buffers, for anchor weights ``g``."""
     grad_a, grad_t, grad_q = grads.anchors, grads.teacher, grads.queue
-    inp = _Inputs(student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature, normalize)
-    g = anchor_weights(grad_loss, mask)
     none_mode = inp.mode == NEGATIVES_MODES["none"]
     calls = []
     if grad_a is not None:
         calls.append(anchor_backward_call(inp, loss, lse2, g, grad_a))
     if grad_t is not None and none_mode:
         calls.append(anchor_backward_call(inp, loss, lse2, g, grad_t, teacher_positives=True))
-    pixel_keys = grad_t is not None and not none_mode
+    teacher_keys = grad_t is not None and not none_mode
     queue_keys = grad_q is not None and inp.has_queue
-    if pixel_keys or queue_keys:
+    if teacher_keys or queue_keys:
         g_scaled, g_max = key_side_weights(g)
-        if pixel_keys:
+        if teacher_keys:
             calls.append(key_backward_call(inp, lse2, g_scaled, g_max, grad_t, True))
         if queue_keys:
             calls.append(key_backward_call(inp, lse2, g_scaled, g_max, grad_q, False))
-    with device_guard(student):
-        for call in calls:
-            call.launch()
-    return grads.maps()
+    for call in calls:
+        call.launch()
+
+
+# forward(...) -> (loss, lse2) and backward(...) -> gradients: the contract of docs/contributing.md.
+_ENTRY_POINTS = PixelContrastiveKernels(_Inputs, lambda inp, loss, lse2: forward_call(inp, loss, lse2).launch(),
+                                        _launch_backward, device_guard)
+forward, backward = _ENTRY_POINTS.forward, _ENTRY_POINTS.backward
