@@ -68,12 +68,10 @@ class StudentSegContrast(nn.Module):
                  pixel_contrast_size, contrast_kd_temperature, contrast_temperature, s_channels, t_channels,
                  ignore_label, *, class_pixels: bool = True, backend: str = "auto"):
         super().__init__()
-        self.base_temperature = 0.1
-        self.contrast_kd_temperature = contrast_kd_temperature
-        self.contrast_temperature = contrast_temperature
-        self.dim = t_channels
-        self.ignore_label = ignore_label
-        self.n_view = 32
+        # The official attributes (base_temperature and n_view are constants there, unused by the loss).
+        self.base_temperature, self.n_view = 0.1, 32
+        self.contrast_kd_temperature, self.contrast_temperature = contrast_kd_temperature, contrast_temperature
+        self.dim, self.ignore_label = t_channels, ignore_label
         # Built in the official order: its parameter initialisation, then the two memories, draw
         # from the global RNG in this sequence.
         self.project_head = nn.Sequential(
@@ -82,12 +80,9 @@ class StudentSegContrast(nn.Module):
             nn.ReLU(True),
             nn.Conv2d(t_channels, t_channels, 1, bias=False),
         )
-        self.num_classes = num_classes
-        self.region_memory_size = region_memory_size
-        self.pixel_memory_size = pixel_memory_size
-        self.pixel_update_freq = 16
-        self.pixel_contrast_size = pixel_contrast_size
-        self.region_contrast_size = region_contrast_size
+        self.num_classes, self.pixel_update_freq = num_classes, 16
+        self.pixel_memory_size, self.pixel_contrast_size = pixel_memory_size, pixel_contrast_size
+        self.region_memory_size, self.region_contrast_size = region_memory_size, region_contrast_size
         self.class_pixels = class_pixels
         self.backend = backend
         self.register_buffer("teacher_segment_queue",

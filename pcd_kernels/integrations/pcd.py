@@ -37,11 +37,8 @@ class PCD(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module, output_dim: int, queue_size: int,
                  temperature: float, *, backend: str = "auto"):
         super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.queue_size = queue_size
-        for p in self.teacher.parameters():
-            p.requires_grad = False
+        self.student, self.teacher, self.queue_size = student, teacher, queue_size
+        self.teacher.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(output_dim, queue_size), dim=0))  # (C, K)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("temperature", torch.tensor(temperature, dtype=torch.float))
