@@ -6,7 +6,7 @@ flash-attention-2 style tensor-core kernels (mma.sync; float32 through 3xTF32, a
 FP32 product): a forward per (query tile, batch*head) with an online softmax, and a backward made
 of a delta = rowsum(dO * O) pre-pass, a dK/dV kernel per key tile looping over query tiles and a dQ
 kernel per query tile looping over key tiles (no atomics: deterministic). Head dims are padded on
-chip to 16, 32, 64 or 128; wider heads are refused (``limit_reason``).
+chip to 16, 32, 64 or 128; wider heads are refused (``limits``).
 """
 from typing import Optional
 
