@@ -1,5 +1,6 @@
-"""The fused paths never allocate an (anchors x keys) tensor; the torch backend's peak memory
-stays within the issue's bound (measured in a subprocess, so nothing else shares the peak)."""
+"""No op stores its (anchors x keys) matrix, on any backend (every op of the registry,
+pcd_kernels.backends.OPS); the torch backend's peak memory stays within the issue's bound
+(measured in a subprocess, so nothing else shares the peak)."""
 import json
 import subprocess
 import sys
@@ -8,15 +9,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from _helpers import CUDA, INTERPRETER
-from pcd_kernels.backends.torch import _common as torch_common
-from pcd_kernels.backends.torch import pixel_contrastive as torch_backend
-from pcd_kernels import reference
-from pcd_kernels.reference import naive_pixel_contrastive_loss
+from _helpers import OP_CALLS, op_calls, op_cases, through_custom_ops
+from pcd_kernels.backends import OPS, implementation
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op creates."""
+    """Records the largest number of elements of any tensor an op creates. It sees the ops a
+    custom op runs only when it is active around them: inside a call of the custom op itself it
+    sees that op's outputs alone."""
 
     def __init__(self):
         super().__init__()
@@ -30,43 +30,37 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-def _inputs(negatives):
-    B, C, H, W, K = 2, 8, 8, 8, 300
-    s, t = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
-    q = torch.randn(K, C)
-    n_keys = K + (B * H * W if negatives == "batch" else 0)
-    return (s, t, q, None, None, None, negatives, 0.2, True), B * H * W * n_keys
+def test_every_op_has_a_call():
+    assert set(OP_CALLS) == set(OPS)
 
 
-@pytest.mark.parametrize("negatives", ["batch", "none"])
-def test_torch_backend_never_allocates_anchors_by_keys(monkeypatch, negatives):
-    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 4096)
-    args, anchors_by_keys = _inputs(negatives)
-    with LargestAllocation() as mode:
-        loss, lse = torch_backend.forward(*args)
-        torch_backend.backward(torch.ones_like(loss), *args[:6], loss, lse, *args[6:],
-                                                     True, True, True)
-    assert mode.largest <= anchors_by_keys // 8, (mode.largest, anchors_by_keys)
-    # The same probe catches the naive formula materialising the logit matrix.
-    with LargestAllocation() as naive:
-        s, t, q = (x.requires_grad_() for x in args[:3])
-        naive_pixel_contrastive_loss(s, t, q, negatives=negatives).backward()
-    assert naive.largest >= anchors_by_keys
-
-
-@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
-@pytest.mark.parametrize("negatives", ["batch", "none"])
-def test_triton_host_code_never_allocates_anchors_by_keys(negatives):
-    from pcd_kernels.backends.triton import pixel_contrastive as kernels
-
-    args, anchors_by_keys = _inputs(negatives)
-    if CUDA:
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
-    with LargestAllocation() as mode:
-        loss, lse = kernels.forward(*args)
-        kernels.backward(torch.ones_like(loss), *args[:6], loss, lse, *args[6:], True, True, True)
-    # (the interpreter itself copies arguments as bytes: 4x a float32 input's elements)
-    assert mode.largest <= anchors_by_keys // 4, (mode.largest, anchors_by_keys)
+@pytest.mark.parametrize("op,backend,device,dtype", op_cases(dtypes=(torch.float32, torch.float64, torch.bfloat16)))
+def test_never_allocates_anchors_by_keys(op, backend, device, dtype, monkeypatch):
+    """Forward and backward, through the backend's own forward/backward (the custom ops'
+    implementations: the probe sees every tensor they make), or the public op for a backend that
+    is differentiable by itself. The torch backend's chunks are made small for the problem; the
+    GPU backends' host code may allocate a quarter of the matrix (the interpreter copies each
+    argument as bytes: 4x a float32 input's elements). The same probe sees the reference formula
+    store the matrix."""
+    for call in op_calls(op, device, dtype, large=True):
+        options = [{}]
+        if backend == "torch":
+            for module, name, value in call.torch_chunks:
+                monkeypatch.setattr(module, name, value)
+            options = call.backward_options
+        limit = call.matrix // (8 if backend == "torch" else 4)
+        for option in options:
+            with LargestAllocation() as ours:
+                if through_custom_ops(op, backend):
+                    kernels = implementation(op, backend)
+                    out = kernels.forward(*call.forward)
+                    kernels.backward(*call.backward(out), *call.needs[0], **option)
+                else:
+                    call.public(backend)
+            assert ours.largest <= limit, (option, ours.largest, call.matrix)
+        with LargestAllocation() as naive:
+            call.naive()
+        assert naive.largest >= call.matrix, (naive.largest, call.matrix)
 
 
 _PEAK_RSS_SCRIPT = r"""
@@ -95,36 +89,3 @@ def test_torch_backend_peak_memory_bound():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["grad_finite"]
     assert result["extra_mb"] < 300, f"peak RSS grew by {result['extra_mb']:.0f} MB"
-
-
-def _attention_inputs(device="cpu"):
-    B, C, H, W, Hk, Wk = 1, 16, 16, 16, 12, 20
-    q = torch.randn(B, C, H, W, device=device, requires_grad=True)
-    k, v = (torch.randn(B, C, Hk, Wk, device=device, requires_grad=True) for _ in range(2))
-    return (q, k, v), H * W * Hk * Wk
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_attention_torch_backend_never_allocates_queries_by_keys(dtype):
-    """SDPA's fused CPU kernel runs only on token-major copies: on strided views it would take
-    the math path, which builds the matrix."""
-    from pcd_kernels import pixel_attention
-
-    (q, k, v), queries_by_keys = _attention_inputs()
-    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    with LargestAllocation() as mode:
-        pixel_attention(q, k, v, num_heads=2, backend="torch").sum().backward()
-    assert mode.largest <= queries_by_keys // 8, (mode.largest, queries_by_keys)
-    with LargestAllocation() as naive:
-        reference.naive_pixel_attention(q, k, v, 2).sum().backward()
-    assert naive.largest >= queries_by_keys
-
-
-@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
-def test_attention_triton_host_code_never_allocates_queries_by_keys():
-    from pcd_kernels import pixel_attention
-
-    (q, k, v), queries_by_keys = _attention_inputs("cuda" if CUDA else "cpu")
-    with LargestAllocation() as mode:
-        pixel_attention(q, k, v, num_heads=2, backend="triton").sum().backward()
-    assert mode.largest <= queries_by_keys // 8, (mode.largest, queries_by_keys)

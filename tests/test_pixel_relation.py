@@ -1,11 +1,11 @@
 """pixel_relation_loss (CIRKD): against a float64 naive formula, against the official CIRKD code
-(copied below with its origin), every gradient, masks, reductions, odd sizes, bad input, memory,
-torch.library registration and torch.compile."""
+(copied below with its origin), every gradient, masks, reductions, odd sizes, bad input. (Memory:
+test_memory.py; torch.library registration and torch.compile: test_compile.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CUDA, INTERPRETER, assert_close, backend_cases, check_against_reference, run
+from _helpers import assert_close, backend_cases, check_against_reference, run
 from pcd_kernels import pixel_relation_loss
 from pcd_kernels.backends.torch import _common as torch_common
 from pcd_kernels import reference
@@ -271,55 +271,6 @@ def test_bad_input_says_what_was_expected(call, error, words):
         call(student, teacher, keys)
 
 
-@pytest.mark.parametrize("mode", ["cross_image", "keys"])
-def test_torch_backend_never_allocates_anchors_by_keys(mode, monkeypatch):
-    from test_memory import LargestAllocation
-
-    monkeypatch.setattr(torch_common, "CHUNK_ELEMENTS", 256)
-    b, c, h, w, k = 2, 8, 8, 8, 300
-    student, teacher, keys, _ = make_inputs(b, c, h, w, k=k if mode == "keys" else 0)
-    anchors_by_keys = b * h * w * (k if mode == "keys" else h * w)
-    s = student.float().requires_grad_()
-    kk = keys.float().requires_grad_() if keys is not None else None
-    with LargestAllocation() as mode_:
-        pixel_relation_loss(s, teacher.float(), kk).backward()
-    assert mode_.largest <= anchors_by_keys // 8, (mode_.largest, anchors_by_keys)
-    with LargestAllocation() as naive:  # the probe sees the naive formula's matrices
-        naive_pixel_relation_loss(s, teacher.float(), kk).backward()
-    assert naive.largest >= b * h * w * (k if mode == "keys" else h * w) // b
-
-
-@pytest.mark.parametrize("with_keys", [False, True], ids=["cross_image", "keys"])
-def test_opcheck(with_keys):
-    student, teacher, keys, mask = make_inputs(masked=True)
-    s, t = student.float().requires_grad_(), teacher.float()
-    k = keys.float().requires_grad_() if with_keys else None
-    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_forward.default, (s, t, k, mask, 0.5, True, "torch"))
-    values, saved = torch.ops.pcd_kernels.pixel_relation_forward(s, t, k, mask, 0.5, True, "torch")
-    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_backward.default,
-                          (torch.randn_like(values), s.detach(), t, k.detach() if k is not None else None, mask,
-                           saved.detach(), 0.5, True, "torch", True, with_keys))
-
-
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compiler):
-    torch._dynamo.reset()
-    student, teacher, keys, mask = make_inputs(masked=True)
-
-    def step(s, t, k, m):
-        features = torch.relu(s) * 2.0
-        return pixel_relation_loss(features, t, mask=m) + 0.5 * pixel_relation_loss(features, t, k, temperature=0.2)
-
-    s = student.float().requires_grad_()
-    args = (teacher.float(), keys.float(), mask)
-    expected = step(s, *args)
-    (expected_grad,) = torch.autograd.grad(expected, s)
-    got = torch.compile(step, fullgraph=True, backend=compiler)(s, *args)
-    (grad,) = torch.autograd.grad(got, s)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(grad, expected_grad)
-
-
 def test_the_reference_transcriptions_equal_the_official_code():
     """bench/pixel_relation.py times reference.official_cirkd_*; they compute what the official
     code above does."""
@@ -360,20 +311,3 @@ def test_empty_maps_give_zero_and_empty_gradients(mode, shape):
     loss.backward()
     assert loss.item() == 0.0 and s.grad.shape == s.shape
     assert keys is None or not keys.grad.any()
-
-
-@pytest.mark.skipif(not (CUDA or INTERPRETER), reason="Triton cannot run: no CUDA and no interpreter")
-@pytest.mark.parametrize("with_keys", [False, True], ids=["cross_image", "keys"])
-def test_triton_opcheck_and_no_anchors_by_keys_allocation(with_keys):
-    from test_memory import LargestAllocation
-
-    device = "cuda" if CUDA else "cpu"
-    student, teacher, keys, mask = make_inputs(b=2, c=16, h=8, w=8, k=300 if with_keys else 0, masked=True)
-    s, t = student.float().to(device).requires_grad_(), teacher.float().to(device)
-    k = keys.float().to(device).requires_grad_() if with_keys else None
-    mask = mask.to(device)
-    torch.library.opcheck(torch.ops.pcd_kernels.pixel_relation_forward.default, (s, t, k, mask, 0.5, True, "triton"))
-    anchors_by_keys = 2 * 64 * (300 if with_keys else 2 * 64)
-    with LargestAllocation() as mode:
-        pixel_relation_loss(s, t, k, mask=mask, backend="triton").backward()
-    assert mode.largest < anchors_by_keys // 4, (mode.largest, anchors_by_keys)
