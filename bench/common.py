@@ -32,3 +32,19 @@ def cuda_extension_reason(device: str):
     from pcd_kernels.backends import cuda
 
     return cuda.unavailable_reason(torch.device(device))
+
+
+def registry():
+    """pcd_kernels' registry of ops, ``pcd_kernels.backends.OPS`` (public name -> Op), which fills
+    as ``import pcd_kernels`` imports each op."""
+    import pcd_kernels
+
+    return pcd_kernels.backends.OPS
+
+
+def op_modules():
+    """The benchmark module of every op of the registry, ``bench/<op module>.py``, by that module
+    name, in the registry's order."""
+    import importlib
+
+    return {op.module: importlib.import_module(op.module) for op in registry().values()}

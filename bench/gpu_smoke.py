@@ -55,30 +55,39 @@ class Group:
 
 
 def check_groups(device: str, dry_run: bool) -> List[Group]:
-    """The correctness groups: test functions of the suite per op and backend, all dtypes."""
-    selections = {  # op -> (test file, tests, backends)
+    """The correctness groups: test functions of the suite per op of the registry and each of its
+    GPU backends, all dtypes, with (on a GPU) the op's opcheck and allocation tests."""
+    from common import registry
+
+    ops = registry()
+    selections = {  # op -> (test file, tests)
         "pixel_contrastive_loss": ("test_pixel_contrastive.py", "test_matches_reference or test_odd_shapes or "
                                    "test_nan_in_nan_out_unless_masked or test_any_strides or test_empty_batch or "
-                                   "test_official_pcd_loss_with_transposed_queue", ("triton", "cuda")),
+                                   "test_official_pcd_loss_with_transposed_queue"),
         "omni_contrastive_loss": ("test_omni_contrastive.py", "test_matches_official_formula or test_nan_in_nan_out "
-                                  "or test_any_strides_and_one_sided_gradients", ("triton",)),
+                                  "or test_any_strides_and_one_sided_gradients"),
         "pixel_relation_loss": ("test_pixel_relation.py", "test_matches_reference or "
-                                "test_backends_on_wider_channels_and_tails or test_triton_opcheck", ("triton",)),
+                                "test_backends_on_wider_channels_and_tails"),
         "pixel_attention": ("test_pixel_attention.py", "test_matches_reference or test_any_strides or "
-                            "test_nan_in_nan_out or test_gpu_kernels_over_several_tiles or test_one_sided_gradients",
-                            ("triton", "cuda")),
+                            "test_nan_in_nan_out or test_gpu_kernels_over_several_tiles or test_one_sided_gradients"),
     }
     # The interpreter is slow: a dry run checks the plumbing on fewer cases of the biggest group.
     dry_selections = {"pixel_contrastive_loss": "(test_matches_reference and mean) or test_odd_shapes or "
                                                 "test_nan_in_nan_out_unless_masked",
                       "pixel_relation_loss": "test_matches_reference and mean and mask"}
     groups = []
-    for op, (path, tests, backends) in selections.items():
-        tests = dry_selections.get(op, tests) if dry_run else tests
-        for backend in backends:
+    for op in ops:
+        path, tests = selections[op]
+        files = [f"tests/{path}"]
+        if dry_run:
+            tests = dry_selections.get(op, tests)
+        else:  # every op's opcheck and allocation tests (tests/test_compile.py, test_memory.py), ids "<op>-..."
+            files += ["tests/test_compile.py", "tests/test_memory.py"]
+            tests = f"{tests} or ({op} and (test_opcheck or test_never_allocates))"
+        for backend in (b for b in ops[op].backends if b != "torch"):
             cases = " or ".join(f"{backend}-{device}-{dtype}" for dtype in DTYPES)
             skip = "dry run: no CUDA device here (the CUDA backend needs one)" if dry_run and backend == "cuda" else None
-            groups.append(Group(f"{op} {backend}", op, backend, [f"tests/{path}", "-k", f"({tests}) and ({cases})"],
+            groups.append(Group(f"{op} {backend}", op, backend, [*files, "-k", f"({tests}) and ({cases})"],
                                 timeout=300, needs_extension=backend == "cuda", skip=skip, every_dtype=True))
     # The modules built on the ops, and the kernels' own properties on the GPU.
     groups.append(Group("MHSA2d and Af-DCD modules triton", "modules", "triton",

@@ -114,16 +114,32 @@ def omni_launches(dtype, dims=128, samples=256, groups=16):
                 ("key_backward", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=True)))]
 
 
+# Each op's launches at representative sizes and flags (op module -> dtype -> launches): the
+# InfoNCE with a queue (negatives="none") and with pixel keys (negatives="batch", masked), CIRKD's
+# relation loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD.
+REPRESENTATIVE = {
+    "pixel_contrastive": lambda dtype: (infonce_launches(dtype, 256, "none")
+                                        + infonce_launches(dtype, 256, "batch", masked=True)),
+    "pixel_relation": lambda dtype: relation_launches(dtype, 256, masked=True) + relation_launches(dtype, 256, keys=4104),
+    "pixel_attention": lambda dtype: attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4),
+    "omni_contrastive": omni_launches,
+}
+
+
+def triton_ops():
+    """The module names of the ops of the registry (pcd_kernels.backends.OPS) with a Triton backend."""
+    from common import registry
+
+    return [op.module for op in registry().values() if "triton" in op.backends]
+
+
 def launches(dtype_name: str):
-    """Every kernel the library launches, at representative sizes and flags: the InfoNCE with a
-    queue (negatives="none") and with pixel keys (negatives="batch", masked), CIRKD's relation
-    loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD."""
+    """Every kernel the library launches: the representative launches of each op with a Triton
+    backend."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    return (infonce_launches(dtype, 256, "none") + infonce_launches(dtype, 256, "batch", masked=True)
-            + relation_launches(dtype, 256, masked=True) + relation_launches(dtype, 256, keys=4104)
-            + attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4) + omni_launches(dtype))
+    return [launch for op in triton_ops() for launch in REPRESENTATIVE[op](dtype)]
 
 
 def compile_candidate(fn, args, constexprs, candidate, arch, cubin_path=None, sass=True):

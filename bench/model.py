@@ -79,15 +79,13 @@ def case_bound(op_module, case, mode: str = "total", element_size: int = 2, devi
 
 
 def table(device: Device = H200) -> str:
-    import omni_contrastive
-    import pixel_attention
-    import pixel_contrastive
+    from common import op_modules
 
     lines = [f"Modelled bound on an {device.name} (bf16 {device.bf16_tflops:.0f} TFLOP/s, "
              f"{device.exps_per_s / 1e12:.2f} T exp/s, {device.memory_gbps / 1e3:.1f} TB/s), forward + backward:", "",
              "| op | case | GFLOP | G exp | MB | tensor ms | exp ms | memory ms | bound ms | % of peak at the bound |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for op in (pixel_contrastive, omni_contrastive, pixel_attention):
+    for op in op_modules().values():
         for case in op.cases("cuda", quick=False):
             b = case_bound(op, case, device=device)
             share = "—" if not getattr(op, "TENSOR_CORES", True) else f"{100 * b['peak_share_at_bound']:.0f}"

@@ -38,14 +38,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import model  # noqa: E402
-import omni_contrastive  # noqa: E402
-from common import Unavailable  # noqa: E402
-import pixel_attention  # noqa: E402
-import pixel_contrastive  # noqa: E402
-import pixel_relation  # noqa: E402
+from common import Unavailable, op_modules  # noqa: E402
 
-OPS = {"pixel_contrastive": pixel_contrastive, "omni_contrastive": omni_contrastive,
-       "pixel_relation": pixel_relation, "pixel_attention": pixel_attention}
+OPS = op_modules()  # bench/<op module>.py of every op of the registry, by module name
 OPS_BY_NAME = {module.OP: module for module in OPS.values()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RUNS = ROOT / "bench" / "runs"  # default output: ignored by git

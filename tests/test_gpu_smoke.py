@@ -106,13 +106,9 @@ def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
         listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                  *group.argv], capture_output=True, text=True, cwd=gpu_smoke.ROOT)
         assert listed.returncode == 0 and " tests collected" in listed.stdout, (group.name, listed.stdout[-500:])
-    sys.path.insert(0, str(gpu_smoke.ROOT / "bench"))
-    import omni_contrastive
-    import pixel_attention
-    import pixel_contrastive
-    import pixel_relation
+    from common import op_modules
 
-    names = {c.name for op in (pixel_contrastive, omni_contrastive, pixel_relation, pixel_attention)
-             for device, quick in (("cuda", False), ("cpu", True)) for c in op.cases(device, quick)}
+    names = {c.name for op in op_modules().values() for device, quick in (("cuda", False), ("cpu", True))
+             for c in op.cases(device, quick)}
     for target in gpu_smoke.TARGETS:
         assert target.case in names and target.dry_case in names, target
