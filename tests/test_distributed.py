@@ -1,4 +1,5 @@
 """process_group: two gloo ranks on CPU against one process holding the concatenated batch."""
+import contextlib
 import datetime
 import os
 import re
@@ -24,13 +25,29 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, port, inputs, backend, reduction, out_path):
+@contextlib.contextmanager
+def _gloo_rank(rank, port, **options):
+    """This process as ``rank`` of a WORLD-rank gloo group on this host, closed by a barrier
+    (tearing gloo down while the peer is still mid-collective can abort)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, **options)
     try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _share(rank, batch):
+    """This rank's part of a batch of ``batch`` images (WORLD equal parts)."""
+    part = batch // WORLD
+    return slice(rank * part, (rank + 1) * part)
+
+
+def _worker(rank, port, inputs, backend, reduction, out_path):
+    with _gloo_rank(rank, port):
         student, teacher, queue, mask = inputs
-        half = student.shape[0] // WORLD
-        mine = slice(rank * half, (rank + 1) * half)
+        mine = _share(rank, student.shape[0])
         s = student[mine].clone().requires_grad_()
         t = teacher[mine].clone().requires_grad_()
         loss = pixel_contrastive_loss(s, t, queue, negatives="batch", mask=mask[mine], reduction=reduction,
@@ -41,9 +58,6 @@ def _worker(rank, port, inputs, backend, reduction, out_path):
         keys[:, rank] = rank + 1.0  # rank r enqueues three copies of e_r (times r + 1)
         criterion.enqueue(keys)
         torch.save({"loss": loss.detach(), "ds": s.grad, "dt": t.grad, "queue": criterion.queue}, f"{out_path}.{rank}")
-        dist.barrier()  # tearing gloo down while the peer is still mid-collective can abort
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -66,9 +80,8 @@ def test_process_group_matches_the_concatenated_batch(tmp_path, backend, reducti
     t64 = teacher.double().requires_grad_()
     per_anchor = naive_pixel_contrastive_loss(s64, t64, queue.double(), negatives="batch", mask=mask,
                                               reduction="none")
-    half = B // WORLD
     for rank, result in enumerate(results):
-        mine = slice(rank * half, (rank + 1) * half)
+        mine = _share(rank, B)
         rank_loss = per_anchor[mine].sum()
         if reduction == "mean":  # divided by the average number of valid anchors per rank
             rank_loss = rank_loss / (mask.sum() / WORLD)
@@ -142,10 +155,8 @@ MISMATCHES = {  # name: (the call of rank r, what every rank's error says, or {r
 
 
 def _mismatch_worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A hang shows as a gloo timeout error after 20 s instead of the default 30 min.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=20))
-    try:
+    with _gloo_rank(rank, port, timeout=datetime.timedelta(seconds=20)):
         results = {}
         for name, (call, _) in MISMATCHES.items():
             start = time.monotonic()
@@ -156,9 +167,6 @@ def _mismatch_worker(rank, port, out_path):
                 error = f"{type(e).__name__}: {e}"
             results[name] = (error, time.monotonic() - start)
             torch.save(results, f"{out_path}.{rank}")  # after every case: a crash shows where it happened
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -217,16 +225,11 @@ def test_process_group_must_be_a_usable_group():
 
 
 def _cirkd_memory_worker(rank, port, inputs, out_path):
-    import torch.nn.functional as F
-
     from pcd_kernels.integrations.cirkd import StudentSegContrast
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _gloo_rank(rank, port):
         s_feats, t_feats, labels, args = inputs
-        half = s_feats.shape[0] // WORLD
-        mine = slice(rank * half, (rank + 1) * half)
+        mine = _share(rank, s_feats.shape[0])
         torch.manual_seed(0)
         # eval: the official head's SyncBatchNorm synchronises on GPUs only (a CPU process
         # group makes it raise in training mode); the memories are what this test is about
@@ -234,9 +237,6 @@ def _cirkd_memory_worker(rank, port, inputs, out_path):
         torch.manual_seed(5)  # the same draws on every rank, as DDP's seeding gives
         pixel, region = module(s_feats[mine], t_feats[mine], labels[mine])
         torch.save({"state": module.state_dict(), "pixel": pixel.detach()}, f"{out_path}.{rank}")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_cirkd_memory_enqueues_every_rank_batch(tmp_path):
