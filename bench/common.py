@@ -1,4 +1,44 @@
-"""What every benchmark module shares with the harness."""
+"""What every benchmark module shares with the harness: the fields every case has, counts per
+mode, the inputs every distillation loss takes, and the registry of ops."""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MapCase:
+    """A case on a batch of (channels x height x width) maps; each op's ``Case`` adds its own
+    fields (and ``sweep``, the size a sweep case varies, "" for a fixed case, and ``x``, that
+    size's value)."""
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def map_elements(self) -> int:
+        """B*C*H*W: the elements of one batch of maps."""
+        return self.batch * self.channels * self.height * self.width
+
+    @property
+    def maps(self) -> str:
+        """The maps' sizes, for describe()."""
+        return f"B={self.batch} C={self.channels} {self.height}x{self.width}"
+
+
+def by_mode(mode: str, forward, backward):
+    """A count (FLOPs, exps, bytes) for ``mode``: the forward's, the backward's, or their sum, "total"."""
+    return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+
+
+def student_and_teacher(case: MapCase, device: str, dtype, generator):
+    """A (B, C, H, W) student map that requires grad and a teacher map related to it (the student
+    plus as much noise), drawn from ``generator``."""
+    import torch
+
+    shape = (case.batch, case.channels, case.height, case.width)
+    student = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+    teacher = (student.detach().float() + torch.randn(shape, generator=generator).to(device)).to(dtype)
+    return student, teacher
 
 
 class Unavailable(Exception):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common import require_triton
+from common import MapCase, by_mode, require_triton, student_and_teacher
 from pcd_kernels import omni_contrastive_loss
 from pcd_kernels.reference import official_omni_contrastive_loss
 
@@ -31,12 +31,7 @@ TEMPERATURE = 0.07
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int
-    channels: int
-    height: int
-    width: int
+class Case(MapCase):
     pool: int
     groups: int = 16
     patch: int = 4
@@ -59,20 +54,18 @@ class Case:
 
     def flops(self, mode: str) -> int:
         per = 3 * self.patches * self.samples ** 2 * (self.channels // self.groups)
-        return {"forward": per, "backward": 2 * per, "total": 3 * per}[mode]
+        return by_mode(mode, per, 2 * per)
 
     def exps(self, mode: str) -> int:
         per_pass = self.patches * self.samples ** 2
-        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
+        return by_mode(mode, per_pass, per_pass)
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
-        maps = self.batch * self.channels * self.height * self.width
-        forward, backward = 2 * maps * element_size, 3 * maps * element_size
-        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+        return by_mode(mode, 2 * self.map_elements * element_size, 3 * self.map_elements * element_size)
 
     def describe(self) -> str:
-        return (f"B={self.batch} C={self.channels} {self.height}x{self.width} pool {self.pool} "
-                f"groups {self.groups} patch {self.patch}x{self.patch} ({self.patches} patches)")
+        return (f"{self.maps} pool {self.pool} groups {self.groups} patch {self.patch}x{self.patch} "
+                f"({self.patches} patches)")
 
 
 def cases(device: str, quick: bool):
@@ -103,11 +96,7 @@ def sweeps(device: str, quick: bool):
 
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (case.batch, case.channels, case.height, case.width)
-    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
-    return student, teacher
+    return student_and_teacher(case, device, dtype, torch.Generator(device="cpu").manual_seed(seed))
 
 
 def providers(case: Case, device: str):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 import common
-from common import Unavailable, cuda_extension_reason
+from common import MapCase, Unavailable, by_mode, cuda_extension_reason
 from pcd_kernels import MHSA2d, pixel_attention
 from pcd_kernels._conventions import attention_heads
 from pcd_kernels.backends.torch.pixel_attention import attention as sdpa_pixel_attention
@@ -41,12 +41,7 @@ SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int
-    channels: int
-    height: int
-    width: int
+class Case(MapCase):
     heads: int = 8
     module: bool = False
     sweep: str = ""  # the size this case varies, in a sweep ("" for a fixed case)
@@ -63,23 +58,21 @@ class Case:
     def flops(self, mode: str) -> int:
         attention = 4 * self.batch * self.pixels ** 2 * self.channels
         convs = 2 * self.batch * self.pixels * self.channels * 4 * self.channels if self.module else 0
-        forward, backward = attention + convs, 2.5 * attention + 2 * convs
-        return int({"forward": forward, "backward": backward, "total": forward + backward}[mode])
+        return int(by_mode(mode, attention + convs, 2.5 * attention + 2 * convs))
 
     def exps(self, mode: str) -> int:
         per_pass = self.batch * self.heads * self.pixels ** 2
-        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
+        return by_mode(mode, per_pass, per_pass)
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
         maps = self.batch * self.pixels * self.channels
         forward = 4 * maps + (6 * maps if self.module else 0)
         backward = 8 * maps + (12 * maps if self.module else 0)
-        return element_size * {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+        return element_size * by_mode(mode, forward, backward)
 
     def describe(self) -> str:
         what = "MHSA2d forward+backward" if self.module else "attention q, k, v"
-        return (f"{what}: B={self.batch} C={self.channels} {self.height}x{self.width} "
-                f"{self.heads} heads x {self.channels // self.heads} dims")
+        return f"{what}: {self.maps} {self.heads} heads x {self.channels // self.heads} dims"
 
 
 def cases(device: str, quick: bool):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import Unavailable, cuda_extension_reason, require_triton
+from common import MapCase, Unavailable, by_mode, cuda_extension_reason, require_triton, student_and_teacher
 from pcd_kernels import pixel_contrastive_loss
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
@@ -30,13 +30,8 @@ TEMPERATURE = 0.2
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
+class Case(MapCase):
     negatives: str
-    batch: int
-    channels: int
-    height: int
-    width: int
     queue: int
     sweep: str = ""  # the size this case varies, in a sweep ("" for a fixed case)
     x: int = 0  # that size's value
@@ -52,39 +47,37 @@ class Case:
 
     def flops(self, mode: str) -> int:
         per_pass = 2 * self.anchors * self.keys * self.channels
-        return {"forward": per_pass, "backward": 2 * per_pass, "total": 3 * per_pass}[mode]
+        return by_mode(mode, per_pass, 2 * per_pass)
 
     def exps(self, mode: str) -> int:
         per_pass = self.anchors * self.keys
-        return {"forward": per_pass, "backward": per_pass, "total": 2 * per_pass}[mode]
+        return by_mode(mode, per_pass, per_pass)
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
         maps, queue = self.anchors * self.channels, self.queue * self.channels
-        forward = element_size * (2 * maps + queue) + 4 * self.anchors
-        backward = element_size * (3 * maps + queue) + 4 * self.anchors
-        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+        return by_mode(mode, element_size * (2 * maps + queue) + 4 * self.anchors,
+                       element_size * (3 * maps + queue) + 4 * self.anchors)
 
     def describe(self) -> str:
-        return (f"{self.negatives}: B={self.batch} C={self.channels} {self.height}x{self.width} "
-                f"K={self.queue} (N={self.anchors}, keys/anchor={self.keys})")
+        return f"{self.negatives}: {self.maps} K={self.queue} (N={self.anchors}, keys/anchor={self.keys})"
 
 
 def cases(device: str, quick: bool):
     if device == "cuda":
         if quick:
-            return [Case("pcd-small", "none", 8, 128, 32, 32, 8192)]
+            return [Case("pcd-small", 8, 128, 32, 32, "none", 8192)]
         return [
             # The GPU target: 32,768 anchors, 65,536 queue keys, C=256.
-            Case("pcd-target", "none", 32, 256, 32, 32, 65536),
-            Case("in-batch", "batch", 8, 256, 64, 64, 0),
-            Case("in-image", "image", 8, 256, 64, 64, 0),
+            Case("pcd-target", 32, 256, 32, 32, "none", 65536),
+            Case("in-batch", 8, 256, 64, 64, "batch", 0),
+            Case("in-image", 8, 256, 64, 64, "image", 0),
         ]
     if quick:
-        return [Case("pcd-quick", "none", 2, 64, 16, 16, 8192)]
+        return [Case("pcd-quick", 2, 64, 16, 16, "none", 8192)]
     # The CPU target (torch backend within 1.5x of naive time, <300 MB extra), and a
     # smaller in-batch case.
-    return [Case("pcd-cpu", "none", 4, 64, 32, 32, 65536),
-            Case("in-batch-cpu", "batch", 2, 64, 32, 32, 4096)]
+    return [Case("pcd-cpu", 4, 64, 32, 32, "none", 65536),
+            Case("in-batch-cpu", 2, 64, 32, 32, "batch", 4096)]
 
 
 # Sweeps run these providers only: each torch.compile'd rival would recompile for every size.
@@ -101,14 +94,14 @@ def sweeps(device: str, quick: bool):
 
     anchors = lambda case: case.anchors
     if quick:
-        small = Case("", "none", 1, 32, 8, 8, 1024)
+        small = Case("", 1, 32, 8, 8, "none", 1024)
         return vary(small, "K", "queue", [1024, 4096])
     if device == "cuda":
-        base, in_batch = Case("", "none", 8, 256, 32, 32, 65536), Case("", "batch", 2, 256, 16, 16, 0)
+        base, in_batch = Case("", 8, 256, 32, 32, "none", 65536), Case("", 2, 256, 16, 16, "batch", 0)
         n, k, c = [2, 4, 8, 16, 32], [8192, 16384, 32768, 65536, 131072], [64, 128, 256, 512]
         sides = [16, 32, 48, 64, 96]
     else:
-        base, in_batch = Case("", "none", 2, 64, 16, 16, 16384), Case("", "batch", 1, 64, 16, 16, 0)
+        base, in_batch = Case("", 2, 64, 16, 16, "none", 16384), Case("", 1, 64, 16, 16, "batch", 0)
         n, k, c, sides = [1, 2, 4, 8], [4096, 16384, 65536], [32, 64, 128, 256], [16, 24, 32, 48]
     square = [replace(in_batch, height=v, width=v) for v in sides]
     return (vary(base, "N", "batch", n, anchors) + vary(base, "K", "queue", k) + vary(base, "C", "channels", c)
@@ -117,9 +110,7 @@ def sweeps(device: str, quick: bool):
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (case.batch, case.channels, case.height, case.width)
-    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
+    student, teacher = student_and_teacher(case, device, dtype, gen)
     queue = F.normalize(torch.randn(case.queue, case.channels, generator=gen), dim=1).to(device, dtype)
     return student, teacher, queue
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from common import require_triton
+from common import MapCase, by_mode, require_triton, student_and_teacher
 from pcd_kernels import pixel_relation_loss
 from pcd_kernels.reference import official_cirkd_memory_loss, official_cirkd_minibatch_loss
 
@@ -35,12 +35,7 @@ CONTRAST_TEMPERATURE, CONTRAST_KD_TEMPERATURE = 0.1, 1.0
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    batch: int
-    channels: int
-    height: int
-    width: int
+class Case(MapCase):
     memory: int = 0  # memory rows (classes x sampled slots); 0: the mini-batch (cross-image) loss
     sweep: str = ""
     x: int = 0
@@ -51,23 +46,18 @@ class Case:
         return self.batch * hw * (self.memory if self.memory else self.batch * hw)
 
     def flops(self, mode: str) -> int:
-        forward = 4 * self.pairs * self.channels
-        backward = (8 if not self.memory else 6) * self.pairs * self.channels
-        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+        return by_mode(mode, 4 * self.pairs * self.channels, (8 if not self.memory else 6) * self.pairs * self.channels)
 
     def exps(self, mode: str) -> int:
-        return {"forward": 2 * self.pairs, "backward": 2 * self.pairs, "total": 4 * self.pairs}[mode]
+        return by_mode(mode, 2 * self.pairs, 2 * self.pairs)
 
     def bytes_moved(self, mode: str, element_size: int) -> int:
-        maps = self.batch * self.channels * self.height * self.width
-        memory = self.memory * self.channels
-        forward = (2 * maps + memory) * element_size
-        backward = (3 * maps + memory) * element_size
-        return {"forward": forward, "backward": backward, "total": forward + backward}[mode]
+        maps, memory = self.map_elements, self.memory * self.channels
+        return by_mode(mode, (2 * maps + memory) * element_size, (3 * maps + memory) * element_size)
 
     def describe(self) -> str:
         keys = f"memory of {self.memory} rows" if self.memory else "cross-image (mini-batch)"
-        return f"B={self.batch} C={self.channels} {self.height}x{self.width}, {keys}"
+        return f"{self.maps}, {keys}"
 
 
 def cases(device: str, quick: bool):
@@ -97,9 +87,7 @@ def sweeps(device: str, quick: bool):
 
 def make_inputs(case: Case, device: str, dtype: torch.dtype, seed: int):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (case.batch, case.channels, case.height, case.width)
-    student = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-    teacher = (student.detach().float() + torch.randn(shape, generator=gen).to(device)).to(dtype)
+    student, teacher = student_and_teacher(case, device, dtype, gen)
     if not case.memory:
         return student, teacher
     memory = F.normalize(torch.randn(case.memory, case.channels, generator=gen), dim=1).to(device, dtype)
