@@ -110,17 +110,21 @@ def omni_launches(dtype, dims=128, samples=256, groups=16):
             for name, fn, args, constexprs in (
                 ("forward", oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
                  dict(blocks, BLOCK_A=oc.tile(samples))),
-                ("anchor_backward", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=False)),
-                ("key_backward", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=True)))]
+                ("anchor", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=False)),
+                ("key", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=True)))]
 
 
+# Each op's launches (op module -> (dtype, *sizes and flags) -> launches).
+LAUNCHES = {"pixel_contrastive": infonce_launches, "pixel_relation": relation_launches,
+            "pixel_attention": attention_launches, "omni_contrastive": omni_launches}
 # Each op's launches at representative sizes and flags (op module -> dtype -> launches): the
 # InfoNCE with a queue (negatives="none") and with pixel keys (negatives="batch", masked), CIRKD's
 # relation loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD.
 REPRESENTATIVE = {
     "pixel_contrastive": lambda dtype: (infonce_launches(dtype, 256, "none")
                                         + infonce_launches(dtype, 256, "batch", masked=True)),
-    "pixel_relation": lambda dtype: relation_launches(dtype, 256, masked=True) + relation_launches(dtype, 256, keys=4104),
+    "pixel_relation": lambda dtype: (relation_launches(dtype, 256, masked=True)
+                                     + relation_launches(dtype, 256, keys=4104)),
     "pixel_attention": lambda dtype: attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4),
     "omni_contrastive": omni_launches,
 }

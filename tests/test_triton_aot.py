@@ -14,9 +14,9 @@ from _helpers import CUDA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from kernels import SHARED_LIMIT, problems  # noqa: E402  (the SASS report's rules)
+from kernels import problems, triton_ops  # noqa: E402  (the SASS report's rules)
 
-# One script for every family: bench/kernels.py builds the launches (the same the SASS report
+# One script for every op: bench/kernels.py builds the launches (the same the SASS report
 # compiles), this compiles their first candidate (what the test suite and PCD_KERNELS_AUTOTUNE=0
 # run) or all of them.
 _SCRIPT = r"""
@@ -24,10 +24,10 @@ import json, sys, torch
 sys.path.insert(0, "bench")
 import kernels
 
-family, arch, dtype, tf32, which, params = sys.argv[1:]
+op, arch, dtype, tf32, which, params = sys.argv[1:]
 torch.backends.cuda.matmul.allow_tf32 = tf32 == "1"
 results = []
-for kernel, variant, fn, args, flags, candidates in getattr(kernels, family)(getattr(torch, dtype), *json.loads(params)):
+for kernel, variant, fn, args, flags, candidates in kernels.LAUNCHES[op](getattr(torch, dtype), *json.loads(params)):
     for candidate in candidates if which == "all" else candidates[:1]:
         usage = kernels.compile_candidate(fn, args, flags, candidate, int(arch))
         results.append(dict(usage, kernel=kernel, name=kernel.split(".", 1)[1], variant=variant,
@@ -36,51 +36,78 @@ print(json.dumps(results))
 """
 
 
-def _compile(family, arch, dtype, params, tf32=0, which="first"):
+def _compile(op, arch, dtype, params, tf32=0, which="first"):
     # Compile mode, and every candidate listed (the suite's PCD_KERNELS_AUTOTUNE=0 keeps the first only).
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "PCD_KERNELS_AUTOTUNE": "1"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, family, str(arch), dtype, str(tf32), which,
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, op, str(arch), dtype, str(tf32), which,
                           json.dumps(params)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-CASES = [  # (arch, dtype, C, negatives, masked, allow_tf32): flags and tilings kernels are built with
-    (90, "bfloat16", 256, "batch", 1, 0),
-    (90, "float16", 384, "none", 0, 0),    # C > 256: chunked channels
-    (90, "float32", 40, "image", 1, 0),    # C not a multiple of 16, IEEE float32 dot
-    (90, "float32", 256, "batch", 0, 1),   # float32 rows wider than one tile, TF32 dot
-    (80, "bfloat16", 128, "image", 0, 0),
-]
+# Every op with a Triton backend (the registry's): its launches' names, and the flags and tilings
+# its kernels are built with, (arch, dtype, bench/kernels.py's launch parameters, allow_tf32, the
+# candidates compiled, what of the SASS report's problems is let pass: "spills" (registers may
+# spill), "no HGMMA").
+LAUNCH_NAMES = {
+    "pixel_contrastive": [{"forward", "anchor", "key", "key[pixel keys]"},  # pixel negatives
+                          {"forward", "anchor", "key", "anchor[teacher]"}],  # negatives="none"
+    "omni_contrastive": [{"forward", "anchor", "key"}],
+    "pixel_relation": [{"forward", "anchor", "key"}],
+    "pixel_attention": [{"forward", "key_value", "query"}],
+}
+CASES = {
+    "pixel_contrastive": [  # [C, negatives, masked]
+        (90, "bfloat16", [256, "batch", True], 0, "first", ()),
+        (90, "float16", [384, "none", False], 0, "first", ()),   # C > 256: chunked channels
+        (90, "float32", [40, "image", True], 0, "first", ("spills",)),  # C not a multiple of 16, IEEE float32 dot
+        (90, "float32", [256, "batch", False], 1, "first", ("spills",)),  # float32 rows wider than one tile, TF32
+        (80, "bfloat16", [128, "image", False], 0, "first", ()),
+    ],
+    "omni_contrastive": [  # [dims per group, samples per patch, groups]
+        (90, "bfloat16", [128, 256, 16], 0, "first", ()),  # Cityscapes: C = 2048, 16 groups, 4x4 patches
+        (90, "float32", [12, 96, 8], 0, "first", ()),  # samples not a power of two
+        (80, "float16", [32, 256, 16], 0, "first", ()),
+    ],
+    "pixel_relation": [  # [C, keys (0: across images), masked, teacher C]
+        (90, "bfloat16", [256, 0, True], 0, "first", ()),
+        (90, "float16", [128, 4104, False], 0, "first", ()),  # CIRKD's pixel memory sample
+        (90, "bfloat16", [128, 0, False, 320], 0, "first", ()),  # a teacher with other channels
+        (90, "float32", [40, 0, True], 0, "first", ("spills",)),  # C not a multiple of 16, IEEE float32 dot
+    ],
+    "pixel_attention": [  # [head dim, heads]
+        (90, "bfloat16", [32, 8], 0, "all", ()),  # the benchmark's shape: every autotune candidate
+        (90, "bfloat16", [64, 8], 0, "first", ()),
+        (90, "float16", [128, 2], 0, "first", ()),
+        (90, "bfloat16", [256, 1], 0, "first", ("no HGMMA",)),  # the backward's tiles are too small for it
+        (90, "float32", [64, 2], 1, "first", ()),  # TF32
+        (90, "float32", [40, 2], 0, "first", ("spills",)),  # IEEE float32 on CUDA cores: a correctness path
+        (80, "bfloat16", [64, 4], 0, "first", ("spills",)),
+        (80, "float32", [256, 1], 1, "all", ("spills",)),  # the widest tiles: must fit the A100's shared memory
+    ],
+}
 
 
-OMNI_CASES = [  # (arch, dtype, dims per group, samples per patch, groups)
-    (90, "bfloat16", 128, 256, 16),  # Cityscapes: C = 2048, 16 groups, 4x4 patches
-    (90, "float32", 12, 96, 8),      # samples not a power of two
-    (80, "float16", 32, 256, 16),
-]
+def test_every_triton_op_has_cases():
+    assert set(CASES) == set(LAUNCH_NAMES) == set(triton_ops())
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
-@pytest.mark.parametrize("case", OMNI_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_omni_kernels_compile_for_gpu(case):
-    arch, dtype, dims, samples, groups = case
-    results = _compile("omni_launches", arch, dtype, [dims, samples, groups])
-    assert len(results) == 3
-    for r in results:
-        assert r["shared_bytes"] <= SHARED_LIMIT[case[0]], r
-        assert r["registers"] <= 255, r
-
-
-@pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernels_compile_for_gpu(case):
-    arch, dtype, channels, negatives, masked, tf32 = case
-    results = _compile("infonce_launches", arch, dtype, [channels, negatives, bool(masked)], tf32)
-    assert len(results) == 4  # forward, anchor, key, and the pixel keys or (negatives="none") the teacher
-    assert not problems(results, arch), "\n".join(problems(results, arch))
+@pytest.mark.parametrize("op,case", [(op, case) for op in triton_ops() for case in CASES[op]],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v[:2] + tuple(v[2]) + v[3:5])))
+def test_kernels_compile_for_gpu(op, case):
+    """The launches' first candidate (or all) compile, fit the chip's shared memory and 255
+    registers, and show none of the SASS report's problems (a 16-bit spill, an sm_90a multiplying
+    kernel in 16 bits or TF32 without warpgroup MMA) but those the case lets pass; where registers
+    may not spill, no stack."""
+    arch, dtype, params, tf32, which, allowed = case
+    results = _compile(op, arch, dtype, params, tf32, which)
+    assert {r["name"] for r in results} in LAUNCH_NAMES[op], results
+    found = [p for p in problems(results, arch) if not any(f": {kind}" in p for kind in allowed)]
+    assert not found, "\n".join(found)
     for r in results:
         assert r["registers"] <= 255, r
+        assert "spills" in allowed or r["stack_bytes"] == 0, f"registers spill: {r}"
 
 
 @pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
@@ -96,31 +123,6 @@ def test_sass_report_finds_no_problem(tmp_path):
     reports = json.loads((tmp_path / "kernels.json").read_text())
     assert {r["dtype"] for r in reports} == {"bfloat16", "float16", "float32", "float32+tf32"}
     assert len(reports) > 150, len(reports)  # every candidate, not the first of each
-
-
-ATTENTION_CASES = [  # (arch, dtype, head dim, heads, allow_tf32, configurations, spills allowed)
-    (90, "bfloat16", 32, 8, 0, "all", False),   # the benchmark's shape: every autotune candidate
-    (90, "bfloat16", 64, 8, 0, "first", False),
-    (90, "float16", 128, 2, 0, "first", False),
-    (90, "bfloat16", 256, 1, 0, "first", False),
-    (90, "float32", 64, 2, 1, "first", False),  # TF32
-    (90, "float32", 40, 2, 0, "first", True),   # IEEE float32 on CUDA cores: a correctness path
-    (80, "bfloat16", 64, 4, 0, "first", True),
-    (80, "float32", 256, 1, 1, "all", True),     # the widest tiles: must fit the A100's shared memory
-]
-
-
-@pytest.mark.skipif(CUDA, reason="a GPU is here: the test suite runs the kernels on it instead")
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c[:6])))
-def test_attention_kernels_compile_for_gpu(case):
-    arch, spills_allowed = case[0], case[6]
-    _, dtype, head_dim, heads, tf32, which = case[:6]
-    results = _compile("attention_launches", arch, dtype, [head_dim, heads], tf32, which)
-    assert {r["name"] for r in results} == {"forward", "key_value", "query"}
-    for r in results:
-        assert r["shared_bytes"] <= SHARED_LIMIT[arch], r
-        if not spills_allowed:
-            assert r["stack_bytes"] == 0, f"registers spill: {r}"
 
 
 def test_instruction_counts_find_the_main_loop_and_the_exps_under_mma():
