@@ -94,26 +94,25 @@ def run(fn, inputs, dtype, device, grads=None, weight=None, **kwargs):
     return out, [next(got) if x is not None and x.requires_grad else None for x in leaves]
 
 
-def check_against_reference(op, reference, inputs, backend, device, dtype, *, grads=None, weight=None,
+def check_against_reference(op, formula, inputs, backend, device, dtype, *, grads=None, weight=None,
                             names=None, out_dtype=None, plain_dtype=None, plain_device="cpu",
                             result_scale=0.0, grad_scale=0.0, **kwargs):
     """The public ``op`` (a name in ``OPS``) on ``backend``, ``device`` and ``dtype``, forward and the
-    gradients :func:`run` takes, against ``reference`` (the formula with the same arguments,
+    gradients :func:`run` takes, against ``formula`` (the reference, with the same arguments,
     ``backend`` aside) in float64 on the CPU, with the error bound of :func:`assert_close` set by
-    ``reference`` in plain PyTorch: on the inputs rounded to ``dtype``, computed in ``plain_dtype``
+    ``formula`` in plain PyTorch: on the inputs rounded to ``dtype``, computed in ``plain_dtype``
     (default ``dtype``; float64 where PyTorch has no kernel in ``dtype``) on ``plain_device``
     ("cpu", or "device" for the case's). The result must come out in ``out_dtype`` (default
     float32, float64 for float64 inputs) and each gradient in ``dtype`` and the input's shape;
     ``result_scale`` and ``grad_scale`` are assert_close's ``scale`` of the result and of the
-    gradients.
-    ``names`` name the inputs in messages."""
+    gradients; ``names`` name the inputs in messages."""
     names = names or [f"input {i}" for i in range(len(inputs))]
     out_dtype = out_dtype or torch.promote_types(dtype, torch.float32)
     plain_dtype = plain_dtype or dtype
     plain_device = device if plain_device == "device" else plain_device
     rounded = [x.to(dtype) if x is not None else None for x in inputs]
-    ref, ref_grads = run(reference, inputs, torch.float64, "cpu", grads, weight, **kwargs)
-    plain, plain_grads = run(reference, rounded, plain_dtype, plain_device, grads, weight, **kwargs)
+    ref, ref_grads = run(formula, inputs, torch.float64, "cpu", grads, weight, **kwargs)
+    plain, plain_grads = run(formula, rounded, plain_dtype, plain_device, grads, weight, **kwargs)
     ours, our_grads = run(getattr(pcd_kernels, op), inputs, dtype, device, grads, weight, backend=backend, **kwargs)
     assert ours.dtype == out_dtype, f"{op}: result dtype {ours.dtype}, expected {out_dtype}"
     assert_close(op, ours.cpu(), plain.cpu(), ref, dtype, scale=result_scale)
