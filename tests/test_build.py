@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from _helpers import CUDA
+from pcd_kernels.backends import OPS
 from pcd_kernels.backends.cuda import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_extension_kernels_use_tensor_cores_on_every_architecture():
     archs = os.environ.get("PCD_KERNELS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
     expected = {f"sm_{a}" for a in archs}
     assert {a for a, _ in kernels} == expected, sorted(kernels)
-    for op in ("pixel_contrastive", "pixel_attention"):
+    for op in (op.module for op in OPS.values() if "cuda" in op.backends):
         for a in expected:
             ops_kernels = [body for (arch_, name), body in kernels.items() if arch_ == a and op in name]
             assert ops_kernels, f"no {op} kernels for {a}"
@@ -137,7 +138,8 @@ def test_public_api():
     assert sorted(pcd_kernels.__all__) == ["AfDCDLoss", "MHSA2d", "PixelContrastiveLoss", "SpatialAdaptor",
                                            "SpatialReLU", "__version__", "omni_contrastive_loss",
                                            "pixel_attention", "pixel_contrastive_loss", "pixel_relation_loss"]
-    for op in ("pixel_contrastive_loss", "pixel_relation_loss"):
-        assert ">>>" in (getattr(pcd_kernels, op).__doc__ or ""), op
-    for op in ("pixel_contrastive_forward", "pixel_relation_forward"):
-        assert isinstance(getattr(torch.ops.pcd_kernels, op).default, torch._ops.OpOverload), op
+    for op in OPS.values():  # every registered op: exported, with a runnable example, and its custom ops
+        assert op.name in pcd_kernels.__all__, op.name
+        assert ">>>" in (getattr(pcd_kernels, op.name).__doc__ or ""), op.name
+        for custom_op in op.custom_ops:
+            assert isinstance(getattr(torch.ops.pcd_kernels, custom_op).default, torch._ops.OpOverload), custom_op
