@@ -211,7 +211,7 @@ def _pixel_contrastive_call(device, dtype, large=False, negatives="batch"):
 def _pixel_relation_call(device, dtype, large=False, keys=False):
     from pcd_kernels.backends.torch import _common
 
-    B, C, H, W, K = (2, 2, 10, 10, 300) if large else (2, 12, 3, 5, 7)
+    B, C, H, W, K = (2, 2, 14, 14, 300) if large else (2, 12, 3, 5, 7)
     s, t, k = _leaves(device, dtype, (B, C, H, W), (B, C, H, W), (K, C))
     t.requires_grad_(False)
     k = k if keys else None
