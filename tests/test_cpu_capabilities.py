@@ -19,13 +19,14 @@ import pytest
 import torch
 
 from conftest import SEED, inductor_cache_dir
+from pcd_kernels.backends import OPS
 
 TESTS = Path(__file__).resolve().parent
-# Tests whose results come from torch's CPU kernels: every op's torch backend, the modules, the
-# drop-ins and the memory bounds.
-FILES = ["test_pixel_contrastive.py", "test_omni_contrastive.py", "test_pixel_attention.py", "test_mhsa2d.py",
-         "test_afdcd.py", "test_module.py", "test_adaptor.py", "test_integrations.py", "test_memory.py",
-         "test_bad_input.py"]
+# Tests whose results come from torch's CPU kernels: every op's torch backend (the test file of
+# each op of the registry), the modules, the drop-ins and the memory bounds.
+FILES = [f"test_{op.module}.py" for op in OPS.values()] + [
+    "test_mhsa2d.py", "test_afdcd.py", "test_module.py", "test_adaptor.py", "test_integrations.py", "test_memory.py",
+    "test_bad_input.py"]
 # ATEN_CPU_CAPABILITY, lowest first, and the MKL path a CPU of that kind takes.
 LEVELS = [("default", "SSE4_2"), ("avx2", "AVX2"), ("avx512", "AVX512")]
 
