@@ -19,7 +19,7 @@ and one module per op it implements, ``backends/<backend>/<op module>.py``, with
 backend, call the custom op, which calls :func:`implementation`. docs/contributing.md says how to
 add an op or a backend.
 """
-import importlib
+import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -50,23 +50,43 @@ class Op:
 OPS = {}
 
 
+def _loader(name: str):
+    """A function returning the module ``name``, imported on first use. torch.compile traces the
+    ops' backend resolution: it cannot follow importlib, but it follows an import statement, so
+    each module's loader is one, written when the module becomes known (here and in register)."""
+    namespace = {"sys": sys}
+    exec(f"def load():\n    import {name}\n    return sys.modules[{name!r}]\n", namespace)
+    return namespace["load"]
+
+
+# Module name -> its loader: the backend packages, and each registered op's backend modules.
+_LOADERS = {name: _loader(name) for name in (f"pcd_kernels.backends.{backend}" for backend in BACKENDS[1:])}
+
+
 def register(op: Op) -> Op:
     """Add ``op`` to OPS (from its ops/<op>.py, at import)."""
     unknown = set(op.backends) - set(BACKENDS[1:])
     if unknown:
         raise ValueError(f"{op.name}: unknown backends {sorted(unknown)}")
     OPS[op.name] = op
+    for backend in op.backends:
+        name = f"pcd_kernels.backends.{backend}.{op.module}"
+        _LOADERS[name] = _loader(name)
     return op
 
 
 def implementation(op: str, backend: str):
     """The module of ``backend`` that implements ``op`` (imported on first use: importing
     pcd_kernels imports neither Triton nor the CUDA extension)."""
-    return importlib.import_module(f"pcd_kernels.backends.{backend}.{OPS[op].module}")
+    return _module(f"pcd_kernels.backends.{backend}.{OPS[op].module}")
 
 
 def _package(backend: str):
-    return importlib.import_module(f"pcd_kernels.backends.{backend}")
+    return _module(f"pcd_kernels.backends.{backend}")
+
+
+def _module(name: str):
+    return _LOADERS[name]()
 
 
 def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto: bool = False,
