@@ -45,7 +45,7 @@ def infonce_launches(dtype, channels=256, negatives="none", masked=False):
         calls.append(pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, teacher_positives=True))
     else:
         calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
-    return [(f"pixel_contrastive.{call.kind}" + ("[pixel keys]" if call.flags.get("KEYS_ARE_PIXELS") else "")
+    return [(f"pixel_contrastive.{call.kind}" + ("[teacher keys]" if call.flags.get("KEYS_ARE_TEACHER") else "")
              + ("[teacher]" if call.flags.get("TEACHER_POSITIVES") else ""),
              f"negatives={negatives}", call.kernel, call.args, call.flags, call.candidates()) for call in calls]
 
@@ -118,7 +118,7 @@ def omni_launches(dtype, dims=128, samples=256, groups=16):
 LAUNCHES = {"pixel_contrastive": infonce_launches, "pixel_relation": relation_launches,
             "pixel_attention": attention_launches, "omni_contrastive": omni_launches}
 # Each op's launches at representative sizes and flags (op module -> dtype -> launches): the
-# InfoNCE with a queue (negatives="none") and with pixel keys (negatives="batch", masked), CIRKD's
+# InfoNCE with a queue (negatives="none") and with teacher keys (negatives="batch", masked), CIRKD's
 # relation loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD.
 REPRESENTATIVE = {
     "pixel_contrastive": lambda dtype: (infonce_launches(dtype, 256, "none")

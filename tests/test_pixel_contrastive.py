@@ -422,7 +422,7 @@ def test_every_autotune_candidate_on_gpu(dtype, negatives, monkeypatch):
     """The suite runs each kernel's first configuration; the autotuner may pick any other. Sizes
     span several tiles of every candidate, with tails (float32 here is IEEE, float16 normalises
     tiles in registers: each has its own candidates; float16's differ in the backward kernels,
-    which negatives="batch" runs all of: anchor, queue keys, pixel keys)."""
+    which negatives="batch" runs all of: anchor, queue keys, teacher keys)."""
     from pcd_kernels.backends.triton import pixel_contrastive as kernels
 
     inputs = make_inputs(b=3, c=72, h=11, w=13, k=300 if negatives == "none" else 45, masked=True)

@@ -50,7 +50,7 @@ def _compile(op, arch, dtype, params, tf32=0, which="first"):
 # candidates compiled, what of the SASS report's problems is let pass: "spills" (registers may
 # spill), "no HGMMA").
 LAUNCH_NAMES = {
-    "pixel_contrastive": [{"forward", "anchor", "key", "key[pixel keys]"},  # pixel negatives
+    "pixel_contrastive": [{"forward", "anchor", "key", "key[teacher keys]"},  # teacher keys as negatives
                           {"forward", "anchor", "key", "anchor[teacher]"}],  # negatives="none"
     "omni_contrastive": [{"forward", "anchor", "key"}],
     "pixel_relation": [{"forward", "anchor", "key"}],

@@ -265,7 +265,7 @@ def _backward_key_kernel(
     A, K, k_sr, k_sc, inv_a_ptr, inv_k_ptr, proj_k_ptr, valid_ptr,
     lse_ptr, grad_scaled_ptr, grad_max_ptr, DK,
     n_rows, n_keys, HW, C, logit_scale, inv_temperature, TUNE_KEY,
-    MODE: tl.constexpr, KEYS_ARE_PIXELS: tl.constexpr, HAS_MASK: tl.constexpr,
+    MODE: tl.constexpr, KEYS_ARE_TEACHER: tl.constexpr, HAS_MASK: tl.constexpr,
     NORMALIZE: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_TILES: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -275,7 +275,7 @@ def _backward_key_kernel(
     k_len = n_keys
     a_lo = 0
     a_hi = n_rows
-    if KEYS_ARE_PIXELS and MODE == 1:  # "image": pixels of image program_id(1), its anchors only
+    if KEYS_ARE_TEACHER and MODE == 1:  # "image": pixels of image program_id(1), its anchors only
         k_start = tl.program_id(1) * HW
         k_len = HW
         a_lo = k_start
@@ -284,7 +284,7 @@ def _backward_key_kernel(
     keys = k_start + local
     k_in = local < k_len
     k_ok = k_in
-    if KEYS_ARE_PIXELS and HAS_MASK:
+    if KEYS_ARE_TEACHER and HAS_MASK:
         k_ok = k_ok & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
     k0 = load_chunk(K, key0, keys, k_in, k_sr, k_sc, 0, C, BLOCK_C)
     key_scale = tl.full((BLOCK_N,), 1.0, tl.float32) * logit_scale
@@ -306,7 +306,7 @@ def _backward_key_kernel(
         s = s * key_scale[:, None] * inv_a[None, :]
         lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0)
         p = tl.exp2(s - lse2[None, :])
-        if KEYS_ARE_PIXELS:  # pixel key k is the positive of the anchor at the same pixel
+        if KEYS_ARE_TEACHER:  # teacher key k is the positive of the anchor at the same pixel
             p = tl.where(keys[:, None] == rows[None, :], p - 1.0, p)
         g_scaled = tl.load(grad_scaled_ptr + rows, mask=r_ok, other=0.0)
         w = tl.where(r_ok[None, :], p * g_scaled[None, :], 0.0)
@@ -317,7 +317,7 @@ def _backward_key_kernel(
     # g was divided by max|g| so that w fits half precision (mean reductions make g ~ 1/anchors).
     # What the epilogue needs is loaded again here (from L2), not kept in registers across the
     # loop beside the accumulator, where it spilled.
-    if KEYS_ARE_PIXELS and HAS_MASK:
+    if KEYS_ARE_TEACHER and HAS_MASK:
         k_ok = k_in & (tl.load(valid_ptr + keys, mask=k_in, other=0) != 0)
     store_gradient(DK, acc, d, tl.load(grad_max_ptr), inv_temperature, K, key0, keys, k_in, k_ok, k_sr, k_sc,
                    inv_k_ptr, proj_k_ptr, C, oc, NORMALIZE, True, BLOCK_C)
@@ -474,14 +474,14 @@ def anchor_backward_call(inp, loss, lse2, g, out, teacher_positives=False):
     return KernelCall(LAUNCHERS, "anchor", args, flags, grid)
 
 
-def key_backward_call(inp, lse2, g_scaled, g_max, grad_keys, keys_are_pixels):
-    """Gradient of the teacher pixels (keys_are_pixels) or of the queue rows, into a contiguous
+def key_backward_call(inp, lse2, g_scaled, g_max, grad_keys, keys_are_teacher):
+    """Gradient of the teacher rows (keys_are_teacher) or of the queue rows, into a contiguous
     (rows, C) buffer."""
-    if keys_are_pixels:
+    if keys_are_teacher:
         keys, inv_k, n_keys, k_len, segments = inp.teacher, inp.inv_t, inp.n_rows, inp.seg_len, inp.segments
     else:
         keys, inv_k, n_keys, k_len, segments = inp.queue, inp.inv_q, inp.n_queue, inp.n_queue, 1
-    flags = dict(MODE=inp.mode, KEYS_ARE_PIXELS=keys_are_pixels, HAS_MASK=inp.has_mask,
+    flags = dict(MODE=inp.mode, KEYS_ARE_TEACHER=keys_are_teacher, HAS_MASK=inp.has_mask,
                  NORMALIZE=inp.normalize, BLOCK_C=inp.block_c, C_TILES=inp.c_tiles,
                  PRECISION=inp.precision, **inp.weight_flags())
     proj_k = projection_scales(keys, inv_k) if inp.normalize else inv_k
