@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import pcd_kernels
-from pcd_kernels import reference
 from pcd_kernels.backends import OPS, implementation
 
 CUDA = torch.cuda.is_available()
@@ -152,9 +151,10 @@ def assert_close(name, ours, plain, reference, dtype, scale=0.0):
 
 
 # ------------------------------------------------------------------------------------------------
-# One call of each op's torch.library custom ops, read by the opcheck tests (test_compile.py) and the
-# allocation tests (test_memory.py). A backend module's forward/backward take the custom ops'
-# arguments without ``backend`` (pcd_kernels/backends/__init__.py).
+# Calls of each op's torch.library custom ops, read by the opcheck tests (test_compile.py) and the
+# allocation tests (test_memory.py): each op's test file builds its own (its SMALL_CALLS). A backend
+# module's forward/backward take the custom ops' arguments without ``backend``
+# (pcd_kernels/backends/__init__.py).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -178,110 +178,40 @@ class OpCall:
     backward_options: Sequence[dict] = ({},)
 
 
-def _leaves(device, dtype, *shapes):
+def leaves(device, dtype, *shapes):
     return [torch.randn(shape).to(device, dtype).requires_grad_() for shape in shapes]
 
 
-def _detached(args):
+def detached(args):
     return tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
 
 
-def _forward_and_backward(out, *inputs):
+def forward_and_backward(out, *inputs):
     torch.autograd.grad(out.sum(), [x for x in inputs if x is not None and x.requires_grad])
 
 
-def _pixel_contrastive_call(device, dtype, large=False, negatives="batch"):
-    from pcd_kernels.backends.torch import _common
-
-    B, C, H, W, K = (2, 8, 8, 8, 300) if large else (2, 12, 3, 5, 7)
-    s, t, q = _leaves(device, dtype, (B, C, H, W), (B, C, H, W), (K, C))
-    mask = None if large else torch.rand(B, H, W, device=device) > 0.3
-    forward = (s, t, q, None, mask, None, negatives, 0.2, True)
-    pixels = {"batch": B * H * W, "image": H * W, "none": 0}[negatives]
-    return OpCall(
-        forward, lambda out: (torch.randn_like(out[0]), *_detached(forward[:6] + out), *forward[6:]),
-        needs=[(True, True, True)],
-        public=lambda backend: _forward_and_backward(pcd_kernels.pixel_contrastive_loss(
-            s, t, q, mask=mask, negatives=negatives, backend=backend), s, t, q),
-        naive=lambda: _forward_and_backward(reference.naive_pixel_contrastive_loss(
-            s, t, q, mask=mask, negatives=negatives), s, t, q),
-        matrix=B * H * W * (K + pixels), torch_chunks=[(_common, "CHUNK_ELEMENTS", 4096)])
-
-
-def _pixel_relation_call(device, dtype, large=False, keys=False):
-    from pcd_kernels.backends.torch import _common
-
-    B, C, H, W, K = (2, 2, 14, 14, 300) if large else (2, 12, 3, 5, 7)
-    s, t, k = _leaves(device, dtype, (B, C, H, W), (B, C, H, W), (K, C))
-    t.requires_grad_(False)
-    k = k if keys else None
-    mask = None if large else torch.rand(B, H, W, device=device) > 0.3
-    forward = (s, t, k, mask, 0.5, True)
-    return OpCall(
-        forward, lambda out: (torch.randn_like(out[0]), *_detached(forward[:4] + out[1:]), *forward[4:]),
-        needs=[(True, keys)],
-        public=lambda backend: _forward_and_backward(pcd_kernels.pixel_relation_loss(
-            s, t, k, mask=mask, temperature=0.5, backend=backend), s, k),
-        naive=lambda: _forward_and_backward(reference.naive_pixel_relation_loss(
-            s, t, k, mask=mask, temperature=0.5), s, k),
-        # (the official cross-image loss stores one (H*W x H*W) matrix per pair of images at a time)
-        matrix=B * H * W * K if keys else (H * W) ** 2, torch_chunks=[(_common, "CHUNK_ELEMENTS", 1024)])
-
-
-def _omni_contrastive_call(device, dtype, large=False):
-    from pcd_kernels._conventions import omni_pack
-    from pcd_kernels.backends.torch import _common
-    from pcd_kernels.backends.torch import omni_contrastive as torch_omni
-
-    (B, C, H, W), groups, patch = ((1, 32, 8, 8), 8, (4, 4)) if large else ((1, 16, 4, 4), 4, (2, 2))
-    maps = _leaves(device, dtype, (B, C, H, W), (B, C, H, W))
-    s, t = (omni_pack(x.detach(), groups, patch).requires_grad_() for x in maps)  # (patches, dims, samples)
-    forward = (s, t, groups, 0.1)
-
-    def distances():  # every sample pair's L1 distance by broadcasting: what cdist's CUDA backward stores
-        (s.transpose(1, 2)[:, :, None] - t.transpose(1, 2)[:, None]).abs().sum(-1)
-
-    return OpCall(
-        forward, lambda out: (torch.randn_like(out[0]), *_detached(forward[:2] + out[1:]), *forward[2:]),
-        needs=[(True, True), (True, False), (False, True)],
-        public=lambda backend: _forward_and_backward(pcd_kernels.omni_contrastive_loss(
-            *maps, groups=groups, patch_size=patch, pool_size=0, temperature=0.1, backend=backend), *maps),
-        naive=distances, matrix=s.shape[0] * s.shape[2] ** 2 * s.shape[1],
-        torch_chunks=[(_common, "CHUNK_ELEMENTS", 1 << 14), (torch_omni, "OMNI_SIGN_ELEMENTS", 1 << 14)],
-        backward_options=[dict(sign_pass=True), dict(sign_pass=False)])
-
-
-def _pixel_attention_call(device, dtype, large=False):
-    # large: 16x16 queries against 12x20 keys; small: q, k, v as channel slices of one fused
-    # projection (what MHSA2d passes), read in place
-    if large:
-        q, k, v = _leaves(device, dtype, (1, 8, 16, 16), (1, 8, 12, 20), (1, 8, 12, 20))
-    else:
-        qkv = torch.randn(2, 3 * 16, 13).to(device, dtype)
-        q, k, v = (x.requires_grad_() for x in qkv.chunk(3, dim=1))
-    forward = (q.flatten(2), k.flatten(2), v.flatten(2), 2, 0.3)
-    return OpCall(
-        forward, lambda out: (torch.randn_like(out[0]), *_detached(forward[:3] + out), *forward[3:]),
-        needs=[(True, True), (False, True), (True, False)],
-        public=lambda backend: _forward_and_backward(pcd_kernels.pixel_attention(
-            q, k, v, num_heads=2, scale=0.3, backend=backend), q, k, v),
-        naive=lambda: _forward_and_backward(reference.naive_pixel_attention(q, k, v, 2, 0.3), q, k, v),
-        matrix=q[0, 0].numel() * k[0, 0].numel())
-
-
-# op -> (its OpCall builder, the keyword sets of the problems it is called on)
-OP_CALLS = {
-    "pixel_contrastive_loss": (_pixel_contrastive_call, [dict(negatives="batch"), dict(negatives="none")]),
-    "pixel_relation_loss": (_pixel_relation_call, [dict(keys=False), dict(keys=True)]),
-    "omni_contrastive_loss": (_omni_contrastive_call, [{}]),
-    "pixel_attention": (_pixel_attention_call, [{}]),
-}
+def op_test_entry(op, name, what):
+    """``name``, which every op's test file, ``tests/test_<op module>.py``, defines for the shared
+    tests (``what`` says what it is): the test files are found from the registry, so a new op
+    edits no shared table. The module is the one pytest imported (it imports test files by their
+    base name, tests/ on sys.path)."""
+    path = f"tests/test_{OPS[op].module}.py"
+    try:
+        module = importlib.import_module(f"test_{OPS[op].module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"test_{OPS[op].module}":
+            raise
+        raise LookupError(f"{op}: no test file {path}; every op of the registry has one, defining {name}") from None
+    if not hasattr(module, name):
+        raise LookupError(f"{op}: {path} defines no {name}; add {name} = {what} (see tests/test_pixel_attention.py)")
+    return getattr(module, name)
 
 
 def op_calls(op, device, dtype, large=False):
     """Every :class:`OpCall` of ``op``: small problems, or ``large`` ones whose (anchors x keys)
     matrix is far larger than their inputs."""
-    build, variants = OP_CALLS[op]
+    build, variants = op_test_entry(op, "SMALL_CALLS", "(an OpCall builder (device, dtype, large=False, "
+                                    "**variant), [the variant keyword sets, {} for one])")
     return [build(device, dtype, large, **variant) for variant in variants]
 
 

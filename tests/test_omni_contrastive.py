@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from _helpers import backend_cases, check_against_reference, run
+from _helpers import OpCall, backend_cases, check_against_reference, detached, forward_and_backward, leaves, run
 from pcd_kernels import omni_contrastive_loss
 from pcd_kernels._conventions import omni_pack
+from pcd_kernels.backends.torch import _common as torch_common
 from pcd_kernels.backends.torch import omni_contrastive as torch_backend
 from pcd_kernels.reference import official_omni_contrastive_loss
 
@@ -160,3 +161,51 @@ def test_cuda_backend_says_why():
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
         omni_contrastive_loss(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 4, 4), groups=2, patch_size=(2, 2),
                               pool_size=0, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shared tests read from every op's test file (tests/_helpers.py: op_test_entry):
+# SMALL_CALLS, COMPILE_STEP, GPU_SMOKE and GPU_SMOKE_DRY.
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_call(device, dtype, large=False):
+    (B, C, H, W), groups, patch = ((1, 32, 8, 8), 8, (4, 4)) if large else ((1, 16, 4, 4), 4, (2, 2))
+    maps = leaves(device, dtype, (B, C, H, W), (B, C, H, W))
+    s, t = (omni_pack(x.detach(), groups, patch).requires_grad_() for x in maps)  # (patches, dims, samples)
+    forward = (s, t, groups, 0.1)
+
+    def distances():  # every sample pair's L1 distance by broadcasting: what cdist's CUDA backward stores
+        (s.transpose(1, 2)[:, :, None] - t.transpose(1, 2)[:, None]).abs().sum(-1)
+
+    return OpCall(
+        forward, lambda out: (torch.randn_like(out[0]), *detached(forward[:2] + out[1:]), *forward[2:]),
+        needs=[(True, True), (True, False), (False, True)],
+        public=lambda backend: forward_and_backward(omni_contrastive_loss(
+            *maps, groups=groups, patch_size=patch, pool_size=0, temperature=0.1, backend=backend), *maps),
+        naive=distances, matrix=s.shape[0] * s.shape[2] ** 2 * s.shape[1],
+        torch_chunks=[(torch_common, "CHUNK_ELEMENTS", 1 << 14), (torch_backend, "OMNI_SIGN_ELEMENTS", 1 << 14)],
+        backward_options=[dict(sign_pass=True), dict(sign_pass=False)])
+
+
+# (the OpCall builder, the keyword sets of the problems it is called on): the opcheck tests
+# (test_compile.py) and the allocation tests (test_memory.py)
+SMALL_CALLS = (_small_call, [{}])
+
+
+def _compile_step(device):
+    def step(s, t):
+        return omni_contrastive_loss(torch.relu(s), t, groups=4, patch_size=(2, 2), pool_size=2)
+
+    return step, (torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8))
+
+
+# device -> (step, its arguments; the first is the tensor differentiated): test_compile.py's
+# torch.compile tests
+COMPILE_STEP = _compile_step
+
+# make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
+# backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
+GPU_SMOKE = ("test_matches_official_formula or test_nan_in_nan_out or "
+             "test_any_strides_and_one_sided_gradients")
+GPU_SMOKE_DRY = GPU_SMOKE

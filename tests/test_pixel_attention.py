@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from _helpers import (CUDA, INTERPRETER, assert_close, backend_cases, check_against_reference, cuda_extension_missing,
-                      run)
+from _helpers import (CUDA, INTERPRETER, OpCall, assert_close, backend_cases, check_against_reference,
+                      cuda_extension_missing, detached, forward_and_backward, leaves, run)
 from pcd_kernels import pixel_attention
 from pcd_kernels.reference import naive_pixel_attention
 
@@ -357,3 +357,50 @@ def test_every_autotune_candidate_on_gpu(head_dim, dtype, monkeypatch):
         assert_close(f"output, candidate {i}", ours.cpu(), plain.cpu(), ref, dtype)
         for name, g, g_plain, g_ref in zip("qkv", grads, plain_grads, ref_grads):
             assert_close(f"d{name}, candidate {i}", g.cpu(), g_plain.cpu(), g_ref, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shared tests read from every op's test file (tests/_helpers.py: op_test_entry):
+# SMALL_CALLS, COMPILE_STEP, GPU_SMOKE and GPU_SMOKE_DRY.
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_call(device, dtype, large=False):
+    # large: 16x16 queries against 12x20 keys; small: q, k, v as channel slices of one fused
+    # projection (what MHSA2d passes), read in place
+    if large:
+        q, k, v = leaves(device, dtype, (1, 8, 16, 16), (1, 8, 12, 20), (1, 8, 12, 20))
+    else:
+        qkv = torch.randn(2, 3 * 16, 13).to(device, dtype)
+        q, k, v = (x.requires_grad_() for x in qkv.chunk(3, dim=1))
+    forward = (q.flatten(2), k.flatten(2), v.flatten(2), 2, 0.3)
+    return OpCall(
+        forward, lambda out: (torch.randn_like(out[0]), *detached(forward[:3] + out), *forward[3:]),
+        needs=[(True, True), (False, True), (True, False)],
+        public=lambda backend: forward_and_backward(pixel_attention(
+            q, k, v, num_heads=2, scale=0.3, backend=backend), q, k, v),
+        naive=lambda: forward_and_backward(naive_pixel_attention(q, k, v, 2, 0.3), q, k, v),
+        matrix=q[0, 0].numel() * k[0, 0].numel())
+
+
+# (the OpCall builder, the keyword sets of the problems it is called on): the opcheck tests
+# (test_compile.py) and the allocation tests (test_memory.py)
+SMALL_CALLS = (_small_call, [{}])
+
+
+def _compile_step(device):
+    def step(q, kv):
+        return pixel_attention(torch.relu(q) * 2.0, kv, kv, num_heads=2).square().mean()
+
+    return step, (torch.randn(2, 16, 5, 6), torch.randn(2, 16, 4, 3))
+
+
+# device -> (step, its arguments; the first is the tensor differentiated): test_compile.py's
+# torch.compile tests
+COMPILE_STEP = _compile_step
+
+# make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
+# backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
+GPU_SMOKE = ("test_matches_reference or test_any_strides or test_nan_in_nan_out or "
+             "test_gpu_kernels_over_several_tiles or test_one_sided_gradients")
+GPU_SMOKE_DRY = GPU_SMOKE

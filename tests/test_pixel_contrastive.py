@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import CUDA, INTERPRETER, backend_cases, check_against_reference, cuda_extension_missing, run
-from pcd_kernels import pixel_contrastive_loss
+from _helpers import (CUDA, INTERPRETER, OpCall, backend_cases, check_against_reference, cuda_extension_missing,
+                      detached, forward_and_backward, leaves, run)
+from pcd_kernels import PixelContrastiveLoss, pixel_contrastive_loss
 from pcd_kernels._conventions import pixel_rows
 from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_loss
 
@@ -431,3 +432,53 @@ def test_every_autotune_candidate_on_gpu(dtype, negatives, monkeypatch):
         monkeypatch.setattr(kernels, "gpu_configs", lambda kind, precision, scale_weights=True, i=i:
                             [lists[kind][min(i, len(lists[kind]) - 1)]])
         check_op("triton", "cuda", dtype, inputs, negatives=negatives)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shared tests read from every op's test file (tests/_helpers.py: op_test_entry):
+# SMALL_CALLS, COMPILE_STEP, GPU_SMOKE and GPU_SMOKE_DRY.
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_call(device, dtype, large=False, negatives="batch"):
+    from pcd_kernels.backends.torch import _common
+
+    B, C, H, W, K = (2, 8, 8, 8, 300) if large else (2, 12, 3, 5, 7)
+    s, t, q = leaves(device, dtype, (B, C, H, W), (B, C, H, W), (K, C))
+    mask = None if large else torch.rand(B, H, W, device=device) > 0.3
+    forward = (s, t, q, None, mask, None, negatives, 0.2, True)
+    pixels = {"batch": B * H * W, "image": H * W, "none": 0}[negatives]
+    return OpCall(
+        forward, lambda out: (torch.randn_like(out[0]), *detached(forward[:6] + out), *forward[6:]),
+        needs=[(True, True, True)],
+        public=lambda backend: forward_and_backward(pixel_contrastive_loss(
+            s, t, q, mask=mask, negatives=negatives, backend=backend), s, t, q),
+        naive=lambda: forward_and_backward(naive_pixel_contrastive_loss(
+            s, t, q, mask=mask, negatives=negatives), s, t, q),
+        matrix=B * H * W * (K + pixels), torch_chunks=[(_common, "CHUNK_ELEMENTS", 4096)])
+
+
+# (the OpCall builder, the keyword sets of the problems it is called on): the opcheck tests
+# (test_compile.py) and the allocation tests (test_memory.py)
+SMALL_CALLS = (_small_call, [dict(negatives="batch"), dict(negatives="none")])
+
+
+def _compile_step(device):
+    criterion = PixelContrastiveLoss(negatives="none", queue_size=9, dim=12).to(device)
+
+    def step(s, t, mask):
+        features = torch.relu(s) * 2.0  # something around the op for the compiler to fuse
+        return criterion(features, t, mask) + 0.1 * pixel_contrastive_loss(features, t, negatives="image")
+
+    return step, (torch.randn(2, 12, 3, 5), torch.randn(2, 12, 3, 5), torch.rand(2, 3, 5) > 0.3)
+
+
+# device -> (step, its arguments; the first is the tensor differentiated): test_compile.py's
+# torch.compile tests
+COMPILE_STEP = _compile_step
+
+# make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
+# backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
+GPU_SMOKE = ("test_matches_reference or test_odd_shapes or test_nan_in_nan_out_unless_masked or "
+             "test_any_strides or test_empty_batch or test_official_pcd_loss_with_transposed_queue")
+GPU_SMOKE_DRY = "(test_matches_reference and mean) or test_odd_shapes or test_nan_in_nan_out_unless_masked"

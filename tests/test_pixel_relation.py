@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _helpers import assert_close, backend_cases, check_against_reference, run
+from _helpers import (OpCall, assert_close, backend_cases, check_against_reference, detached, forward_and_backward,
+                      leaves, run)
 from pcd_kernels import pixel_relation_loss
 from pcd_kernels.backends.torch import _common as torch_common
 from pcd_kernels import reference
@@ -311,3 +312,50 @@ def test_empty_maps_give_zero_and_empty_gradients(mode, shape):
     loss.backward()
     assert loss.item() == 0.0 and s.grad.shape == s.shape
     assert keys is None or not keys.grad.any()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the shared tests read from every op's test file (tests/_helpers.py: op_test_entry):
+# SMALL_CALLS, COMPILE_STEP, GPU_SMOKE and GPU_SMOKE_DRY.
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_call(device, dtype, large=False, keys=False):
+    B, C, H, W, K = (2, 2, 14, 14, 300) if large else (2, 12, 3, 5, 7)
+    s, t, k = leaves(device, dtype, (B, C, H, W), (B, C, H, W), (K, C))
+    t.requires_grad_(False)
+    k = k if keys else None
+    mask = None if large else torch.rand(B, H, W, device=device) > 0.3
+    forward = (s, t, k, mask, 0.5, True)
+    return OpCall(
+        forward, lambda out: (torch.randn_like(out[0]), *detached(forward[:4] + out[1:]), *forward[4:]),
+        needs=[(True, keys)],
+        public=lambda backend: forward_and_backward(pixel_relation_loss(
+            s, t, k, mask=mask, temperature=0.5, backend=backend), s, k),
+        naive=lambda: forward_and_backward(naive_pixel_relation_loss(
+            s, t, k, mask=mask, temperature=0.5), s, k),
+        # (the official cross-image loss stores one (H*W x H*W) matrix per pair of images at a time)
+        matrix=B * H * W * K if keys else (H * W) ** 2, torch_chunks=[(torch_common, "CHUNK_ELEMENTS", 1024)])
+
+
+# (the OpCall builder, the keyword sets of the problems it is called on): the opcheck tests
+# (test_compile.py) and the allocation tests (test_memory.py)
+SMALL_CALLS = (_small_call, [dict(keys=False), dict(keys=True)])
+
+
+def _compile_step(device):
+    def step(s, t, k, mask):
+        features = torch.relu(s) * 2.0
+        return pixel_relation_loss(features, t, mask=mask) + 0.5 * pixel_relation_loss(features, t, k, temperature=0.2)
+
+    return step, (torch.randn(3, 20, 5, 7), torch.randn(3, 20, 5, 7), torch.randn(50, 20), torch.rand(3, 5, 7) > 0.35)
+
+
+# device -> (step, its arguments; the first is the tensor differentiated): test_compile.py's
+# torch.compile tests
+COMPILE_STEP = _compile_step
+
+# make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
+# backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
+GPU_SMOKE = "test_matches_reference or test_backends_on_wider_channels_and_tails"
+GPU_SMOKE_DRY = "test_matches_reference and mean and mask"
