@@ -60,28 +60,15 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
     from common import registry
 
     ops = registry()
-    selections = {  # op -> (test file, tests)
-        "pixel_contrastive_loss": ("test_pixel_contrastive.py", "test_matches_reference or test_odd_shapes or "
-                                   "test_nan_in_nan_out_unless_masked or test_any_strides or test_empty_batch or "
-                                   "test_official_pcd_loss_with_transposed_queue"),
-        "omni_contrastive_loss": ("test_omni_contrastive.py", "test_matches_official_formula or test_nan_in_nan_out "
-                                  "or test_any_strides_and_one_sided_gradients"),
-        "pixel_relation_loss": ("test_pixel_relation.py", "test_matches_reference or "
-                                "test_backends_on_wider_channels_and_tails"),
-        "pixel_attention": ("test_pixel_attention.py", "test_matches_reference or test_any_strides or "
-                            "test_nan_in_nan_out or test_gpu_kernels_over_several_tiles or test_one_sided_gradients"),
-    }
-    # The interpreter is slow: a dry run checks the plumbing on fewer cases of the biggest group.
-    dry_selections = {"pixel_contrastive_loss": "(test_matches_reference and mean) or test_odd_shapes or "
-                                                "test_nan_in_nan_out_unless_masked",
-                      "pixel_relation_loss": "test_matches_reference and mean and mask"}
     groups = []
     for op in ops:
-        path, tests = selections[op]
-        files = [f"tests/{path}"]
-        if dry_run:
-            tests = dry_selections.get(op, tests)
-        else:  # every op's opcheck and allocation tests (tests/test_compile.py, test_memory.py), ids "<op>-..."
+        # Each op's test file names its tests here: GPU_SMOKE, and GPU_SMOKE_DRY for the dry run (the
+        # interpreter is slow: it checks the plumbing on fewer cases where that costs).
+        path = f"tests/test_{ops[op].module}.py"
+        tests = string_in_test_file(path, "GPU_SMOKE_DRY" if dry_run else "GPU_SMOKE")
+        files = [path]
+        # On a GPU, with every op's opcheck and allocation tests (test_compile.py, test_memory.py), ids "<op>-...".
+        if not dry_run:
             files += ["tests/test_compile.py", "tests/test_memory.py"]
             tests = f"{tests} or ({op} and (test_opcheck or test_never_allocates))"
         for backend in (b for b in ops[op].backends if b != "torch"):
@@ -103,6 +90,36 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
         groups.append(Group("extension build and probe", "build", "cuda", ["tests/test_build.py"], timeout=120,
                             needs_extension=True))
     return groups
+
+
+def string_in_test_file(path: str, name: str) -> str:
+    """The string ``name`` that the test file ``path`` (relative to the repository) assigns at
+    module level: a string literal (adjacent ones concatenate), or the name of another such
+    string of the file. Read from its source, not imported: importing a test file here would
+    import the kernels into this process."""
+    import ast
+
+    file = ROOT / path
+    if not file.exists():
+        raise LookupError(f"{path} does not exist: every op of the registry has its test file, defining {name}")
+    values = {}
+    for node in ast.parse(file.read_text(), str(file)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            values[node.targets[0].id] = node.value
+    seen = []
+    while name not in seen:
+        seen.append(name)
+        value = values.get(name)
+        if value is None:
+            raise LookupError(f"{path} defines no {seen[0]}: add {seen[0]} = \"<pytest -k expression>\", the tests "
+                              f"make gpu-smoke runs of it (GPU_SMOKE: on a GPU; GPU_SMOKE_DRY: on the CPU dry run, "
+                              f"GPU_SMOKE_DRY = GPU_SMOKE for the same)")
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            return value.value
+        if not isinstance(value, ast.Name):
+            break
+        name = value.id
+    raise LookupError(f"{path}: {seen[0]} must be a string literal, or the name of one in the file")
 
 
 def trainer_group(work: Path, dry_run: bool) -> Group:

@@ -99,6 +99,27 @@ def test_a_timeout_kills_what_the_command_started():
     assert code is None and "child started" in output and time.time() - started < 30
 
 
+def test_each_op_test_file_names_the_tests_to_run_and_says_what_is_missing(tmp_path, monkeypatch):
+    """check_groups reads each op's -k expressions, GPU_SMOKE and GPU_SMOKE_DRY, from its test file
+    (found from the registry); a test file without one fails saying what to add where."""
+    from common import registry
+
+    for dry_run in (True, False):
+        assert {g.op for g in gpu_smoke.check_groups("cpu", dry_run)} >= set(registry())
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_new_op.py").write_text('GPU_SMOKE = ("test_a or "\n             "test_b")\n'
+                                                      'GPU_SMOKE_DRY = GPU_SMOKE\nOTHER = 3\n')
+    monkeypatch.setattr(gpu_smoke, "ROOT", tmp_path)
+    for name in ("GPU_SMOKE", "GPU_SMOKE_DRY"):
+        assert gpu_smoke.string_in_test_file("tests/test_new_op.py", name) == "test_a or test_b"
+    with pytest.raises(LookupError, match="tests/test_new_op.py defines no MISSING: add MISSING = "):
+        gpu_smoke.string_in_test_file("tests/test_new_op.py", "MISSING")
+    with pytest.raises(LookupError, match="OTHER must be a string"):
+        gpu_smoke.string_in_test_file("tests/test_new_op.py", "OTHER")
+    with pytest.raises(LookupError, match="tests/test_absent.py does not exist"):
+        gpu_smoke.string_in_test_file("tests/test_absent.py", "GPU_SMOKE")
+
+
 def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
     import subprocess
 
