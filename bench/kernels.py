@@ -25,109 +25,24 @@ SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def infonce_launches(dtype, channels=256, negatives="none", masked=False):
-    """(kernel, variant, fn, args, constexprs, candidates) of every pixel_contrastive_loss kernel
-    for these flags: 4 maps of 16x16 and a queue of 4,096 rows."""
-    import torch
+def _module(op):
+    """The Triton backend module of an op (by module name): it builds its launches (aot_launches,
+    AOT_REPRESENTATIVE)."""
+    import importlib
 
-    from pcd_kernels.backends.triton import pixel_contrastive as pc
-
-    B, H, W, K, C = 4, 16, 16, 4096, channels
-    s = torch.empty(B, C, H, W, dtype=dtype)
-    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
-    inp = pc._Inputs(s, torch.empty_like(s), torch.empty(K, C, dtype=dtype), None, mask, None, negatives, 0.2, True)
-    loss = torch.empty(B, H, W)
-    rows = torch.empty(B * H * W, C, dtype=dtype)
-    calls = [pc.forward_call(inp, loss, loss),
-             pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows),
-             pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), torch.empty(K, C, dtype=dtype), False)]
-    if negatives == "none":
-        calls.append(pc.anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, teacher_positives=True))
-    else:
-        calls.append(pc.key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
-    return [(f"pixel_contrastive.{call.kind}" + ("[teacher keys]" if call.flags.get("KEYS_ARE_TEACHER") else "")
-             + ("[teacher]" if call.flags.get("TEACHER_POSITIVES") else ""),
-             f"negatives={negatives}", call.kernel, call.args, call.flags, call.candidates()) for call in calls]
+    return importlib.import_module(f"pcd_kernels.backends.triton.{op}")
 
 
-def relation_launches(dtype, channels=256, keys=0, masked=False, teacher_channels=None):
-    """pixel_relation_loss's kernels: cross-image over 4 maps of 16x16 (keys=0), or against a
-    (keys, C) memory."""
-    import torch
-
-    from pcd_kernels.backends.triton import pixel_relation as pr
-
-    B, H, W = 4, 16, 16
-    s = torch.empty(B, channels, H, W, dtype=dtype)
-    t = torch.empty(B, teacher_channels or channels, H, W, dtype=dtype)
-    memory = torch.empty(keys, channels, dtype=dtype) if keys else None
-    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
-    inp = pr._Inputs(s, t, memory, mask, 0.5, True)
-    values = torch.empty(B, H, W)
-    lse = torch.empty(pr.saved_shape(s, memory))
-    g = values.reshape(-1)
-    rows = torch.empty(B * H * W, channels, dtype=dtype)
-    calls = [pr.forward_call(inp, values, lse), pr.anchor_backward_call(inp, lse, g, rows),
-             pr.key_backward_call(inp, lse, g, torch.ones(1), memory if keys else rows)]
-    variant = f"keys={keys}" if keys else "cross-image" + (f", teacher C={teacher_channels}" if teacher_channels else "")
-    return [(f"pixel_relation.{call.kind}", variant, call.kernel, call.args, call.flags, call.candidates())
-            for call in calls]
+def op_launches(op, dtype, *sizes):
+    """(kernel, variant, fn, args, constexprs, candidates) of an op's kernels at these sizes and
+    flags (its aot_launches' arguments)."""
+    return _module(op).aot_launches(dtype, *sizes)
 
 
-def attention_launches(dtype, head_dim, heads):
-    """pixel_attention's kernels on q, k, v as channel slices of one fused projection (what
-    MHSA2d passes), 2 maps of 64x64."""
-    import torch
-
-    from pcd_kernels.backends.triton import pixel_attention as pa
-
-    qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
-    out = torch.empty(2, heads * head_dim, 4096, dtype=dtype)
-    lse = torch.empty(2 * heads, 4096)
-    calls = [pa.forward_call(qkv, qkv, qkv, out, lse, heads, head_dim ** -0.5)]
-    calls += pa.backward_calls(out, qkv, qkv, qkv, lse, lse, out, out, out, heads, head_dim ** -0.5)
-    return [(f"pixel_attention.{call.kind}", f"head_dim={head_dim}", call.kernel, call.args, call.flags,
-             call.candidates()) for call in calls]
-
-
-def omni_launches(dtype, dims=128, samples=256, groups=16):
-    """omni_contrastive_loss's kernels: the forward and the backward for each side, anchors (the
-    student's gradient) and keys (the teacher's). One launch configuration each: candidates (0, 0,
-    warps, stages), no tiles to choose."""
-    import torch
-
-    from pcd_kernels.backends.triton import omni_contrastive as oc
-    from pcd_kernels.backends.triton._common import logit_scale
-
-    packed = torch.empty(8, dims, samples, dtype=dtype)
-    per_sample = torch.empty(8, samples)
-    blocks = dict(SAMPLES_BLOCK=oc.samples_block(samples))
-    scales = (dims, samples, groups, logit_scale(0.07))
-    backward = (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07)
-    options = oc._launch_options()
-    config = [(0, 0, options["num_warps"], options["num_stages"])]
-    return [(f"omni_contrastive.{name}", f"dims={dims}", fn, args, constexprs, config)
-            for name, fn, args, constexprs in (
-                ("forward", oc._forward_kernel, (packed, packed, per_sample, per_sample, *scales),
-                 dict(blocks, BLOCK_A=oc.tile(samples))),
-                ("anchor", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=False)),
-                ("key", oc._backward_kernel, backward, dict(blocks, BLOCK=oc.tile(samples), KEY_SIDE=True)))]
-
-
-# Each op's launches (op module -> (dtype, *sizes and flags) -> launches).
-LAUNCHES = {"pixel_contrastive": infonce_launches, "pixel_relation": relation_launches,
-            "pixel_attention": attention_launches, "omni_contrastive": omni_launches}
-# Each op's launches at representative sizes and flags (op module -> dtype -> launches): the
-# InfoNCE with a queue (negatives="none") and with teacher keys (negatives="batch", masked), CIRKD's
-# relation loss across images (masked) and against a memory, attention at head dims 32 and 64, Af-DCD.
-REPRESENTATIVE = {
-    "pixel_contrastive": lambda dtype: (infonce_launches(dtype, 256, "none")
-                                        + infonce_launches(dtype, 256, "batch", masked=True)),
-    "pixel_relation": lambda dtype: (relation_launches(dtype, 256, masked=True)
-                                     + relation_launches(dtype, 256, keys=4104)),
-    "pixel_attention": lambda dtype: attention_launches(dtype, 32, 8) + attention_launches(dtype, 64, 4),
-    "omni_contrastive": omni_launches,
-}
+def representative_launches(op, dtype):
+    """An op's launches at the representative sizes and flags its Triton module names."""
+    module = _module(op)
+    return [launch for sizes in module.AOT_REPRESENTATIVE for launch in module.aot_launches(dtype, **sizes)]
 
 
 def triton_ops():
@@ -143,7 +58,7 @@ def launches(dtype_name: str):
     import torch
 
     dtype = getattr(torch, dtype_name)
-    return [launch for op in triton_ops() for launch in REPRESENTATIVE[op](dtype)]
+    return [launch for op in triton_ops() for launch in representative_launches(op, dtype)]
 
 
 def compile_candidate(fn, args, constexprs, candidate, arch, cubin_path=None, sass=True):

@@ -195,3 +195,29 @@ def backward(grad_loss, student, teacher, lse2, groups, temperature, needs_stude
                 **_launch_options())
     return grad_s, grad_t
 
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (bench/kernels.py's SASS report, tests/test_triton_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+# The SASS report's launches (bench/kernels.py): Cityscapes' 128 dims per group.
+AOT_REPRESENTATIVE = [dict()]
+
+
+def aot_launches(dtype, dims=128, samples=256, groups=16):
+    """omni_contrastive_loss's kernels: the forward and the backward for each side, anchors (the
+    student's gradient) and keys (the teacher's). One launch configuration each: candidates (0, 0,
+    warps, stages), no tiles to choose."""
+    packed = torch.empty(8, dims, samples, dtype=dtype)
+    per_sample = torch.empty(8, samples)
+    blocks = dict(SAMPLES_BLOCK=samples_block(samples))
+    scales = (dims, samples, groups, logit_scale(0.07))
+    backward = (packed, packed, per_sample, per_sample, packed, *scales, 1 / 0.07)
+    options = _launch_options()
+    config = [(0, 0, options["num_warps"], options["num_stages"])]
+    return [(f"omni_contrastive.{name}", f"dims={dims}", fn, args, constexprs, config)
+            for name, fn, args, constexprs in (
+                ("forward", _forward_kernel, (packed, packed, per_sample, per_sample, *scales),
+                 dict(blocks, BLOCK_A=tile(samples))),
+                ("anchor", _backward_kernel, backward, dict(blocks, BLOCK=tile(samples), KEY_SIDE=False)),
+                ("key", _backward_kernel, backward, dict(blocks, BLOCK=tile(samples), KEY_SIDE=True)))]

@@ -1,4 +1,4 @@
-"""Triton kernels for ``pixel_attention`` (DESIGN.md 3.3): flash attention on channel-major maps.
+"""Triton kernels for ``pixel_attention`` (DESIGN.md 3.4): flash attention on channel-major maps.
 
 q, k, v arrive as (B, heads * d, L) tensors with any batch, channel and position strides: the
 layout a 1x1-conv projection produces is (batch HWC, channel L, position 1), and channel slices of
@@ -209,6 +209,8 @@ def limits(*, dtype, auto, batch, num_heads, head_dim, lq, lk):
     if batch * num_heads > MAX_BATCH_HEADS:
         return f"takes batch x heads up to {MAX_BATCH_HEADS}, got {batch} x {num_heads}; use backend='torch'"
     return None
+
+
 _KERNELS = {"forward": _forward_kernel, "key_value": _key_value_backward_kernel,
             "query": _query_backward_kernel}
 
@@ -303,3 +305,23 @@ def backward(grad_out, q, k, v, out, lse2, num_heads, scale, needs_q=True, needs
         if needs_q:
             query.launch()
     return grad_q, grad_k, grad_v
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (bench/kernels.py's SASS report, tests/test_triton_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+# The SASS report's launches (bench/kernels.py): head dims 32 and 64.
+AOT_REPRESENTATIVE = [dict(head_dim=32, heads=8), dict(head_dim=64, heads=4)]
+
+
+def aot_launches(dtype, head_dim, heads):
+    """pixel_attention's kernels on q, k, v as channel slices of one fused projection (what
+    MHSA2d passes), 2 maps of 64x64."""
+    qkv = torch.empty(2, 3 * heads * head_dim, 4096, dtype=dtype)[:, :heads * head_dim]
+    out = torch.empty(2, heads * head_dim, 4096, dtype=dtype)
+    lse = torch.empty(2 * heads, 4096)
+    calls = [forward_call(qkv, qkv, qkv, out, lse, heads, head_dim ** -0.5)]
+    calls += backward_calls(out, qkv, qkv, qkv, lse, lse, out, out, out, heads, head_dim ** -0.5)
+    return [(f"pixel_attention.{call.kind}", f"head_dim={head_dim}", call.kernel, call.args, call.flags,
+             call.candidates()) for call in calls]

@@ -517,3 +517,33 @@ def _launch_backward(inp, grads, g, loss, lse2):
 _ENTRY_POINTS = PixelContrastiveKernels(_Inputs, lambda inp, loss, lse2: forward_call(inp, loss, lse2).launch(),
                                         _launch_backward, device_guard)
 forward, backward = _ENTRY_POINTS.forward, _ENTRY_POINTS.backward
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (bench/kernels.py's SASS report, tests/test_triton_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+# The SASS report's launches (bench/kernels.py): with a queue (negatives="none"), and with teacher keys
+# (negatives="batch", masked).
+AOT_REPRESENTATIVE = [dict(channels=256, negatives="none"), dict(channels=256, negatives="batch", masked=True)]
+
+
+def aot_launches(dtype, channels=256, negatives="none", masked=False):
+    """(kernel, variant, fn, args, constexprs, candidates) of every pixel_contrastive_loss kernel
+    for these flags: 4 maps of 16x16 and a queue of 4,096 rows."""
+    B, H, W, K, C = 4, 16, 16, 4096, channels
+    s = torch.empty(B, C, H, W, dtype=dtype)
+    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
+    inp = _Inputs(s, torch.empty_like(s), torch.empty(K, C, dtype=dtype), None, mask, None, negatives, 0.2, True)
+    loss = torch.empty(B, H, W)
+    rows = torch.empty(B * H * W, C, dtype=dtype)
+    calls = [forward_call(inp, loss, loss),
+             anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows),
+             key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), torch.empty(K, C, dtype=dtype), False)]
+    if negatives == "none":
+        calls.append(anchor_backward_call(inp, loss, loss, loss.reshape(-1), rows, teacher_positives=True))
+    else:
+        calls.append(key_backward_call(inp, loss, loss.reshape(-1), torch.ones(1), rows, True))
+    return [(f"pixel_contrastive.{call.kind}" + ("[teacher keys]" if call.flags.get("KEYS_ARE_TEACHER") else "")
+             + ("[teacher]" if call.flags.get("TEACHER_POSITIVES") else ""),
+             f"negatives={negatives}", call.kernel, call.args, call.flags, call.candidates()) for call in calls]

@@ -39,6 +39,7 @@ def limits(*, dtype, auto):
     """Any size the public function accepts (images are skipped on device, not on a grid axis)."""
     return None
 
+
 @triton.jit
 def _segment(seg, seg_len, count_ptr, HAS_KEY_MASK: tl.constexpr):
     """First key row of segment seg, and whether it has a valid key."""
@@ -438,3 +439,31 @@ def backward(grad_values, student, teacher, keys, mask, lse2, temperature, norma
     if cross and grad_s is not None:  # the student's pixels are keys too
         grad_s = (grad_s + as_keys).to(student.dtype)
     return as_map(grad_s), grad_k
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (bench/kernels.py's SASS report, tests/test_triton_aot.py)
+# ----------------------------------------------------------------------------------------------
+
+# The SASS report's launches (bench/kernels.py): across images (masked), and against a memory.
+AOT_REPRESENTATIVE = [dict(channels=256, masked=True), dict(channels=256, keys=4104)]
+
+
+def aot_launches(dtype, channels=256, keys=0, masked=False, teacher_channels=None):
+    """pixel_relation_loss's kernels: cross-image over 4 maps of 16x16 (keys=0), or against a
+    (keys, C) memory."""
+    B, H, W = 4, 16, 16
+    s = torch.empty(B, channels, H, W, dtype=dtype)
+    t = torch.empty(B, teacher_channels or channels, H, W, dtype=dtype)
+    memory = torch.empty(keys, channels, dtype=dtype) if keys else None
+    mask = torch.ones(B, H, W, dtype=torch.bool) if masked else None
+    inp = _Inputs(s, t, memory, mask, 0.5, True)
+    values = torch.empty(B, H, W)
+    lse = torch.empty(saved_shape(s, memory))
+    g = values.reshape(-1)
+    rows = torch.empty(B * H * W, channels, dtype=dtype)
+    calls = [forward_call(inp, values, lse), anchor_backward_call(inp, lse, g, rows),
+             key_backward_call(inp, lse, g, torch.ones(1), memory if keys else rows)]
+    variant = f"keys={keys}" if keys else "cross-image" + (f", teacher C={teacher_channels}" if teacher_channels else "")
+    return [(f"pixel_relation.{call.kind}", variant, call.kernel, call.args, call.flags, call.candidates())
+            for call in calls]
