@@ -1,4 +1,4 @@
-// pixel_attention (DESIGN.md 3.3): flash-attention-2 style tensor-core kernels on channel-major maps.
+// pixel_attention (DESIGN.md 3.4): flash-attention-2 style tensor-core kernels on channel-major maps.
 //
 // q (B, heads * d, LQ), k and v (B, heads * d, LK) are read through their strides in place; a tile
 // is copied to shared memory either as [position][channel] (rows are vectors: the A operand of

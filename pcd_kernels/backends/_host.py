@@ -29,7 +29,7 @@ class KernelGradients:
     """The gradient buffers a kernel backend of ``pixel_contrastive_loss`` writes: contiguous
     (rows, C) matrices, None where not needed, handed back as channels_last (B, C, H, W) maps
     (and the queue's as a (K, C) matrix). ``empty`` is True when no kernel has to run: no anchor
-    at all (every buffer is zeroed), or only a queue gradient asked of an empty queue."""
+    at all (every buffer is zeroed; a queue gradient asked of an empty queue is zeroed too)."""
 
     def __init__(self, student: Tensor, teacher: Tensor, queue: Optional[Tensor], needs_student: bool,
                  needs_teacher: bool, needs_queue: bool):

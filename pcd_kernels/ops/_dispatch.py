@@ -3,7 +3,8 @@ dtype, and calling a backend's implementation outside autocast (DESIGN.md sectio
 
 ``"auto"`` picks, for CUDA tensors, the fastest built and tested GPU backend, and for CPU tensors
 the chunked PyTorch backend. An explicitly requested backend that cannot run raises a
-RuntimeError saying why, never a crash.
+RuntimeError saying why (TypeError for a dtype it does not take, ValueError for sizes beyond its
+limits), never a crash.
 """
 from typing import Optional
 

@@ -1,4 +1,4 @@
-// Launch API of the pixel_attention kernels (csrc/pixel_attention.cu), DESIGN.md 3.3.
+// Launch API of the pixel_attention kernels (csrc/pixel_attention.cu), DESIGN.md 3.4.
 //
 // Multi-head softmax attention over the positions of channel-major maps: q is (B, heads * d, LQ),
 // k and v are (B, heads * d, LK), each with arbitrary (batch, channel, position) strides in

@@ -1,4 +1,4 @@
-"""CUDA kernels for ``pixel_attention`` (``csrc/pixel_attention.cu``, DESIGN.md 3.3).
+"""CUDA kernels for ``pixel_attention`` (``csrc/pixel_attention.cu``, DESIGN.md 3.4).
 
 The same ``forward`` / ``backward`` as ``pcd_kernels.backends.triton.pixel_attention``: q (B, C, LQ), k and v
 (B, C, LK) with any strides, C = heads * d, head h = channels [h*d, (h+1)*d). The kernels are
