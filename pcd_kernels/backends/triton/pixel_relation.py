@@ -32,7 +32,8 @@ from pcd_kernels.backends._host import anchor_weights, inverse_norms, key_side_w
 from pcd_kernels.backends.triton._common import (CHUNK_BYTES, KernelCall, LN2, Launchers, MAX_INIT, accumulate_rows,
                                                  block_c, device_guard, dot_rows, int32_tile_offsets, is_interpreter,
                                                  largest_tile, load_chunk, logit_scale, matmul_precision,
-                                                 pixel_matrix, row_block, store_gradient, tune_key)
+                                                 pixel_matrix, row_block, store_gradient, store_rows,
+                                                 through_normalization, tune_key)
 
 
 def limits(*, dtype, auto):
@@ -259,8 +260,15 @@ def _backward_key_kernel(
     k_ok = k_in
     if HAS_KEY_MASK:
         k_ok = k_ok & (tl.load(key_valid_ptr + keys, mask=k_in, other=0) != 0)
-    store_gradient(DK, acc, d, tl.load(grad_max_ptr) * tl.load(share_ptr), inv_temperature, SK, key0, keys, k_in,
-                   k_ok, sk_sr, sk_sc, inv_sk_ptr, proj_ptr, CS, oc, NORMALIZE, True, BLOCK_CS)
+    # One scale for every key (store_gradient would spread it over the rows: on Triton 3.6 that
+    # register made the float16 candidate spill); the keys' loads masked to the valid ones.
+    scale = tl.load(grad_max_ptr) * tl.load(share_ptr)
+    grad = acc * (scale * inv_temperature)
+    if NORMALIZE:
+        inv_sk = tl.load(inv_sk_ptr + keys, mask=k_ok, other=0.0)
+        grad = through_normalization(grad, d * (scale * LN2), SK, key0, keys, k_ok, sk_sr, sk_sc, inv_sk, proj_ptr,
+                                     CS, oc, True, BLOCK_CS)
+    store_rows(DK, grad, key0, keys, k_in, k_ok, CS, oc, BLOCK_CS)
 
 
 # ----------------------------------------------------------------------------------------------
