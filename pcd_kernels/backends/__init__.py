@@ -102,8 +102,9 @@ def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype,
         return RuntimeError(f"{op}: backend={backend!r} cannot run: {reason}")
     dtypes = _package(backend).DTYPES
     if dtypes is not None and dtype not in dtypes:
-        return TypeError(f"{op}: backend={backend!r} supports float16, bfloat16 and float32 inputs, got {dtype}; "
-                         f"use backend='torch' for {dtype}")
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        return TypeError(f"{op}: backend={backend!r} supports {', '.join(names[:-1])} and {names[-1]} inputs, got "
+                         f"{dtype}; use backend='torch' for {dtype}")
     limit = implementation(op, backend).limits(dtype=dtype, auto=auto, **problem)
     return None if limit is None else ValueError(f"{op}: backend={backend!r} {limit}")
 
