@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 # each op of the registry), the modules, the drop-ins and the memory bounds.
 FILES = [f"test_{op.module}.py" for op in OPS.values()] + [
     "test_mhsa2d.py", "test_afdcd.py", "test_module.py", "test_adaptor.py", "test_integrations.py", "test_memory.py",
-    "test_bad_input.py"]
+    "test_bad_input.py", "test_compile.py::test_opcheck"]
 # ATEN_CPU_CAPABILITY, lowest first, and the MKL path a CPU of that kind takes.
 LEVELS = [("default", "SSE4_2"), ("avx2", "AVX2"), ("avx512", "AVX512")]
 
