@@ -1,5 +1,5 @@
 """What every op's Triton kernels share: base-2 constants, the tile loads of (rows, C) matrices, the
-interpreter check, the device guard, the autotune switch, the matmul precision, the logit scale,
+interpreter check, the device guard, the autotune switch, the matmul precision,
 and the launch machinery (candidate lists -> one autotuned launcher per list, the interpreter's
 fixed small blocks). One op's kernels live in ``backends/triton/<op>.py`` and import from here;
 no op module imports another."""
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from pcd_kernels._conventions import LN2 as _LN2
-from pcd_kernels._conventions import logit_scale, pixel_rows  # noqa: F401  (logit_scale: the kernels' modules use it)
+from pcd_kernels._conventions import pixel_rows
 
 LOG2E = tl.constexpr(1.0 / _LN2)
 LN2 = tl.constexpr(_LN2)

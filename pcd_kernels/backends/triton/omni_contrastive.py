@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels.backends.triton._common import LN2, device_guard, is_interpreter, logit_scale
+from pcd_kernels._conventions import logit_scale
+from pcd_kernels.backends.triton._common import LN2, device_guard, is_interpreter
 
 # Elements of the (tile x samples) block a program keeps in registers; the tile of anchors (or
 # keys) is this divided by the padded number of samples per patch.

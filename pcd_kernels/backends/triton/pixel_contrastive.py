@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pcd_kernels._conventions import NEGATIVES_MODES
+from pcd_kernels._conventions import NEGATIVES_MODES, logit_scale
 from pcd_kernels.backends._host import (PixelContrastiveKernels, image_grid_limit, inverse_norms, key_side_weights,
                                         mask_bytes, projection_scales)
 from pcd_kernels.backends.triton._common import (KernelCall, LN2, LOG2E, Launchers, MAX_INIT, accumulate_rows,
                                                  block_c, device_guard, dot_rows, int32_tile_offsets, largest_tile,
-                                                 load_chunk, logit_scale, matmul_precision, pixel_matrix, row_block,
+                                                 load_chunk, matmul_precision, pixel_matrix, row_block,
                                                  store_gradient, store_rows, through_normalization, tune_key)
 
 

@@ -28,12 +28,12 @@ import torch
 import triton
 import triton.language as tl
 
+from pcd_kernels._conventions import logit_scale
 from pcd_kernels.backends._host import anchor_weights, inverse_norms, key_side_weights, mask_bytes, projection_scales
 from pcd_kernels.backends.triton._common import (CHUNK_BYTES, KernelCall, LN2, Launchers, MAX_INIT, accumulate_rows,
                                                  block_c, device_guard, dot_rows, int32_tile_offsets, is_interpreter,
-                                                 largest_tile, load_chunk, logit_scale, matmul_precision,
-                                                 pixel_matrix, row_block, store_gradient, store_rows,
-                                                 through_normalization, tune_key)
+                                                 largest_tile, load_chunk, matmul_precision, pixel_matrix, row_block,
+                                                 store_gradient, store_rows, through_normalization, tune_key)
 
 
 def limits(*, dtype, auto):
