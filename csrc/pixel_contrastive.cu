@@ -1,31 +1,39 @@
-// CUDA kernels of pixel_contrastive_loss (DESIGN.md 3.1), on the tile library tiles.cuh.
+// CUDA kernels of pixel_contrastive_loss (DESIGN.md 3.1) on CUTLASS's CuTe: an sm_80-class
+// pipeline (cp.async into swizzled shared memory, ldmatrix, mma.sync) built for every architecture.
 //
 // Three kernels, none storing anything of size anchors x keys, every output element written by
-// exactly one thread (no atomics: deterministic):
+// exactly one thread (no atomics: deterministic). A block of 4 warps owns 64 rows ("own": anchors,
+// or keys in the key pass; 16 per warp) and streams 64-row tiles of the other side:
 //
-// * forward_kernel: a block of 4 warps owns 64 anchors (16 per warp), streams 64-key tiles from
-//   each key source (teacher pixels of the image / batch, other ranks' pixels, queue rows) and
-//   keeps an online base-2 logsumexp per anchor. Writes loss and lse2.
-// * anchor_backward_kernel: the same anchor tile recomputes each key tile's logits, forms
-//   q = p - [k is i's positive] and accumulates q @ k_hat for one 128-channel slice of the
-//   gradient (grid z), plus d_i = sum_k q_ik logit2_ik for the normalisation epilogue. In "none"
-//   mode the positive's (p - 1) t_hat_i is added in the epilogue, and it also writes the teacher
-//   gradient (it involves only the positive).
-// * key_backward_kernel: a block owns 64 keys (teacher pixels or queue rows), loops over the
-//   anchors that see them, accumulates sum_i (g_i / g_max) q_ik a_hat_i and e_k likewise.
+// * forward_kernel: S = anchors . keys^T per key tile, folded into an online base-2 logsumexp per
+//   anchor. Writes loss and lse2.
+// * anchor_backward_kernel: recomputes S per key tile, forms q = p - [k is i's positive] in
+//   registers and accumulates q @ k_hat with q as the A operand straight from the accumulators
+//   (no shared-memory round trip), plus d_i = sum_k q_ik logit2_ik for the normalisation epilogue.
+// * key_backward_kernel: a block owns 64 keys, streams the anchors that see them, accumulates
+//   sum_i (g_i / g_max) q_ik a_hat_i and e_k likewise.
 //
-// L2 normalisation is fused into the shared-memory loads: rows are multiplied by their inverse
-// norm as they are converted to the tile's element type, so a logit is a_hat . k_hat and every
-// element in shared memory is at most 1 in magnitude (no half-precision overflow even for a zero
-// vector, whose inverse norm is 1e12). The gradient through x / max(||x||, eps) is applied in the
-// epilogue: dx = inv * G - proj * (x_hat . G) * x with proj = inv^2 (0 where ||x|| < eps) and
-// x_hat . G = g * d * ln 2 from the per-row sums above.
+// Channels run in chunks of kC (64, 128 or 256; the smallest that holds C, else 256). When one
+// chunk holds C the own rows stay in shared memory for the whole loop and a backward block writes
+// every gradient channel from one pass: 4 N K C multiply-adds in all (S, then q @ k). For C > 256
+// a backward block writes one 256-channel slice (grid z) and streams that slice last, so the
+// second product reads it where the first left it; S is then recomputed once per slice.
 //
-// Logits are summed over C in 64-channel chunks. The block's own 64 rows (anchors, or keys in
-// the key pass) stay resident in shared memory for the whole key loop when they fit the budget,
-// otherwise they are reloaded chunk by chunk. Masked and out-of-range rows are loaded as zeros
-// (so a NaN there cannot reach anyone else's sums) and their logits are -inf.
+// Operands are prepared by the host (backends/cuda/pixel_contrastive.py): contiguous rows of
+// row_stride (C rounded up to 8, so every row starts 16-byte aligned) elements, multiplied by their
+// inverse norm when normalising (rounded once to the element type, as the Triton kernels do in
+// registers), masked rows zero, channels past C zero. Asynchronous copies move bytes unchanged, so
+// the normalisation cannot be fused into the loads as it was when tiles passed through registers.
+// Rows past a source's end are zero-filled by the copy itself (source size 0), so nothing outside
+// a source reaches an MMA: a NaN there cannot reach anyone else's sums. Masked and out-of-range
+// keys get logit -inf.
+//
+// The gradient through x / max(||x||, eps) is applied in the epilogue: dx = inv * G - proj *
+// (x_hat . G) * x_hat with proj = inv where ||x|| >= eps (else 0) and x_hat . G = g * d * ln 2
+// from the per-row sums above.
 #include <cuda_runtime.h>
+
+#include <cute/tensor.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,221 +46,203 @@
 namespace pcd_kernels {
 namespace {
 
-using tiles::from_float;
-using tiles::to_float;
+using namespace cute;
 
-constexpr int kThreads = 128;    // 4 warps
-constexpr int kRows = 64;        // rows a block owns: anchors (forward, anchor pass) or keys
-constexpr int kCols = 64;        // rows of one streamed tile: keys, or anchors in the key pass
-constexpr int kChunk = 64;       // channels per shared-memory chunk of the logits
+constexpr int kRows = 64;      // own rows of a block: anchors (forward, anchor pass) or keys
+constexpr int kCols = 64;      // rows of one streamed tile: keys, or anchors in the key pass
+constexpr int kVec = 8;        // 16-bit elements per 16-byte copy
+constexpr int kMaxChunk = 256;
 constexpr float kLn2 = 0.6931471805599453f;
-// Rows resident in shared memory only while a block needs at most this much: two blocks per SM
-// on H100 (228 KB), one on A100 (164 KB).
-constexpr std::size_t kResidentBudget = 112 * 1024;
+// Per-column values of a streamed tile in shared memory (read by every thread of the epilogue):
+// kColumnValues arrays of 64 floats per stage.
+constexpr int kColumnValues = 3;
 
-// Leading dimension (elements) of every shared tile, whose rows are 64 elements: padded so that
-// the 8 rows x 4 words an MMA fragment load touches fall in 32 different banks (a row is 36 or 68
-// words, both = 4 mod 32).
-// A backward block writes out_chunk gradient channels (grid z): 128 in 16-bit, 64 in float32,
-// whose 3xTF32 MMAs need more registers per fragment.
 template <typename T>
-struct Tile {
-  static constexpr int ld = sizeof(T) == 4 ? kChunk + 4 : kChunk + 8;
-  static constexpr int elems = kRows * ld;  // one 64-row tile
-  static constexpr int out_chunk = sizeof(T) == 4 ? 64 : 128;
-  static constexpr int out_tiles = out_chunk / 8;
+struct MmaAtom;
+template <>
+struct MmaAtom<cute::half_t> {
+  using type = SM80_16x8x16_F32F16F16F32_TN;
 };
-static_assert(kRows == kCols, "the shared tiles are square 64 x 64 (+ padding)");
-
-// Rows [0, hi) of a strided matrix; row r exists when r < hi and valid[r] != 0 (no valid: all).
-// Rows are multiplied by scale[r] when scale is given (the fused normalisation).
-template <typename T>
-struct Rows {
-  const T* ptr;
-  std::int64_t stride_row, stride_col;
-  int hi;
-  const float* scale;
-  const std::uint8_t* valid;
-
-  __device__ __forceinline__ bool ok(int row) const {
-    return row >= 0 && row < hi && (valid == nullptr || valid[row] != 0);
-  }
-  __device__ __forceinline__ float raw(int row, int col) const {
-    return to_float(ptr[static_cast<std::int64_t>(row) * stride_row + static_cast<std::int64_t>(col) * stride_col]);
-  }
-  __device__ __forceinline__ float row_scale(int row) const { return scale != nullptr ? scale[row] : 1.f; }
+template <>
+struct MmaAtom<cute::bfloat16_t> {
+  using type = SM80_16x8x16_F32BF16BF16F32_TN;
 };
 
-// Rows [row0, row0 + 64) x channels [col0, col0 + 64) into a row-major tile (ld Tile<T>::ld),
-// scaled and converted; rows that do not exist and channels >= C are 0.
-template <typename T>
-__device__ __forceinline__ void load_tile(T* tile, const Rows<T>& src, int row0, int col0, int C) {
-  constexpr int ld = Tile<T>::ld;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < kRows * kChunk; i += kThreads) {
-    const int r = i / kChunk, c = i % kChunk;
-    const int row = row0 + r, col = col0 + c;
-    float v = 0.f;
-    if (col < C && src.ok(row)) v = src.raw(row, col) * src.row_scale(row);
-    tile[r * ld + c] = from_float<T>(v);
-  }
-}
+// Layouts and atoms of one (element type, channel chunk, warps along the columns) instance. The
+// forward runs 4 warps (16 anchors each, all 64 keys of a tile); the backward kernels 8, 4 along
+// the rows times 2 along the columns, so that the gradient accumulators (64 x kC float32 per
+// block) take kC / 4 registers per thread rather than kC / 2.
+template <typename T, int kC, int kWarpsN>
+struct Traits {
+  static constexpr int kChunk = kC;
+  static constexpr int kThreads = 128 * kWarpsN;
+  // 8 rows x 64 channels, 16-byte groups XOR-swizzled by row: the 8 rows an ldmatrix reads, and
+  // the 8 16-byte pieces a warp's cp.async writes per row, fall in 8 different bank groups.
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kC>>{}));  // (row, channel)
+  // The same tile as (channel, row): the B operand of q @ rows, read with ldmatrix.trans.
+  using SmemRowsT = decltype(composition(SmemRows{}, make_layout(Shape<Int<kC>, Int<kCols>>{}, GenRowMajor{})));
+  using SmemRowsTPlain = decltype(get_nonswizzle_portion(SmemRowsT{}));
+  // The backward's weights (64 own rows x 64 streamed rows), written from the accumulators.
+  using SmemWeights = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kCols>>{}));
+  // 4 warps along the rows, 16 each, kWarpsN along the columns; 16 columns per warp and MMA
+  // step (one ldmatrix.x4 of B).
+  using TiledMma = TiledMMA<MMA_Atom<typename MmaAtom<T>::type>, Layout<Shape<_4, Int<kWarpsN>, _1>>,
+                            Tile<Int<kRows>, Int<16 * kWarpsN>, _16>>;
+  using LoadAtom = Copy_Atom<SM75_U32x4_LDSM_N, T>;
+  using LoadAtomT = Copy_Atom<SM75_U16x8_LDSM_T, T>;
+  static constexpr int kTileElems = kRows * kC;
+  static constexpr TypeTag<T> kElement() { return {}; }
+  static_assert(kRows == kCols, "own and streamed tiles share one layout");
+  static_assert(kC % 64 == 0 && kC <= kMaxChunk, "chunks are whole swizzle atoms");
+};
 
-// The transpose of rows [row0, row0 + 64) x channels [col0, col0 + out_chunk):
-// tile[c * ld + r] = x_hat[row0 + r, col0 + c], the "n-major" B operand of (weights @ rows).
-// Consecutive threads read consecutive channels (coalesced for row-major sources).
-template <typename T>
-__device__ __forceinline__ void load_tile_transposed(T* tile, const Rows<T>& src, int row0, int col0, int C) {
-  constexpr int ld = Tile<T>::ld, n_cols = Tile<T>::out_chunk;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < kRows * n_cols; i += kThreads) {
-    const int c = i % n_cols, r = i / n_cols;
-    const int row = row0 + r, col = col0 + c;
-    float v = 0.f;
-    if (col < C && src.ok(row)) v = src.raw(row, col) * src.row_scale(row);
-    tile[c * ld + r] = from_float<T>(v);
-  }
-}
-
-// Shared memory of one block: its own rows (all chunks when resident, else one), the streamed
-// tile's current chunk, and for the backward the transposed output slice of the streamed rows,
-// the warps' weight rows and three per-column float arrays.
-template <typename T>
+// Shared memory of a block: own rows (1 buffer when one chunk holds C, else 2), 2 streamed, the
+// weights (backward), 2 stages of per-column values and the per-row partial sums of the column
+// warps (backward). Carved in this order.
+template <typename Tr>
 struct Smem {
-  T* own;
-  T* streamed;
-  T* streamed_t;  // backward only
-  T* weights;     // backward only
-  float* col_ok;  // 1 where the streamed row exists
-  float* col_a;   // key pass: the anchors' lse2
-  float* col_b;   // key pass: the anchors' g / g_max
+  static constexpr bool kBackward = Tr::kThreads > 128;
+  static constexpr int kRowValues = 3;
+  using T = typename decltype(Tr::kElement())::type;
 
-  static std::size_t bytes(bool backward, int own_chunks) {
-    std::size_t elems = static_cast<std::size_t>(own_chunks + 1) * Tile<T>::elems;
-    if (backward) elems += static_cast<std::size_t>(Tile<T>::out_chunk) * Tile<T>::ld + Tile<T>::elems;
-    return elems * sizeof(T) + 3 * kCols * sizeof(float);
-  }
-
-  __device__ static Smem carve(unsigned char* base, bool backward, int own_chunks) {
-    Smem s;
-    T* p = reinterpret_cast<T*>(base);
-    s.own = p;
-    p += static_cast<std::size_t>(own_chunks) * Tile<T>::elems;
-    s.streamed = p;
-    p += Tile<T>::elems;
-    s.streamed_t = p;
-    s.weights = p;
-    if (backward) {
-      p += static_cast<std::size_t>(Tile<T>::out_chunk) * Tile<T>::ld;
-      s.weights = p;
-      p += Tile<T>::elems;
-    }
-    float* f = reinterpret_cast<float*>(p);
-    s.col_ok = f;
-    s.col_a = f + kCols;
-    s.col_b = f + 2 * kCols;
-    return s;
+  // elements of the own and streamed tiles, where the weights start
+  __host__ __device__ static int own_and_streamed(int chunks) { return ((chunks > 1 ? 2 : 1) + 2) * Tr::kTileElems; }
+  __host__ __device__ static std::size_t bytes(int chunks) {
+    return static_cast<std::size_t>(own_and_streamed(chunks)) * sizeof(T) +
+           (kBackward ? kRows * kCols * sizeof(T) : 0) + 2 * kColumnValues * kCols * sizeof(float) +
+           (kBackward ? 2 * kRowValues * kRows * sizeof(float) : 0);
   }
 };
 
-__device__ __forceinline__ int warp_id() { return threadIdx.x >> 5; }
-
-// Loads every chunk of the block's own rows (resident mode); visible after the next barrier.
-template <typename T>
-__device__ __forceinline__ void load_own(const Smem<T>& sm, const Rows<T>& own, int row0, int C) {
-  for (int c0 = 0, chunk = 0; c0 < C; c0 += kChunk, ++chunk) {
-    load_tile(sm.own + static_cast<std::size_t>(chunk) * Tile<T>::elems, own, row0, c0, C);
+// Rows [row0, row0 + 64) x channels [c0, c0 + kC) of an operand into a swizzled tile, issued as
+// 16-byte cp.async by all threads; rows >= hi and channels >= ld are zero-filled.
+template <typename Tr, typename T, typename Tile>
+__device__ __forceinline__ void load_rows(Tile tile, const T* rows, std::int64_t ld, int row0, int hi, int c0) {
+  constexpr int kPerRow = Tr::kChunk / kVec;
+  constexpr int kIters = kRows * kPerRow / Tr::kThreads;
+  static_assert(kRows * kPerRow % Tr::kThreads == 0, "every thread issues the same number of copies");
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int i = it * Tr::kThreads + static_cast<int>(threadIdx.x);
+    const int r = i / kPerRow, v = (i % kPerRow) * kVec;
+    const int row = row0 + r;
+    const std::int64_t col = c0 + v;
+    const bool ok = row < hi && col < ld;
+    // with source size 0 nothing is read, but the address stays inside the operand
+    const T* src = ok ? rows + static_cast<std::int64_t>(row) * ld + col : rows;
+    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
+                                                            *reinterpret_cast<cute::uint128_t*>(&tile(r, v)), ok);
   }
 }
 
-// s[j][e] = own_hat[r] . streamed_hat[col] (raw dot of the scaled rows, float32) for this warp's
-// 16 own rows r = 16 warp + g + 8 (e / 2) and streamed rows col = 8 j + 2 t + e % 2.
-// first_chunk() runs, by every thread, between the loads and the barrier of the first chunk:
-// work that must be visible after this call (column flags, the transposed output slice).
-// Starts with a barrier, so the caller may rewrite nothing it shares until the next call.
-template <typename T, typename F>
-__device__ __forceinline__ void tile_scores(float (&s)[8][4], const Smem<T>& sm, bool resident,
-                                            const Rows<T>& own, int own0, const Rows<T>& streamed,
-                                            int col0, int C, F&& first_chunk) {
-  constexpr int ld = Tile<T>::ld;
+// acc += A . B^T, both from shared memory (fragments of step k + 1 load while step k
+// multiplies); sB_plain is sB without its swizzle, for the fragment's shape (a transposed view's
+// swizzle is no layout a fragment can take).
+template <typename TiledMma, typename Acc, typename SA, typename SB, typename SBPlain, typename CopyA, typename CopyB>
+__device__ __forceinline__ void gemm_smem(Acc& acc, const TiledMma& mma, const SA& sA, const SB& sB,
+                                          const SBPlain& sB_plain, const CopyA& copy_a, const CopyB& copy_b) {
+  const int tid = threadIdx.x;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor rA = thr_mma.partition_fragment_A(sA);
+  Tensor rB = thr_mma.partition_fragment_B(sB_plain);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  Tensor tsA = thr_a.partition_S(sA);
+  Tensor trA = thr_a.retile_D(rA);
+  Tensor tsB = thr_b.partition_S(sB);
+  Tensor trB = thr_b.retile_D(rB);
+  copy(copy_a, tsA(_, _, 0), trA(_, _, 0));
+  copy(copy_b, tsB(_, _, 0), trB(_, _, 0));
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-  }
-  for (int c0 = 0, chunk = 0; c0 < C; c0 += kChunk, ++chunk) {
-    __syncthreads();  // every warp is done with the previous contents
-    if (!resident) load_tile(sm.own, own, own0, c0, C);
-    load_tile(sm.streamed, streamed, col0, c0, C);
-    if (c0 == 0) first_chunk();
-    __syncthreads();
-    const T* a = sm.own + (resident ? static_cast<std::size_t>(chunk) * Tile<T>::elems : 0) + warp_id() * 16 * ld;
-    const int k_end = min(kChunk, C - c0);  // channels past C are 0 in both tiles
-    for (int k = 0; k < k_end; k += 16) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) tiles::mma_16x8x16<T>(s[j], a + k, ld, sm.streamed + j * 8 * ld + k, ld);
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, tsA(_, _, k + 1), trA(_, _, k + 1));
+      copy(copy_b, tsB(_, _, k + 1), trB(_, _, k + 1));
     }
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
   }
 }
 
-// Writes a warp's 16 x 64 weight fragment (row-major, ld) in the element type.
-template <typename T>
-__device__ __forceinline__ void store_weights(T* w, const float (&q)[8][4]) {
-  constexpr int ld = Tile<T>::ld;
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
-  T* base = w + warp_id() * 16 * ld;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) base[(g + 8 * (e >> 1)) * ld + 8 * j + 2 * t + (e & 1)] = from_float<T>(q[j][e]);
-  }
-}
-
-// out[jj] += weights (this warp's 16 x 64) @ streamed_t^T, for the output tiles jj with channels
-// oc + 8 jj < C (the others are never stored).
-template <typename T>
-__device__ __forceinline__ void weights_times_rows(float (&out)[Tile<T>::out_tiles][4], const Smem<T>& sm, int oc,
-                                                   int C) {
-  constexpr int ld = Tile<T>::ld;
-  const T* w = sm.weights + warp_id() * 16 * ld;
-#pragma unroll
-  for (int k = 0; k < kCols; k += 16) {
-#pragma unroll
-    for (int jj = 0; jj < Tile<T>::out_tiles; ++jj) {
-      if (oc + 8 * jj < C) tiles::mma_16x8x16<T>(out[jj], w + k, ld, sm.streamed_t + jj * 8 * ld + k, ld);
-    }
-  }
-}
-
-// Calls f(acc, col) for each of this lane's accumulators of output row g + 8 h (out as
-// weights_times_rows leaves it) whose channel col is below C: a backward block's epilogue.
-template <int N, typename F>
-__device__ __forceinline__ void for_each_output(const float (&out)[N][4], int h, int oc, int C, F&& f) {
-  const int t = tiles::lane_in_group();
-#pragma unroll
-  for (int jj = 0; jj < N; ++jj) {
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int col = oc + 8 * jj + 2 * t + c;
-      if (col < C) f(out[jj][2 * h + c], col);
-    }
-  }
+// An m16n8 accumulator layout (4, M, N) as (row, column): ((2, M), (2, N)).
+template <typename Layout>
+__device__ __forceinline__ auto rowcol(Layout layout) {
+  auto split = logical_divide(layout, Shape<_2>{});  // ((2, 2), M, N)
+  return make_layout(make_layout(get<0, 1>(split), get<1>(split)), make_layout(get<0, 0>(split), get<2>(split)));
 }
 
 // Which key tiles a source contributes and how its positives are found.
 enum class Keys { kPlain, kTeacher, kPositiveOnly };
 
+// The operands, numbered for Params<T>::rows_of / valid_of.
+enum Operand : int { kAnchorRows, kTeacherRows, kExtraRows, kQueueRows };
+
+// Rows [lo, end) of an operand streamed in 64-row tiles; rows >= hi are zero. (The operand's
+// pointers stay in the kernel's parameters: a schedule holding them would hold 12 more
+// registers through the whole loop.)
 template <typename T>
-struct Params {
-  Rows<T> anchors, teacher, extra, queue;
-  Negatives negatives;
-  int n_rows, hw, C;
-  bool resident;
-  float logit_scale, inv_temperature;
+struct Source {
+  int lo = 0, end = 0, hi = 0;
+  Operand operand = kTeacherRows;
+  Keys kind = Keys::kPlain;
+
+  __device__ __forceinline__ int tiles() const { return end > lo ? (end - lo + kCols - 1) / kCols : 0; }
 };
 
-// The anchors a block owns: rows [row0, row0 + 64) of segment [seg_lo, seg_hi) (an image in
-// "image" mode, the batch otherwise). The anchors' Rows get hi = seg_hi.
+// The order a block streams its tiles in: every tile of source 0, then 1, then 2, and within a
+// tile the chunks [z + 1, ..., z] (mod chunks) so that a backward block's slice z comes last.
+// (Three named sources rather than an array: a runtime index into an array of structs would put
+// the schedule in local memory.)
+template <typename T>
+struct Schedule {
+  Source<T> src0, src1, src2;
+  int n_sources = 0;
+  int chunks = 1;
+  int z = 0;
+
+  __device__ __forceinline__ Source<T> source(int i) const { return i == 0 ? src0 : i == 1 ? src1 : src2; }
+  __device__ __forceinline__ int steps() const {
+    const int n = src0.tiles() + (n_sources > 1 ? src1.tiles() + src2.tiles() : 0);
+    return n * chunks;
+  }
+  // The source, first row and channel chunk of step s; `first` / `last` when it starts / ends
+  // its tile.
+  __device__ __forceinline__ void at(int s, int& source, int& row0, int& chunk, bool& first, bool& last) const {
+    int tile = s / chunks;
+    const int j = s % chunks;
+    const int t0 = src0.tiles(), t1 = src1.tiles();
+    source = tile < t0 ? 0 : tile < t0 + t1 ? 1 : 2;
+    tile -= source == 0 ? 0 : source == 1 ? t0 : t0 + t1;
+    row0 = (source == 0 ? src0.lo : source == 1 ? src1.lo : src2.lo) + tile * kCols;
+    chunk = (z + 1 + j) % chunks;
+    first = j == 0;
+    last = j == chunks - 1;
+  }
+};
+
+template <typename T>
+struct Params {
+  const T *anchors, *teacher, *extra, *queue;  // prepared operands, row stride ld
+  const float *inv_anchors, *inv_teacher, *inv_queue;
+  const std::uint8_t *valid, *valid_extra;
+  Negatives negatives;
+  int n_rows, hw, C, n_extra, n_queue;
+  std::int64_t ld;
+  int chunks;
+  float logit_scale, inv_temperature;
+
+  __device__ __forceinline__ const T* rows_of(Operand o) const {
+    return o == kAnchorRows ? anchors : o == kTeacherRows ? teacher : o == kExtraRows ? extra : queue;
+  }
+  // 1 where row `row` of operand o exists below hi and is not masked
+  __device__ __forceinline__ bool ok(Operand o, int row, int hi) const {
+    const std::uint8_t* v = o == kExtraRows ? valid_extra : o == kQueueRows ? nullptr : valid;
+    return row >= 0 && row < hi && (v == nullptr || v[row] != 0);
+  }
+};
+
+// The anchors a block owns: rows [row0, row0 + 64) of segment [lo, hi) (an image in "image"
+// mode, the batch otherwise).
 struct Segment {
   int lo, hi, row0;
 };
@@ -267,324 +257,433 @@ __device__ __forceinline__ Segment anchor_segment(const Params<T>& p) {
   return s;
 }
 
-// The key sources an anchor tile streams, in order: 0 = teacher pixels (in "none" mode only the
-// one tile holding the anchors' own positives), 1 = extra keys ("batch" mode), 2 = queue rows.
-// Sets the source's rows, the key tiles' range [lo, end) and how positives are found there.
+// The key sources of an anchor block: the teacher pixels of its segment (in "none" mode only the
+// tile of its own positives), the extra keys ("batch" mode) and the queue rows. Without a student
+// gradient ("none" mode, teacher gradient only) the positives' tile is all it takes.
 template <typename T>
-__device__ __forceinline__ void key_source(const Params<T>& p, const Segment& seg, int i, Rows<T>& rows, int& lo,
-                                           int& end, Keys& kind) {
-  if (i == 0) {
-    const bool none = p.negatives == Negatives::kNone;
-    rows = p.teacher;
-    rows.hi = seg.hi;
-    lo = none ? seg.row0 : seg.lo;
-    end = none ? seg.row0 + 1 : seg.hi;
-    kind = none ? Keys::kPositiveOnly : Keys::kTeacher;
-  } else {
-    rows = i == 1 ? p.extra : p.queue;  // extra.hi is 0 outside "batch" mode
-    lo = 0;
-    end = rows.hi;
-    kind = Keys::kPlain;
+__device__ __forceinline__ Schedule<T> anchor_schedule(const Params<T>& p, const Segment& seg, bool positives_only) {
+  Schedule<T> sch;
+  const bool none = p.negatives == Negatives::kNone;
+  Source<T>& t = sch.src0;
+  t.operand = kTeacherRows;
+  t.hi = seg.hi;
+  t.lo = none ? seg.row0 : seg.lo;
+  t.end = none ? seg.row0 + 1 : seg.hi;
+  t.kind = none ? Keys::kPositiveOnly : Keys::kTeacher;
+  sch.src1.operand = kExtraRows;
+  sch.src1.end = sch.src1.hi = p.negatives == Negatives::kBatch ? p.n_extra : 0;
+  sch.src2.operand = kQueueRows;
+  sch.src2.end = sch.src2.hi = p.n_queue;
+  sch.n_sources = positives_only ? 1 : 3;
+  sch.chunks = p.chunks;
+  return sch;
+}
+
+// The pipeline every kernel runs: own rows [own0, own0 + 64) of `own` (rows < own_hi), and the
+// schedule's tiles through two shared-memory stages, the copy of step s + 1 in flight while step
+// s multiplies. When a step's copies are issued, columns(col, source, row0) runs on threads
+// 0..63 (thread c for streamed row row0 + c) and fills its values col[64 v + c]. Per step: S
+// (64 x 64 float32, this thread's fragment) accumulates own . tile^T over the step's chunk, and
+// on a tile's last step tile_done(S, source, row0, tile, col) runs, `tile` the streamed rows'
+// shared tile holding the schedule's slice z.
+template <typename Tr, typename T, typename Columns, typename F>
+__device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operand own_rows, int own0, int own_hi,
+                                             const Schedule<T>& sch, Columns&& columns, F&& tile_done) {
+  using SmemRows = typename Tr::SmemRows;
+  constexpr int kC = Tr::kChunk;
+  const int own_stages = sch.chunks > 1 ? 2 : 1;
+  T* own_smem = smem;
+  T* str_smem = smem + own_stages * Tr::kTileElems;
+  float* col_smem = reinterpret_cast<float*>(str_smem + 2 * Tr::kTileElems + (Smem<Tr>::kBackward ? kRows * kCols : 0));
+  auto own_tile = [&](int stage) { return make_tensor(make_smem_ptr(own_smem + stage * Tr::kTileElems), SmemRows{}); };
+  auto str_tile = [&](int stage) { return make_tensor(make_smem_ptr(str_smem + stage * Tr::kTileElems), SmemRows{}); };
+
+  const int steps = sch.steps();
+  auto issue = [&](int s) {
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    if (sch.chunks > 1) {
+      load_rows<Tr>(own_tile(s % 2), p.rows_of(own_rows), p.ld, own0, own_hi, chunk * kC);
+    } else if (s == 0) {
+      load_rows<Tr>(own_tile(0), p.rows_of(own_rows), p.ld, own0, own_hi, 0);
+    }
+    const Source<T> src = sch.source(source);
+    load_rows<Tr>(str_tile(s % 2), p.rows_of(src.operand), p.ld, row0, src.hi, chunk * kC);
+    cp_async_fence();
+    if (last && threadIdx.x < kCols) columns(col_smem + (s % 2) * kColumnValues * kCols, source, row0);
+  };
+
+  typename Tr::TiledMma mma;
+  auto copy_a = make_tiled_copy_A(typename Tr::LoadAtom{}, mma);
+  auto copy_b = make_tiled_copy_B(typename Tr::LoadAtom{}, mma);
+  Tensor S = partition_fragment_C(mma, Shape<Int<kRows>, Int<kCols>>{});
+  if (steps > 0) issue(0);
+  for (int s = 0; s < steps; ++s) {
+    if (s + 1 < steps) {
+      issue(s + 1);  // into the stage step s - 1 used; the barrier ending step s - 1 freed it
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    if (first) clear(S);
+    gemm_smem(S, mma, own_tile(sch.chunks > 1 ? s % 2 : 0), str_tile(s % 2), str_tile(s % 2), copy_a, copy_b);
+    if (last) tile_done(S, source, row0, str_tile(s % 2), col_smem + (s % 2) * kColumnValues * kCols);
+    __syncthreads();
   }
+}
+
+// out += weights @ tile for the weights of a tile (float32 accumulators of S's layout): they go
+// to shared memory in the element type, where every warp reads the 16 rows x 64 columns it
+// multiplies (each warp computed half of those columns), then the product with the streamed
+// rows' slice (read transposed). Every thread calls it (it holds a barrier).
+template <typename Tr, typename Acc, typename Out, typename Tile>
+__device__ __forceinline__ void weights_times_rows(Out& out, const Acc& weights, typename Smem<Tr>::T* w_smem,
+                                                   const Tile& tile) {
+  using T = typename Smem<Tr>::T;
+  typename Tr::TiledMma mma;
+  Tensor sW = make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{});
+  const Tensor at = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+#pragma unroll
+  for (int i = 0; i < size(weights); ++i) sW(get<0>(at(i)), get<1>(at(i))) = static_cast<T>(weights(i));
+  __syncthreads();
+  Tensor tile_t = make_tensor(tile.data(), typename Tr::SmemRowsT{});
+  Tensor tile_t_plain = make_tensor(tile.data(), typename Tr::SmemRowsTPlain{});
+  auto copy_a = make_tiled_copy_A(typename Tr::LoadAtom{}, mma);
+  auto copy_bt = make_tiled_copy_B(typename Tr::LoadAtomT{}, mma);
+  gemm_smem(out, mma, sW, tile_t, tile_t_plain, copy_a, copy_bt);
+}
+
+// Sums each own row's values over the column warps of a backward block: v[m][j] holds this
+// thread's (quad-summed) share of value j of its m-th row. Every thread calls it (it holds
+// barriers); rows are those of coords (fragment_coords).
+template <typename Tr, int kValues, typename Coords>
+__device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], float* part, const Coords& coords) {
+  static_assert(kValues <= Smem<Tr>::kRowValues, "room for the row values");
+  // Which half of the columns this thread's warp holds: the warps along N hold alternate groups
+  // of 8 columns of each 16 * kWarpsN.
+  const int half = (get<1>(coords(0, 0)) / 8) % 2;
+  __syncthreads();  // the previous users of the area are done
+  if (tiles::lane_in_group() == 0) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int j = 0; j < kValues; ++j) part[(half * kValues + j) * kRows + get<0>(coords(m, 0))] = v[m][j];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+#pragma unroll
+    for (int j = 0; j < kValues; ++j) {
+      const int r = get<0>(coords(m, 0));
+      v[m][j] = part[j * kRows + r] + part[(kValues + j) * kRows + r];
+    }
+  }
+}
+
+// (row, column) within the block's tile of each of this thread's S entries, viewed as rowcol.
+template <typename Tr, int kN>
+__device__ __forceinline__ auto fragment_coords() {
+  typename Tr::TiledMma mma;
+  Tensor c = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kN>>{}));
+  return make_tensor(c.data(), rowcol(c.layout()));
+}
+
+// The per-column value of a key tile: 1 where the key exists (and is not masked), else 0.
+template <typename T>
+__device__ __forceinline__ auto key_columns(const Params<T>& p, const Schedule<T>& sch) {
+  return [&p, &sch](float* col, int source, int key0) {
+    const Source<T> src = sch.source(source);
+    col[threadIdx.x] = p.ok(src.operand, key0 + static_cast<int>(threadIdx.x), src.hi) ? 1.f : 0.f;
+  };
 }
 
 // ------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------
 
-struct ForwardState {
-  tiles::OnlineLse online[2];  // rows g and g + 8 of the warp (identical in the 4 lanes of a quad)
-  float pos[2];             // this lane's share of the positive logit (quad-summed at the end)
-};
+template <typename T, int kC>
+using ForwardTraits = Traits<T, kC, 1>;
+template <typename T, int kC>
+using BackwardTraits = Traits<T, kC, 2>;
 
-// Folds one key tile into the running logsumexp of the warp's rows; a kPositiveOnly tile only
-// yields the positives' logits.
-template <typename T>
-__device__ __forceinline__ void forward_tile(ForwardState& st, const Smem<T>& sm, const Params<T>& p,
-                                             const Rows<T>& own, int row0, const Rows<T>& keys, int key0,
-                                             Keys kind) {
-  float s[8][4];
-  tile_scores(s, sm, p.resident, own, row0, keys, key0, p.C, [&] {
-    if (threadIdx.x < kCols) sm.col_ok[threadIdx.x] = keys.ok(key0 + threadIdx.x) ? 1.f : 0.f;
-  });
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
-  const int my_row0 = row0 + warp_id() * 16 + g;
-  float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int h = e >> 1, col = 8 * j + 2 * t + (e & 1);
-      float v = sm.col_ok[col] != 0.f ? s[j][e] * p.logit_scale : -INFINITY;
-      const bool positive = key0 + col == my_row0 + 8 * h;
-      if (kind != Keys::kPlain && positive) st.pos[h] += v;
-      if (kind == Keys::kPositiveOnly) v = -INFINITY;  // folded in by the caller, once
-      s[j][e] = v;
-      tile_max[h] = fmaxf(tile_max[h], v);
-    }
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    st.online[h].rescale_to(tiles::quad_max(tile_max[h]));
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 2 * h; e < 2 * h + 2; ++e) sum += exp2f(s[j][e] - st.online[h].max);  // NaN stays NaN
-    }
-    st.online[h].sum += tiles::quad_sum(sum);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(Params<T> p, float* loss, float* lse2_out) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int own_chunks = p.resident ? (p.C + kChunk - 1) / kChunk : 1;
-  const Smem<T> sm = Smem<T>::carve(smem_raw, false, own_chunks);
+template <typename T, int kC>
+__global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
+    forward_kernel(const __grid_constant__ Params<T> p, float* loss, float* lse2_out) {
+  using Tr = ForwardTraits<T, kC>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   const Segment seg = anchor_segment(p);
-  Rows<T> own = p.anchors;
-  own.hi = seg.hi;
-  if (p.resident) load_own(sm, own, seg.row0, p.C);
+  const Schedule<T> sch = anchor_schedule(p, seg, false);
+  const auto coords = fragment_coords<Tr, kCols>();  // (2 rows, 16 columns) of this thread
+  constexpr int kN = decltype(size<1>(coords))::value;
+  tiles::OnlineLse online[2];
+  float pos[2] = {0.f, 0.f};  // this lane's share of the positive logit2 (quad-summed at the end)
 
-  ForwardState st;
-  st.pos[0] = st.pos[1] = 0.f;
-  for (int i = 0; i < 3; ++i) {
-    Rows<T> keys;
-    int lo, end;
-    Keys kind;
-    key_source(p, seg, i, keys, lo, end, kind);
-    for (int key0 = lo; key0 < end; key0 += kCols) forward_tile(st, sm, p, own, seg.row0, keys, key0, kind);
-  }
-
-  const int g = tiles::lane_group();
+  stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
+                   [&](auto& S, int source, int key0, const auto&, const float* col) {
+    const Keys kind = source == 0 ? sch.src0.kind : Keys::kPlain;
+    Tensor s = make_tensor(S.data(), rowcol(S.layout()));
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float pos = tiles::quad_sum(st.pos[h]);
+    for (int m = 0; m < 2; ++m) {
+      const int row = seg.row0 + get<0>(coords(m, 0));
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        const int c = get<1>(coords(m, n));
+        float v = col[c] != 0.f ? s(m, n) * p.logit_scale : -INFINITY;
+        const bool positive = key0 + c == row;
+        if (kind != Keys::kPlain && positive) pos[m] += v;
+        if (kind == Keys::kPositiveOnly) v = -INFINITY;  // folded in at the end, once
+        s(m, n) = v;
+        tile_max = fmaxf(tile_max, v);
+      }
+      online[m].rescale_to(tiles::quad_max(tile_max));
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) sum += exp2f(s(m, n) - online[m].max);  // NaN stays NaN
+      online[m].sum += tiles::quad_sum(sum);
+    }
+  });
+
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const float positive = tiles::quad_sum(pos[m]);
     if (p.negatives == Negatives::kNone) {
       // "none": the positive is a key of its own, counted once here (fmaxf ignores a NaN
       // positive, exp2f(NaN) then carries it into the sum).
-      const float new_max = fmaxf(st.online[h].max, pos);
-      st.online[h].sum = st.online[h].sum * exp2f(st.online[h].max - new_max) + exp2f(pos - new_max);
-      st.online[h].max = new_max;
+      const float new_max = fmaxf(online[m].max, positive);
+      online[m].sum = online[m].sum * exp2f(online[m].max - new_max) + exp2f(positive - new_max);
+      online[m].max = new_max;
     }
-    const int row = seg.row0 + warp_id() * 16 + g + 8 * h;
+    const int row = seg.row0 + get<0>(coords(m, 0));
     if (tiles::lane_in_group() == 0 && row < seg.hi) {
-      const bool valid = own.ok(row);
-      const float lse2 = st.online[h].lse2();
-      loss[row] = valid ? (lse2 - pos) * kLn2 : 0.f;
+      const bool valid = p.valid == nullptr || p.valid[row] != 0;
+      const float lse2 = online[m].lse2();
+      loss[row] = valid ? (lse2 - positive) * kLn2 : 0.f;
       lse2_out[row] = valid ? lse2 : 0.f;
     }
   }
 }
 
+// Calls f(acc, m, row, col) for each of this thread's output accumulators whose row (its m-th,
+// 0 or 1) is below hi and whose channel col (slice z of kC channels) is below C.
+template <typename Tr, typename Out, typename F>
+__device__ __forceinline__ void for_each_output(const Out& out, int row0, int hi, int oc, int C, F&& f) {
+  const Tensor o = make_tensor(out.data(), rowcol(out.layout()));
+  const auto coords = fragment_coords<Tr, Tr::kChunk>();
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int row = row0 + get<0>(coords(m, 0));
+    if (row >= hi) continue;
+#pragma unroll
+    for (int n = 0; n < decltype(size<1>(coords))::value; ++n) {
+      const int col = oc + get<1>(coords(m, n));
+      if (col < C) f(o(m, n), m, row, col);
+    }
+  }
+}
+
+__device__ __forceinline__ float to_float(cute::half_t x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(cute::bfloat16_t x) { return static_cast<float>(x); }
+
 // ------------------------------------------------------------------------------------------
 // Anchor backward
 // ------------------------------------------------------------------------------------------
 
-template <typename T>
-struct AnchorState {
-  float out[Tile<T>::out_tiles][4];  // sum_k q_ik k_hat_k, channels [oc, oc + out_chunk)
-  float d[2];                        // this lane's share of sum_k q_ik logit2_ik
-  float pos[2], pos_weight[2];       // "none" mode: positive logit2 and p_positive - 1 (lane shares)
-  float lse2[2];
-  bool row_ok[2];
-};
-
-template <typename T>
-__device__ __forceinline__ void anchor_tile(AnchorState<T>& st, const Smem<T>& sm, const Params<T>& p,
-                                            const Rows<T>& own, int row0, const Rows<T>& keys, int key0,
-                                            Keys kind, int oc) {
-  float s[8][4];
-  tile_scores(s, sm, p.resident, own, row0, keys, key0, p.C, [&] {
-    if (threadIdx.x < kCols) sm.col_ok[threadIdx.x] = keys.ok(key0 + threadIdx.x) ? 1.f : 0.f;
-    if (kind != Keys::kPositiveOnly) load_tile_transposed(sm.streamed_t, keys, key0, oc, p.C);
-  });
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
-  const int my_row0 = row0 + warp_id() * 16 + g;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int h = e >> 1, col = 8 * j + 2 * t + (e & 1);
-      const bool ok = st.row_ok[h] && sm.col_ok[col] != 0.f;
-      const bool positive = kind != Keys::kPlain && key0 + col == my_row0 + 8 * h;
-      const float v = s[j][e] * p.logit_scale;
-      const float prob = exp2f(v - st.lse2[h]);
-      float q = positive ? prob - 1.f : (kind == Keys::kPositiveOnly ? 0.f : prob);
-      q = ok ? q : 0.f;
-      // a positives-only tile: the other pixels are no keys of this anchor (q * NaN would be NaN)
-      st.d[h] += ok && (kind != Keys::kPositiveOnly || positive) ? q * v : 0.f;
-      if (kind == Keys::kPositiveOnly && positive && ok) {
-        st.pos[h] += v;
-        st.pos_weight[h] += q;
-      }
-      s[j][e] = q;
-    }
-  }
-  // The epilogue adds a positives-only tile's (p - 1) t_hat_i to row i alone: weights 0 times
-  // another pixel's NaN or Inf in an MMA over the tile would reach every anchor of the tile.
-  if (kind == Keys::kPositiveOnly) return;
-  store_weights(sm.weights, s);
-  __syncwarp();
-  weights_times_rows(st.out, sm, oc, p.C);
-  // the next tile_scores starts with a barrier before anything shared is rewritten
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    anchor_backward_kernel(Params<T> p, const float* lse2, const float* grad, const float* proj_a,
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    anchor_backward_kernel(const __grid_constant__ Params<T> p, const float* lse2, const float* grad, const float* proj_a,
                            const float* proj_t, T* grad_a, T* grad_t) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int own_chunks = p.resident ? (p.C + kChunk - 1) / kChunk : 1;
-  const Smem<T> sm = Smem<T>::carve(smem_raw, true, own_chunks);
+  using Tr = BackwardTraits<T, kC>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
+  float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
   const Segment seg = anchor_segment(p);
-  const int oc = static_cast<int>(blockIdx.z) * Tile<T>::out_chunk;
-  Rows<T> own = p.anchors;
-  own.hi = seg.hi;
-  if (p.resident) load_own(sm, own, seg.row0, p.C);
+  Schedule<T> sch = anchor_schedule(p, seg, grad_a == nullptr);
+  sch.z = static_cast<int>(blockIdx.z);
+  const int oc = sch.z * kC;
+  const auto coords = fragment_coords<Tr, kCols>();
+  constexpr int kN = decltype(size<1>(coords))::value;
 
-  const int g = tiles::lane_group();
-  AnchorState<T> st;
-  float gi[2];
+  typename Tr::TiledMma mma;
+  Tensor out = partition_fragment_C(mma, Shape<Int<kRows>, Int<kC>>{});  // sum_k q_ik k_hat_k, slice z
+  clear(out);
+  bool row_ok[2];
+  float row_lse2[2], d[2], pos[2], pos_weight[2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = seg.row0 + warp_id() * 16 + g + 8 * h;
-    st.row_ok[h] = own.ok(row);
-    st.lse2[h] = st.row_ok[h] ? lse2[row] : 0.f;
-    gi[h] = st.row_ok[h] ? grad[row] : 0.f;
-    st.d[h] = st.pos[h] = st.pos_weight[h] = 0.f;
-  }
-#pragma unroll
-  for (int jj = 0; jj < Tile<T>::out_tiles; ++jj) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.out[jj][e] = 0.f;
+  for (int m = 0; m < 2; ++m) {
+    const int row = seg.row0 + get<0>(coords(m, 0));
+    row_ok[m] = p.ok(kAnchorRows, row, seg.hi);
+    row_lse2[m] = row_ok[m] ? lse2[row] : 0.f;
+    d[m] = pos[m] = pos_weight[m] = 0.f;  // lane shares of sum q logit2, and "none" mode's positive
   }
 
-  // Without grad_a ("none" mode, teacher gradient only) the positives' tile is all it takes.
-  const int n_sources = grad_a != nullptr ? 3 : 1;
-  for (int i = 0; i < n_sources; ++i) {
-    Rows<T> keys;
-    int lo, end;
-    Keys kind;
-    key_source(p, seg, i, keys, lo, end, kind);
-    for (int key0 = lo; key0 < end; key0 += kCols) anchor_tile(st, sm, p, own, seg.row0, keys, key0, kind, oc);
-  }
+  stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
+                   [&](auto& S, int source, int key0, const auto& tile, const float* col) {
+    const Keys kind = source == 0 ? sch.src0.kind : Keys::kPlain;
+    Tensor s = make_tensor(S.data(), rowcol(S.layout()));
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const int row = seg.row0 + get<0>(coords(m, 0));
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        const int c = get<1>(coords(m, n));
+        const bool ok = row_ok[m] && col[c] != 0.f;
+        const bool positive = kind != Keys::kPlain && key0 + c == row;
+        const float v = s(m, n) * p.logit_scale;
+        const float prob = exp2f(v - row_lse2[m]);
+        float q = positive ? prob - 1.f : (kind == Keys::kPositiveOnly ? 0.f : prob);
+        q = ok ? q : 0.f;
+        // a positives-only tile: the other pixels are no keys of this anchor (q * NaN would be NaN)
+        d[m] += ok && (kind != Keys::kPositiveOnly || positive) ? q * v : 0.f;
+        if (kind == Keys::kPositiveOnly && positive && ok) {
+          pos[m] += v;
+          pos_weight[m] += q;
+        }
+        s(m, n) = q;
+      }
+    }
+    // The epilogue adds a positives-only tile's (p - 1) t_hat_i to row i alone: weights 0 times
+    // another pixel's NaN or Inf in an MMA over the tile would reach every anchor of the tile.
+    if (kind != Keys::kPositiveOnly && grad_a != nullptr) weights_times_rows<Tr>(out, S, w_smem, tile);
+  });
 
-  const bool normalize = own.scale != nullptr;
+  const bool normalize = p.inv_anchors != nullptr;
   const bool none = p.negatives == Negatives::kNone;
-  const Rows<T>& teacher = p.teacher;
+  float sums[2][3];  // per row: sum_k q logit2, and "none" mode's positive logit2 and p - 1
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = seg.row0 + warp_id() * 16 + g + 8 * h;
-    const float d = tiles::quad_sum(st.d[h]);
-    const float pos = tiles::quad_sum(st.pos[h]);
-    const float pos_weight = tiles::quad_sum(st.pos_weight[h]);
-    if (row >= seg.hi) continue;  // after the shuffles: every lane takes part in them
-    const float coef = gi[h] * p.inv_temperature;
-    const float inv_a = own.row_scale(row), inv_t = teacher.row_scale(row);
-    const float pa = normalize && grad_a != nullptr ? proj_a[row] : 0.f;
-    const float pt = normalize && grad_t != nullptr ? proj_t[row] : 0.f;
-    const std::int64_t base = static_cast<std::int64_t>(row) * p.C;
-    for_each_output(st.out, h, oc, p.C, [&](float acc, int col) {
-      const float a_raw = own.raw(row, col);
-      const float t_raw = none ? teacher.raw(row, col) : 0.f;
-      if (grad_a != nullptr) {
-        // "none" mode: the positive's share (p - 1) t_hat_i, left out of the tile MMAs
-        float x = coef * (acc + (none ? pos_weight * inv_t * t_raw : 0.f));
-        if (normalize) x = inv_a * x - pa * (gi[h] * d * kLn2) * a_raw;
-        grad_a[base + col] = from_float<T>(st.row_ok[h] ? x : 0.f);
-      }
-      if (grad_t != nullptr) {  // "none" mode: the teacher pixel is its anchor's key alone
-        float y = coef * pos_weight * inv_a * a_raw;
-        if (normalize) y = inv_t * y - pt * (gi[h] * pos_weight * pos * kLn2) * t_raw;
-        grad_t[base + col] = from_float<T>(st.row_ok[h] ? y : 0.f);
-      }
-    });
+  for (int m = 0; m < 2; ++m) {  // every lane takes part in the shuffles
+    sums[m][0] = tiles::quad_sum(d[m]);
+    sums[m][1] = tiles::quad_sum(pos[m]);
+    sums[m][2] = tiles::quad_sum(pos_weight[m]);
   }
+  sum_over_column_warps<Tr>(sums, row_part, coords);
+  // Per row: grad_a = a_scale * (acc + pw * t_hat) - a_proj * a_hat and grad_t = t_scale * a_hat
+  // - t_proj * t_hat ("none" mode's positive (p - 1) t_hat_i was left out of the tile MMAs; the
+  // teacher pixel is its anchor's key alone), 0 at masked anchors.
+  // (g is read only now: a register less through the loop)
+  float gi[2], a_scale[2], a_proj[2], t_scale[2], t_proj[2], pw[2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int row = seg.row0 + get<0>(coords(m, 0));
+    const bool ok = row_ok[m];  // (row < hi)
+    gi[m] = ok ? grad[row] : 0.f;
+    const float coef = ok ? gi[m] * p.inv_temperature : 0.f;
+    const float inv_a = normalize && ok ? p.inv_anchors[row] : 1.f;
+    const float inv_t = normalize && ok && grad_t != nullptr ? p.inv_teacher[row] : 1.f;
+    pw[m] = none ? sums[m][2] : 0.f;
+    a_scale[m] = inv_a * coef;
+    a_proj[m] = normalize && ok && grad_a != nullptr ? proj_a[row] * (gi[m] * sums[m][0] * kLn2) : 0.f;
+    t_scale[m] = inv_t * coef * pw[m];
+    t_proj[m] = normalize && ok && grad_t != nullptr ? proj_t[row] * (gi[m] * pw[m] * sums[m][1] * kLn2) : 0.f;
+  }
+  for_each_output<Tr>(out, seg.row0, seg.hi, oc, p.C, [&](float acc, int m, int row, int col) {
+    const std::int64_t at = static_cast<std::int64_t>(row) * p.ld + col;
+    const float a_hat = to_float(p.anchors[at]);
+    const float t_hat = none ? to_float(p.teacher[at]) : 0.f;
+    const std::int64_t base = static_cast<std::int64_t>(row) * p.C + col;
+    // (a select, not a product with 0: a masked anchor's acc is NaN when a key is)
+    if (grad_a != nullptr) {
+      grad_a[base] = static_cast<T>(row_ok[m] ? a_scale[m] * (acc + pw[m] * t_hat) - a_proj[m] * a_hat : 0.f);
+    }
+    if (grad_t != nullptr) grad_t[base] = static_cast<T>(row_ok[m] ? t_scale[m] * a_hat - t_proj[m] * t_hat : 0.f);
+  });
 }
 
 // ------------------------------------------------------------------------------------------
 // Key backward
 // ------------------------------------------------------------------------------------------
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    key_backward_kernel(Params<T> p, bool keys_are_teacher, const float* lse2, const float* grad_scaled,
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    key_backward_kernel(const __grid_constant__ Params<T> p, bool keys_are_teacher, const float* lse2, const float* grad_scaled,
                         const float* grad_max, const float* proj_k, T* grad_k) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int own_chunks = p.resident ? (p.C + kChunk - 1) / kChunk : 1;
-  const Smem<T> sm = Smem<T>::carve(smem_raw, true, own_chunks);
-  const int oc = static_cast<int>(blockIdx.z) * Tile<T>::out_chunk;
-
-  // The block's keys and the anchors that see them.
-  Rows<T> keys = keys_are_teacher ? p.teacher : p.queue;
-  Rows<T> anchors = p.anchors;
-  int key_lo = 0, a_lo = 0;
-  if (keys_are_teacher && p.negatives == Negatives::kImage) {  // the pixels of image blockIdx.y and its anchors
-    key_lo = a_lo = static_cast<int>(blockIdx.y) * p.hw;
-    keys.hi = anchors.hi = key_lo + p.hw;
+  using Tr = BackwardTraits<T, kC>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
+  float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
+  // The block's keys and the anchors that see them: the pixels of image blockIdx.y and its
+  // anchors ("image" mode), else all teacher pixels or queue rows, and every anchor.
+  const T* keys = keys_are_teacher ? p.teacher : p.queue;
+  const float* inv_k = keys_are_teacher ? p.inv_teacher : p.inv_queue;
+  int lo = 0, hi = keys_are_teacher ? p.n_rows : p.n_queue;
+  Schedule<T> sch;
+  Source<T>& anchors = sch.src0;
+  anchors.operand = kAnchorRows;
+  anchors.end = anchors.hi = p.n_rows;
+  if (keys_are_teacher && p.negatives == Negatives::kImage) {
+    lo = anchors.lo = static_cast<int>(blockIdx.y) * p.hw;
+    hi = anchors.end = anchors.hi = lo + p.hw;
   }
-  const int key0 = key_lo + static_cast<int>(blockIdx.x) * kRows;
-  if (p.resident) load_own(sm, keys, key0, p.C);
+  sch.n_sources = 1;
+  sch.chunks = p.chunks;
+  sch.z = static_cast<int>(blockIdx.z);
+  const int oc = sch.z * kC;
+  const int key0 = lo + static_cast<int>(blockIdx.x) * kRows;
+  const auto coords = fragment_coords<Tr, kCols>();
+  constexpr int kN = decltype(size<1>(coords))::value;
 
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
-  const int my_key0 = key0 + warp_id() * 16 + g;
-  float out[Tile<T>::out_tiles][4];
-#pragma unroll
-  for (int jj = 0; jj < Tile<T>::out_tiles; ++jj) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) out[jj][e] = 0.f;
-  }
+  typename Tr::TiledMma mma;
+  Tensor out = partition_fragment_C(mma, Shape<Int<kRows>, Int<kC>>{});  // sum_i w_ik a_hat_i, slice z
+  clear(out);
   float e_sum[2] = {0.f, 0.f};  // this lane's share of sum_i (g_i / g_max) q_ik logit2_ik
 
-  for (int a0 = a_lo; a0 < anchors.hi; a0 += kCols) {
-    float s[8][4];
-    tile_scores(s, sm, p.resident, keys, key0, anchors, a0, p.C, [&] {
-      if (threadIdx.x < kCols) {
-        const int row = a0 + threadIdx.x;
-        const bool ok = anchors.ok(row);
-        sm.col_ok[threadIdx.x] = ok ? 1.f : 0.f;
-        sm.col_a[threadIdx.x] = ok ? lse2[row] : 0.f;
-        sm.col_b[threadIdx.x] = ok ? grad_scaled[row] : 0.f;
-      }
-      load_tile_transposed(sm.streamed_t, anchors, a0, oc, p.C);
-    });
+  // per streamed anchor: 1 where it exists, its lse2, its g / g_max
+  auto anchor_columns = [&](float* col, int, int a0) {
+    const int a = a0 + static_cast<int>(threadIdx.x);
+    const bool ok = p.ok(kAnchorRows, a, anchors.hi);
+    col[threadIdx.x] = ok ? 1.f : 0.f;
+    col[kCols + threadIdx.x] = ok ? lse2[a] : 0.f;
+    col[2 * kCols + threadIdx.x] = ok ? grad_scaled[a] : 0.f;
+  };
+  stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, keys_are_teacher ? kTeacherRows : kQueueRows, key0, hi, sch,
+                   anchor_columns,
+                   [&](auto& S, int, int a0, const auto& tile, const float* col) {
+    Tensor s = make_tensor(S.data(), rowcol(S.layout()));
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int m = 0; m < 2; ++m) {
+      const int key = key0 + get<0>(coords(m, 0));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int h = e >> 1, col = 8 * j + 2 * t + (e & 1);
-        const bool ok = sm.col_ok[col] != 0.f;
-        const float v = s[j][e] * p.logit_scale;
-        const float prob = exp2f(v - sm.col_a[col]);
-        const bool positive = keys_are_teacher && a0 + col == my_key0 + 8 * h;
-        const float w = ok ? sm.col_b[col] * (positive ? prob - 1.f : prob) : 0.f;
-        e_sum[h] += ok ? w * v : 0.f;
-        s[j][e] = w;
+      for (int n = 0; n < kN; ++n) {
+        const int c = get<1>(coords(m, n));
+        const bool ok = col[c] != 0.f;
+        const float v = s(m, n) * p.logit_scale;
+        const float prob = exp2f(v - col[kCols + c]);
+        const bool positive = keys_are_teacher && a0 + c == key;
+        const float w = ok ? col[2 * kCols + c] * (positive ? prob - 1.f : prob) : 0.f;
+        e_sum[m] += ok ? w * v : 0.f;
+        s(m, n) = w;
       }
     }
-    store_weights(sm.weights, s);
-    __syncwarp();
-    weights_times_rows(out, sm, oc, p.C);
-  }
+    weights_times_rows<Tr>(out, S, w_smem, tile);
+  });
 
-  const bool normalize = keys.scale != nullptr;
+  const bool normalize = inv_k != nullptr;
   const float g_max = *grad_max;
+  float e_k[2][1];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float e_k = tiles::quad_sum(e_sum[h]);
-    const int key = my_key0 + 8 * h;
-    if (key >= keys.hi) continue;
-    const bool key_ok = keys.ok(key);
-    const float inv_k = keys.row_scale(key);
-    const float pk = normalize ? proj_k[key] : 0.f;
-    const std::int64_t base = static_cast<std::int64_t>(key) * p.C;
-    for_each_output(out, h, oc, p.C, [&](float acc, int col) {
-      float x = acc * (g_max * p.inv_temperature);
-      if (normalize) x = inv_k * x - pk * (e_k * g_max * kLn2) * keys.raw(key, col);
-      grad_k[base + col] = from_float<T>(key_ok ? x : 0.f);
-    });
+  for (int m = 0; m < 2; ++m) e_k[m][0] = tiles::quad_sum(e_sum[m]);
+  sum_over_column_warps<Tr>(e_k, row_part, coords);
+  // Per key: grad_k = scale * acc - proj * k_hat, 0 at masked keys.
+  const std::uint8_t* key_valid = keys_are_teacher ? p.valid : nullptr;
+  bool key_ok[2];
+  float scale[2], proj[2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int key = key0 + get<0>(coords(m, 0));
+    key_ok[m] = key < hi && (key_valid == nullptr || key_valid[key] != 0);
+    scale[m] = g_max * p.inv_temperature * (normalize && key_ok[m] ? inv_k[key] : 1.f);
+    proj[m] = normalize && key_ok[m] ? proj_k[key] * (e_k[m][0] * g_max * kLn2) : 0.f;
   }
+  for_each_output<Tr>(out, key0, hi, oc, p.C, [&](float acc, int m, int key, int col) {
+    const float k_hat = normalize ? to_float(keys[static_cast<std::int64_t>(key) * p.ld + col]) : 0.f;
+    grad_k[static_cast<std::int64_t>(key) * p.C + col] = static_cast<T>(key_ok[m] ? scale[m] * acc - proj[m] * k_hat : 0.f);
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -602,6 +701,10 @@ void check_params(const PixelContrastiveParams& in) {
     invalid_argument("pixel_contrastive: negatives code must be 0 (none), 1 (image) or 2 (batch), got " +
                      std::to_string(static_cast<int>(in.negatives)));
   }
+  if (in.dtype != DType::kFloat16 && in.dtype != DType::kBFloat16) {
+    invalid_argument("pixel_contrastive CUDA kernels take dtype code 1 (float16) or 2 (bfloat16), got " +
+                     std::to_string(static_cast<int>(in.dtype)));
+  }
   const std::int64_t limit = (std::int64_t{1} << 31) - kRows * 2;
   if (in.n_rows > limit || in.n_queue > limit || in.n_extra > limit || in.channels > limit) {
     invalid_argument("pixel_contrastive CUDA kernels take fewer than 2^31 rows and channels");
@@ -609,8 +712,12 @@ void check_params(const PixelContrastiveParams& in) {
   if (in.channels < 1 || in.n_rows < 1) {
     invalid_argument("pixel_contrastive CUDA launchers need n_rows >= 1 and C >= 1");
   }
-  if (in.channels > std::int64_t{65535} * 64) {  // grid z counts gradient slices of 64 or 128 channels
-    invalid_argument("pixel_contrastive CUDA kernels take at most 4194240 channels");
+  if (in.row_stride < in.channels || in.row_stride % kVec != 0) {
+    invalid_argument("pixel_contrastive CUDA kernels read operand rows of row_stride >= C elements, a multiple of " +
+                     std::to_string(kVec) + " (16-byte aligned rows), got " + std::to_string(in.row_stride));
+  }
+  if (in.channels > std::int64_t{65535} * kMaxChunk) {  // grid z counts gradient slices
+    invalid_argument("pixel_contrastive CUDA kernels take at most 16776960 channels");
   }
   if (in.negatives == Negatives::kImage) {
     if (in.hw < 1 || in.n_rows % in.hw != 0) {
@@ -620,55 +727,64 @@ void check_params(const PixelContrastiveParams& in) {
   }
 }
 
-// Shared memory a block needs, with its own rows resident when that fits the budget.
+// The channel chunk of a launch: the smallest of 64, 128, 256 that holds C, else 256.
+int chunk_width(std::int64_t channels) { return channels <= 64 ? 64 : channels <= 128 ? 128 : kMaxChunk; }
+
 template <typename T>
-std::size_t plan_smem(const PixelContrastiveParams& in, bool backward, bool* resident) {
+Params<T> kernel_params(const PixelContrastiveParams& in, int kc) {
+  Params<T> p;
+  p.anchors = device_ptr<const T>(in.anchors);
+  p.teacher = device_ptr<const T>(in.teacher);
+  p.extra = device_ptr<const T>(in.extra);
+  p.queue = device_ptr<const T>(in.queue);
+  p.inv_anchors = device_ptr<const float>(in.inv_anchors);
+  p.inv_teacher = device_ptr<const float>(in.inv_teacher);
+  p.inv_queue = device_ptr<const float>(in.inv_queue);
+  p.valid = device_ptr<const std::uint8_t>(in.valid);
+  p.valid_extra = device_ptr<const std::uint8_t>(in.valid_extra);
+  p.negatives = in.negatives;
+  p.n_rows = static_cast<int>(in.n_rows);
+  p.hw = static_cast<int>(in.hw);
+  p.C = static_cast<int>(in.channels);
+  p.n_extra = static_cast<int>(in.n_extra);
+  p.n_queue = static_cast<int>(in.n_queue);
+  p.ld = in.row_stride;
+  p.chunks = ceil_div(in.channels, kc);
+  p.logit_scale = in.logit_scale;
+  p.inv_temperature = in.inv_temperature;
+  return p;
+}
+
+// Calls f(TypeTag<T>{}, Int<kC>{}) for the launch's element type and channel chunk.
+template <typename F>
+void by_instance(const PixelContrastiveParams& in, F&& f) {
+  auto with_chunk = [&](auto tag) {
+    switch (chunk_width(in.channels)) {
+      case 64:
+        return f(tag, Int<64>{});
+      case 128:
+        return f(tag, Int<128>{});
+      default:
+        return f(tag, Int<kMaxChunk>{});
+    }
+  };
+  if (in.dtype == DType::kFloat16) return with_chunk(TypeTag<cute::half_t>{});
+  return with_chunk(TypeTag<cute::bfloat16_t>{});
+}
+
+// The shared memory of a launch, checked against what the device allows a block.
+template <typename Tr>
+std::size_t plan_smem(const PixelContrastiveParams& in, int chunks) {
   check_cuda(cudaSetDevice(in.device), "cudaSetDevice");
   int optin = 0;
   check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.device),
              "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  const int chunks = ceil_div(in.channels, kChunk);
-  const std::size_t all = Smem<T>::bytes(backward, chunks);
-  *resident = all <= std::min<std::size_t>(kResidentBudget, static_cast<std::size_t>(optin));
-  const std::size_t bytes = *resident ? all : Smem<T>::bytes(backward, 1);
+  const std::size_t bytes = Smem<Tr>::bytes(chunks);
   if (bytes > static_cast<std::size_t>(optin)) {
     invalid_argument("pixel_contrastive kernels need " + std::to_string(bytes) +
                      " bytes of shared memory per block, the device allows " + std::to_string(optin));
   }
   return bytes;
-}
-
-// What the kernels read of the launch parameters, and the shared memory a block needs.
-template <typename T>
-struct Plan {
-  Params<T> params;
-  std::size_t smem;
-};
-
-template <typename T>
-Plan<T> make_plan(const PixelContrastiveParams& in, bool backward) {
-  auto rows = [](std::uintptr_t p, std::int64_t sr, std::int64_t sc, std::int64_t n, std::uintptr_t scale,
-                 std::uintptr_t valid) {
-    return Rows<T>{device_ptr<const T>(p), sr, sc, static_cast<int>(n), device_ptr<const float>(scale),
-                   device_ptr<const std::uint8_t>(valid)};
-  };
-  Plan<T> plan;
-  Params<T>& p = plan.params;
-  plan.smem = plan_smem<T>(in, backward, &p.resident);
-  const std::int64_t C = in.channels;
-  const bool batch = in.negatives == Negatives::kBatch;
-  p.anchors = rows(in.anchors, C, 1, in.n_rows, in.inv_anchors, in.valid);
-  p.teacher = rows(in.teacher, C, 1, in.n_rows, in.inv_teacher, in.valid);
-  p.extra = rows(in.extra, in.extra_stride_row, in.extra_stride_col, batch ? in.n_extra : 0, in.inv_extra,
-                 in.valid_extra);
-  p.queue = rows(in.queue, in.queue_stride_row, in.queue_stride_col, in.n_queue, in.inv_queue, 0);
-  p.negatives = in.negatives;
-  p.n_rows = static_cast<int>(in.n_rows);
-  p.hw = static_cast<int>(in.hw);
-  p.C = static_cast<int>(C);
-  p.logit_scale = in.logit_scale;
-  p.inv_temperature = in.inv_temperature;
-  return plan;
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
@@ -677,22 +793,18 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
   return dim3(ceil_div(rows, kRows), 1, z);
 }
 
-// Gradient slices of a backward block (grid z).
-template <typename T>
-int out_slices(const PixelContrastiveParams& in) {
-  return ceil_div(in.channels, Tile<T>::out_chunk);
-}
-
 }  // namespace
 
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
-  by_dtype(in.dtype, [&](auto tag) {
+  by_instance(in, [&](auto tag, auto kc) {
     using T = typename decltype(tag)::type;
-    const Plan<T> run = make_plan<T>(in, false);
-    launch(forward_kernel<T>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), kThreads, run.smem,
-           in.stream, "pixel_contrastive forward_kernel", run.params, device_ptr<float>(in.loss),
-           device_ptr<float>(in.lse2));
+    constexpr int kC = decltype(kc)::value;
+    const Params<T> p = kernel_params<T>(in, kC);
+    using Tr = ForwardTraits<T, kC>;
+    launch(forward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), Tr::kThreads,
+           plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive forward_kernel", p,
+           device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
   });
 }
 
@@ -702,13 +814,16 @@ void pixel_contrastive_backward_anchors(const PixelContrastiveParams& in) {
     invalid_argument("pixel_contrastive anchor backward writes the teacher gradient in negatives='none' mode only");
   }
   if (in.grad_anchors == 0 && in.grad_teacher == 0) return;
-  by_dtype(in.dtype, [&](auto tag) {
+  by_instance(in, [&](auto tag, auto kc) {
     using T = typename decltype(tag)::type;
-    const Plan<T> run = make_plan<T>(in, true);
-    launch(anchor_backward_kernel<T>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, out_slices<T>(in)),
-           kThreads, run.smem, in.stream, "pixel_contrastive anchor_backward_kernel", run.params,
-           device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad), device_ptr<const float>(in.proj_anchors),
-           device_ptr<const float>(in.proj_teacher), device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
+    constexpr int kC = decltype(kc)::value;
+    const Params<T> p = kernel_params<T>(in, kC);
+    using Tr = BackwardTraits<T, kC>;
+    launch(anchor_backward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, p.chunks),
+           Tr::kThreads, plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive anchor_backward_kernel", p,
+           device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad),
+           device_ptr<const float>(in.proj_anchors), device_ptr<const float>(in.proj_teacher),
+           device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
   });
 }
 
@@ -720,13 +835,15 @@ void pixel_contrastive_backward_keys(const PixelContrastiveParams& in) {
   if (!in.keys_are_teacher && in.n_queue == 0) return;
   const bool by_image = in.keys_are_teacher && in.negatives == Negatives::kImage;
   const std::int64_t keys = in.keys_are_teacher ? in.n_rows : in.n_queue;
-  by_dtype(in.dtype, [&](auto tag) {
+  by_instance(in, [&](auto tag, auto kc) {
     using T = typename decltype(tag)::type;
-    const Plan<T> run = make_plan<T>(in, true);
-    launch(key_backward_kernel<T>, row_grid(in, keys, by_image, out_slices<T>(in)), kThreads, run.smem, in.stream,
-           "pixel_contrastive key_backward_kernel", run.params, in.keys_are_teacher, device_ptr<const float>(in.lse2),
-           device_ptr<const float>(in.grad_scaled), device_ptr<const float>(in.grad_max),
-           device_ptr<const float>(in.proj_keys), device_ptr<T>(in.grad_keys));
+    constexpr int kC = decltype(kc)::value;
+    const Params<T> p = kernel_params<T>(in, kC);
+    using Tr = BackwardTraits<T, kC>;
+    launch(key_backward_kernel<T, kC>, row_grid(in, keys, by_image, p.chunks), Tr::kThreads,
+           plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive key_backward_kernel", p,
+           in.keys_are_teacher, device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
+           device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys), device_ptr<T>(in.grad_keys));
   });
 }
 

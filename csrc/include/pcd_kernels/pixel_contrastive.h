@@ -7,7 +7,8 @@
 //
 // Notation: anchors are student pixels, teacher rows the teacher's pixels, both as contiguous
 // (n_rows, C) matrices in (b, h, w) order; extra keys are other ranks' teacher pixels
-// (negatives="batch" only, no gradient); queue rows are read through both of their strides.
+// (negatives="batch" only, no gradient), queue rows a memory bank of teacher pixels. The kernels
+// run in float16 and bfloat16 (float32 inputs go to the Triton or torch backends).
 // Logits are base 2: logit2_ik = a_hat_i . k_hat_k * logit_scale with
 // logit_scale = log2(e) / temperature; lse2 is a base-2 logsumexp (pcd_kernels/_conventions.py).
 #pragma once
@@ -30,21 +31,19 @@
   X(std::int64_t, n_rows)   /* B * H * W */                                                         \
   X(std::int64_t, hw)       /* H * W, the image length ("image" mode) */                            \
   X(std::int64_t, channels) /* C */                                                                 \
-  X(std::uintptr_t, anchors) /* (n_rows, C) contiguous */                                           \
-  X(std::uintptr_t, teacher) /* (n_rows, C) contiguous */                                           \
-  X(std::uintptr_t, extra)   /* (n_extra, C); read in "batch" mode only */                          \
-  X(std::int64_t, n_extra)                                                                          \
-  X(std::int64_t, extra_stride_row)                                                                 \
-  X(std::int64_t, extra_stride_col)                                                                 \
-  X(std::uintptr_t, queue) /* (n_queue, C) */                                                       \
-  X(std::int64_t, n_queue)                                                                          \
-  X(std::int64_t, queue_stride_row)                                                                 \
-  X(std::int64_t, queue_stride_col)                                                                 \
-  /* float32 1 / max(||x||, eps) per row; all absent when normalize=False */                        \
-  X(std::uintptr_t, inv_anchors)                                                                    \
-  X(std::uintptr_t, inv_teacher)                                                                    \
-  X(std::uintptr_t, inv_extra)                                                                      \
-  X(std::uintptr_t, inv_queue)                                                                      \
+  /* The operands: contiguous rows of row_stride elements, x * inv rounded to dtype when      */ \
+  /* normalising, masked rows 0, channels past C 0 (pcd_kernels/backends/cuda/pixel_contrastive.py) */ \
+  X(std::int64_t, row_stride) /* C rounded up to a multiple of 8: 16-byte aligned rows */       \
+  X(std::uintptr_t, anchors)  /* (n_rows, row_stride) */                                        \
+  X(std::uintptr_t, teacher)  /* (n_rows, row_stride) */                                        \
+  X(std::uintptr_t, extra)    /* (n_extra, row_stride); read in "batch" mode only */            \
+  X(std::int64_t, n_extra)                                                                      \
+  X(std::uintptr_t, queue) /* (n_queue, row_stride) */                                          \
+  X(std::int64_t, n_queue)                                                                      \
+  /* float32 1 / max(||x||, eps) per row, read by the epilogues; absent when normalize=False */ \
+  X(std::uintptr_t, inv_anchors)                                                                \
+  X(std::uintptr_t, inv_teacher)                                                                \
+  X(std::uintptr_t, inv_queue)                                                                  \
   X(std::uintptr_t, valid)       /* uint8 per pixel, nonzero = valid; absent: all valid */          \
   X(std::uintptr_t, valid_extra) /* uint8 per extra key; absent: all valid */                       \
   X(float, logit_scale)          /* log2(e) / temperature */                                        \
@@ -54,7 +53,7 @@
   X(std::uintptr_t, lse2)                                                                           \
   /* anchor backward */                                                                             \
   X(std::uintptr_t, grad) /* float32 g = d(result) / d(loss) (n_rows), 0 at masked anchors */       \
-  X(std::uintptr_t, proj_anchors) /* float32 inv^2 where ||x|| >= eps, else 0 (normalising only) */ \
+  X(std::uintptr_t, proj_anchors) /* float32 inv where ||x|| >= eps, else 0 (normalising only) */ \
   X(std::uintptr_t, proj_teacher)                                                                   \
   X(std::uintptr_t, grad_anchors) /* (n_rows, C) contiguous; absent: not written */                 \
   X(std::uintptr_t, grad_teacher) /* "none" mode only; absent: not written */                       \
