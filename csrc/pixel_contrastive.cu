@@ -503,6 +503,9 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
   float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
+  // "none" mode: each anchor's positive logit2 and p - 1, written by the one thread holding the
+  // positive (in shared memory: 4 registers less through the loop), after the 2 x 64 partial sums
+  float* positives = row_part + 2 * kRows;
   const Segment seg = anchor_segment(p);
   Schedule<T> sch = anchor_schedule(p, seg, grad_a == nullptr);
   sch.z = static_cast<int>(blockIdx.z);
@@ -514,13 +517,13 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   Tensor out = partition_fragment_C(mma, Shape<Int<kRows>, Int<kC>>{});  // sum_k q_ik k_hat_k, slice z
   clear(out);
   bool row_ok[2];
-  float row_lse2[2], d[2], pos[2], pos_weight[2];
+  float row_lse2[2], d[2];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int row = seg.row0 + get<0>(coords(m, 0));
     row_ok[m] = p.ok(kAnchorRows, row, seg.hi);
     row_lse2[m] = row_ok[m] ? lse2[row] : 0.f;
-    d[m] = pos[m] = pos_weight[m] = 0.f;  // lane shares of sum q logit2, and "none" mode's positive
+    d[m] = 0.f;  // this lane's share of sum_k q logit2
   }
 
   stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
@@ -541,9 +544,9 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
         q = ok ? q : 0.f;
         // a positives-only tile: the other pixels are no keys of this anchor (q * NaN would be NaN)
         d[m] += ok && (kind != Keys::kPositiveOnly || positive) ? q * v : 0.f;
-        if (kind == Keys::kPositiveOnly && positive && ok) {
-          pos[m] += v;
-          pos_weight[m] += q;
+        if (kind == Keys::kPositiveOnly && positive) {  // one thread per row, every row of the tile
+          positives[get<0>(coords(m, 0))] = ok ? v : 0.f;
+          positives[kRows + get<0>(coords(m, 0))] = q;
         }
         s(m, n) = q;
       }
@@ -555,14 +558,17 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
 
   const bool normalize = p.inv_anchors != nullptr;
   const bool none = p.negatives == Negatives::kNone;
+  float d_row[2][1];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) d_row[m][0] = tiles::quad_sum(d[m]);  // every lane takes part in the shuffles
+  sum_over_column_warps<Tr>(d_row, row_part, coords);  // (its barriers publish `positives` too)
   float sums[2][3];  // per row: sum_k q logit2, and "none" mode's positive logit2 and p - 1
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {  // every lane takes part in the shuffles
-    sums[m][0] = tiles::quad_sum(d[m]);
-    sums[m][1] = tiles::quad_sum(pos[m]);
-    sums[m][2] = tiles::quad_sum(pos_weight[m]);
+  for (int m = 0; m < 2; ++m) {
+    sums[m][0] = d_row[m][0];
+    sums[m][1] = none ? positives[get<0>(coords(m, 0))] : 0.f;
+    sums[m][2] = none ? positives[kRows + get<0>(coords(m, 0))] : 0.f;
   }
-  sum_over_column_warps<Tr>(sums, row_part, coords);
   // Per row: grad_a = a_scale * (acc + pw * t_hat) - a_proj * a_hat and grad_t = t_scale * a_hat
   // - t_proj * t_hat ("none" mode's positive (p - 1) t_hat_i was left out of the tile MMAs; the
   // teacher pixel is its anchor's key alone), 0 at masked anchors.
