@@ -27,7 +27,7 @@ PY := $(VENV)/bin/python
 #   make venv TORCH_SPEC="torch>=2.4" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
+BUILD_DEPS := "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja "nvidia-cutlass>=4.0"
 # The frameworks tests/test_integrations.py builds losses through (their own registries), with the
 # few packages those registries import. --no-deps: torchdistill declares torchvision (which pulls
 # a multi-GB CUDA torch) and mmengine/mmcv-lite declare the GUI OpenCV; mmcv imports cv2, which the
@@ -98,8 +98,22 @@ gpu-smoke:
 	$(GPU_PYTHON) bench/gpu_smoke.py --out $(RESULTS)
 endif
 
+# The build reads CUTLASS's headers from the nvidia-cutlass wheel (CMakeLists.txt looks for
+# cutlass_library). With no package index on the GPU machine, the wheel travels in .whl/
+# (bench/gpu_smoke.py does the same before its build).
 gpu-install:
 	@$(GPU_PYTHON) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'needs a CUDA device')"
+	@if ! $(GPU_PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then \
+	  wheel=$$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | sort -V | tail -n 1); \
+	  if [ -z "$$wheel" ]; then \
+	    echo "gpu-install: the extension build needs CUTLASS: cutlass_library is not installed and there is no" \
+	      ".whl/nvidia_cutlass-*.whl; bring the wheel: \`pip download --no-deps nvidia-cutlass -d .whl\` on a" \
+	      "machine with a package index, into this checkout's .whl/" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "gpu-install: installing $$wheel (cutlass_library was missing)"; \
+	  $(GPU_PYTHON) -m pip install -q --disable-pip-version-check --no-index --no-deps "$$wheel"; \
+	fi
 	$(GPU_PYTHON) -m pip install -q --disable-pip-version-check -e . --no-build-isolation --no-deps
 	mkdir -p $(RESULTS)
 

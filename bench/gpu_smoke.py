@@ -1,11 +1,13 @@
 """make gpu-smoke: the first GPU run in one command (at most about 7 minutes on an H200).
 
-1. Builds the CUDA extension for sm_90a only, in the background, while the Triton checks start.
-2. Checks every op x backend (triton, cuda) x dtype (float32, float16, bfloat16), forward and every
-   gradient, against the float64 reference with the test suite's own comparisons (DESIGN.md 5) at
-   its shapes (tile tails, several tiles, masks, NaN), the CUDA caching allocator poisoned with NaN
-   before each test (PCD_KERNELS_POISON_CUDA=1). Each group runs in a subprocess with its own
-   timeout, several at once (Triton compiles on the CPU), so a hang or a crash costs that group only.
+1. Builds the CUDA extension for sm_90a only, in the background, while the Triton checks start
+   (installing CUTLASS's headers from .whl/ first where they are missing, as make gpu-install does).
+2. Checks every op x backend (triton, cuda) x dtype it takes (float32, float16, bfloat16; CUDA's
+   pixel_contrastive_loss takes no float32), forward and every gradient, against the float64
+   reference with the test suite's own comparisons (DESIGN.md 5) at its shapes (tile tails, several
+   tiles, masks, NaN), the CUDA caching allocator poisoned with NaN before each test
+   (PCD_KERNELS_POISON_CUDA=1). Each group runs in a subprocess with its own timeout, several at
+   once (Triton compiles on the CPU), so a hang or a crash costs that group only.
 3. Runs the trainer for 2 steps on CUDA with AMP and the ResNet-18 student (one process, no NCCL).
 4. Measures every headline target (docs/verification.md) with bench/run.py, alone on the device.
 5. Prints one table last, each check and each target: measured, goal, pass or miss, and writes
@@ -33,7 +35,7 @@ import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # run.py (bench/run.py), imported where needed: it imports torch
@@ -51,7 +53,8 @@ class Group:
     needs_extension: bool = False
     pytest: bool = True
     skip: Optional[str] = None  # why it does not run here
-    every_dtype: bool = False  # on a GPU, each of DTYPES must have run tests, or the group fails
+    every_dtype: bool = False  # on a GPU, each of dtypes must have run tests, or the group fails
+    dtypes: Tuple[str, ...] = DTYPES  # those of DTYPES its backend takes for its op
 
 
 def check_groups(device: str, dry_run: bool) -> List[Group]:
@@ -72,10 +75,12 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
             files += ["tests/test_compile.py", "tests/test_memory.py"]
             tests = f"{tests} or ({op} and (test_opcheck or test_never_allocates))"
         for backend in (b for b in ops[op].backends if b != "torch"):
-            cases = " or ".join(f"{backend}-{device}-{dtype}" for dtype in DTYPES)
+            dtypes = backend_dtypes(op, backend)
+            cases = " or ".join(f"{backend}-{device}-{dtype}" for dtype in dtypes)
             skip = "dry run: no CUDA device here (the CUDA backend needs one)" if dry_run and backend == "cuda" else None
             groups.append(Group(f"{op} {backend}", op, backend, [*files, "-k", f"({tests}) and ({cases})"],
-                                timeout=300, needs_extension=backend == "cuda", skip=skip, every_dtype=True))
+                                timeout=300, needs_extension=backend == "cuda", skip=skip, every_dtype=True,
+                                dtypes=dtypes))
     # The modules built on the ops, and the kernels' own properties on the GPU.
     groups.append(Group("MHSA2d and Af-DCD modules triton", "modules", "triton",
                         ["tests/test_mhsa2d.py", "tests/test_afdcd.py", "-k", "triton"], timeout=300))
@@ -90,6 +95,18 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
         groups.append(Group("extension build and probe", "build", "cuda", ["tests/test_build.py"], timeout=120,
                             needs_extension=True))
     return groups
+
+
+def backend_dtypes(op: str, backend: str) -> Tuple[str, ...]:
+    """Those of DTYPES that ``backend`` takes for ``op``, from the registry (an op module may take
+    fewer than its backend's package: CUDA's pixel_contrastive_loss takes no float32). Imports the
+    op's backend module, not the CUDA extension, which may be being rebuilt."""
+    import torch
+
+    from pcd_kernels.backends import dtypes
+
+    takes = dtypes(op, backend)
+    return tuple(d for d in DTYPES if takes is None or getattr(torch, d) in takes)
 
 
 def string_in_test_file(path: str, name: str) -> str:
@@ -302,7 +319,7 @@ def run_group(group: Group, env: Dict[str, str], work: Path, log: Log, dry_run: 
         failures = [f"pytest exited {code}: {_last_line(output)}"]
     # On a GPU nothing here may skip wholesale: a group whose tests all skipped (the extension not
     # built, no device seen), or a dtype none of whose tests ran, is a failure, not a pass.
-    unchecked = [d for d in DTYPES if by_dtype.get(d, {}).get("total", 0) == 0] if group.every_dtype else []
+    unchecked = [d for d in group.dtypes if by_dtype.get(d, {}).get("total", 0) == 0] if group.every_dtype else []
     if code != 0:
         verdict = "FAIL"
     elif counts["passed"] == 0 or (unchecked and not dry_run):
@@ -366,19 +383,52 @@ def _last_line(output: str) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def start_build(env: Dict[str, str], log_path: Path, dry_run: bool) -> Optional[subprocess.Popen]:
-    """pip install -e . for sm_90a only, in the background (nothing to build on a dry run)."""
+def start_build(env: Dict[str, str], log_path: Path, dry_run: bool
+                ) -> Tuple[Optional[subprocess.Popen], Optional[str]]:
+    """pip install -e . for sm_90a only, in the background (nothing to build on a dry run): the
+    build, or None, and why it cannot start, or None."""
     if dry_run:
-        return None
+        return None, None
     if extension_is_current(env):
         # Rebuilding would rewrite the library that running groups have loaded.
         log_path.write_text("pcd_kernels._C is already built for sm_90a from the current sources: not rebuilt\n")
-        return None
+        return None, None
+    missing = install_cutlass(env, log_path)
+    if missing:
+        with log_path.open("a") as f:
+            f.write(missing + "\n")
+        return None, missing
     build_env = {**env, "PCD_KERNELS_CUDA_ARCHS": "90a", "MAX_JOBS": str(os.cpu_count() or 8)}
-    with log_path.open("w") as f:
+    with log_path.open("a") as f:
         return subprocess.Popen([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e",
                                  ".", "--no-build-isolation", "--no-deps"], cwd=ROOT, env=build_env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True), None
+
+
+# The extension's build reads CUTLASS's headers from the nvidia-cutlass wheel (CMakeLists.txt). The
+# GPU machine has no package index: the wheel travels in .whl/ (make gpu-install does the same).
+CUTLASS_WHEELS = ".whl/nvidia_cutlass-*.whl"
+CUTLASS_HINT = ("bring the wheel: `pip download --no-deps nvidia-cutlass -d .whl` on a machine with a package "
+                "index, into this checkout's .whl/")
+
+
+def install_cutlass(env: Dict[str, str], log_path: Path) -> Optional[str]:
+    """Installs the newest .whl/nvidia_cutlass-*.whl (offline) when this Python has no
+    cutlass_library (what CMakeLists.txt looks for); why the build cannot have CUTLASS, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("cutlass_library") is not None:
+        return None
+    wheels = sorted(ROOT.glob(CUTLASS_WHEELS), key=lambda w: [int(n) for n in re.findall(r"\d+", w.name.split("-")[1])])
+    if not wheels:
+        return (f"the extension build needs CUTLASS: cutlass_library is not installed and there is no "
+                f"{CUTLASS_WHEELS}; {CUTLASS_HINT}")
+    output, code = run_bounded([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                                "--no-index", "--no-deps", str(wheels[-1])], env, 180)
+    log_path.write_text(f"installing {wheels[-1].name} (cutlass_library was missing)\n{output}")
+    if code != 0:
+        return f"installing {wheels[-1].relative_to(ROOT)} failed ({'timed out' if code is None else f'exit {code}'})"
+    return None
 
 
 def extension_is_current(env: Dict[str, str]) -> bool:
@@ -458,16 +508,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         env.update(PCD_KERNELS_POISON_CUDA="1", PCD_KERNELS_CUDA_ARCHS="90a")
         env.pop("TRITON_INTERPRET", None)
     build_log = Path(str(base) + "_build.log")
-    build = start_build(env, build_log, dry_run)
+    build, build_error = start_build(env, build_log, dry_run)
     device = "cpu" if dry_run else "cuda"
     groups = check_groups(device, dry_run) + [trainer_group(work, dry_run)]
     write_images(work / "images")
     rows: List[Dict] = []
-    build_state: Dict[str, Optional[str]] = {"error": None}
+    build_state: Dict[str, Optional[str]] = {"error": build_error}
 
     def wait_for_build() -> Optional[str]:
         if build is None:
-            return None
+            return build_state["error"]
         if build.poll() is None:
             try:
                 build.wait(timeout=max(1.0, deadline - time.perf_counter()))

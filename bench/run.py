@@ -151,6 +151,23 @@ def _is_oom(exc):
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def dtype_refused(op_name, provider, dtype):
+    """Why ``provider`` cannot run ``op_name`` in ``dtype``, or None: an ``ours-<backend>`` provider
+    whose backend takes other dtypes for this op (the registry's: CUDA's pixel_contrastive_loss
+    takes no float32). Ask once the provider is set up (its backend's modules import)."""
+    from pcd_kernels.backends import OPS, dtypes
+
+    backend = provider[len("ours-"):] if provider.startswith("ours-") else None
+    if op_name not in OPS or backend not in OPS[op_name].backends:
+        return None
+    takes = dtypes(op_name, backend)
+    if takes is None or dtype in takes:
+        return None
+    names = [str(d).replace("torch.", "") for d in takes]
+    return (f"backend={backend!r} takes {', '.join(names[:-1])} and {names[-1]} inputs for {op_name}, not "
+            f"{str(dtype).replace('torch.', '')}")
+
+
 def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, seed=0):
     """One provider on one case: a result dict (status ok / unavailable / oom / error). The
     timed steps cycle through input sets of different seeds, as many as make twice ``cache``
@@ -164,6 +181,9 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
         return dict(result, status="unavailable", reason=str(exc))
     except Exception as exc:  # a provider failing to set up must not end the benchmark
         return dict(result, status="error", reason=_one_line(exc))
+    refused = dtype_refused(result["op"], provider, dtype)
+    if refused:
+        return dict(result, status="unavailable", reason=refused)
     try:
         prepare = getattr(loss_fn, "prepare", None)  # a layout change the provider does untimed
         input_sets = [op.make_inputs(case, device, dtype, seed)]

@@ -11,6 +11,7 @@ import torch
 
 import pcd_kernels
 from pcd_kernels.backends import OPS, implementation
+from pcd_kernels.backends import dtypes as backend_dtypes
 
 CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -33,6 +34,16 @@ def _backend_package(backend):
     return importlib.import_module(f"pcd_kernels.backends.{backend}")
 
 
+def _dtypes_of(op, backend):
+    """The dtypes ``backend`` takes for ``op`` (the registry's: its op module's DTYPES, else its
+    package's), or its package's where the op module cannot be imported here (Triton not installed:
+    its cases skip anyway)."""
+    try:
+        return backend_dtypes(op, backend)
+    except ImportError:
+        return _backend_package(backend).DTYPES
+
+
 def _skip_reason(backend, device, dtype):
     """Why (backend, device, dtype) cannot run here, or None."""
     if device == "cuda" and not CUDA:
@@ -46,15 +57,16 @@ def _skip_reason(backend, device, dtype):
 def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
     """The (backend, device, dtype) cases of ``op`` (a name in ``pcd_kernels.backends.OPS``): every
     backend the registry lists for it, on each of ``devices``, in each of ``dtypes`` the backend
-    takes; ``backends`` keeps only those named. A case that cannot run here is skipped with the
-    reason. backend='cuda' has no CPU case: on CPU tensors it is an error (tested in
+    takes for it (the registry's: CUDA's pixel_contrastive_loss takes no float32, its
+    pixel_attention does); ``backends`` keeps only those named. A case that cannot run here is
+    skipped with the reason. backend='cuda' has no CPU case: on CPU tensors it is an error (tested in
     test_build.py). Ids read ``<backend>-<device>-<dtype>`` (make gpu-smoke selects by them)."""
     cases = []
     for device in devices:
         for backend in OPS[op].backends:
             if (backends is not None and backend not in backends) or (backend == "cuda" and device == "cpu"):
                 continue
-            takes = _backend_package(backend).DTYPES
+            takes = _dtypes_of(op, backend)
             for dtype in dtypes:
                 if takes is not None and dtype not in takes:
                     continue
@@ -65,9 +77,17 @@ def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
 
 
 def op_cases(dtypes=(torch.float32,)):
-    """(op, backend, device, dtype) over every op of the registry: :func:`backend_cases` of each."""
-    return [pytest.param(op, *case.values, marks=case.marks, id=f"{op}-{case.id}")
-            for op in OPS for case in backend_cases(op, dtypes)]
+    """(op, backend, device, dtype) over every op of the registry: :func:`backend_cases` of each, and
+    a backend that takes none of ``dtypes`` for an op in the first dtype it takes (CUDA's
+    pixel_contrastive_loss in float16 where ``dtypes`` is float32 alone), so every backend is in."""
+    cases = []
+    for op in OPS:
+        cases += [(op, case) for case in backend_cases(op, dtypes)]
+        for backend in OPS[op].backends:
+            takes = _dtypes_of(op, backend)
+            if takes is not None and not set(takes) & set(dtypes):
+                cases += [(op, case) for case in backend_cases(op, takes[:1], backends=(backend,))]
+    return [pytest.param(op, *case.values, marks=case.marks, id=f"{op}-{case.id}") for op, case in cases]
 
 
 def cuda_extension_missing():

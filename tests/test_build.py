@@ -1,6 +1,7 @@
 """Packaging: the package imports without the extension or Triton, the extension builds where
 nvcc is, and every backend that cannot run says why."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,50 @@ def test_extension_kernels_use_tensor_cores_on_every_architecture():
             with_mma = [body for body in ops_kernels if any("HMMA" in line or "HGMMA" in line for line in body)]
             # every kernel of the op multiplies on tensor cores except its small elementwise passes
             assert len(with_mma) >= 2, f"{op} on {a}: {len(with_mma)} of {len(ops_kernels)} kernels use HMMA"
+    problems = _contrastive_pipeline_problems(kernels, expected)
+    assert not problems, "pixel_contrastive kernels:\n" + "\n".join(problems)
+
+
+# The pixel_contrastive kernels (csrc/pixel_contrastive.cu): tiles copied asynchronously into shared
+# memory (cp.async: LDGSTS, or TMA: UTMALDG), read by ldmatrix (LDSM) into tensor-core MMAs (HMMA),
+# or read by warpgroup MMAs from shared memory (HGMMA, no LDSM needed), and nothing in local memory.
+CONTRASTIVE_KERNELS = ("forward_kernel", "anchor_backward_kernel", "key_backward_kernel")
+_SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
+
+
+def _contrastive_pipeline_problems(kernels, archs):
+    """What each instantiation of each pixel_contrastive kernel on each of ``archs`` lacks or has
+    too much of in its SASS (``kernels``: {(arch, mangled name): SASS lines}), one line each."""
+    problems = []
+    for arch in sorted(archs):
+        found = {kernel: [] for kernel in CONTRASTIVE_KERNELS}
+        for (arch_, name), body in kernels.items():
+            match = re.search(r"pixel_contrastive.*?\d+(" + "|".join(CONTRASTIVE_KERNELS) + r")I(.*)", name)
+            if arch_ == arch and match:
+                # "<kernel><half_t, 256>" from the mangled template arguments (element type, channel chunk)
+                args = re.findall(r"(half_t|bfloat16_t|__half|__nv_bfloat16|Li(\d+)E)", match.group(2))
+                label = match.group(1) + "<" + ", ".join(a[1] or a[0] for a in args[:2]) + ">"
+                found[match.group(1)].append((label, body))
+        for kernel, instances in found.items():
+            if not instances:
+                problems.append(f"{arch}: no {kernel} in the library")
+        for label, body in (i for instances in found.values() for i in instances):
+            counts = {}
+            for line in body:
+                for op in _SASS_OP.findall(line):
+                    counts[op] = counts.get(op, 0) + 1
+            missing = []
+            if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
+                missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
+            if not (counts.get("HMMA") or counts.get("HGMMA")):
+                missing.append("tensor-core MMAs (no HMMA or HGMMA)")
+            if not (counts.get("LDSM") or counts.get("HGMMA")):
+                missing.append("ldmatrix (no LDSM) and no HGMMA")
+            if counts.get("STL") or counts.get("LDL"):
+                missing.append(f"spills: {counts.get('STL', 0)} STL and {counts.get('LDL', 0)} LDL (local memory)")
+            if missing:
+                problems.append(f"{arch} {label}: " + "; ".join(missing))
+    return problems
 
 
 def test_cuda_backend_on_cpu_tensors_says_why():
@@ -143,3 +188,26 @@ def test_public_api():
         assert ">>>" in (getattr(pcd_kernels, op.name).__doc__ or ""), op.name
         for custom_op in op.custom_ops:
             assert isinstance(getattr(torch.ops.pcd_kernels, custom_op).default, torch._ops.OpOverload), custom_op
+
+
+def test_contrastive_sass_check_names_what_each_kernel_lacks():
+    """_contrastive_pipeline_problems on made-up SASS: one line per missing piece, per kernel."""
+    def name(kernel, dtype="N7cutlass6half_tE", chunk=64):
+        return f"_ZN11pcd_kernels53_GLOBAL__N__4e86075b_20_pixel_contrastive_cu_081bb693{len(kernel)}{kernel}I{dtype}" \
+               f"Li{chunk}EEEvNS0_6ParamsIT_EEPfS7_"
+
+    good = ["/*0100*/ LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;", "/*0110*/ LDSM.16.M88.4 R4, [R5] ;",
+            "/*0120*/ HMMA.16816.F32 R8, R4, R6, R8 ;"]
+    kernels = {("sm_80", name("forward_kernel")): good,
+               ("sm_80", name("anchor_backward_kernel", "N7cutlass10bfloat16_tE", 256)): good[:1] + good[2:] + [
+                   "/*0200*/ STL [R1+0x10], R61 ;", "/*0210*/ @P0 LDL.64 R2, [R1+0x8] ;"],
+               ("sm_90a", name("forward_kernel")): ["/*0100*/ UTMALDG.2D [UR4], [UR6] ;",
+                                                    "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;"],
+               ("sm_90a", name("key_backward_kernel")): ["/*0100*/ LDG.E.128 R4, desc[UR4][R2.64] ;"]}
+    assert _contrastive_pipeline_problems(kernels, {"sm_80", "sm_90a"}) == [
+        "sm_80: no key_backward_kernel in the library",
+        "sm_80 anchor_backward_kernel<bfloat16_t, 256>: ldmatrix (no LDSM) and no HGMMA; spills: 1 STL and 1 LDL "
+        "(local memory)",
+        "sm_90a: no anchor_backward_kernel in the library",
+        "sm_90a key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); tensor-core MMAs (no "
+        "HMMA or HGMMA); ldmatrix (no LDSM) and no HGMMA"]

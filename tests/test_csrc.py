@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcd_kernels._conventions import NEGATIVES_MODES
+from pcd_kernels._conventions import NEGATIVES_MODES, NORM_EPS, pixel_rows
 from pcd_kernels.backends.cuda import _extension
 from pcd_kernels.backends.cuda import pixel_attention as cuda_attention
 from pcd_kernels.backends.cuda import pixel_contrastive as cuda_contrastive
@@ -88,24 +88,105 @@ def cpu_launch(monkeypatch):
 @pytest.mark.parametrize("negatives", sorted(NEGATIVES_MODES))
 def test_contrastive_wrapper_fills_every_input(cpu_launch, negatives):
     B, C, H, W, K = 2, 5, 3, 4, 7
-    student, teacher = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
-    queue = torch.randn(C, K).t()  # strided rows
-    extra, mask = torch.randn(6, C), torch.rand(B, H, W) > 0.3
+    student, teacher = torch.randn(B, C, H, W, dtype=torch.float16), torch.randn(B, C, H, W, dtype=torch.float16)
+    queue = torch.randn(C, K, dtype=torch.float16).t()  # strided rows
+    extra, mask = torch.randn(6, C, dtype=torch.float16), torch.rand(B, H, W) > 0.3
     inp = cuda_contrastive._Inputs(student, teacher, queue, extra, mask, torch.ones(6, dtype=torch.bool),
                                    negatives, 0.2, True)
     loss = torch.empty(B * H * W)
     p = inp.params(loss=loss.data_ptr(), keys_are_teacher=True)
-    assert (p.device, p.stream, int(p.dtype), int(p.negatives)) == (0, 1234, 0, NEGATIVES_MODES[negatives])
-    assert (p.n_rows, p.hw, p.channels) == (B * H * W, H * W, C)
-    for field in ("anchors", "teacher", "inv_anchors", "inv_teacher", "inv_queue", "valid"):
+    assert (p.device, p.stream, int(p.dtype), int(p.negatives)) == (0, 1234, 1, NEGATIVES_MODES[negatives])
+    assert (p.n_rows, p.hw, p.channels, p.row_stride) == (B * H * W, H * W, C, 8)
+    for field in ("anchors", "teacher", "queue", "inv_anchors", "inv_teacher", "inv_queue", "valid"):
         assert getattr(p, field) == getattr(inp, field).data_ptr() != 0, field
-    assert (p.queue, p.n_queue, p.queue_stride_row, p.queue_stride_col) == (queue.data_ptr(), K, 1, K)
+    for field in ("anchors", "teacher", "queue"):  # the operands the kernels copy: (rows, row_stride) contiguous
+        operand = getattr(inp, field)
+        assert operand.shape[1] == 8 and operand.is_contiguous() and operand.dtype == torch.float16, field
+    assert p.n_queue == K
     batch = negatives == "batch"
-    assert (p.n_extra, p.extra_stride_row, p.extra_stride_col) == ((6, C, 1) if batch else (0, 0, 0))
-    assert (p.extra != 0, p.inv_extra != 0, p.valid_extra != 0) == (batch, batch, batch)
+    assert p.n_extra == (6 if batch else 0)
+    assert (p.extra != 0, p.valid_extra != 0) == (batch, batch)
+    if batch:
+        assert p.extra == inp.extra.data_ptr() and inp.extra.shape == (6, 8)
     assert p.logit_scale == pytest.approx(1 / (0.2 * math.log(2)))
     assert p.inv_temperature == pytest.approx(5.0)
     assert (p.loss, p.keys_are_teacher, p.lse2, p.grad_keys) == (loss.data_ptr(), True, 0, 0)
+
+
+def _expected_operand(rows, dtype, normalize, valid=None):
+    """The operand the kernels read, in float64: x (rounded to dtype) times 1 / max(||x||, eps) when
+    normalising, rounded to dtype; rows where ``valid`` is False 0; padded with zeros to a multiple
+    of 8 channels. And inv, proj (float64, per row)."""
+    x = rows.to(dtype).double()
+    norms = torch.linalg.vector_norm(x, dim=1)
+    inv = 1 / norms.clamp_min(NORM_EPS)
+    proj = torch.where(norms >= NORM_EPS, inv, torch.zeros_like(inv))
+    y = (x * inv[:, None]).to(dtype).double() if normalize else x
+    if valid is not None:
+        y = torch.where(valid[:, None], y, torch.zeros_like(y))
+    return torch.nn.functional.pad(y, (0, -rows.shape[1] % 8)), inv, proj
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels", [5, 13, 16])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_contrastive_operands_are_prepared_for_the_kernels(dtype, channels, normalize):
+    """What _Inputs hands the kernels (csrc/include/pcd_kernels/pixel_contrastive.h): every operand a
+    contiguous (rows, row_stride) matrix in dtype, x * inv rounded once when normalising, masked rows
+    0 (NaN there included), channels past C 0; inv and proj per row (proj = inv where ||x|| >= eps,
+    else 0: a zero row has both cases' inv, 1 / eps, and proj 0). CPU tensors: nothing launches."""
+    B, C, H, W, K, E = 2, channels, 3, 4, 6, 5
+    g = torch.Generator().manual_seed(channels)
+    student = torch.randn(B, C, H, W, generator=g).to(dtype)
+    teacher = torch.randn(B, C, H, W, generator=g).to(dtype)
+    queue = (torch.randn(C, K, generator=g) * 3).to(dtype).t()  # strided rows
+    extra = torch.randn(E, C, generator=g).to(dtype)
+    mask = torch.rand(B, H, W, generator=g) > 0.3
+    mask[0, 0, 0], mask[0, 0, 1] = True, False
+    extra_mask = torch.tensor([True, False, True, True, False])
+    student[0, :, 0, 0] = 0  # a zero row among the valid pixels
+    teacher[0, :, 0, 0] = 0
+    student[0, :, 0, 1] = float("nan")  # masked out
+    teacher[0, :, 0, 1] = float("nan")
+    queue[2] = 0
+    extra[0] = 0
+    extra[1] = float("nan")  # masked out
+    inp = cuda_contrastive._Inputs(student, teacher, queue, extra, mask, extra_mask, "batch", 0.1, normalize)
+    assert inp.row_stride == -(-C // 8) * 8
+    valid = mask.reshape(-1)
+    for name, rows, rows_valid in (("anchors", pixel_rows(student), valid), ("teacher", pixel_rows(teacher), valid),
+                                   ("queue", queue, None), ("extra", extra, extra_mask)):
+        got = getattr(inp, name)
+        assert got.dtype == dtype and got.shape == (rows.shape[0], inp.row_stride) and got.is_contiguous(), name
+        want, inv, proj = _expected_operand(rows, dtype, normalize, rows_valid)
+        # float32 arithmetic, rounded once: within one rounding of the float64 result
+        torch.testing.assert_close(got.double(), want, rtol=torch.finfo(dtype).eps, atol=0, msg=name)
+        assert not got[:, C:].any(), f"{name}: padding must be 0"
+        if rows_valid is not None:
+            assert not got[~rows_valid].any(), f"{name}: masked rows must be 0"
+        if name == "extra":  # keys only: no gradient, no inv
+            continue
+        got_inv, got_proj = getattr(inp, f"inv_{name}"), getattr(inp, f"proj_{name}")
+        if not normalize:
+            assert got_inv is None and got_proj is None, name
+            continue
+        assert got_inv.dtype == got_proj.dtype == torch.float32, name
+        live = rows_valid if rows_valid is not None else torch.ones(rows.shape[0], dtype=torch.bool)
+        torch.testing.assert_close(got_inv.double()[live], inv[live], rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(got_proj.double()[live], proj[live], rtol=1e-6, atol=0, msg=name)
+    assert inp.inv_anchors is None or inp.proj_anchors[0] == 0 < inp.inv_anchors[0]  # the zero row
+    assert inp.proj_queue is None or inp.proj_queue[2] == 0
+
+
+def test_contrastive_operands_that_need_nothing_are_not_copied():
+    student = torch.randn(2, 16, 3, 4, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    queue = torch.randn(7, 16, dtype=torch.bfloat16)
+    inp = cuda_contrastive._Inputs(student, student, queue, None, None, None, "none", 0.2, False)
+    assert inp.anchors.data_ptr() == inp.teacher.data_ptr() == student.data_ptr()
+    assert inp.queue is queue and inp.row_stride == 16
+    masked = cuda_contrastive._Inputs(student, student, queue, None, torch.ones(2, 3, 4, dtype=torch.bool), None,
+                                      "none", 0.2, False)
+    assert masked.anchors.data_ptr() != student.data_ptr() and masked.queue is queue
 
 
 @needs_extension
@@ -126,11 +207,19 @@ def test_attention_wrapper_fills_every_map(cpu_launch):
 @needs_extension
 def test_launchers_refuse_bad_arguments_before_any_cuda_call():
     ext = _extension.extension()
-    contrastive = _extension.struct(ext.PixelContrastiveParams, n_rows=4, hw=4, channels=3)
-    for field, value, message in (("negatives", 3, "negatives code must be 0"), ("dtype", 3, "dtype code must be 0")):
-        with pytest.raises(ValueError, match=message):
-            ext.pixel_contrastive_forward(_extension.struct(ext.PixelContrastiveParams, n_rows=4, hw=4, channels=3,
-                                                            **{field: value}))
+    ok = dict(n_rows=4, hw=4, channels=3, row_stride=8, dtype=_extension.DTYPE_CODES["float16"])
+    contrastive = _extension.struct(ext.PixelContrastiveParams, **ok)
+    for field, value, message in (
+            ("negatives", 3, "negatives code must be 0"),
+            ("dtype", 0, r"take dtype code 1 \(float16\) or 2 \(bfloat16\), got 0"),
+            ("dtype", 3, r"take dtype code 1 \(float16\) or 2 \(bfloat16\), got 3"),
+            ("row_stride", 0, "read operand rows of row_stride >= C elements, a multiple of 8"),
+            ("row_stride", 12, "read operand rows of row_stride >= C elements, a multiple of 8"),
+            ("row_stride", 3, "read operand rows of row_stride >= C elements, a multiple of 8")):
+        for launch in (ext.pixel_contrastive_forward, ext.pixel_contrastive_backward_anchors,
+                       ext.pixel_contrastive_backward_keys):
+            with pytest.raises(ValueError, match=message):
+                launch(_extension.struct(ext.PixelContrastiveParams, **{**ok, field: value}))
     contrastive.grad_teacher, contrastive.negatives = 1, NEGATIVES_MODES["image"]
     with pytest.raises(ValueError, match="teacher gradient in negatives='none' mode only"):
         ext.pixel_contrastive_backward_anchors(contrastive)

@@ -368,8 +368,9 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
     with pytest.raises(RuntimeError, match="backend='cuda' (cannot run|needs CUDA tensors)"):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="cuda")
     if CUDA and cuda_extension_missing() is None:
-        with pytest.raises(TypeError, match="backend='cuda' supports float16, bfloat16 and float32"):
-            pixel_contrastive_loss(s.cuda(), t.cuda(), q.cuda(), backend="cuda")
+        for dtype in (torch.float64, torch.float32):
+            with pytest.raises(TypeError, match=f"backend='cuda' supports float16 and bfloat16 inputs, got {dtype}"):
+                pixel_contrastive_loss(s.to("cuda", dtype), t.to("cuda", dtype), q.to("cuda", dtype), backend="cuda")
     if INTERPRETER or CUDA:
         device = "cuda" if CUDA else "cpu"
         with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
@@ -379,6 +380,30 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
     monkeypatch.setattr(_common, "is_interpreter", lambda: False)
     with pytest.raises(RuntimeError, match="need CUDA tensors, got cpu tensors"):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="triton")
+
+
+def test_cuda_backend_refuses_float32_before_running(monkeypatch):
+    """The CUDA kernels take float16 and bfloat16 only (their pixel_attention takes float32 too): the
+    registry refuses float32 naming where it runs, before anything runs (a CUDA device simulated:
+    the availability check comes first)."""
+    from pcd_kernels import backends
+    from pcd_kernels.backends import cuda
+
+    assert backends.dtypes("pixel_contrastive_loss", "cuda") == (torch.float16, torch.bfloat16)
+    assert torch.float32 in backends.dtypes("pixel_attention", "cuda")
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
+    s, t, q, _ = make_inputs()
+    message = (r"pixel_contrastive_loss: backend='cuda' supports float16 and bfloat16 inputs, got torch.float32; "
+               r"use backend='triton' or 'torch' for torch.float32")
+    with pytest.raises(TypeError, match=message):
+        pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="cuda")
+    with pytest.raises(TypeError, match="got torch.float32"):  # promoted to float32 with a float16 student
+        pixel_contrastive_loss(s.half(), t.float(), q.half(), backend="cuda")
+    error = backends.unavailable("pixel_contrastive_loss", "cuda", torch.device("cuda"), torch.float64,
+                                 negatives="batch", batch=2)
+    assert isinstance(error, TypeError) and str(error).endswith("use backend='torch' for torch.float64")
+    assert backends.unavailable("pixel_contrastive_loss", "cuda", torch.device("cuda"), torch.bfloat16,
+                                negatives="batch", batch=2) is None
 
 
 def test_auto_uses_the_torch_backend_for_cpu_tensors(monkeypatch):

@@ -13,7 +13,9 @@ and one module per op it implements, ``backends/<backend>/<op module>.py``, with
   prefer another backend where this one would run but slower;
 * ``forward(...)`` and ``backward(...)``: the implementations of the op's two ``torch.library``
   custom ops (their signatures are the custom ops', in ``ops/<op module>.py``, without
-  ``backend``), or for a backend that is differentiable by itself the function the op calls.
+  ``backend``), or for a backend that is differentiable by itself the function the op calls;
+* optionally ``DTYPES``, where its kernels of this op take fewer dtypes than its package says
+  (the CUDA kernels of pixel_contrastive_loss take no float32): :func:`dtypes` reads it.
 
 ``ops/<op module>.py`` registers its op, and reads: check the arguments, :func:`resolve` the
 backend, call the custom op, which calls :func:`implementation`. docs/contributing.md says how to
@@ -89,6 +91,21 @@ def _module(name: str):
     return _LOADERS[name]()
 
 
+def dtypes(op: str, backend: str) -> Optional[Tuple[torch.dtype, ...]]:
+    """The input dtypes ``backend`` takes for ``op`` (None: every float dtype): the ``DTYPES`` of
+    its op module where it has one, else its package's. Imports the op module, which needs what
+    the backend needs (a Triton module imports Triton): ask once ``unavailable_reason`` is None."""
+    return getattr(implementation(op, backend), "DTYPES", _package(backend).DTYPES)
+
+
+def _backends_taking(op: str, backend: str, dtype: torch.dtype) -> str:
+    """The other backends of ``op`` whose packages take ``dtype``, torch last, as "backend='a' or 'b'"
+    (for an error message: the packages' DTYPES only, so nothing more is imported)."""
+    others = [b for b in BACKENDS[1:] if b not in (backend, "torch") and b in OPS[op].backends
+              and (_package(b).DTYPES is None or dtype in _package(b).DTYPES)] + ["torch"]
+    return "backend=" + " or ".join(repr(b) for b in others)
+
+
 def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype, auto: bool = False,
                 **problem) -> Optional[Exception]:
     """The error an explicit request of ``backend`` for this call raises, or None when it runs:
@@ -100,11 +117,11 @@ def unavailable(op: str, backend: str, device: torch.device, dtype: torch.dtype,
     reason = _package(backend).unavailable_reason(device)
     if reason is not None:
         return RuntimeError(f"{op}: backend={backend!r} cannot run: {reason}")
-    dtypes = _package(backend).DTYPES
-    if dtypes is not None and dtype not in dtypes:
-        names = [str(d).replace("torch.", "") for d in dtypes]
+    takes = dtypes(op, backend)
+    if takes is not None and dtype not in takes:
+        names = [str(d).replace("torch.", "") for d in takes]
         return TypeError(f"{op}: backend={backend!r} supports {', '.join(names[:-1])} and {names[-1]} inputs, got "
-                         f"{dtype}; use backend='torch' for {dtype}")
+                         f"{dtype}; use {_backends_taking(op, backend, dtype)} for {dtype}")
     limit = implementation(op, backend).limits(dtype=dtype, auto=auto, **problem)
     return None if limit is None else ValueError(f"{op}: backend={backend!r} {limit}")
 

@@ -5,8 +5,8 @@
 // Arguments the kernels cannot take throw std::invalid_argument, CUDA errors std::runtime_error,
 // both naming the kernel.
 //
-// Notation: anchors are student pixels, teacher rows the teacher's pixels, both as contiguous
-// (n_rows, C) matrices in (b, h, w) order; extra keys are other ranks' teacher pixels
+// Notation: anchors are student pixels, teacher rows the teacher's pixels, both (n_rows) rows in
+// (b, h, w) order, given as prepared operands (below); extra keys are other ranks' teacher pixels
 // (negatives="batch" only, no gradient), queue rows a memory bank of teacher pixels. The kernels
 // run in float16 and bfloat16 (float32 inputs go to the Triton or torch backends).
 // Logits are base 2: logit2_ik = a_hat_i . k_hat_k * logit_scale with
@@ -54,7 +54,7 @@
   /* anchor backward */                                                                             \
   X(std::uintptr_t, grad) /* float32 g = d(result) / d(loss) (n_rows), 0 at masked anchors */       \
   X(std::uintptr_t, proj_anchors) /* float32 inv where ||x|| >= eps, else 0 (normalising only) */ \
-  X(std::uintptr_t, proj_teacher)                                                                   \
+  X(std::uintptr_t, proj_teacher) /* likewise */                                                   \
   X(std::uintptr_t, grad_anchors) /* (n_rows, C) contiguous; absent: not written */                 \
   X(std::uintptr_t, grad_teacher) /* "none" mode only; absent: not written */                       \
   /* key backward */                                                                                \

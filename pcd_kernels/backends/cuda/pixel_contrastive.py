@@ -1,7 +1,7 @@
 """Host-side wrapper of the CUDA kernels of ``pixel_contrastive_loss`` (``csrc/pixel_contrastive.cu``,
 DESIGN.md 3.1), with the same ``forward`` / ``backward`` as :mod:`pcd_kernels.backends.triton.pixel_contrastive`.
 
-torch prepares what the kernels read (contiguous (B*H*W, C) pixel matrices, inverse norms,
+torch prepares what the kernels read (the operands, see :func:`_operand`; inverse norms,
 projection scales, mask bytes, the scaled upstream gradient) and allocates the outputs; the
 extension ``pcd_kernels._C`` gets them as one ``PixelContrastiveParams`` (raw pointers, sizes and
 strides, filled by field name) and launches on torch's current stream of the inputs' device. Three
@@ -12,26 +12,67 @@ kernels, none storing anything of size anchors x keys, each output element writt
 * anchor backward: the student gradient, and the teacher's for ``negatives="none"``;
 * key backward: the teacher keys' gradient ("image"/"batch") and the queue's.
 """
-import torch
+from typing import Optional, Tuple
 
-from pcd_kernels._conventions import NEGATIVES_MODES, logit_scale, pixel_rows
-from pcd_kernels.backends._host import (PixelContrastiveKernels, image_grid_limit, inverse_norms, key_side_weights,
-                                        mask_bytes, projection_scales)
+import torch
+from torch import Tensor
+
+from pcd_kernels._conventions import NEGATIVES_MODES, NORM_EPS, logit_scale, pixel_rows
+from pcd_kernels.backends._host import PixelContrastiveKernels, image_grid_limit, key_side_weights, mask_bytes
 from pcd_kernels.backends.cuda import _extension
 from pcd_kernels.backends.cuda._extension import pointer
+
+# The kernels load their tiles with asynchronous copies (cp.async) of 16 bytes, 8 half-precision
+# elements: float32 inputs go to the Triton or torch backends (the registry refuses them here,
+# while the package's DTYPES keeps float32 for pixel_attention's kernels).
+DTYPES = (torch.float16, torch.bfloat16)
+ROW_ALIGN = 8  # elements of a 16-byte copy: every operand row starts 16-byte aligned
 
 
 def limits(*, dtype, auto, negatives, batch):
     return image_grid_limit(negatives, batch)
 
 
-def _strided_rows(name, rows):
-    """The params fields ``name``, ``n_<name>``, ``<name>_stride_row``, ``<name>_stride_col`` of an
-    optional (rows, C) matrix; none for None (all stay 0)."""
-    if rows is None:
-        return {}
-    return {name: rows.data_ptr(), f"n_{name}": rows.shape[0], f"{name}_stride_row": rows.stride(0),
-            f"{name}_stride_col": rows.stride(1)}
+def row_stride(channels: int) -> int:
+    """The operands' row length: C rounded up to a multiple of ROW_ALIGN."""
+    return -(-channels // ROW_ALIGN) * ROW_ALIGN
+
+
+def _operand(rows: Tensor, dtype: torch.dtype, normalize: bool, valid: Optional[Tensor] = None
+             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(operand, inv, proj) of a (n, C) matrix ``rows``, rows where the bool (n,) ``valid`` is False
+    masked out.
+
+    The operand is what the kernels copy into shared memory unchanged (an asynchronous copy
+    cannot scale what it moves, so the normalisation is done here, once, rather than per tile):
+    a contiguous (n, row_stride(C)) matrix in ``dtype`` holding x * inv (computed in float32,
+    rounded once, as the Triton kernels do in registers) when normalising, else x; masked rows 0
+    (a NaN there must not reach a tile's sums); channels past C 0. ``rows`` itself when nothing
+    needs changing. inv = 1 / max(||x||, eps) and proj (inv where ||x|| >= eps, else 0: the factor
+    of x_hat (x_hat . G) in the normalisation's gradient, see ``backends/_host.projection_scales``)
+    are float32 per row, from the same norms, None unless normalising. At most one float32 copy
+    of ``rows`` exists at a time (and only when normalising)."""
+    n, C = rows.shape
+    stride = row_stride(C)
+    inv = proj = None
+    if normalize:
+        x = rows.to(dtype).to(torch.float32, copy=True)  # x rounded to dtype, as the kernels' inputs are
+        norms = torch.linalg.vector_norm(x, dim=1)
+        inv = norms.clamp_min(NORM_EPS).reciprocal_()
+        proj = inv.where(norms >= NORM_EPS, 0.0)
+        del norms
+        x.mul_(inv[:, None])
+    elif valid is None and stride == C and rows.dtype == dtype and rows.is_contiguous():
+        return rows, None, None
+    else:
+        x = rows  # the copy below rounds it to dtype
+    operand = torch.empty((n, stride), dtype=dtype, device=rows.device)
+    operand[:, C:].zero_()
+    operand[:, :C].copy_(x)
+    del x
+    if valid is not None:
+        operand.masked_fill_(~valid[:, None], 0)
+    return operand, inv, proj
 
 
 class _Inputs:
@@ -40,23 +81,26 @@ class _Inputs:
     def __init__(self, student, teacher, queue, extra_keys, mask, extra_mask, negatives, temperature,
                  normalize):
         B, C, H, W = student.shape
-        self.anchors = pixel_rows(student).contiguous()
-        self.teacher = pixel_rows(teacher.to(student.dtype)).contiguous()
+        dtype = student.dtype
         self.n_rows, self.channels, self.hw = B * H * W, C, H * W
+        self.row_stride = row_stride(C)
         self.mode = NEGATIVES_MODES[negatives]
         self.normalize = normalize
-        self.queue = queue.to(student.dtype) if queue is not None and queue.shape[0] > 0 else None
+        self.valid = mask_bytes(mask) if mask is not None else None
+        valid = mask.reshape(-1) if mask is not None else None
+        self.anchors, self.inv_anchors, self.proj_anchors = _operand(pixel_rows(student), dtype, normalize, valid)
+        self.teacher, self.inv_teacher, self.proj_teacher = _operand(pixel_rows(teacher), dtype, normalize, valid)
+        self.queue = self.inv_queue = self.proj_queue = None
+        if queue is not None and queue.shape[0] > 0:
+            self.queue, self.inv_queue, self.proj_queue = _operand(queue, dtype, normalize)
         self.extra = None
         self.valid_extra = None
         if extra_keys is not None and extra_keys.shape[0] > 0 and self.mode == NEGATIVES_MODES["batch"]:
-            self.extra = extra_keys.to(student.dtype)
+            valid_extra = extra_mask.reshape(-1) if extra_mask is not None else None
+            # keys only (no gradient): neither inv nor proj is read
+            self.extra = _operand(extra_keys, dtype, normalize, valid_extra)[0]
             if extra_mask is not None:
                 self.valid_extra = mask_bytes(extra_mask)
-        self.valid = mask_bytes(mask) if mask is not None else None
-        norms = inverse_norms if normalize else (lambda rows: None)
-        self.inv_anchors, self.inv_teacher = norms(self.anchors), norms(self.teacher)
-        self.inv_queue = norms(self.queue) if self.queue is not None else None
-        self.inv_extra = norms(self.extra) if self.extra is not None else None
         self.temperature = temperature
 
     def params(self, **fields):
@@ -64,17 +108,14 @@ class _Inputs:
         one launcher reads) by name."""
         return _extension.params(
             _extension.extension().PixelContrastiveParams, self.anchors, negatives=self.mode,
-            n_rows=self.n_rows, hw=self.hw, channels=self.channels,
+            n_rows=self.n_rows, hw=self.hw, channels=self.channels, row_stride=self.row_stride,
             anchors=pointer(self.anchors), teacher=pointer(self.teacher),
-            **_strided_rows("extra", self.extra), **_strided_rows("queue", self.queue),
+            extra=pointer(self.extra), n_extra=self.extra.shape[0] if self.extra is not None else 0,
+            queue=pointer(self.queue), n_queue=self.queue.shape[0] if self.queue is not None else 0,
             inv_anchors=pointer(self.inv_anchors), inv_teacher=pointer(self.inv_teacher),
-            inv_extra=pointer(self.inv_extra), inv_queue=pointer(self.inv_queue),
-            valid=pointer(self.valid), valid_extra=pointer(self.valid_extra),
+            inv_queue=pointer(self.inv_queue), valid=pointer(self.valid), valid_extra=pointer(self.valid_extra),
             logit_scale=logit_scale(self.temperature), inv_temperature=1.0 / self.temperature,
             **fields)
-
-    def projections(self, rows, inv):
-        return projection_scales(rows, inv) if self.normalize else None
 
 
 def _launch_forward(inp, loss, lse2):
@@ -97,17 +138,15 @@ def _launch_backward(inp, grads, g, loss, lse2):
     queue_keys = grad_q is not None and inp.queue is not None
     # Every tensor a launch reads stays referenced until the launch is enqueued: memory freed
     # earlier could be handed to a kernel enqueued before ours.
-    proj_a = inp.projections(inp.anchors, inp.inv_anchors)
-    proj_t = inp.projections(inp.teacher, inp.inv_teacher)
+    proj_a, proj_t = inp.proj_anchors, inp.proj_teacher
     if grad_a is not None or grad_t_none is not None:
         ext.pixel_contrastive_backward_anchors(inp.params(
             lse2=pointer(lse2), grad=pointer(g), proj_anchors=pointer(proj_a), proj_teacher=pointer(proj_t),
             grad_anchors=pointer(grad_a), grad_teacher=pointer(grad_t_none)))
     if teacher_keys or queue_keys:
         g_scaled, g_max = key_side_weights(g)
-        proj_q = inp.projections(inp.queue, inp.inv_queue) if queue_keys else None
         for are_teacher, wanted, proj, grad in ((True, teacher_keys, proj_t, grad_t),
-                                                (False, queue_keys, proj_q, grad_q)):
+                                                (False, queue_keys, inp.proj_queue, grad_q)):
             if wanted:
                 ext.pixel_contrastive_backward_keys(inp.params(
                     keys_are_teacher=are_teacher, lse2=pointer(lse2), grad_scaled=pointer(g_scaled),
