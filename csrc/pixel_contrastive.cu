@@ -34,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -57,6 +58,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 // kColumnValues arrays of 64 floats per stage.
 constexpr int kColumnValues = 3;
 
+// Which instructions the device code of this compilation pass uses: warpgroup MMAs (wgmma)
+// reading both operands from shared memory where the pass targets sm_90a, else mma.sync fed by
+// ldmatrix (sm_80 and every later architecture). The host pass sees the latter; it only reads
+// kThreads and kTileElems, which both share.
+#if defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+#define PCD_KERNELS_WGMMA 1
+#else
+#define PCD_KERNELS_WGMMA 0
+#endif
+
 template <typename T>
 struct MmaAtom;
 template <>
@@ -68,33 +79,53 @@ struct MmaAtom<cute::bfloat16_t> {
   using type = SM80_16x8x16_F32BF16BF16F32_TN;
 };
 
-// Layouts and atoms of one (element type, channel chunk, warps along the columns) instance. The
-// forward runs 4 warps (16 anchors each, all 64 keys of a tile); the backward kernels 8, 4 along
-// the rows times 2 along the columns, so that the gradient accumulators (64 x kC float32 per
-// block) take kC / 4 registers per thread rather than kC / 2.
-template <typename T, int kC, int kWarpsN>
+// Layouts, MMAs and the two products of one (element type, channel chunk, column groups)
+// instance: scores(S, own, tile) accumulates S += own . tile^T (64 x 64), product(out, w, tile)
+// out += w . tile (64 x kC). The forward runs 4 warps (one warpgroup; S for 64 anchors x 64
+// keys); the backward kernels 8, in 2 column groups, so that the gradient accumulators (64 x kC
+// float32 per block) take kC / 4 registers per thread rather than kC / 2: each group computes
+// half of S's columns and half of out's, and they trade the weights through shared memory.
+// column_group(col) names the group that holds column col of S.
+template <typename T, int kC, int kGroups>
 struct Traits {
   static constexpr int kChunk = kC;
-  static constexpr int kThreads = 128 * kWarpsN;
-  // 8 rows x 64 channels, 16-byte groups XOR-swizzled by row: the 8 rows an ldmatrix reads, and
-  // the 8 16-byte pieces a warp's cp.async writes per row, fall in 8 different bank groups.
-  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kC>>{}));  // (row, channel)
-  // The same tile as (channel, row): the B operand of q @ rows, read with ldmatrix.trans.
-  using SmemRowsT = decltype(composition(SmemRows{}, make_layout(Shape<Int<kC>, Int<kCols>>{}, GenRowMajor{})));
-  using SmemRowsTPlain = decltype(get_nonswizzle_portion(SmemRowsT{}));
-  // The backward's weights (64 own rows x 64 streamed rows), written from the accumulators.
-  using SmemWeights = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kCols>>{}));
-  // 4 warps along the rows, 16 each, kWarpsN along the columns; 16 columns per warp and MMA
-  // step (one ldmatrix.x4 of B).
-  using TiledMma = TiledMMA<MMA_Atom<typename MmaAtom<T>::type>, Layout<Shape<_4, Int<kWarpsN>, _1>>,
-                            Tile<Int<kRows>, Int<16 * kWarpsN>, _16>>;
-  using LoadAtom = Copy_Atom<SM75_U32x4_LDSM_N, T>;
-  using LoadAtomT = Copy_Atom<SM75_U16x8_LDSM_T, T>;
+  static constexpr int kThreads = 128 * kGroups;
   static constexpr int kTileElems = kRows * kC;
   static constexpr TypeTag<T> kElement() { return {}; }
   static_assert(kRows == kCols, "own and streamed tiles share one layout");
   static_assert(kC % 64 == 0 && kC <= kMaxChunk, "chunks are whole swizzle atoms");
+
+#if PCD_KERNELS_WGMMA
+  // GMMA's 128-byte swizzle: 8 rows x 64 channels (128 bytes), 16-byte groups XOR-swizzled by
+  // row, as wgmma's shared-memory descriptors read it.
+  using SmemAtom = GMMA::Layout_K_SW128_Atom<T>;
+  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kC>>{}));  // (row, channel)
+  // The same tile as (channel, row): out's B operand, channel-major ("MN-major") for wgmma.
+  using SmemRowsT = decltype(composition(SmemRows{}, make_layout(Shape<Int<kC>, Int<kCols>>{}, GenRowMajor{})));
+  using SmemWeights = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kCols>>{}));
+  // One warpgroup per column group: 64 rows x (64 / kGroups) columns of S, x (kC / kGroups) of out.
+  using ScoresMma = decltype(make_tiled_mma(
+      SM90::GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kCols / kGroups>, _16>, GMMA::Major::K, GMMA::Major::K>(),
+      Layout<Shape<_1, Int<kGroups>, _1>>{}));
+  using OutMma = decltype(make_tiled_mma(
+      SM90::GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kC / kGroups>, _16>, GMMA::Major::K, GMMA::Major::MN>(),
+      Layout<Shape<_1, Int<kGroups>, _1>>{}));
+  __device__ static int column_group(int col) { return col / (kCols / kGroups); }
+#else
+  // 8 rows x 64 channels, 16-byte groups XOR-swizzled by row: the 8 rows an ldmatrix reads, and
+  // the 8 16-byte pieces a warp's cp.async writes per row, fall in 8 different bank groups.
+  using SmemAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kC>>{}));  // (row, channel)
+  // The same tile as (channel, row): out's B operand, read with ldmatrix.trans.
+  using SmemRowsT = decltype(composition(SmemRows{}, make_layout(Shape<Int<kC>, Int<kCols>>{}, GenRowMajor{})));
+  using SmemWeights = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kRows>, Int<kCols>>{}));
+  // 4 warps along the rows, 16 each, kGroups along the columns; 16 columns per warp and MMA step
+  // (one ldmatrix.x4 of B). The column groups hold alternate 8-column groups.
+  using ScoresMma = TiledMMA<MMA_Atom<typename MmaAtom<T>::type>, Layout<Shape<_4, Int<kGroups>, _1>>,
+                             Tile<Int<kRows>, Int<16 * kGroups>, _16>>;
+  using OutMma = ScoresMma;
+  __device__ static int column_group(int col) { return (col / 8) % kGroups; }
+#endif
 };
 
 // Shared memory of a block: own rows (1 buffer when one chunk holds C, else 2), 2 streamed, the
@@ -136,6 +167,28 @@ __device__ __forceinline__ void load_rows(Tile tile, const T* rows, std::int64_t
   }
 }
 
+#if PCD_KERNELS_WGMMA
+// acc += A . B^T, both operands read from shared memory by wgmma, which reads through the async
+// proxy: whatever filled them (cp.async, stores) was fenced for it before the last barrier.
+template <typename Mma, typename Acc, typename SA, typename SB>
+__device__ __forceinline__ void gemm_shared(Acc& acc, const SA& sA, const SB& sB) {
+  Mma mma;
+  auto thr_mma = mma.get_thread_slice(threadIdx.x);
+  Tensor rA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // shared-memory descriptors
+  Tensor rB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+#pragma unroll
+  for (int k = 0; k < size<2>(rA); ++k) gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+}
+
+// Makes this thread's shared-memory writes (cp.async, stores) visible to wgmma's reads once a
+// barrier follows.
+__device__ __forceinline__ void fence_for_mma() { cutlass::arch::fence_view_async_shared(); }
+#else
 // acc += A . B^T, both from shared memory (fragments of step k + 1 load while step k
 // multiplies); sB_plain is sB without its swizzle, for the fragment's shape (a transposed view's
 // swizzle is no layout a fragment can take).
@@ -164,11 +217,49 @@ __device__ __forceinline__ void gemm_smem(Acc& acc, const TiledMma& mma, const S
   }
 }
 
-// An m16n8 accumulator layout (4, M, N) as (row, column): ((2, M), (2, N)).
+__device__ __forceinline__ void fence_for_mma() {}  // ldmatrix reads what the barrier published
+#endif
+
+// S += own . tile^T over one chunk (64 x 64).
+template <typename Tr, typename Acc, typename Tile>
+__device__ __forceinline__ void scores(Acc& S, const Tile& own, const Tile& tile) {
+#if PCD_KERNELS_WGMMA
+  gemm_shared<typename Tr::ScoresMma>(S, own, tile);
+#else
+  typename Tr::ScoresMma mma;
+  using LoadAtom = Copy_Atom<SM75_U32x4_LDSM_N, typename Smem<Tr>::T>;
+  gemm_smem(S, mma, own, tile, tile, make_tiled_copy_A(LoadAtom{}, mma), make_tiled_copy_B(LoadAtom{}, mma));
+#endif
+}
+
+// out += w . tile (64 x kC): the weights w (64 x 64) times the streamed rows' slice.
+template <typename Tr, typename Out, typename W, typename Tile>
+__device__ __forceinline__ void product(Out& out, const W& w, const Tile& tile) {
+  Tensor tile_t = make_tensor(tile.data(), typename Tr::SmemRowsT{});
+#if PCD_KERNELS_WGMMA
+  gemm_shared<typename Tr::OutMma>(out, w, tile_t);
+#else
+  typename Tr::OutMma mma;
+  using T = typename Smem<Tr>::T;
+  // (a transposed view's swizzle is no layout a fragment can take: the fragment's shape comes
+  // from the view without it)
+  Tensor tile_t_plain = make_tensor(tile.data(), get_nonswizzle_portion(typename Tr::SmemRowsT{}));
+  gemm_smem(out, mma, w, tile_t, tile_t_plain, make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma),
+            make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma));
+#endif
+}
+
+// An accumulator layout as (row, column): mma.sync's m16n8 (4, M, N) as ((2, M), (2, N)), wgmma's
+// ((2, 2, N / 8), M, N) as ((2, M), (2, N / 8, N)).
 template <typename Layout>
-__device__ __forceinline__ auto rowcol(Layout layout) {
-  auto split = logical_divide(layout, Shape<_2>{});  // ((2, 2), M, N)
-  return make_layout(make_layout(get<0, 1>(split), get<1>(split)), make_layout(get<0, 0>(split), get<2>(split)));
+__host__ __device__ __forceinline__ auto rowcol(Layout layout) {
+  if constexpr (decltype(rank<0>(layout))::value == 3) {
+    return make_layout(make_layout(get<0, 1>(layout), get<1>(layout)),
+                       make_layout(get<0, 0>(layout), get<0, 2>(layout), get<2>(layout)));
+  } else {
+    auto split = logical_divide(layout, Shape<_2>{});  // ((2, 2), M, N)
+    return make_layout(make_layout(get<0, 1>(split), get<1>(split)), make_layout(get<0, 0>(split), get<2>(split)));
+  }
 }
 
 // Which key tiles a source contributes and how its positives are found.
@@ -314,10 +405,7 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
     if (last && threadIdx.x < kCols) columns(col_smem + (s % 2) * kColumnValues * kCols, source, row0);
   };
 
-  typename Tr::TiledMma mma;
-  auto copy_a = make_tiled_copy_A(typename Tr::LoadAtom{}, mma);
-  auto copy_b = make_tiled_copy_B(typename Tr::LoadAtom{}, mma);
-  Tensor S = partition_fragment_C(mma, Shape<Int<kRows>, Int<kCols>>{});
+  Tensor S = partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{});
   if (steps > 0) issue(0);
   for (int s = 0; s < steps; ++s) {
     if (s + 1 < steps) {
@@ -326,12 +414,13 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
     } else {
       cp_async_wait<0>();
     }
+    fence_for_mma();
     __syncthreads();
     int source, row0, chunk;
     bool first, last;
     sch.at(s, source, row0, chunk, first, last);
     if (first) clear(S);
-    gemm_smem(S, mma, own_tile(sch.chunks > 1 ? s % 2 : 0), str_tile(s % 2), str_tile(s % 2), copy_a, copy_b);
+    scores<Tr>(S, own_tile(sch.chunks > 1 ? s % 2 : 0), str_tile(s % 2));
     if (last) tile_done(S, source, row0, str_tile(s % 2), col_smem + (s % 2) * kColumnValues * kCols);
     __syncthreads();
   }
@@ -345,17 +434,14 @@ template <typename Tr, typename Acc, typename Out, typename Tile>
 __device__ __forceinline__ void weights_times_rows(Out& out, const Acc& weights, typename Smem<Tr>::T* w_smem,
                                                    const Tile& tile) {
   using T = typename Smem<Tr>::T;
-  typename Tr::TiledMma mma;
+  typename Tr::ScoresMma mma;
   Tensor sW = make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{});
   const Tensor at = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
 #pragma unroll
   for (int i = 0; i < size(weights); ++i) sW(get<0>(at(i)), get<1>(at(i))) = static_cast<T>(weights(i));
+  fence_for_mma();
   __syncthreads();
-  Tensor tile_t = make_tensor(tile.data(), typename Tr::SmemRowsT{});
-  Tensor tile_t_plain = make_tensor(tile.data(), typename Tr::SmemRowsTPlain{});
-  auto copy_a = make_tiled_copy_A(typename Tr::LoadAtom{}, mma);
-  auto copy_bt = make_tiled_copy_B(typename Tr::LoadAtomT{}, mma);
-  gemm_smem(out, mma, sW, tile_t, tile_t_plain, copy_a, copy_bt);
+  product<Tr>(out, sW, tile);
 }
 
 // Sums each own row's values over the column warps of a backward block: v[m][j] holds this
@@ -364,9 +450,7 @@ __device__ __forceinline__ void weights_times_rows(Out& out, const Acc& weights,
 template <typename Tr, int kValues, typename Coords>
 __device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], float* part, const Coords& coords) {
   static_assert(kValues <= Smem<Tr>::kRowValues, "room for the row values");
-  // Which half of the columns this thread's warp holds: the warps along N hold alternate groups
-  // of 8 columns of each 16 * kWarpsN.
-  const int half = (get<1>(coords(0, 0)) / 8) % 2;
+  const int half = Tr::column_group(get<1>(coords(0, 0)));
   __syncthreads();  // the previous users of the area are done
   if (tiles::lane_in_group() == 0) {
 #pragma unroll
@@ -387,9 +471,9 @@ __device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], fl
 }
 
 // (row, column) within the block's tile of each of this thread's S entries, viewed as rowcol.
-template <typename Tr, int kN>
+template <typename Mma, int kN>
 __device__ __forceinline__ auto fragment_coords() {
-  typename Tr::TiledMma mma;
+  Mma mma;
   Tensor c = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kN>>{}));
   return make_tensor(c.data(), rowcol(c.layout()));
 }
@@ -419,7 +503,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const Segment seg = anchor_segment(p);
   const Schedule<T> sch = anchor_schedule(p, seg, false);
-  const auto coords = fragment_coords<Tr, kCols>();  // (2 rows, 16 columns) of this thread
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();  // (2 rows, 16 columns) of this thread
   constexpr int kN = decltype(size<1>(coords))::value;
   tiles::OnlineLse online[2];
   float pos[2] = {0.f, 0.f};  // this lane's share of the positive logit2 (quad-summed at the end)
@@ -475,7 +559,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
 template <typename Tr, typename Out, typename F>
 __device__ __forceinline__ void for_each_output(const Out& out, int row0, int hi, int oc, int C, F&& f) {
   const Tensor o = make_tensor(out.data(), rowcol(out.layout()));
-  const auto coords = fragment_coords<Tr, Tr::kChunk>();
+  const auto coords = fragment_coords<typename Tr::OutMma, Tr::kChunk>();
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int row = row0 + get<0>(coords(m, 0));
@@ -510,11 +594,10 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   Schedule<T> sch = anchor_schedule(p, seg, grad_a == nullptr);
   sch.z = static_cast<int>(blockIdx.z);
   const int oc = sch.z * kC;
-  const auto coords = fragment_coords<Tr, kCols>();
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();
   constexpr int kN = decltype(size<1>(coords))::value;
 
-  typename Tr::TiledMma mma;
-  Tensor out = partition_fragment_C(mma, Shape<Int<kRows>, Int<kC>>{});  // sum_k q_ik k_hat_k, slice z
+  Tensor out = partition_fragment_C(typename Tr::OutMma{}, Shape<Int<kRows>, Int<kC>>{});  // sum_k q_ik k_hat_k, slice z
   clear(out);
   bool row_ok[2];
   float row_lse2[2], d[2];
@@ -631,11 +714,10 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   sch.z = static_cast<int>(blockIdx.z);
   const int oc = sch.z * kC;
   const int key0 = lo + static_cast<int>(blockIdx.x) * kRows;
-  const auto coords = fragment_coords<Tr, kCols>();
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();
   constexpr int kN = decltype(size<1>(coords))::value;
 
-  typename Tr::TiledMma mma;
-  Tensor out = partition_fragment_C(mma, Shape<Int<kRows>, Int<kC>>{});  // sum_i w_ik a_hat_i, slice z
+  Tensor out = partition_fragment_C(typename Tr::OutMma{}, Shape<Int<kRows>, Int<kC>>{});  // sum_i w_ik a_hat_i, slice z
   clear(out);
   float e_sum[2] = {0.f, 0.f};  // this lane's share of sum_i (g_i / g_max) q_ik logit2_ik
 

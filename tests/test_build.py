@@ -108,8 +108,8 @@ def test_extension_kernels_use_tensor_cores_on_every_architecture():
 
 
 # The pixel_contrastive kernels (csrc/pixel_contrastive.cu): tiles copied asynchronously into shared
-# memory (cp.async: LDGSTS, or TMA: UTMALDG), read by ldmatrix (LDSM) into tensor-core MMAs (HMMA),
-# or read by warpgroup MMAs from shared memory (HGMMA, no LDSM needed), and nothing in local memory.
+# memory (cp.async: LDGSTS, or TMA: UTMALDG), read on sm_90a by warpgroup MMAs (HGMMA) straight from
+# shared memory, elsewhere by ldmatrix (LDSM) into mma.sync (HMMA), and nothing in local memory.
 CONTRASTIVE_KERNELS = ("forward_kernel", "anchor_backward_kernel", "key_backward_kernel")
 _SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
 
@@ -138,10 +138,12 @@ def _contrastive_pipeline_problems(kernels, archs):
             missing = []
             if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
                 missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
-            if not (counts.get("HMMA") or counts.get("HGMMA")):
-                missing.append("tensor-core MMAs (no HMMA or HGMMA)")
-            if not (counts.get("LDSM") or counts.get("HGMMA")):
-                missing.append("ldmatrix (no LDSM) and no HGMMA")
+            if arch.startswith("sm_90"):
+                if not counts.get("HGMMA"):
+                    missing.append("warpgroup MMAs (no HGMMA)")
+            elif not (counts.get("HMMA") and counts.get("LDSM")):
+                missing.append(f"tensor-core MMAs fed by ldmatrix ({counts.get('HMMA', 0)} HMMA, "
+                               f"{counts.get('LDSM', 0)} LDSM)")
             if counts.get("STL") or counts.get("LDL"):
                 missing.append(f"spills: {counts.get('STL', 0)} STL and {counts.get('LDL', 0)} LDL (local memory)")
             if missing:
@@ -204,10 +206,11 @@ def test_contrastive_sass_check_names_what_each_kernel_lacks():
                ("sm_90a", name("forward_kernel")): ["/*0100*/ UTMALDG.2D [UR4], [UR6] ;",
                                                     "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;"],
                ("sm_90a", name("key_backward_kernel")): ["/*0100*/ LDG.E.128 R4, desc[UR4][R2.64] ;"]}
+    kernels[("sm_90a", name("anchor_backward_kernel"))] = good  # mma.sync where sm_90a needs wgmma
     assert _contrastive_pipeline_problems(kernels, {"sm_80", "sm_90a"}) == [
         "sm_80: no key_backward_kernel in the library",
-        "sm_80 anchor_backward_kernel<bfloat16_t, 256>: ldmatrix (no LDSM) and no HGMMA; spills: 1 STL and 1 LDL "
-        "(local memory)",
-        "sm_90a: no anchor_backward_kernel in the library",
-        "sm_90a key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); tensor-core MMAs (no "
-        "HMMA or HGMMA); ldmatrix (no LDSM) and no HGMMA"]
+        "sm_80 anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, 0 LDSM); spills: "
+        "1 STL and 1 LDL (local memory)",
+        "sm_90a anchor_backward_kernel<half_t, 64>: warpgroup MMAs (no HGMMA)",
+        "sm_90a key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); warpgroup MMAs (no "
+        "HGMMA)"]
