@@ -2,7 +2,8 @@
 
 1. Builds the CUDA extension for sm_90a only, in the background, while the Triton checks start
    (installing CUTLASS's headers from .whl/ first where they are missing, as make gpu-install does).
-2. Checks every op x backend (triton, cuda) x dtype it takes (float32, float16, bfloat16; CUDA's
+2. Runs each CUDA kernel alone first (bench/cuda_kernel_check.py, its own subprocess and timeout),
+   then checks every op x backend (triton, cuda) x dtype it takes (float32, float16, bfloat16; CUDA's
    pixel_contrastive_loss takes no float32), forward and every gradient, against the float64
    reference with the test suite's own comparisons (DESIGN.md 5) at its shapes (tile tails, several
    tiles, masks, NaN), the CUDA caching allocator poisoned with NaN before each test
@@ -62,8 +63,15 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
     GPU backends, all dtypes, with (on a GPU) the op's opcheck and allocation tests."""
     from common import registry
 
+    from cuda_kernel_check import KERNELS
+
     ops = registry()
-    groups = []
+    # Each CUDA kernel alone, first (bench/cuda_kernel_check.py): one that hangs or faults costs its
+    # own short timeout and is named before the op groups run it beside the others.
+    groups = [Group(f"cuda kernel {kernel}", kernel.split(".")[0], "cuda", ["bench/cuda_kernel_check.py", kernel],
+                    timeout=90, needs_extension=True, pytest=False,
+                    skip="dry run: no CUDA device here (the CUDA backend needs one)" if dry_run else None)
+              for kernel in KERNELS]
     for op in ops:
         # Each op's test file names its tests here: GPU_SMOKE, and GPU_SMOKE_DRY for the dry run (the
         # interpreter is slow: it checks the plumbing on fewer cases where that costs).
@@ -543,8 +551,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.write(f"{row['verdict']:>7}  {row['check']}: {row.get('measured', '')} ({row.get('seconds', 0):.0f} s)")
         return row
 
-    # The build's groups wait for it; the others start at once.
-    ordered = sorted(groups, key=lambda g: g.needs_extension)
+    # The CUDA kernels alone first (they wait for the build: a minute for sm_90a), the groups that
+    # do not need the extension beside them, then the op groups of the CUDA backend.
+    kernel_checks = [g for g in groups if g.name.startswith("cuda kernel ")]
+    ordered = kernel_checks + sorted((g for g in groups if g not in kernel_checks), key=lambda g: g.needs_extension)
     jobs = args.jobs or (2 if dry_run else 6)
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(run, ordered))

@@ -124,6 +124,9 @@ def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
     import subprocess
 
     for group in gpu_smoke.check_groups("cuda", dry_run=False):
+        if not group.pytest:  # a script: each CUDA kernel alone (the next test runs its problems)
+            assert group.argv[0] == "bench/cuda_kernel_check.py" and group.needs_extension, group
+            continue
         listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                  *group.argv], capture_output=True, text=True, cwd=gpu_smoke.ROOT)
         assert listed.returncode == 0 and " tests collected" in listed.stdout, (group.name, listed.stdout[-500:])
@@ -133,3 +136,18 @@ def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
              for c in op.cases(device, quick)}
     for target in gpu_smoke.TARGETS:
         assert target.case in names and target.dry_case in names, target
+
+
+def test_each_cuda_kernel_runs_alone_first_and_its_problems_are_well_posed(capsys):
+    """make gpu-smoke runs each CUDA kernel by itself before any op group (bench/cuda_kernel_check.py):
+    here its problems on the torch backend, which must match the reference as the kernels must."""
+    import cuda_kernel_check
+
+    groups = gpu_smoke.check_groups("cuda", dry_run=False)
+    kernels = [g.argv[1] for g in groups if not g.pytest]
+    assert kernels == list(cuda_kernel_check.KERNELS) and [g.argv[1] for g in groups[:len(kernels)]] == kernels
+    assert all(g.skip for g in gpu_smoke.check_groups("cpu", dry_run=True) if not g.pytest)
+    for kernel in kernels:
+        assert cuda_kernel_check.main([kernel, "--backend", "torch", "--device", "cpu"]) == 0, capsys.readouterr().out
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == len(cuda_kernel_check.DTYPES) * 6 and all(line.startswith("ok ") for line in lines)

@@ -1,0 +1,89 @@
+"""One kernel of the CUDA backend, alone, on small problems against the float64 reference.
+
+``make gpu-smoke`` runs this first on a GPU, one subprocess per kernel with its own short timeout,
+so that a kernel that hangs, faults or computes wrongly costs seconds and is named, before the
+op-level test groups (which run every kernel of an op together) start.
+
+    python bench/cuda_kernel_check.py KERNEL      # KERNEL one of --list
+    python bench/cuda_kernel_check.py --list
+    python bench/cuda_kernel_check.py KERNEL --backend torch --device cpu   # the problems themselves
+
+Each problem is chosen so that only the named kernel runs beyond the ones checked before it (the
+forward's check runs no backward; the anchor kernel's asks for no key-side gradient; the key
+kernel's for no student gradient), in float16 and bfloat16, in every negatives mode, with masks,
+C that is no multiple of 8 (padded operands) and C above 256 (gradient slices, chunked logits).
+The comparison is the test suite's (tests/_helpers.py ``check_against_reference``). Prints one
+line per problem; exit 0 when every problem matched, 1 at the first mismatch.
+"""
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+# (B, C, H, W, queue rows): one channel chunk of 64 with tile tails (81 pixels, C = 40 padded to
+# 40, queue 100); and C = 300 (two chunks of 256, two gradient slices), 65 pixels, queue 70.
+SHAPES = ((2, 40, 9, 9, 100), (1, 300, 5, 13, 70))
+DTYPES = ("float16", "bfloat16")
+
+
+def _contrastive(grads_by_mode):
+    def check(dtype, backend, device):
+        from test_pixel_contrastive import check_op, make_inputs
+
+        for shape in SHAPES:
+            for negatives, grads in grads_by_mode.items():
+                yield f"negatives={negatives} shape={shape}", lambda: check_op(
+                    backend, device, dtype, make_inputs(*shape, masked=True), grads=grads, negatives=negatives)
+    return check
+
+
+# kernel -> the problems that run it: (student, teacher, queue) gradients asked for, per mode.
+KERNELS = {
+    "pixel_contrastive.forward_kernel": _contrastive(
+        {"none": (False, False, False), "image": (False, False, False), "batch": (False, False, False)}),
+    # "none" also writes the teacher's gradient from the anchor kernel
+    "pixel_contrastive.anchor_backward_kernel": _contrastive(
+        {"none": (True, True, False), "image": (True, False, False), "batch": (True, False, False)}),
+    "pixel_contrastive.key_backward_kernel": _contrastive(
+        {"none": (False, False, True), "image": (False, True, True), "batch": (False, True, True)}),
+}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python bench/cuda_kernel_check.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("kernel", nargs="?", choices=list(KERNELS))
+    p.add_argument("--list", action="store_true", help="print the kernels")
+    p.add_argument("--backend", default="cuda", help="run the same problems on another backend (default: cuda)")
+    p.add_argument("--device", default="cuda", help="and device (default: cuda)")
+    args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(KERNELS))
+        return 0
+    if args.kernel is None:
+        p.error("name a kernel (--list prints them)")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("cuda_kernel_check: needs a CUDA device", file=sys.stderr)
+        return 2
+    for dtype_name in DTYPES:
+        dtype = getattr(torch, dtype_name)
+        for label, problem in KERNELS[args.kernel](dtype, args.backend, args.device):
+            started = time.perf_counter()
+            try:
+                problem()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as error:  # the mismatch or the CUDA error, named, then stop
+                print(f"FAIL {args.kernel} {dtype_name} {label}: {type(error).__name__}: {error}", flush=True)
+                return 1
+            print(f"ok   {args.kernel} {dtype_name} {label} ({time.perf_counter() - started:.2f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
