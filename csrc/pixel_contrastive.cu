@@ -500,7 +500,7 @@ template <typename T, int kC>
 __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     forward_kernel(const __grid_constant__ Params<T> p, float* loss, float* lse2_out) {
   using Tr = ForwardTraits<T, kC>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
   const Segment seg = anchor_segment(p);
   const Schedule<T> sch = anchor_schedule(p, seg, false);
   const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();  // (2 rows, 16 columns) of this thread
@@ -584,7 +584,7 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
     anchor_backward_kernel(const __grid_constant__ Params<T> p, const float* lse2, const float* grad, const float* proj_a,
                            const float* proj_t, T* grad_a, T* grad_t) {
   using Tr = BackwardTraits<T, kC>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
   T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
   float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
   // "none" mode: each anchor's positive logit2 and p - 1, written by the one thread holding the
@@ -693,7 +693,7 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
     key_backward_kernel(const __grid_constant__ Params<T> p, bool keys_are_teacher, const float* lse2, const float* grad_scaled,
                         const float* grad_max, const float* proj_k, T* grad_k) {
   using Tr = BackwardTraits<T, kC>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
   T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
   float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
   // The block's keys and the anchors that see them: the pixels of image blockIdx.y and its
@@ -804,6 +804,12 @@ void check_params(const PixelContrastiveParams& in) {
     invalid_argument("pixel_contrastive CUDA kernels read operand rows of row_stride >= C elements, a multiple of " +
                      std::to_string(kVec) + " (16-byte aligned rows), got " + std::to_string(in.row_stride));
   }
+  for (const std::uintptr_t operand : {in.anchors, in.teacher, in.extra, in.queue}) {
+    if (operand % 16 != 0) {  // 16-byte asynchronous copies
+      invalid_argument("pixel_contrastive CUDA kernels read operands that start 16-byte aligned, got address " +
+                       std::to_string(operand));
+    }
+  }
   if (in.channels > std::int64_t{65535} * kMaxChunk) {  // grid z counts gradient slices
     invalid_argument("pixel_contrastive CUDA kernels take at most 16776960 channels");
   }
@@ -815,8 +821,27 @@ void check_params(const PixelContrastiveParams& in) {
   }
 }
 
-// The channel chunk of a launch: the smallest of 64, 128, 256 that holds C, else 256.
+// The channel chunk a launch prefers: the smallest of 64, 128, 256 that holds C, else 256.
 int chunk_width(std::int64_t channels) { return channels <= 64 ? 64 : channels <= 128 ? 128 : kMaxChunk; }
+
+// The shared memory a block of the forward (kGroups 1) or a backward kernel (2) takes with chunks
+// of kc channels.
+template <typename T, int kGroups>
+std::size_t block_smem(std::int64_t channels, int kc) {
+  auto bytes = [&](auto chunk) {
+    return Smem<Traits<T, decltype(chunk)::value, kGroups>>::bytes(ceil_div(channels, decltype(chunk)::value));
+  };
+  return kc == 64 ? bytes(Int<64>{}) : kc == 128 ? bytes(Int<128>{}) : bytes(Int<kMaxChunk>{});
+}
+
+// What the device allows a block of shared memory (opting in beyond 48 KB).
+int shared_memory_per_block(int device) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return optin;
+}
 
 template <typename T>
 Params<T> kernel_params(const PixelContrastiveParams& in, int kc) {
@@ -843,36 +868,32 @@ Params<T> kernel_params(const PixelContrastiveParams& in, int kc) {
   return p;
 }
 
-// Calls f(TypeTag<T>{}, Int<kC>{}) for the launch's element type and channel chunk.
-template <typename F>
+// Calls f(TypeTag<T>{}, Int<kC>{}, smem bytes) for the launch's element type and channel chunk:
+// the preferred chunk, or a narrower one where the device allows a block less shared memory
+// (99 KB on sm_86/89/120 GPUs, where the 256-channel backward needs 107 KB), more chunks then.
+template <int kGroups, typename F>
 void by_instance(const PixelContrastiveParams& in, F&& f) {
+  const std::size_t optin = static_cast<std::size_t>(shared_memory_per_block(in.device));
   auto with_chunk = [&](auto tag) {
-    switch (chunk_width(in.channels)) {
+    using T = typename decltype(tag)::type;
+    int kc = chunk_width(in.channels);
+    while (kc > 64 && block_smem<T, kGroups>(in.channels, kc) > optin) kc /= 2;
+    const std::size_t bytes = block_smem<T, kGroups>(in.channels, kc);
+    if (bytes > optin) {
+      invalid_argument("pixel_contrastive kernels need " + std::to_string(bytes) +
+                       " bytes of shared memory per block, the device allows " + std::to_string(optin));
+    }
+    switch (kc) {
       case 64:
-        return f(tag, Int<64>{});
+        return f(tag, Int<64>{}, bytes);
       case 128:
-        return f(tag, Int<128>{});
+        return f(tag, Int<128>{}, bytes);
       default:
-        return f(tag, Int<kMaxChunk>{});
+        return f(tag, Int<kMaxChunk>{}, bytes);
     }
   };
   if (in.dtype == DType::kFloat16) return with_chunk(TypeTag<cute::half_t>{});
   return with_chunk(TypeTag<cute::bfloat16_t>{});
-}
-
-// The shared memory of a launch, checked against what the device allows a block.
-template <typename Tr>
-std::size_t plan_smem(const PixelContrastiveParams& in, int chunks) {
-  check_cuda(cudaSetDevice(in.device), "cudaSetDevice");
-  int optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, in.device),
-             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
-  const std::size_t bytes = Smem<Tr>::bytes(chunks);
-  if (bytes > static_cast<std::size_t>(optin)) {
-    invalid_argument("pixel_contrastive kernels need " + std::to_string(bytes) +
-                     " bytes of shared memory per block, the device allows " + std::to_string(optin));
-  }
-  return bytes;
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
@@ -885,13 +906,12 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
 
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
-  by_instance(in, [&](auto tag, auto kc) {
+  by_instance<1>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = ForwardTraits<T, kC>;
-    launch(forward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), Tr::kThreads,
-           plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive forward_kernel", p,
+    launch(forward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
            device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
   });
 }
@@ -902,13 +922,13 @@ void pixel_contrastive_backward_anchors(const PixelContrastiveParams& in) {
     invalid_argument("pixel_contrastive anchor backward writes the teacher gradient in negatives='none' mode only");
   }
   if (in.grad_anchors == 0 && in.grad_teacher == 0) return;
-  by_instance(in, [&](auto tag, auto kc) {
+  by_instance<2>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
     launch(anchor_backward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, p.chunks),
-           Tr::kThreads, plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive anchor_backward_kernel", p,
+           Tr::kThreads, smem, in.stream, "pixel_contrastive anchor_backward_kernel", p,
            device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad),
            device_ptr<const float>(in.proj_anchors), device_ptr<const float>(in.proj_teacher),
            device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
@@ -923,13 +943,12 @@ void pixel_contrastive_backward_keys(const PixelContrastiveParams& in) {
   if (!in.keys_are_teacher && in.n_queue == 0) return;
   const bool by_image = in.keys_are_teacher && in.negatives == Negatives::kImage;
   const std::int64_t keys = in.keys_are_teacher ? in.n_rows : in.n_queue;
-  by_instance(in, [&](auto tag, auto kc) {
+  by_instance<2>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
-    launch(key_backward_kernel<T, kC>, row_grid(in, keys, by_image, p.chunks), Tr::kThreads,
-           plan_smem<Tr>(in, p.chunks), in.stream, "pixel_contrastive key_backward_kernel", p,
+    launch(key_backward_kernel<T, kC>, row_grid(in, keys, by_image, p.chunks), Tr::kThreads, smem, in.stream, "pixel_contrastive key_backward_kernel", p,
            in.keys_are_teacher, device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
            device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys), device_ptr<T>(in.grad_keys));
   });

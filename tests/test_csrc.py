@@ -187,6 +187,10 @@ def test_contrastive_operands_that_need_nothing_are_not_copied():
     masked = cuda_contrastive._Inputs(student, student, queue, None, torch.ones(2, 3, 4, dtype=torch.bool), None,
                                       "none", 0.2, False)
     assert masked.anchors.data_ptr() != student.data_ptr() and masked.queue is queue
+    # a view starting 8 bytes into its storage is copied: the kernels' copies move 16-byte pieces
+    shifted = torch.randn(7 * 16 + 4, dtype=torch.bfloat16)[4:].view(7, 16)
+    inp = cuda_contrastive._Inputs(student, student, shifted, None, None, None, "none", 0.2, False)
+    assert shifted.data_ptr() % 16 == 8 and inp.queue.data_ptr() % 16 == 0 and torch.equal(inp.queue, shifted)
 
 
 @needs_extension
@@ -215,7 +219,9 @@ def test_launchers_refuse_bad_arguments_before_any_cuda_call():
             ("dtype", 3, r"take dtype code 1 \(float16\) or 2 \(bfloat16\), got 3"),
             ("row_stride", 0, "read operand rows of row_stride >= C elements, a multiple of 8"),
             ("row_stride", 12, "read operand rows of row_stride >= C elements, a multiple of 8"),
-            ("row_stride", 3, "read operand rows of row_stride >= C elements, a multiple of 8")):
+            ("row_stride", 3, "read operand rows of row_stride >= C elements, a multiple of 8"),
+            ("queue", 1032, "read operands that start 16-byte aligned, got address 1032"),
+            ("anchors", 1025, "read operands that start 16-byte aligned")):
         for launch in (ext.pixel_contrastive_forward, ext.pixel_contrastive_backward_anchors,
                        ext.pixel_contrastive_backward_keys):
             with pytest.raises(ValueError, match=message):

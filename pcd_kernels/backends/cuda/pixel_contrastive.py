@@ -49,15 +49,16 @@ def _operand(rows: Tensor, dtype: torch.dtype, normalize: bool, valid: Optional[
     rounded once, as the Triton kernels do in registers) when normalising, else x; masked rows 0
     (a NaN there must not reach a tile's sums); channels past C 0. ``rows`` itself when nothing
     needs changing. inv = 1 / max(||x||, eps) and proj (inv where ||x|| >= eps, else 0: the factor
-    of x_hat (x_hat . G) in the normalisation's gradient, see ``backends/_host.projection_scales``)
+    of x_hat (x_hat . G) in the normalisation's gradient: ``backends/_host.projection_scales``'s
+    inv^2 times x, written with the rounded x_hat)
     are float32 per row, from the same norms, None unless normalising. No float32 copy: the norms
     accumulate in float32 as they read, and the product is computed in float32 and rounded as it
     is stored (about 6 bytes of traffic per element rather than 24 through a float32 copy)."""
     n, C = rows.shape
     stride = row_stride(C)
     rows = rows.to(dtype)  # x rounded to dtype, as the kernels' inputs are (no copy when it is)
-    if not normalize and valid is None and stride == C and rows.is_contiguous():
-        return rows, None, None
+    if not normalize and valid is None and stride == C and rows.is_contiguous() and rows.data_ptr() % 16 == 0:
+        return rows, None, None  # (16-byte copies: the rows must start 16-byte aligned, as a view may not)
     operand = torch.empty((n, stride), dtype=dtype, device=rows.device)
     operand[:, C:].zero_()
     inv = proj = None
