@@ -1,29 +1,30 @@
-// pixel_attention (DESIGN.md 3.4): flash-attention-2 style tensor-core kernels on channel-major maps.
+// pixel_attention (DESIGN.md 3.4): flash-attention-2 style kernels on CUTLASS's CuTe, with an
+// sm_80-class pipeline (cp.async into swizzled shared memory, ldmatrix, mma.sync m16n8k16 with
+// float32 accumulation) built for every architecture.
 //
-// q (B, heads * d, LQ), k and v (B, heads * d, LK) are read through their strides in place; a tile
-// is copied to shared memory either as [position][channel] (rows are vectors: the A operand of
-// Q K^T, or its B operand, "n-major") or as [channel][position] (the B operand of P V, whose k
-// dimension is the positions: exactly the channel-major layout). Head dims are zero-padded on chip
-// to DP = 16, 32, 64 or 128; every MMA is tiles::mma_16x8x16 (m16n8k16 for 16-bit types, 3xTF32
-// for float32) with float32 accumulation.
+// Operands are prepared by the host (backends/cuda/pixel_attention.py): per (batch, head,
+// position) a row of head_dim contiguous elements, 16-byte aligned, zeros up to a multiple of 8
+// (pixel_attention.h: AttentionRows). Tiles of 64 rows x DP channels (head_dim padded to 32, 64
+// or 128) are copied with 16-byte cp.async into shared memory laid out in 8-row swizzle atoms
+// (16-byte groups XOR-swizzled by row: the rows an ldmatrix reads and those a warp's copies
+// write fall in different banks); rows past an operand's end and channels past head_dim are
+// zero-filled by the copy itself. The streamed tiles of a block run through two stages: the copy
+// of step s + 1 is in flight while step s multiplies.
 //
-// * attention_forward_kernel: one block of 4 warps per (query tile of 64, batch * head); warp w
-//   owns query rows [16w, 16w + 16) of the tile. Loop over key tiles of 64: S = Q K^T (registers),
-//   base-2 scaling, keys >= LK masked to -inf, online softmax per row (tiles::OnlineLse), P written
-//   to shared memory in the element type, O += P V. Epilogue O / l through shared memory to the
-//   output (coalesced along positions), lse2 = max + log2(sum) per query.
-// * attention_delta_kernel: delta = rowsum(dO * O) per query and head, one thread per query.
-// * attention_backward_kv_kernel: one block per (key tile of 64, batch * head); warp w owns keys
-//   [16w, 16w + 16). Loop over query tiles of BM: S^T = K Q^T, P^T = exp2(S^T - lse2), dV += P^T dO,
-//   dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q; dK scaled by `scale` at the end.
-// * attention_backward_q_kernel: one block per (query tile of 64, batch * head), loop over key tiles
-//   of BN: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K; dQ scaled at the end.
-// Every gradient element has exactly one writer: deterministic, no atomics.
-//
-// Fragment ownership (tiles.cuh): in a 16x8 accumulator tile, lane 4g + t holds row g (entries
-// 0, 1) and row g + 8 (entries 2, 3), columns 2t and 2t + 1. The warp's rows g and g + 8 are
-// therefore always those of this lane, whichever n8 tile: the per-row softmax state lives in two
-// registers per lane and row reductions are tiles::quad_max / quad_sum.
+// * forward_kernel: 4 warps per (query tile of 64, batch * head), 16 query rows per warp. Per key
+//   tile of 64: S = Q K^T, keys >= LK masked to -inf, base-2 online softmax per row, P rounded to
+//   the element type and kept in registers as the A operand of O += P V (V read transposed with
+//   ldmatrix.trans). Epilogue: O / l through shared memory to the output map; lse2 per query.
+// * delta_kernel: delta = rowsum(dO * O) per query and head, one thread per query.
+// * backward_kernel<kKeys = true> (dK, dV): 8 warps per (key tile of 64, batch * head) looping
+//   over query tiles of 64: S^T = K Q^T, dP^T = V dO^T, P^T = exp2(S^T scale2 - lse2), dS^T =
+//   P^T (dP^T - delta); dV += P^T dO, dK += dS^T Q, dK times scale at the end.
+// * backward_kernel<kKeys = false> (dQ): 8 warps per (query tile of 64, batch * head) looping
+//   over key tiles of 64: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K, times scale.
+//   The backward blocks are 4 warps along the rows x 2 column groups: each group computes half of
+//   S's columns and half of the gradients' channels (DP / 4 accumulator registers per gradient
+//   and thread, not DP / 2), and they trade the weights (P, dS) through shared memory.
+// Every output element has exactly one writer: deterministic, no atomics.
 //
 // Grid: blockIdx.x enumerates (tile, batch * head) with the tile fastest (blocks of one head are
 // adjacent, so its keys and values stay in L2); at most 2^31 - 1 blocks. All global offsets are
@@ -32,55 +33,83 @@
 
 #include <cuda_runtime.h>
 
-#include <cmath>
+#include <cute/tensor.hpp>
+
+#include <cstdint>
 #include <string>
-#include <type_traits>
 
 #include "pcd_kernels/dispatch.cuh"
-#include "pcd_kernels/tiles.cuh"
+#include "pcd_kernels/cute_tiles.cuh"
 
 namespace pcd_kernels {
 namespace {
 
-using tiles::from_float;
-using tiles::to_float;
+using namespace cute;
+using namespace cute_tiles;
 
-constexpr int kTile = static_cast<int>(kAttentionTile);  // rows per block: queries (forward, dQ), keys (dK/dV)
-constexpr int kWarps = kTile / 16;                        // 16 rows per warp
-constexpr int kThreads = 32 * kWarps;
-constexpr int kDeltaRows = kThreads;  // queries per block of the delta kernel (one per thread)
+constexpr int kTile = static_cast<int>(kAttentionTile);  // rows of every tile: queries or keys
+static_assert(kVec == kAttentionRowAlign, "operand rows start 16-byte aligned");
+constexpr int kForwardThreads = 128;
+constexpr int kBackwardThreads = 256;
+constexpr int kDeltaRows = 128;  // queries per block of the delta kernel (one per thread)
 constexpr double kLog2e = 1.4426950408889634;
 
-// The inner tile the backward kernels loop over (queries for dK/dV, keys for dQ): smaller for wide
-// heads, where each thread already holds 16 x DP (dQ) or 2 x 16 x DP (dK, dV) float accumulators,
-// and smaller still for float32, whose 3xTF32 operand splitting needs registers of its own (the
-// sizes keep every instantiation free of local-memory spills: cuobjdump --dump-resource-usage).
+// Layouts and MMAs of one (element type, padded head dim) instance.
 template <typename T, int DP>
-constexpr int inner_tile() {
-  if (sizeof(T) == 4) return DP == 128 ? 16 : DP == 64 ? 32 : 64;
-  return DP == 128 ? 32 : 64;
+struct Traits {
+  static_assert(DP == 32 || DP == 64 || DP == 128, "head dims are padded to 32, 64 or 128");
+  static constexpr int kTileElems = kTile * DP;
+  // 8 rows x min(DP, 64) channels, 16-byte groups XOR-swizzled by row (Swizzle<3, 3, 3> over 64
+  // channels, <2, 3, 3> over 32): ldmatrix's 8 rows of one group, and the 16-byte pieces a warp's
+  // cp.async writes, fall in 8 different bank groups.
+  static constexpr int kAtomCols = DP < 64 ? DP : 64;
+  using SmemAtom = decltype(composition(Swizzle<DP < 64 ? 2 : 3, 3, 3>{},
+                                        Layout<Shape<_8, Int<kAtomCols>>, Stride<Int<kAtomCols>, _1>>{}));
+  using SmemRows = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kTile>, Int<DP>>{}));  // (position, channel)
+  // The same tile as (channel, position): the B operand of the products over positions
+  // (O += P V, dV += P^T dO, dK += dS^T Q, dQ += dS K), read with ldmatrix.trans.
+  using SmemRowsT = decltype(composition(SmemRows{}, make_layout(Shape<Int<DP>, Int<kTile>>{}, GenRowMajor{})));
+  // The weights (P, dS) of the backward blocks: 64 x 64.
+  using SmemWeights = decltype(tile_to_shape(
+      composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}), Shape<Int<kTile>, Int<kTile>>{}));
+  // Forward: 4 warps along the rows, 16 each, 16 columns per warp and MMA step (one ldmatrix.x4
+  // of B). Backward: 4 x 2 warps, the column groups holding alternate 8-column groups.
+  using ForwardMma = TiledMMA<MMA_Atom<typename MmaAtom<T>::type>, Layout<Shape<_4, _1, _1>>, Tile<_64, _16, _16>>;
+  using BackwardMma = TiledMMA<MMA_Atom<typename MmaAtom<T>::type>, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
+};
+
+template <typename Tr>
+__host__ __device__ constexpr std::size_t forward_smem() {
+  return 5 * Tr::kTileElems * 2;  // Q; K and V in 2 stages (16-bit elements)
 }
 
-// Row padding of shared tiles, in elements: 16 bytes, so that the fragment loads of the 8 lane
-// groups (rows g = 0..7, 32-bit words t = 0..3) hit 32 different banks and rows stay 16-byte aligned.
-template <typename T>
-constexpr int pad() {
-  return 16 / static_cast<int>(sizeof(T));
+template <typename Tr, bool kKeys>
+__host__ __device__ constexpr std::size_t backward_smem(int stages) {
+  // own 2 tiles, streamed 2 x stages, the weights (P and dS, or dS), per-column values (lse2,
+  // delta) x stages
+  return ((2 + 2 * stages) * Tr::kTileElems + (kKeys ? 2 : 1) * kTile * kTile) * 2 +
+         (kKeys ? stages * 2 * kTile * sizeof(float) : 0);
 }
 
-// A (B, C, L) map on the device.
-struct Map {
+// An operand's rows and an output map (pixel_attention.h), on the device.
+struct Rows {
   const void* data;
+  std::int64_t sb, sh, sl;
+};
+struct Map {
+  void* data;
   std::int64_t sb, sc, sl;
 };
 
 struct Params {
-  Map q, k, v, o, dout, dq, dk, dv;  // (unused ones are null)
-  float* lse2;                       // (B * heads, LQ)
-  float* delta;                      // (B * heads, LQ)
+  Rows q, k, v, dout;
+  Map o, dq, dk, dv;
+  float* lse2;   // (B * heads, LQ)
+  float* delta;  // (B * heads, LQ)
   std::int64_t heads;
-  int head_dim, lq, lk, n_tiles;     // n_tiles: tiles per (batch, head), the fastest grid index
-  float scale2;                      // scale * log2(e): logits in base 2
+  int head_dim, lq, lk, n_tiles;  // n_tiles: tiles per (batch, head), the fastest grid index
+  int stages;                     // of the backward's streamed tiles: 2, or 1 where shared memory is short
+  float scale2;                   // scale * log2(e): logits in base 2
   float scale;
 };
 
@@ -88,378 +117,308 @@ struct Params {
 __device__ __forceinline__ int block_tile(const Params& p) {
   return static_cast<int>(blockIdx.x % static_cast<unsigned>(p.n_tiles));
 }
-__device__ __forceinline__ std::int64_t block_head(const Params& p) {
-  return blockIdx.x / static_cast<unsigned>(p.n_tiles);
-}
+__device__ __forceinline__ std::int64_t block_head(const Params& p) { return blockIdx.x / static_cast<unsigned>(p.n_tiles); }
 
-// Element (batch, head h, channel 0, position 0) of head `bh` = batch * heads + h.
+// Row 0 of head bh of an operand.
 template <typename T>
-__device__ __forceinline__ T* head_ptr(const Map& m, std::int64_t bh, std::int64_t heads, int head_dim) {
-  return const_cast<T*>(static_cast<const T*>(m.data)) + (bh / heads) * m.sb +
-         (bh % heads) * static_cast<std::int64_t>(head_dim) * m.sc;
+__device__ __forceinline__ const T* head_rows(const Rows& r, std::int64_t bh, std::int64_t heads) {
+  return static_cast<const T*>(r.data) + (bh / heads) * r.sb + (bh % heads) * r.sh;
 }
 
-// Copies positions [pos0, pos0 + POS) x channels [0, DP) of one head into a shared tile:
-// tile[p * ld + c] ([position][channel]) or, TRANSPOSED, tile[c * ld + p] ([channel][position]).
-// Positions >= n_pos and channels >= head_dim are 0 (padding). Consecutive threads take
-// consecutive positions (coalesced for the channel-major layout, position stride 1) unless the
-// channels are the contiguous direction (channels-last), then consecutive channels.
-template <typename T, int POS, int DP, bool TRANSPOSED>
-__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, std::int64_t sl, std::int64_t sc,
-                                          int pos0, int n_pos, int head_dim) {
-  const bool channel_fast = sc == 1 && sl != 1;
-  for (int i = threadIdx.x; i < POS * DP; i += kThreads) {
-    const int p = channel_fast ? i / DP : i % POS;
-    const int c = channel_fast ? i % DP : i / POS;
-    const int pos = pos0 + p;
-    T x = from_float<T>(0.f);
-    if (pos < n_pos && c < head_dim) x = src[static_cast<std::int64_t>(pos) * sl + static_cast<std::int64_t>(c) * sc];
-    tile[TRANSPOSED ? c * ld + p : p * ld + c] = x;
+// Element (channel 0, position 0) of head bh of a map.
+template <typename T>
+__device__ __forceinline__ T* head_map(const Map& m, std::int64_t bh, std::int64_t heads, int head_dim) {
+  return static_cast<T*>(m.data) + (bh / heads) * m.sb + (bh % heads) * static_cast<std::int64_t>(head_dim) * m.sc;
+}
+
+// Rows [row0, row0 + 64) x channels [0, DP) of one head into a swizzled tile; rows >= hi and
+// channels >= head_dim are zero-filled (channels in [head_dim, head_dim rounded up to 8) are zeros
+// in the operand itself).
+template <int kThreads, int DP, typename T, typename Tile>
+__device__ __forceinline__ void load_rows(Tile tile, const T* rows, std::int64_t ld, int row0, int hi, int head_dim) {
+  cute_tiles::load_rows<kThreads, kTile, DP>(tile, rows, ld, row0, hi, 0, head_dim);
+}
+
+// Positions [pos0, pos0 + 64) (those < n_pos) x channels [0, head_dim) of a (position, channel)
+// shared tile to a map. Consecutive threads take consecutive positions (coalesced for the
+// channel-major layout) unless channels are the map's contiguous direction.
+template <int kThreads, int DP, typename T, typename Tile>
+__device__ __forceinline__ void store_tile(const Tile& tile, T* dst, const Map& m, int pos0, int n_pos, int head_dim) {
+  const bool channel_fast = m.sc == 1 && m.sl != 1;
+  for (int i = threadIdx.x; i < kTile * DP; i += kThreads) {
+    const int r = channel_fast ? i / DP : i % kTile;
+    const int c = channel_fast ? i % DP : i / kTile;
+    const int pos = pos0 + r;
+    if (pos < n_pos && c < head_dim) dst[static_cast<std::int64_t>(pos) * m.sl + static_cast<std::int64_t>(c) * m.sc] = tile(r, c);
   }
 }
 
-// The reverse of load_tile for a [position][channel] tile: writes positions < n_pos, channels <
-// head_dim.
-template <typename T, int POS, int DP>
-__device__ __forceinline__ void store_tile(const T* tile, int ld, T* dst, std::int64_t sl, std::int64_t sc, int pos0,
-                                           int n_pos, int head_dim) {
-  const bool channel_fast = sc == 1 && sl != 1;
-  for (int i = threadIdx.x; i < POS * DP; i += kThreads) {
-    const int p = channel_fast ? i / DP : i % POS;
-    const int c = channel_fast ? i % DP : i / POS;
-    const int pos = pos0 + p;
-    if (pos < n_pos && c < head_dim) {
-      dst[static_cast<std::int64_t>(pos) * sl + static_cast<std::int64_t>(c) * sc] = tile[p * ld + c];
-    }
-  }
+// S += rows_a . rows_b^T over the channels: both (position, channel) tiles.
+template <typename Mma, typename Acc, typename TileA, typename TileB>
+__device__ __forceinline__ void scores(Acc& S, const TileA& a, const TileB& b) {
+  using T = typename TileA::value_type;
+  Mma mma;
+  using LoadAtom = Copy_Atom<SM75_U32x4_LDSM_N, T>;
+  gemm_smem(S, mma, a, b, b, make_tiled_copy_A(LoadAtom{}, mma), make_tiled_copy_B(LoadAtom{}, mma));
 }
 
-// dst[0], dst[1] = a, b in the element type (dst 4-byte aligned for 16-bit T, 8-byte for float).
-__device__ __forceinline__ void store_pair(float* dst, float a, float b) {
-  *reinterpret_cast<float2*>(dst) = make_float2(a, b);
-}
-__device__ __forceinline__ void store_pair(__half* dst, float a, float b) {
-  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
-}
-__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+// out += w . tile over the positions: w (64 x 64) from shared memory, tile (position, channel)
+// read transposed.
+template <typename Tr, typename Mma, typename Out, typename W, typename Tile>
+__device__ __forceinline__ void product(Out& out, const W& w, const Tile& tile) {
+  using T = typename Tile::value_type;
+  Mma mma;
+  Tensor tile_t = make_tensor(tile.data(), typename Tr::SmemRowsT{});
+  Tensor tile_t_plain = make_tensor(tile.data(), get_nonswizzle_portion(typename Tr::SmemRowsT{}));
+  gemm_smem(out, mma, w, tile_t, tile_t_plain, make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma),
+            make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma));
 }
 
-// Writes a warp's 16 x N accumulator tiles to the shared rows `rows` (16 rows, leading dim ld),
-// each value times row_factor[0] (row g) or row_factor[1] (row g + 8).
-template <typename T, int N>
-__device__ __forceinline__ void store_fragments(T* rows, int ld, const float (&acc)[N / 8][4], float f0, float f1) {
-  const int g = tiles::lane_group(), t = tiles::lane_in_group();
+// (row, column) within a 64 x kN tile of each of this thread's accumulator entries, viewed as rowcol.
+template <typename Mma, int kN>
+__device__ __forceinline__ auto fragment_coords() {
+  return cute_tiles::fragment_coords<Mma, kTile, kN>();
+}
+
+// Writes a 64 x kN accumulator (of Mma's layout) to a shared tile in its element type, row m of
+// this thread's (0 or 1) times factor[m].
+template <typename Mma, int kN, typename Acc, typename Tile>
+__device__ __forceinline__ void accumulator_to_tile(const Acc& acc, Tile& tile, const float (&factor)[2]) {
+  using T = typename Tile::value_type;
+  const auto coords = fragment_coords<Mma, kN>();
+  const Tensor a = make_tensor(acc.data(), rowcol(acc.layout()));
+  static_assert(decltype(size<0>(a))::value == 2, "two rows per thread");
 #pragma unroll
-  for (int n = 0; n < N / 8; ++n) {
-    store_pair(rows + g * ld + 8 * n + 2 * t, acc[n][0] * f0, acc[n][1] * f0);
-    store_pair(rows + (g + 8) * ld + 8 * n + 2 * t, acc[n][2] * f1, acc[n][3] * f1);
+  for (int m = 0; m < 2; ++m) {
+#pragma unroll
+    for (int n = 0; n < size<1>(a); ++n) tile(get<0>(coords(m, n)), get<1>(coords(m, n))) = static_cast<T>(a(m, n) * factor[m]);
   }
 }
 
-// acc (16 x N) += A (16 x K, rows at a, leading dim lda) * B^T, B's N rows at b (leading dim ldb),
-// k contiguous in both. One warp.
-// (float32: the k loop is unrolled by 2 only, or ptxas hoists the operand loads and 3xTF32 splits
-// of every k step and spills next to the dK, dV accumulators.)
-template <typename T, int N, int K>
-__device__ __forceinline__ void warp_gemm(float (&acc)[N / 8][4], const T* a, int lda, const T* b, int ldb) {
-  constexpr int kUnroll = sizeof(T) == 4 ? 2 : K / 16;
-#pragma unroll kUnroll
-  for (int kk = 0; kk < K; kk += 16) {
-#pragma unroll
-    for (int n = 0; n < N / 8; ++n) tiles::mma_16x8x16(acc[n], a + kk, lda, b + 8 * n * ldb + kk, ldb);
-  }
-}
-
-// Column of accumulator entry j of n8 tile n for this lane (rows: g for j < 2, g + 8 otherwise).
-__device__ __forceinline__ int fragment_col(int n, int j) { return 8 * n + 2 * tiles::lane_in_group() + (j & 1); }
-
-// acc[n][j] = f(acc[n][j], n, j) for each of this lane's entries of a warp's 16 x 8NT accumulators.
-template <int NT, typename F>
-__device__ __forceinline__ void for_each_entry(float (&acc)[NT][4], F&& f) {
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[n][j] = f(acc[n][j], n, j);
-  }
-}
-
-// --- shared memory per kernel, in bytes -------------------------------------------------------
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
 
 template <typename T, int DP>
-constexpr std::size_t forward_smem() {
-  constexpr int LD = DP + pad<T>(), LDN = kTile + pad<T>();
-  return (2 * kTile * LD + DP * LDN + kTile * LDN) * sizeof(T);
-}
-
-template <typename T, int DP>
-constexpr std::size_t backward_kv_smem() {
-  constexpr int BM = inner_tile<T, DP>(), LD = DP + pad<T>(), LDM = BM + pad<T>();
-  return (2 * kTile * LD + 2 * BM * LD + 2 * DP * LDM + kTile * LDM) * sizeof(T) + 2 * BM * sizeof(float);
-}
-
-template <typename T, int DP>
-constexpr std::size_t backward_q_smem() {
-  constexpr int BN = inner_tile<T, DP>(), LD = DP + pad<T>(), LDN = BN + pad<T>();
-  return (2 * kTile * LD + 2 * BN * LD + DP * LDN + kTile * LDN) * sizeof(T);
-}
-
-// --- kernels -------------------------------------------------------------------------------
-
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attention_forward_kernel(const Params p) {
-  constexpr int LD = DP + pad<T>();     // [position][channel] tiles
-  constexpr int LDN = kTile + pad<T>();  // [channel][key] and P tiles
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);  // [kTile queries][LD]; the output tile at the end
-  T* ks = qs + kTile * LD;              // [kTile keys][LD]
-  T* vt = ks + kTile * LD;              // [DP][LDN keys]
-  T* ps = vt + DP * LDN;                // [kTile queries][LDN keys], warp w writes rows 16w..16w+15
+__global__ void __launch_bounds__(kForwardThreads, 1) forward_kernel(const __grid_constant__ Params p) {
+  using Tr = Traits<T, DP>;
+  using Mma = typename Tr::ForwardMma;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  // tile 0: Q (the output at the end); 1 + 2 stage: K; 2 + 2 stage: V
+  auto tile_at = [&](int i) { return make_tensor(make_smem_ptr(smem + i * Tr::kTileElems), typename Tr::SmemRows{}); };
 
   const std::int64_t bh = block_head(p);
   const int q0 = block_tile(p) * kTile;
-  const int warp = threadIdx.x / 32, g = tiles::lane_group(), t = tiles::lane_in_group();
-  const T* q = head_ptr<T>(p.q, bh, p.heads, p.head_dim);
-  const T* k = head_ptr<T>(p.k, bh, p.heads, p.head_dim);
-  const T* v = head_ptr<T>(p.v, bh, p.heads, p.head_dim);
+  const T* k = head_rows<T>(p.k, bh, p.heads);
+  const T* v = head_rows<T>(p.v, bh, p.heads);
+  const int steps = (p.lk + kTile - 1) / kTile;
+  auto issue = [&](int s) {
+    if (s == 0) load_rows<kForwardThreads, DP>(tile_at(0), head_rows<T>(p.q, bh, p.heads), p.q.sl, q0, p.lq, p.head_dim);
+    load_rows<kForwardThreads, DP>(tile_at(1 + 2 * (s % 2)), k, p.k.sl, s * kTile, p.lk, p.head_dim);
+    load_rows<kForwardThreads, DP>(tile_at(2 + 2 * (s % 2)), v, p.v.sl, s * kTile, p.lk, p.head_dim);
+    cp_async_fence();
+  };
 
-  load_tile<T, kTile, DP, false>(qs, LD, q, p.q.sl, p.q.sc, q0, p.lq, p.head_dim);
-  float o[DP / 8][4] = {};
-  tiles::OnlineLse row[2];  // rows g and g + 8 of the warp's 16
-  T* p_rows = ps + warp * 16 * LDN;
-  for (int k0 = 0; k0 < p.lk; k0 += kTile) {
-    __syncthreads();  // the Q tile is stored; every warp is done with the previous K and V tiles
-    load_tile<T, kTile, DP, false>(ks, LD, k, p.k.sl, p.k.sc, k0, p.lk, p.head_dim);
-    load_tile<T, kTile, DP, true>(vt, LDN, v, p.v.sl, p.v.sc, k0, p.lk, p.head_dim);
-    __syncthreads();
+  Mma mma;
+  Tensor O = partition_fragment_C(mma, Shape<Int<kTile>, Int<DP>>{});
+  clear(O);
+  Tensor o = make_tensor(O.data(), rowcol(O.layout()));
+  const auto coords = fragment_coords<Mma, kTile>();  // (2 rows, 16 columns) of this thread's S
+  constexpr int kN = decltype(size<1>(coords))::value;
+  OnlineLse row[2];
+  auto copy_vt = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
 
-    float s[kTile / 8][4] = {};
-    warp_gemm<T, kTile, DP>(s, qs + warp * 16 * LD, LD, ks, LD);
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    for_each_entry(s, [&](float x, int n, int j) {
-      // select, not multiply: a NaN logit stays NaN, a missing key is exactly -inf
-      x = k0 + fragment_col(n, j) < p.lk ? x * p.scale2 : -INFINITY;
-      tile_max[j >> 1] = fmaxf(tile_max[j >> 1], x);
-      return x;
-    });
-    float factor[2], sum[2] = {0.f, 0.f};
+  run_pipeline(steps, Int<2>{}, issue, [&](int s) {
+    const int k0 = s * kTile;
+    Tensor S = partition_fragment_C(mma, Shape<Int<kTile>, Int<kTile>>{});
+    clear(S);
+    scores<Mma>(S, tile_at(0), tile_at(1 + 2 * (s % 2)));
+    Tensor sc = make_tensor(S.data(), rowcol(S.layout()));
+    float factor[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) factor[r] = row[r].rescale_to(tiles::quad_max(tile_max[r]));
-    for_each_entry(s, [&](float x, int, int j) {
-      x = exp2f(x - row[j >> 1].max);  // NaN logits give NaN weights: NaN in, NaN out
-      sum[j >> 1] += x;
-      return x;
-    });
+    for (int m = 0; m < 2; ++m) {
+      float tile_max = -INFINITY;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row[r].sum += tiles::quad_sum(sum[r]);
-    for_each_entry(o, [&](float x, int, int j) { return x * factor[j >> 1]; });
-    store_fragments<T, kTile>(p_rows, LDN, s, 1.f, 1.f);
-    __syncwarp();  // P rows are read by every lane of the warp
-    warp_gemm<T, DP, kTile>(o, p_rows, LDN, vt, LDN);
-  }
+      for (int n = 0; n < kN; ++n) {
+        // select, not multiply: a NaN logit stays NaN, a missing key is exactly -inf
+        const float x = k0 + get<1>(coords(m, n)) < p.lk ? sc(m, n) * p.scale2 : -INFINITY;
+        sc(m, n) = x;
+        tile_max = fmaxf(tile_max, x);
+      }
+      factor[m] = row[m].rescale_to(quad_max(tile_max));
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kN; ++n) {
+        const float x = exp2f(sc(m, n) - row[m].max);  // NaN logits give NaN weights: NaN in, NaN out
+        sc(m, n) = x;
+        sum += x;
+      }
+      row[m].sum += quad_sum(sum);
+#pragma unroll
+      for (int n = 0; n < size<1>(o); ++n) o(m, n) *= factor[m];
+    }
+    // P in the element type, as the A operand of O += P V
+    Tensor P = make_tensor<T>(S.layout());
+#pragma unroll
+    for (int i = 0; i < size(S); ++i) P(i) = static_cast<T>(S(i));
+    Tensor pa = make_tensor(P.data(), acc_as_a(P.layout()));
+    Tensor vt = make_tensor(tile_at(2 + 2 * (s % 2)).data(), typename Tr::SmemRowsT{});
+    Tensor vt_plain = make_tensor(vt.data(), get_nonswizzle_portion(typename Tr::SmemRowsT{}));
+    gemm_regs(O, mma, pa, vt, vt_plain, copy_vt);
+  }, [] {});
 
-  // Epilogue: O / l staged as [query][channel] in the warp's own rows of the Q tile.
+  // Epilogue: O / l staged as (query, channel) in the Q tile, then to the output map.
+  cp_async_wait<0>();
   __syncthreads();
-  store_fragments<T, DP>(qs + warp * 16 * LD, LD, o, 1.f / row[0].sum, 1.f / row[1].sum);
-  if (t == 0) {
+  const float inv[2] = {1.f / row[0].sum, 1.f / row[1].sum};
+  Tensor staged = tile_at(0);
+  accumulator_to_tile<Mma, DP>(O, staged, inv);
+  if (lane_in_group() == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int query = q0 + warp * 16 + g + 8 * r;
-      if (query < p.lq) p.lse2[bh * p.lq + query] = row[r].lse2();
+    for (int m = 0; m < 2; ++m) {
+      const int query = q0 + get<0>(coords(m, 0));
+      if (query < p.lq) p.lse2[bh * p.lq + query] = row[m].lse2();
     }
   }
   __syncthreads();
-  store_tile<T, kTile, DP>(qs, LD, head_ptr<T>(p.o, bh, p.heads, p.head_dim), p.o.sl, p.o.sc, q0, p.lq,
-                           p.head_dim);
+  store_tile<kForwardThreads, DP>(staged, head_map<T>(p.o, bh, p.heads, p.head_dim), p.o, q0, p.lq, p.head_dim);
 }
 
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Params p) {
+__global__ void __launch_bounds__(kDeltaRows) delta_kernel(const __grid_constant__ Params p) {
   const std::int64_t bh = block_head(p);
   const int query = block_tile(p) * kDeltaRows + static_cast<int>(threadIdx.x);
   if (query >= p.lq) return;
-  const T* o = head_ptr<T>(p.o, bh, p.heads, p.head_dim) + query * p.o.sl;
-  const T* dout = head_ptr<T>(p.dout, bh, p.heads, p.head_dim) + query * p.dout.sl;
+  const T* o = head_map<T>(p.o, bh, p.heads, p.head_dim) + query * p.o.sl;
+  const T* dout = head_rows<T>(p.dout, bh, p.heads) + query * p.dout.sl;
   float acc = 0.f;
-  for (int c = 0; c < p.head_dim; ++c) acc += to_float(o[c * p.o.sc]) * to_float(dout[c * p.dout.sc]);
+  for (int c = 0; c < p.head_dim; ++c) acc += static_cast<float>(o[c * p.o.sc]) * static_cast<float>(dout[c]);
   p.delta[bh * p.lq + query] = acc;
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attention_backward_kv_kernel(const Params p) {
-  constexpr int BM = inner_tile<T, DP>();  // queries per step
-  constexpr int LD = DP + pad<T>(), LDM = BM + pad<T>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* ks = reinterpret_cast<T*>(smem);  // [kTile keys][LD]; dK staging at the end
-  T* vs = ks + kTile * LD;              // [kTile keys][LD]; dV staging at the end
-  T* qs = vs + kTile * LD;              // [BM queries][LD]
-  T* dos = qs + BM * LD;                // [BM queries][LD]
-  T* qt = dos + BM * LD;                // [DP][LDM queries]
-  T* dot = qt + DP * LDM;               // [DP][LDM queries]
-  T* ps = dot + DP * LDM;               // [kTile keys][LDM queries]: P^T, then dS^T; warp-private rows
-  float* lse2_s = reinterpret_cast<float*>(ps + kTile * LDM);  // [BM]
-  float* delta_s = lse2_s + BM;                                 // [BM]
+// kKeys: a block owns 64 keys (own rows K, V) and streams the queries (Q, dO), writing dK and dV;
+// else it owns 64 queries (Q, dO) and streams the keys (K, V), writing dQ. Either way the first
+// product is own1 . str1^T (S^T or S), the second own2 . str2^T (dP^T or dP).
+template <typename T, int DP, bool kKeys>
+__global__ void __launch_bounds__(kBackwardThreads, 1) backward_kernel(const __grid_constant__ Params p) {
+  using Tr = Traits<T, DP>;
+  using Mma = typename Tr::BackwardMma;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+  // tiles 0, 1: own1, own2 (the gradients at the end); 2 + 2 stage: str1; 3 + 2 stage: str2
+  auto tile_at = [&](int i) { return make_tensor(make_smem_ptr(smem + i * Tr::kTileElems), typename Tr::SmemRows{}); };
+  T* w_smem = smem + (2 + 2 * p.stages) * Tr::kTileElems;
+  Tensor sP = make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{});  // P (kKeys), as (own row, streamed row)
+  Tensor sdS = make_tensor(make_smem_ptr(w_smem + (kKeys ? kTile * kTile : 0)), typename Tr::SmemWeights{});
+  float* col_smem = reinterpret_cast<float*>(w_smem + (kKeys ? 2 : 1) * kTile * kTile);  // [stage][lse2, delta][64]
 
   const std::int64_t bh = block_head(p);
-  const int k0 = block_tile(p) * kTile;
-  const int warp = threadIdx.x / 32;
-  const T* q = head_ptr<T>(p.q, bh, p.heads, p.head_dim);
-  const T* dout = head_ptr<T>(p.dout, bh, p.heads, p.head_dim);
+  const int own0 = block_tile(p) * kTile;
+  const int own_hi = kKeys ? p.lk : p.lq, str_hi = kKeys ? p.lq : p.lk;
+  const Rows& own1 = kKeys ? p.k : p.q;
+  const Rows& own2 = kKeys ? p.v : p.dout;
+  const Rows& str1 = kKeys ? p.q : p.k;
+  const Rows& str2 = kKeys ? p.dout : p.v;
+  const T* str1_rows = head_rows<T>(str1, bh, p.heads);
+  const T* str2_rows = head_rows<T>(str2, bh, p.heads);
   const float* lse2 = p.lse2 + bh * p.lq;
   const float* delta = p.delta + bh * p.lq;
-
-  load_tile<T, kTile, DP, false>(ks, LD, head_ptr<T>(p.k, bh, p.heads, p.head_dim), p.k.sl, p.k.sc, k0, p.lk,
-                                 p.head_dim);
-  load_tile<T, kTile, DP, false>(vs, LD, head_ptr<T>(p.v, bh, p.heads, p.head_dim), p.v.sl, p.v.sc, k0, p.lk,
-                                 p.head_dim);
-  float dk[DP / 8][4] = {}, dv[DP / 8][4] = {};
-  T* rows = ps + warp * 16 * LDM;
-  for (int q0 = 0; q0 < p.lq; q0 += BM) {
-    __syncthreads();  // K, V stored; every warp is done with the previous query tile
-    load_tile<T, BM, DP, false>(qs, LD, q, p.q.sl, p.q.sc, q0, p.lq, p.head_dim);
-    load_tile<T, BM, DP, true>(qt, LDM, q, p.q.sl, p.q.sc, q0, p.lq, p.head_dim);
-    load_tile<T, BM, DP, false>(dos, LD, dout, p.dout.sl, p.dout.sc, q0, p.lq, p.head_dim);
-    load_tile<T, BM, DP, true>(dot, LDM, dout, p.dout.sl, p.dout.sc, q0, p.lq, p.head_dim);
-    for (int i = threadIdx.x; i < BM; i += kThreads) {
-      const bool ok = q0 + i < p.lq;
-      lse2_s[i] = ok ? lse2[q0 + i] : 0.f;
-      delta_s[i] = ok ? delta[q0 + i] : 0.f;
+  const int steps = (str_hi + kTile - 1) / kTile;
+  auto issue = [&](int s) {
+    if (s == 0) {
+      load_rows<kBackwardThreads, DP>(tile_at(0), head_rows<T>(own1, bh, p.heads), own1.sl, own0, own_hi, p.head_dim);
+      load_rows<kBackwardThreads, DP>(tile_at(1), head_rows<T>(own2, bh, p.heads), own2.sl, own0, own_hi, p.head_dim);
     }
-    __syncthreads();
+    const int row0 = s * kTile;
+    load_rows<kBackwardThreads, DP>(tile_at(2 + 2 * (s % p.stages)), str1_rows, str1.sl, row0, str_hi, p.head_dim);
+    load_rows<kBackwardThreads, DP>(tile_at(3 + 2 * (s % p.stages)), str2_rows, str2.sl, row0, str_hi, p.head_dim);
+    cp_async_fence();
+    if (kKeys && threadIdx.x < kTile) {  // per streamed query: lse2, delta
+      const int query = row0 + static_cast<int>(threadIdx.x);
+      float* col = col_smem + (s % p.stages) * 2 * kTile;
+      col[threadIdx.x] = query < p.lq ? lse2[query] : 0.f;
+      col[kTile + threadIdx.x] = query < p.lq ? delta[query] : 0.f;
+    }
+  };
 
-    // P^T = exp2(scale2 * K Q^T - lse2), queries >= LQ exactly 0
-    float pt[BM / 8][4] = {};
-    warp_gemm<T, BM, DP>(pt, ks + warp * 16 * LD, LD, qs, LD);
-    for_each_entry(pt, [&](float x, int n, int j) {
-      const int col = fragment_col(n, j);
-      return q0 + col < p.lq ? exp2f(x * p.scale2 - lse2_s[col]) : 0.f;
-    });
-    store_fragments<T, BM>(rows, LDM, pt, 1.f, 1.f);
-    __syncwarp();
-    warp_gemm<T, DP, BM>(dv, rows, LDM, dot, LDM);  // dV += P^T dO
-
-    // dS^T = P^T (V dO^T - delta)
-    float ds[BM / 8][4] = {};
-    warp_gemm<T, BM, DP>(ds, vs + warp * 16 * LD, LD, dos, LD);
-    for_each_entry(ds, [&](float x, int n, int j) {
-      const int col = fragment_col(n, j);
-      return q0 + col < p.lq ? pt[n][j] * (x - delta_s[col]) : 0.f;
-    });
-    __syncwarp();  // every lane has read P^T
-    store_fragments<T, BM>(rows, LDM, ds, 1.f, 1.f);
-    __syncwarp();
-    warp_gemm<T, DP, BM>(dk, rows, LDM, qt, LDM);  // dK += dS^T Q
-  }
-
-  // Epilogue: dK * scale and dV staged as [key][channel] in the K and V tiles.
-  __syncthreads();
-  store_fragments<T, DP>(ks + warp * 16 * LD, LD, dk, p.scale, p.scale);
-  store_fragments<T, DP>(vs + warp * 16 * LD, LD, dv, 1.f, 1.f);
-  __syncthreads();
-  store_tile<T, kTile, DP>(ks, LD, head_ptr<T>(p.dk, bh, p.heads, p.head_dim), p.dk.sl, p.dk.sc, k0, p.lk,
-                           p.head_dim);
-  store_tile<T, kTile, DP>(vs, LD, head_ptr<T>(p.dv, bh, p.heads, p.head_dim), p.dv.sl, p.dv.sc, k0, p.lk,
-                           p.head_dim);
-}
-
-template <typename T, int DP>
-__global__ void __launch_bounds__(kThreads) attention_backward_q_kernel(const Params p) {
-  constexpr int BN = inner_tile<T, DP>();  // keys per step
-  constexpr int LD = DP + pad<T>(), LDN = BN + pad<T>();
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* qs = reinterpret_cast<T*>(smem);  // [kTile queries][LD]; dQ staging at the end
-  T* dos = qs + kTile * LD;             // [kTile queries][LD]
-  T* ks = dos + kTile * LD;             // [BN keys][LD]
-  T* vs = ks + BN * LD;                 // [BN keys][LD]
-  T* kt = vs + BN * LD;                 // [DP][LDN keys]
-  T* ps = kt + DP * LDN;                // [kTile queries][LDN keys]: dS, warp-private rows
-
-  const std::int64_t bh = block_head(p);
-  const int q0 = block_tile(p) * kTile;
-  const int warp = threadIdx.x / 32, g = tiles::lane_group();
-  const T* k = head_ptr<T>(p.k, bh, p.heads, p.head_dim);
-  const T* v = head_ptr<T>(p.v, bh, p.heads, p.head_dim);
-
-  load_tile<T, kTile, DP, false>(qs, LD, head_ptr<T>(p.q, bh, p.heads, p.head_dim), p.q.sl, p.q.sc, q0, p.lq,
-                                 p.head_dim);
-  load_tile<T, kTile, DP, false>(dos, LD, head_ptr<T>(p.dout, bh, p.heads, p.head_dim), p.dout.sl, p.dout.sc, q0,
-                                 p.lq, p.head_dim);
-  float lse2[2], delta[2];  // rows g and g + 8
+  Mma mma;
+  Tensor acc1 = partition_fragment_C(mma, Shape<Int<kTile>, Int<DP>>{});  // dK or dQ
+  Tensor acc2 = partition_fragment_C(mma, Shape<Int<kTile>, Int<DP>>{});  // dV (kKeys)
+  clear(acc1);
+  clear(acc2);
+  const auto coords = fragment_coords<Mma, kTile>();  // (2 rows, 8 columns) of this thread's S
+  constexpr int kN = decltype(size<1>(coords))::value;
+  float row_lse2[2] = {0.f, 0.f}, row_delta[2] = {0.f, 0.f};  // per own query (dQ)
+  if (!kKeys) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int query = q0 + warp * 16 + g + 8 * r;
-    lse2[r] = query < p.lq ? p.lse2[bh * p.lq + query] : 0.f;
-    delta[r] = query < p.lq ? p.delta[bh * p.lq + query] : 0.f;
-  }
-  float dq[DP / 8][4] = {};
-  T* rows = ps + warp * 16 * LDN;
-  for (int k0 = 0; k0 < p.lk; k0 += BN) {
-    __syncthreads();  // Q, dO stored; every warp is done with the previous key tile
-    load_tile<T, BN, DP, false>(ks, LD, k, p.k.sl, p.k.sc, k0, p.lk, p.head_dim);
-    load_tile<T, BN, DP, true>(kt, LDN, k, p.k.sl, p.k.sc, k0, p.lk, p.head_dim);
-    load_tile<T, BN, DP, false>(vs, LD, v, p.v.sl, p.v.sc, k0, p.lk, p.head_dim);
-    __syncthreads();
-
-    float s[BN / 8][4] = {}, ds[BN / 8][4] = {};
-    warp_gemm<T, BN, DP>(s, qs + warp * 16 * LD, LD, ks, LD);    // Q K^T
-    warp_gemm<T, BN, DP>(ds, dos + warp * 16 * LD, LD, vs, LD);  // dP = dO V^T
-    for_each_entry(ds, [&](float x, int n, int j) {
-      const int r = j >> 1;
-      return k0 + fragment_col(n, j) < p.lk ? exp2f(s[n][j] * p.scale2 - lse2[r]) * (x - delta[r]) : 0.f;
-    });
-    store_fragments<T, BN>(rows, LDN, ds, 1.f, 1.f);
-    __syncwarp();
-    warp_gemm<T, DP, BN>(dq, rows, LDN, kt, LDN);  // dQ += dS K
+    for (int m = 0; m < 2; ++m) {
+      const int query = own0 + get<0>(coords(m, 0));
+      row_lse2[m] = query < p.lq ? lse2[query] : 0.f;
+      row_delta[m] = query < p.lq ? delta[query] : 0.f;
+    }
   }
 
+  run_pipeline(steps, p.stages, issue, [&](int s) {
+    const int row0 = s * kTile;
+    const auto t1 = tile_at(2 + 2 * (s % p.stages));
+    const auto t2 = tile_at(3 + 2 * (s % p.stages));
+    {
+      Tensor S1 = partition_fragment_C(mma, Shape<Int<kTile>, Int<kTile>>{});
+      Tensor S2 = partition_fragment_C(mma, Shape<Int<kTile>, Int<kTile>>{});
+      clear(S1);
+      clear(S2);
+      scores<Mma>(S1, tile_at(0), t1);  // S^T = K Q^T, or S = Q K^T
+      scores<Mma>(S2, tile_at(1), t2);  // dP^T = V dO^T, or dP = dO V^T
+      Tensor s1 = make_tensor(S1.data(), rowcol(S1.layout()));
+      Tensor s2 = make_tensor(S2.data(), rowcol(S2.layout()));
+      const float* col = col_smem + (s % p.stages) * 2 * kTile;
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+#pragma unroll
+        for (int n = 0; n < kN; ++n) {
+          const int r = get<0>(coords(m, n)), c = get<1>(coords(m, n));
+          const bool ok = row0 + c < str_hi;  // a streamed row that exists (a query for kKeys, a key else)
+          const float l = kKeys ? col[c] : row_lse2[m];
+          const float d = kKeys ? col[kTile + c] : row_delta[m];
+          const float prob = exp2f(s1(m, n) * p.scale2 - l);
+          if (kKeys) sP(r, c) = static_cast<T>(ok ? prob : 0.f);
+          sdS(r, c) = static_cast<T>(ok ? prob * (s2(m, n) - d) : 0.f);
+        }
+      }
+    }
+    __syncthreads();  // the weights are in shared memory
+    if (kKeys) product<Tr, Mma>(acc2, sP, t2);  // dV += P^T dO
+    product<Tr, Mma>(acc1, sdS, t1);             // dK += dS^T Q, or dQ += dS K
+  }, [] {});
+
+  // Epilogue: the gradients staged as (row, channel) in the own tiles, then to their maps.
+  cp_async_wait<0>();
   __syncthreads();
-  store_fragments<T, DP>(qs + warp * 16 * LD, LD, dq, p.scale, p.scale);
+  Tensor g1 = tile_at(0);
+  Tensor g2 = tile_at(1);
+  accumulator_to_tile<Mma, DP>(acc1, g1, {p.scale, p.scale});
+  if (kKeys) accumulator_to_tile<Mma, DP>(acc2, g2, {1.f, 1.f});
   __syncthreads();
-  store_tile<T, kTile, DP>(qs, LD, head_ptr<T>(p.dq, bh, p.heads, p.head_dim), p.dq.sl, p.dq.sc, q0, p.lq,
-                           p.head_dim);
+  const Map& m1 = kKeys ? p.dk : p.dq;
+  store_tile<kBackwardThreads, DP>(g1, head_map<T>(m1, bh, p.heads, p.head_dim), m1, own0, own_hi, p.head_dim);
+  if (kKeys) store_tile<kBackwardThreads, DP>(g2, head_map<T>(p.dv, bh, p.heads, p.head_dim), p.dv, own0, own_hi, p.head_dim);
 }
 
-// --- host side -------------------------------------------------------------------------------
-
-template <int DP>
-using Dim = std::integral_constant<int, DP>;
-
-// Calls f(Dim<DP>{}) for the head dim padded on chip, DP = 16, 32, 64 or 128.
-template <typename F>
-void by_head_dim(std::int64_t head_dim, F&& f) {
-  if (head_dim <= 16) return f(Dim<16>{});
-  if (head_dim <= 32) return f(Dim<32>{});
-  if (head_dim <= 64) return f(Dim<64>{});
-  return f(Dim<128>{});
-}
+// ------------------------------------------------------------------------------------------
+// Launchers
+// ------------------------------------------------------------------------------------------
 
 enum class Pass { kForward, kDelta, kBackwardKV, kBackwardQ };
-
-struct KernelLaunch {
-  void (*kernel)(Params);
-  std::size_t smem;  // dynamic shared memory per block, bytes
-  const char* name;
-};
-
-// The kernel of pass P for element type T and head dim DP (the delta pass has one for every DP).
-template <Pass P, typename T, int DP>
-KernelLaunch kernel_of() {
-  if constexpr (P == Pass::kForward) {
-    return {attention_forward_kernel<T, DP>, forward_smem<T, DP>(), "pixel_attention attention_forward_kernel"};
-  } else if constexpr (P == Pass::kDelta) {
-    return {attention_delta_kernel<T>, 0, "pixel_attention attention_delta_kernel"};
-  } else if constexpr (P == Pass::kBackwardKV) {
-    return {attention_backward_kv_kernel<T, DP>, backward_kv_smem<T, DP>(),
-            "pixel_attention attention_backward_kv_kernel"};
-  } else {
-    return {attention_backward_q_kernel<T, DP>, backward_q_smem<T, DP>(),
-            "pixel_attention attention_backward_q_kernel"};
-  }
-}
 
 std::int64_t cdiv(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
 void check_sizes(const PixelAttentionParams& a) {
+  check_dtype(a.dtype, "pixel_attention");
   if (a.batch < 0 || a.heads < 1 || a.head_dim < 1 || a.lq < 0 || a.lk < 0) {
     invalid_argument("pixel_attention: invalid sizes (batch " + std::to_string(a.batch) + ", heads " +
                      std::to_string(a.heads) + ", head_dim " + std::to_string(a.head_dim) + ", LQ " +
@@ -475,6 +434,16 @@ void check_sizes(const PixelAttentionParams& a) {
   }
 }
 
+// The kernels copy 16-byte pieces of an operand's rows.
+void check_rows(const AttentionRows& r, const char* name) {
+  const auto aligned = [](std::int64_t x) { return x % kAttentionRowAlign == 0; };
+  if (r.data == 0 || r.data % 16 != 0 || !aligned(r.stride_b) || !aligned(r.stride_h) || !aligned(r.stride_l)) {
+    invalid_argument(std::string("pixel_attention CUDA kernels read ") + name +
+                     " as rows at a 16-byte aligned address with strides that are multiples of " +
+                     std::to_string(kAttentionRowAlign) + " elements (AttentionRows)");
+  }
+}
+
 // Blocks for `tiles` tiles per (batch, head): checked against the grid's x limit.
 unsigned grid_blocks(std::int64_t tiles, std::int64_t batch_heads) {
   if (tiles > 0 && batch_heads > kAttentionMaxBlocks / tiles) {
@@ -485,23 +454,62 @@ unsigned grid_blocks(std::int64_t tiles, std::int64_t batch_heads) {
   return static_cast<unsigned>(tiles * batch_heads);
 }
 
-Map device_map(const AttentionMap& m) {
-  return Map{reinterpret_cast<const void*>(m.data), m.stride_b, m.stride_c, m.stride_l};
+Rows device_rows(const AttentionRows& r) {
+  return Rows{reinterpret_cast<const void*>(r.data), r.stride_b, r.stride_h, r.stride_l};
+}
+Map device_map(const AttentionMap& m) { return Map{reinterpret_cast<void*>(m.data), m.stride_b, m.stride_c, m.stride_l}; }
+
+// Calls f(TypeTag<T>{}, Int<DP>{}) for the launch's element type and padded head dim.
+template <typename F>
+void by_instance(const PixelAttentionParams& a, F&& f) {
+  auto with_dim = [&](auto tag) {
+    if (a.head_dim <= 32) return f(tag, Int<32>{});
+    if (a.head_dim <= 64) return f(tag, Int<64>{});
+    return f(tag, Int<128>{});
+  };
+  by_dtype(a.dtype, "pixel_attention", with_dim);
 }
 
-// Pass P over the launch's maps: one block per tile of `tile` positions (of `positions`) and
-// (batch, head). Maps a pass does not use may be absent.
+// The shared memory of a launch, checked against what the device allows a block.
+int shared_memory_per_block(const PixelAttentionParams& a) {
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, a.device),
+             "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return optin;
+}
+
+std::size_t plan_smem(const PixelAttentionParams& a, std::size_t bytes) {
+  const int optin = shared_memory_per_block(a);
+  if (bytes > static_cast<std::size_t>(optin)) {
+    invalid_argument("pixel_attention kernels need " + std::to_string(bytes) +
+                     " bytes of shared memory per block, the device allows " + std::to_string(optin));
+  }
+  return bytes;
+}
+
+// Pass P: one block per tile of `tile` positions (of `positions`) and (batch, head). Tensors a
+// pass does not use may be absent.
 template <Pass P>
 void run(const PixelAttentionParams& a, std::int64_t positions, int tile) {
-  by_dtype(a.dtype, [](auto) {});  // an unknown dtype code is reported first
   check_sizes(a);
-  check_cuda(cudaSetDevice(a.device), "cudaSetDevice");
+  if (P == Pass::kForward) {
+    check_rows(a.q, "q");
+    check_rows(a.k, "k");
+    check_rows(a.v, "v");
+  } else if (P == Pass::kDelta) {
+    check_rows(a.grad_out, "grad_out");
+  } else {
+    check_rows(a.q, "q");
+    check_rows(a.k, "k");
+    check_rows(a.v, "v");
+    check_rows(a.grad_out, "grad_out");
+  }
   Params p{};
-  p.q = device_map(a.q);
-  p.k = device_map(a.k);
-  p.v = device_map(a.v);
+  p.q = device_rows(a.q);
+  p.k = device_rows(a.k);
+  p.v = device_rows(a.v);
+  p.dout = device_rows(a.grad_out);
   p.o = device_map(a.out);
-  p.dout = device_map(a.grad_out);
   p.dq = device_map(a.grad_q);
   p.dk = device_map(a.grad_k);
   p.dv = device_map(a.grad_v);
@@ -516,11 +524,26 @@ void run(const PixelAttentionParams& a, std::int64_t positions, int tile) {
   const std::int64_t tiles = cdiv(positions, tile);
   p.n_tiles = static_cast<int>(tiles);
   const unsigned blocks = grid_blocks(tiles, a.batch * a.heads);
-  by_dtype(a.dtype, [&](auto tag) {
-    by_head_dim(a.head_dim, [&](auto dim) {
-      const KernelLaunch k = kernel_of<P, typename decltype(tag)::type, decltype(dim)::value>();
-      launch(k.kernel, blocks, kThreads, k.smem, a.stream, k.name, p);
-    });
+  if (blocks == 0) return;
+  check_cuda(cudaSetDevice(a.device), "cudaSetDevice");
+  by_instance(a, [&](auto tag, auto dim) {
+    using T = typename decltype(tag)::type;
+    constexpr int DP = decltype(dim)::value;
+    using Tr = Traits<T, DP>;
+    if constexpr (P == Pass::kForward) {
+      launch(forward_kernel<T, DP>, blocks, kForwardThreads, plan_smem(a, forward_smem<Tr>()), a.stream,
+             "pixel_attention forward_kernel", p);
+    } else if constexpr (P == Pass::kDelta) {
+      launch(delta_kernel<T>, blocks, kDeltaRows, 0, a.stream, "pixel_attention delta_kernel", p);
+    } else {
+      constexpr bool kKeys = P == Pass::kBackwardKV;
+      // one stage of streamed tiles where two do not fit (head dims over 64 on GPUs that allow a
+      // block 99 KB: sm_86, sm_89, sm_120)
+      const std::size_t optin = static_cast<std::size_t>(shared_memory_per_block(a));
+      p.stages = backward_smem<Tr, kKeys>(2) <= optin ? 2 : 1;
+      launch(backward_kernel<T, DP, kKeys>, blocks, kBackwardThreads, plan_smem(a, backward_smem<Tr, kKeys>(p.stages)),
+             a.stream, kKeys ? "pixel_attention backward_kernel (dK, dV)" : "pixel_attention backward_kernel (dQ)", p);
+    }
   });
 }
 

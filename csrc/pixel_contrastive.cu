@@ -42,16 +42,16 @@
 
 #include "pcd_kernels/dispatch.cuh"
 #include "pcd_kernels/pixel_contrastive.h"
-#include "pcd_kernels/tiles.cuh"
+#include "pcd_kernels/cute_tiles.cuh"
 
 namespace pcd_kernels {
 namespace {
 
 using namespace cute;
+using namespace cute_tiles;
 
 constexpr int kRows = 64;      // own rows of a block: anchors (forward, anchor pass) or keys
 constexpr int kCols = 64;      // rows of one streamed tile: keys, or anchors in the key pass
-constexpr int kVec = 8;        // 16-bit elements per 16-byte copy
 constexpr int kMaxChunk = 256;
 constexpr float kLn2 = 0.6931471805599453f;
 // Per-column values of a streamed tile in shared memory (read by every thread of the epilogue):
@@ -67,17 +67,6 @@ constexpr int kColumnValues = 3;
 #else
 #define PCD_KERNELS_WGMMA 0
 #endif
-
-template <typename T>
-struct MmaAtom;
-template <>
-struct MmaAtom<cute::half_t> {
-  using type = SM80_16x8x16_F32F16F16F32_TN;
-};
-template <>
-struct MmaAtom<cute::bfloat16_t> {
-  using type = SM80_16x8x16_F32BF16BF16F32_TN;
-};
 
 // Layouts, MMAs and the two products of one (element type, channel chunk, column groups)
 // instance: scores(S, own, tile) accumulates S += own . tile^T (64 x 64), product(out, w, tile)
@@ -146,25 +135,11 @@ struct Smem {
   }
 };
 
-// Rows [row0, row0 + 64) x channels [c0, c0 + kC) of an operand into a swizzled tile, issued as
-// 16-byte cp.async by all threads; rows >= hi and channels >= ld are zero-filled.
+// Rows [row0, row0 + 64) x channels [c0, c0 + kC) of an operand into a swizzled tile; rows >= hi
+// and channels >= ld are zero-filled.
 template <typename Tr, typename T, typename Tile>
 __device__ __forceinline__ void load_rows(Tile tile, const T* rows, std::int64_t ld, int row0, int hi, int c0) {
-  constexpr int kPerRow = Tr::kChunk / kVec;
-  constexpr int kIters = kRows * kPerRow / Tr::kThreads;
-  static_assert(kRows * kPerRow % Tr::kThreads == 0, "every thread issues the same number of copies");
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int i = it * Tr::kThreads + static_cast<int>(threadIdx.x);
-    const int r = i / kPerRow, v = (i % kPerRow) * kVec;
-    const int row = row0 + r;
-    const std::int64_t col = c0 + v;
-    const bool ok = row < hi && col < ld;
-    // with source size 0 nothing is read, but the address stays inside the operand
-    const T* src = ok ? rows + static_cast<std::int64_t>(row) * ld + col : rows;
-    SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(src),
-                                                            *reinterpret_cast<cute::uint128_t*>(&tile(r, v)), ok);
-  }
+  cute_tiles::load_rows<Tr::kThreads, kRows, Tr::kChunk>(tile, rows, ld, row0, hi, c0, ld);
 }
 
 #if PCD_KERNELS_WGMMA
@@ -189,34 +164,6 @@ __device__ __forceinline__ void gemm_shared(Acc& acc, const SA& sA, const SB& sB
 // barrier follows.
 __device__ __forceinline__ void fence_for_mma() { cutlass::arch::fence_view_async_shared(); }
 #else
-// acc += A . B^T, both from shared memory (fragments of step k + 1 load while step k
-// multiplies); sB_plain is sB without its swizzle, for the fragment's shape (a transposed view's
-// swizzle is no layout a fragment can take).
-template <typename TiledMma, typename Acc, typename SA, typename SB, typename SBPlain, typename CopyA, typename CopyB>
-__device__ __forceinline__ void gemm_smem(Acc& acc, const TiledMma& mma, const SA& sA, const SB& sB,
-                                          const SBPlain& sB_plain, const CopyA& copy_a, const CopyB& copy_b) {
-  const int tid = threadIdx.x;
-  auto thr_mma = mma.get_thread_slice(tid);
-  Tensor rA = thr_mma.partition_fragment_A(sA);
-  Tensor rB = thr_mma.partition_fragment_B(sB_plain);
-  auto thr_a = copy_a.get_thread_slice(tid);
-  auto thr_b = copy_b.get_thread_slice(tid);
-  Tensor tsA = thr_a.partition_S(sA);
-  Tensor trA = thr_a.retile_D(rA);
-  Tensor tsB = thr_b.partition_S(sB);
-  Tensor trB = thr_b.retile_D(rB);
-  copy(copy_a, tsA(_, _, 0), trA(_, _, 0));
-  copy(copy_b, tsB(_, _, 0), trB(_, _, 0));
-#pragma unroll
-  for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) {
-      copy(copy_a, tsA(_, _, k + 1), trA(_, _, k + 1));
-      copy(copy_b, tsB(_, _, k + 1), trB(_, _, k + 1));
-    }
-    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
-  }
-}
-
 __device__ __forceinline__ void fence_for_mma() {}  // ldmatrix reads what the barrier published
 #endif
 
@@ -247,19 +194,6 @@ __device__ __forceinline__ void product(Out& out, const W& w, const Tile& tile) 
   gemm_smem(out, mma, w, tile_t, tile_t_plain, make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, T>{}, mma),
             make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma));
 #endif
-}
-
-// An accumulator layout as (row, column): mma.sync's m16n8 (4, M, N) as ((2, M), (2, N)), wgmma's
-// ((2, 2, N / 8), M, N) as ((2, M), (2, N / 8, N)).
-template <typename Layout>
-__host__ __device__ __forceinline__ auto rowcol(Layout layout) {
-  if constexpr (decltype(rank<0>(layout))::value == 3) {
-    return make_layout(make_layout(get<0, 1>(layout), get<1>(layout)),
-                       make_layout(get<0, 0>(layout), get<0, 2>(layout), get<2>(layout)));
-  } else {
-    auto split = logical_divide(layout, Shape<_2>{});  // ((2, 2), M, N)
-    return make_layout(make_layout(get<0, 1>(split), get<1>(split)), make_layout(get<0, 0>(split), get<2>(split)));
-  }
 }
 
 // Which key tiles a source contributes and how its positives are found.
@@ -406,6 +340,8 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
   };
 
   Tensor S = partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{});
+  // cute_tiles::run_pipeline's loop, written out: as a call with the body a lambda, the anchor
+  // kernel at 256 channels spilled 8 bytes on sm_80 (255 registers either way).
   if (steps > 0) issue(0);
   for (int s = 0; s < steps; ++s) {
     if (s + 1 < steps) {
@@ -452,7 +388,7 @@ __device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], fl
   static_assert(kValues <= Smem<Tr>::kRowValues, "room for the row values");
   const int half = Tr::column_group(get<1>(coords(0, 0)));
   __syncthreads();  // the previous users of the area are done
-  if (tiles::lane_in_group() == 0) {
+  if (lane_in_group() == 0) {
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
 #pragma unroll
@@ -470,15 +406,6 @@ __device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], fl
   }
 }
 
-// (row, column) within the block's tile of each of this thread's S entries, viewed as rowcol.
-template <typename Mma, int kN>
-__device__ __forceinline__ auto fragment_coords() {
-  Mma mma;
-  Tensor c = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kN>>{}));
-  return make_tensor(c.data(), rowcol(c.layout()));
-}
-
-// The per-column value of a key tile: 1 where the key exists (and is not masked), else 0.
 template <typename T>
 __device__ __forceinline__ auto key_columns(const Params<T>& p, const Schedule<T>& sch) {
   return [&p, &sch](float* col, int source, int key0) {
@@ -503,9 +430,9 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
   const Segment seg = anchor_segment(p);
   const Schedule<T> sch = anchor_schedule(p, seg, false);
-  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();  // (2 rows, 16 columns) of this thread
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();  // (2 rows, 16 columns) of this thread
   constexpr int kN = decltype(size<1>(coords))::value;
-  tiles::OnlineLse online[2];
+  OnlineLse online[2];
   float pos[2] = {0.f, 0.f};  // this lane's share of the positive logit2 (quad-summed at the end)
 
   stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
@@ -526,17 +453,17 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
         s(m, n) = v;
         tile_max = fmaxf(tile_max, v);
       }
-      online[m].rescale_to(tiles::quad_max(tile_max));
+      online[m].rescale_to(quad_max(tile_max));
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kN; ++n) sum += exp2f(s(m, n) - online[m].max);  // NaN stays NaN
-      online[m].sum += tiles::quad_sum(sum);
+      online[m].sum += quad_sum(sum);
     }
   });
 
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
-    const float positive = tiles::quad_sum(pos[m]);
+    const float positive = quad_sum(pos[m]);
     if (p.negatives == Negatives::kNone) {
       // "none": the positive is a key of its own, counted once here (fmaxf ignores a NaN
       // positive, exp2f(NaN) then carries it into the sum).
@@ -545,7 +472,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
       online[m].max = new_max;
     }
     const int row = seg.row0 + get<0>(coords(m, 0));
-    if (tiles::lane_in_group() == 0 && row < seg.hi) {
+    if (lane_in_group() == 0 && row < seg.hi) {
       const bool valid = p.valid == nullptr || p.valid[row] != 0;
       const float lse2 = online[m].lse2();
       loss[row] = valid ? (lse2 - positive) * kLn2 : 0.f;
@@ -559,7 +486,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
 template <typename Tr, typename Out, typename F>
 __device__ __forceinline__ void for_each_output(const Out& out, int row0, int hi, int oc, int C, F&& f) {
   const Tensor o = make_tensor(out.data(), rowcol(out.layout()));
-  const auto coords = fragment_coords<typename Tr::OutMma, Tr::kChunk>();
+  const auto coords = fragment_coords<typename Tr::OutMma, kRows, Tr::kChunk>();
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int row = row0 + get<0>(coords(m, 0));
@@ -594,20 +521,22 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   Schedule<T> sch = anchor_schedule(p, seg, grad_a == nullptr);
   sch.z = static_cast<int>(blockIdx.z);
   const int oc = sch.z * kC;
-  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();
   constexpr int kN = decltype(size<1>(coords))::value;
 
   Tensor out = partition_fragment_C(typename Tr::OutMma{}, Shape<Int<kRows>, Int<kC>>{});  // sum_k q_ik k_hat_k, slice z
   clear(out);
-  bool row_ok[2];
-  float row_lse2[2], d[2];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const int row = seg.row0 + get<0>(coords(m, 0));
-    row_ok[m] = p.ok(kAnchorRows, row, seg.hi);
-    row_lse2[m] = row_ok[m] ? lse2[row] : 0.f;
-    d[m] = 0.f;  // this lane's share of sum_k q logit2
+  // Per own anchor, read from shared memory at each tile (4 registers less through the loop): 1
+  // where it exists and is not masked, and its lse2; after the partial sums and the positives.
+  // The pipeline's first barrier publishes them.
+  float* own_rows = row_part + 4 * kRows;
+  if (threadIdx.x < kRows) {
+    const int row = seg.row0 + static_cast<int>(threadIdx.x);
+    const bool ok = p.ok(kAnchorRows, row, seg.hi);
+    own_rows[threadIdx.x] = ok ? 1.f : 0.f;
+    own_rows[kRows + threadIdx.x] = ok ? lse2[row] : 0.f;
   }
+  float d[2] = {0.f, 0.f};  // this lane's share of sum_k q logit2
 
   stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
                    [&](auto& S, int source, int key0, const auto& tile, const float* col) {
@@ -619,10 +548,10 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
         const int c = get<1>(coords(m, n));
-        const bool ok = row_ok[m] && col[c] != 0.f;
+        const bool ok = own_rows[get<0>(coords(m, 0))] != 0.f && col[c] != 0.f;
         const bool positive = kind != Keys::kPlain && key0 + c == row;
         const float v = s(m, n) * p.logit_scale;
-        const float prob = exp2f(v - row_lse2[m]);
+        const float prob = exp2f(v - own_rows[kRows + get<0>(coords(m, 0))]);
         float q = positive ? prob - 1.f : (kind == Keys::kPositiveOnly ? 0.f : prob);
         q = ok ? q : 0.f;
         // a positives-only tile: the other pixels are no keys of this anchor (q * NaN would be NaN)
@@ -643,7 +572,7 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   const bool none = p.negatives == Negatives::kNone;
   float d_row[2][1];
 #pragma unroll
-  for (int m = 0; m < 2; ++m) d_row[m][0] = tiles::quad_sum(d[m]);  // every lane takes part in the shuffles
+  for (int m = 0; m < 2; ++m) d_row[m][0] = quad_sum(d[m]);  // every lane takes part in the shuffles
   sum_over_column_warps<Tr>(d_row, row_part, coords);  // (its barriers publish `positives` too)
   float sums[2][3];  // per row: sum_k q logit2, and "none" mode's positive logit2 and p - 1
 #pragma unroll
@@ -656,11 +585,13 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   // - t_proj * t_hat ("none" mode's positive (p - 1) t_hat_i was left out of the tile MMAs; the
   // teacher pixel is its anchor's key alone), 0 at masked anchors.
   // (g is read only now: a register less through the loop)
+  bool row_ok[2];
   float gi[2], a_scale[2], a_proj[2], t_scale[2], t_proj[2], pw[2];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int row = seg.row0 + get<0>(coords(m, 0));
-    const bool ok = row_ok[m];  // (row < hi)
+    row_ok[m] = p.ok(kAnchorRows, row, seg.hi);
+    const bool ok = row_ok[m];
     gi[m] = ok ? grad[row] : 0.f;
     const float coef = ok ? gi[m] * p.inv_temperature : 0.f;
     const float inv_a = normalize && ok ? p.inv_anchors[row] : 1.f;
@@ -714,7 +645,7 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   sch.z = static_cast<int>(blockIdx.z);
   const int oc = sch.z * kC;
   const int key0 = lo + static_cast<int>(blockIdx.x) * kRows;
-  const auto coords = fragment_coords<typename Tr::ScoresMma, kCols>();
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();
   constexpr int kN = decltype(size<1>(coords))::value;
 
   Tensor out = partition_fragment_C(typename Tr::OutMma{}, Shape<Int<kRows>, Int<kC>>{});  // sum_i w_ik a_hat_i, slice z
@@ -755,7 +686,7 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   const float g_max = *grad_max;
   float e_k[2][1];
 #pragma unroll
-  for (int m = 0; m < 2; ++m) e_k[m][0] = tiles::quad_sum(e_sum[m]);
+  for (int m = 0; m < 2; ++m) e_k[m][0] = quad_sum(e_sum[m]);
   sum_over_column_warps<Tr>(e_k, row_part, coords);
   // Per key: grad_k = scale * acc - proj * k_hat, 0 at masked keys.
   const std::uint8_t* key_valid = keys_are_teacher ? p.valid : nullptr;
@@ -789,10 +720,7 @@ void check_params(const PixelContrastiveParams& in) {
     invalid_argument("pixel_contrastive: negatives code must be 0 (none), 1 (image) or 2 (batch), got " +
                      std::to_string(static_cast<int>(in.negatives)));
   }
-  if (in.dtype != DType::kFloat16 && in.dtype != DType::kBFloat16) {
-    invalid_argument("pixel_contrastive CUDA kernels take dtype code 1 (float16) or 2 (bfloat16), got " +
-                     std::to_string(static_cast<int>(in.dtype)));
-  }
+  check_dtype(in.dtype, "pixel_contrastive");
   const std::int64_t limit = (std::int64_t{1} << 31) - kRows * 2;
   if (in.n_rows > limit || in.n_queue > limit || in.n_extra > limit || in.channels > limit) {
     invalid_argument("pixel_contrastive CUDA kernels take fewer than 2^31 rows and channels");
@@ -892,8 +820,7 @@ void by_instance(const PixelContrastiveParams& in, F&& f) {
         return f(tag, Int<kMaxChunk>{}, bytes);
     }
   };
-  if (in.dtype == DType::kFloat16) return with_chunk(TypeTag<cute::half_t>{});
-  return with_chunk(TypeTag<cute::bfloat16_t>{});
+  by_dtype(in.dtype, "pixel_contrastive", with_chunk);
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.

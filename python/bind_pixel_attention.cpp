@@ -1,5 +1,5 @@
-// Bindings of the pixel_attention launchers (csrc/pixel_attention.cu): the AttentionMap and
-// PixelAttentionParams structs (fields as in pcd_kernels/pixel_attention.h), the kernels' limits
+// Bindings of the pixel_attention launchers (csrc/pixel_attention.cu): the AttentionMap,
+// AttentionRows and PixelAttentionParams structs (fields as in pcd_kernels/pixel_attention.h), the kernels' limits
 // and one launcher per kernel taking the params.
 #include "bind_params.h"
 #include "pcd_kernels/pixel_attention.h"
@@ -14,6 +14,13 @@ void bind_pixel_attention(py::module_& m) {
     auto cls = bind_struct<pcd_kernels::AttentionMap>(m, "AttentionMap",
                                                        "A (B, C, L) map: device pointer and strides in elements.");
     PCD_KERNELS_ATTENTION_MAP(PCD_BIND_FIELD)
+  }
+  {
+    auto cls = bind_struct<pcd_kernels::AttentionRows>(
+        m, "AttentionRows",
+        "An operand as rows: device pointer (16-byte aligned) and (batch, head, position) strides in elements, "
+        "multiples of 8.");
+    PCD_KERNELS_ATTENTION_ROWS(PCD_BIND_FIELD)
   }
   auto cls = bind_struct<pcd_kernels::PixelAttentionParams>(
       m, "PixelAttentionParams", "What the pixel_attention launchers read; maps a kernel does not use may be absent.");

@@ -103,42 +103,51 @@ def test_extension_kernels_use_tensor_cores_on_every_architecture():
             with_mma = [body for body in ops_kernels if any("HMMA" in line or "HGMMA" in line for line in body)]
             # every kernel of the op multiplies on tensor cores except its small elementwise passes
             assert len(with_mma) >= 2, f"{op} on {a}: {len(with_mma)} of {len(ops_kernels)} kernels use HMMA"
-    problems = _contrastive_pipeline_problems(kernels, expected)
-    assert not problems, "pixel_contrastive kernels:\n" + "\n".join(problems)
+    problems = [line for op in PIPELINE_KERNELS for line in _pipeline_problems(kernels, expected, op)]
+    assert not problems, "\n".join(problems)
 
 
-# The pixel_contrastive kernels (csrc/pixel_contrastive.cu): tiles copied asynchronously into shared
-# memory (cp.async: LDGSTS, or TMA: UTMALDG), read on sm_90a by warpgroup MMAs (HGMMA) straight from
-# shared memory, elsewhere by ldmatrix (LDSM) into mma.sync (HMMA), and nothing in local memory.
-CONTRASTIVE_KERNELS = ("forward_kernel", "anchor_backward_kernel", "key_backward_kernel")
+# The kernels of each op built on CuTe: tiles copied asynchronously into shared memory (cp.async:
+# LDGSTS, or TMA: UTMALDG), read by ldmatrix (LDSM) into mma.sync (HMMA), and nothing in local
+# memory. The pixel_contrastive kernels (csrc/pixel_contrastive.cu) read shared memory on sm_90a
+# through warpgroup MMAs (HGMMA) instead; the pixel_attention ones (csrc/pixel_attention.cu) run the
+# sm_80-class pipeline on every architecture (their elementwise delta_kernel is no part of it).
+# {op: (kernel names, warpgroup MMAs on sm_90)}
+PIPELINE_KERNELS = {
+    "pixel_contrastive": (("forward_kernel", "anchor_backward_kernel", "key_backward_kernel"), True),
+    "pixel_attention": (("forward_kernel", "backward_kernel"), False),
+}
 _SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
 
 
-def _contrastive_pipeline_problems(kernels, archs):
-    """What each instantiation of each pixel_contrastive kernel on each of ``archs`` lacks or has
+def _pipeline_problems(kernels, archs, op):
+    """What each instantiation of each of ``op``'s PIPELINE_KERNELS on each of ``archs`` lacks or has
     too much of in its SASS (``kernels``: {(arch, mangled name): SASS lines}), one line each."""
+    names, wgmma = PIPELINE_KERNELS[op]
     problems = []
     for arch in sorted(archs):
-        found = {kernel: [] for kernel in CONTRASTIVE_KERNELS}
+        found = {kernel: [] for kernel in names}
         for (arch_, name), body in kernels.items():
-            match = re.search(r"pixel_contrastive.*?\d+(" + "|".join(CONTRASTIVE_KERNELS) + r")I(.*)", name)
+            match = re.search(op + r".*?\d+(" + "|".join(names) + r")I(.*)", name)
             if arch_ == arch and match:
-                # "<kernel><half_t, 256>" from the mangled template arguments (element type, channel chunk)
-                args = re.findall(r"(half_t|bfloat16_t|__half|__nv_bfloat16|Li(\d+)E)", match.group(2))
-                label = match.group(1) + "<" + ", ".join(a[1] or a[0] for a in args[:2]) + ">"
+                # "<kernel><half_t, 256>" from the mangled template arguments (element type, then
+                # integers and booleans: channel chunk or head dim, pass)
+                args = re.findall(r"(half_t|bfloat16_t|__half|__nv_bfloat16|Li(\d+)E|Lb([01])E)", match.group(2))
+                label = match.group(1) + "<" + ", ".join(
+                    a[1] or {"0": "false", "1": "true"}.get(a[2]) or a[0] for a in args[:3]) + ">"
                 found[match.group(1)].append((label, body))
         for kernel, instances in found.items():
             if not instances:
-                problems.append(f"{arch}: no {kernel} in the library")
+                problems.append(f"{arch}: no {op} {kernel} in the library")
         for label, body in (i for instances in found.values() for i in instances):
             counts = {}
             for line in body:
-                for op in _SASS_OP.findall(line):
-                    counts[op] = counts.get(op, 0) + 1
+                for sass_op in _SASS_OP.findall(line):
+                    counts[sass_op] = counts.get(sass_op, 0) + 1
             missing = []
             if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
                 missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
-            if arch.startswith("sm_90"):
+            if wgmma and arch.startswith("sm_90"):
                 if not counts.get("HGMMA"):
                     missing.append("warpgroup MMAs (no HGMMA)")
             elif not (counts.get("HMMA") and counts.get("LDSM")):
@@ -147,7 +156,7 @@ def _contrastive_pipeline_problems(kernels, archs):
             if counts.get("STL") or counts.get("LDL"):
                 missing.append(f"spills: {counts.get('STL', 0)} STL and {counts.get('LDL', 0)} LDL (local memory)")
             if missing:
-                problems.append(f"{arch} {label}: " + "; ".join(missing))
+                problems.append(f"{arch} {op} {label}: " + "; ".join(missing))
     return problems
 
 
@@ -192,11 +201,11 @@ def test_public_api():
             assert isinstance(getattr(torch.ops.pcd_kernels, custom_op).default, torch._ops.OpOverload), custom_op
 
 
-def test_contrastive_sass_check_names_what_each_kernel_lacks():
-    """_contrastive_pipeline_problems on made-up SASS: one line per missing piece, per kernel."""
-    def name(kernel, dtype="N7cutlass6half_tE", chunk=64):
-        return f"_ZN11pcd_kernels53_GLOBAL__N__4e86075b_20_pixel_contrastive_cu_081bb693{len(kernel)}{kernel}I{dtype}" \
-               f"Li{chunk}EEEvNS0_6ParamsIT_EEPfS7_"
+def test_sass_check_names_what_each_kernel_lacks():
+    """_pipeline_problems on made-up SASS: one line per missing piece, per kernel."""
+    def name(kernel, dtype="N7cutlass6half_tE", chunk=64, op="pixel_contrastive", extra=""):
+        return f"_ZN11pcd_kernels53_GLOBAL__N__4e86075b_20_{op}_cu_081bb693{len(kernel)}{kernel}I{dtype}" \
+               f"Li{chunk}E{extra}EEEvNS0_6ParamsIT_EEPfS7_"
 
     good = ["/*0100*/ LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;", "/*0110*/ LDSM.16.M88.4 R4, [R5] ;",
             "/*0120*/ HMMA.16816.F32 R8, R4, R6, R8 ;"]
@@ -207,10 +216,27 @@ def test_contrastive_sass_check_names_what_each_kernel_lacks():
                                                     "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;"],
                ("sm_90a", name("key_backward_kernel")): ["/*0100*/ LDG.E.128 R4, desc[UR4][R2.64] ;"]}
     kernels[("sm_90a", name("anchor_backward_kernel"))] = good  # mma.sync where sm_90a needs wgmma
-    assert _contrastive_pipeline_problems(kernels, {"sm_80", "sm_90a"}) == [
-        "sm_80: no key_backward_kernel in the library",
-        "sm_80 anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, 0 LDSM); spills: "
-        "1 STL and 1 LDL (local memory)",
-        "sm_90a anchor_backward_kernel<half_t, 64>: warpgroup MMAs (no HGMMA)",
-        "sm_90a key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); warpgroup MMAs (no "
-        "HGMMA)"]
+    assert _pipeline_problems(kernels, {"sm_80", "sm_90a"}, "pixel_contrastive") == [
+        "sm_80: no pixel_contrastive key_backward_kernel in the library",
+        "sm_80 pixel_contrastive anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, "
+        "0 LDSM); spills: 1 STL and 1 LDL (local memory)",
+        "sm_90a pixel_contrastive anchor_backward_kernel<half_t, 64>: warpgroup MMAs (no HGMMA)",
+        "sm_90a pixel_contrastive key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); "
+        "warpgroup MMAs (no HGMMA)"]
+    # pixel_attention: the sm_80-class pipeline on sm_90a too; its delta_kernel is not held to it
+    attention = {("sm_80", name("forward_kernel", chunk=128, op="pixel_attention")): good,
+                 ("sm_80", name("backward_kernel", chunk=32, op="pixel_attention", extra="Lb1E")): good,
+                 ("sm_80", name("backward_kernel", chunk=32, op="pixel_attention", extra="Lb0E")): good[:2],
+                 ("sm_80", name("delta_kernel", op="pixel_attention")): [],
+                 ("sm_90a", name("forward_kernel", "N7cutlass10bfloat16_tE", 64, "pixel_attention")): good + [
+                     "/*0200*/ STL [R1+0x10], R61 ;"],
+                 ("sm_90a", name("backward_kernel", op="pixel_attention", extra="Lb1E")): [
+                     "/*0100*/ LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;",
+                     "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;"]}
+    assert _pipeline_problems({**kernels, **attention}, {"sm_80", "sm_90a"}, "pixel_attention") == [
+        "sm_80 pixel_attention backward_kernel<half_t, 32, false>: tensor-core MMAs fed by ldmatrix (0 HMMA, 1 LDSM)",
+        "sm_90a pixel_attention forward_kernel<bfloat16_t, 64>: spills: 1 STL and 0 LDL (local memory)",
+        "sm_90a pixel_attention backward_kernel<half_t, 64, true>: tensor-core MMAs fed by ldmatrix (0 HMMA, 0 LDSM)"]
+    assert _pipeline_problems({("sm_80", name("delta_kernel", op="pixel_attention")): good}, {"sm_80"},
+                              "pixel_attention") == ["sm_80: no pixel_attention forward_kernel in the library",
+                                                     "sm_80: no pixel_attention backward_kernel in the library"]

@@ -60,7 +60,8 @@ def test_extension_exports_the_same_numbers():
 @needs_extension
 @pytest.mark.parametrize("struct, macro", [("PixelContrastiveParams", "PCD_KERNELS_PIXEL_CONTRASTIVE_PARAMS"),
                                            ("PixelAttentionParams", "PCD_KERNELS_PIXEL_ATTENTION_PARAMS"),
-                                           ("AttentionMap", "PCD_KERNELS_ATTENTION_MAP")])
+                                           ("AttentionMap", "PCD_KERNELS_ATTENTION_MAP"),
+                                           ("AttentionRows", "PCD_KERNELS_ATTENTION_ROWS")])
 def test_structs_bind_exactly_the_declared_fields(struct, macro):
     cls = getattr(_extension.extension(), struct)
     declared = [name for _, name in _x_list(macro)]
@@ -195,17 +196,58 @@ def test_contrastive_operands_that_need_nothing_are_not_copied():
 
 @needs_extension
 def test_attention_wrapper_fills_every_map(cpu_launch):
-    q, v = torch.randn(2, 8, 5), torch.randn(2, 8, 7)
-    k = torch.randn(2, 7, 8).transpose(1, 2)  # channels-last strides
+    q, v = torch.randn(2, 8, 5, dtype=torch.float16), torch.randn(2, 8, 7, dtype=torch.float16)
+    k = torch.randn(2, 7, 8, dtype=torch.float16).transpose(1, 2)  # channels-last strides
     lse2, grad_k = torch.empty(4, 5), torch.empty_like(k)
-    p = cuda_attention._params(q, k, v, 2, 0.5, lse2, grad_k=grad_k, grad_q=None)
+    launch = cuda_attention._Launch(q, k, v, 2, 0.5, lse2, grad_k=grad_k, grad_q=None)
+    p = launch.params
+    assert (p.device, p.stream, int(p.dtype)) == (0, 1234, _extension.DTYPE_CODES["float16"])
     assert (p.batch, p.heads, p.head_dim, p.lq, p.lk, p.scale) == (2, 2, 4, 5, 7, 0.5)
-    assert (p.lse2, p.delta, p.grad_q.data, p.out.data) == (lse2.data_ptr(), 0, 0, 0)
-    for field, t in (("q", q), ("k", k), ("v", v), ("grad_k", grad_k)):
-        m = getattr(p, field)
-        assert (m.data, m.stride_b, m.stride_c, m.stride_l) == (t.data_ptr(), *t.stride()), field
+    assert (p.lse2, p.delta, p.grad_q.data, p.out.data, p.grad_out.data) == (lse2.data_ptr(), 0, 0, 0, 0)
+    m = p.grad_k
+    assert (m.data, m.stride_b, m.stride_c, m.stride_l) == (grad_k.data_ptr(), *grad_k.stride())
+    # head dim 4: every operand copied to (B, heads, L, 8) rows, kept alive by the launch
+    for field, t in (("q", q), ("k", k), ("v", v)):
+        r = getattr(p, field)
+        rows = next(x for x in launch.tensors if x.data_ptr() == r.data)
+        L = t.shape[2]
+        assert rows.shape == (2, 2, L, 8) and rows.is_contiguous(), field
+        assert (r.stride_b, r.stride_h, r.stride_l) == (2 * L * 8, L * 8, 8), field
     with pytest.raises(TypeError, match="one dtype and device"):
-        cuda_attention._params(q, k.double(), v, 2, 0.5, lse2)
+        cuda_attention._Launch(q, k.double(), v, 2, 0.5, lse2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads, head_dim", [(3, 8), (2, 20), (1, 5), (2, 128)])
+def test_attention_operands_are_rows_for_the_kernels(dtype, heads, head_dim):
+    """What the kernels read (pixel_attention.h: AttentionRows): row (b, h, l) at b * s_b + h * s_h +
+    l * s_l holds the head's channels, 16-byte aligned, zeros up to a multiple of 8; channel-major
+    maps are copied, channels-last ones with d a multiple of 8 read in place. CPU tensors."""
+    B, L = 2, 11
+    C = heads * head_dim
+    g = torch.Generator().manual_seed(head_dim)
+    channel_major = torch.randn(B, C, L, generator=g).to(dtype)
+    channels_last = torch.randn(B, L, C, generator=g).to(dtype).transpose(1, 2)
+    sliced = torch.randn(B, 3 * C, L, generator=g).to(dtype)[:, C:2 * C]  # a channel slice of a fused map
+    for name, x in (("channel-major", channel_major), ("channels-last", channels_last), ("slice", sliced)):
+        rows, (stride_b, stride_h, stride_l) = cuda_attention._rows(x, heads)
+        in_place = name == "channels-last" and head_dim % 8 == 0
+        assert (rows.data_ptr() == x.data_ptr()) == in_place, name
+        assert rows.data_ptr() % 16 == 0 and stride_b % 8 == stride_h % 8 == stride_l % 8 == 0, name
+        ld = -(-head_dim // 8) * 8
+        flat = rows.reshape(-1) if not in_place else None
+        for b in range(B):
+            for h in range(heads):
+                for pos in range(L):
+                    at = b * stride_b + h * stride_h + pos * stride_l
+                    want = x[b, h * head_dim:(h + 1) * head_dim, pos]
+                    if in_place:
+                        got = torch.as_strided(x, (head_dim,), (1,), x.storage_offset() + at)
+                    else:
+                        got = flat[at:at + ld]
+                        assert not got[head_dim:].any(), f"{name}: padding must be 0"
+                        got = got[:head_dim]
+                    assert torch.equal(got, want), (name, b, h, pos)
 
 
 @needs_extension
@@ -232,9 +274,28 @@ def test_launchers_refuse_bad_arguments_before_any_cuda_call():
     contrastive.hw = 3
     with pytest.raises(ValueError, match="multiple of hw"):
         ext.pixel_contrastive_forward(contrastive)
-    attention = _extension.struct(ext.PixelAttentionParams, batch=1, heads=2, head_dim=4, lq=3, lk=0)
+    attention = _extension.struct(ext.PixelAttentionParams, batch=1, heads=2, head_dim=4, lq=3, lk=0,
+                                  dtype=_extension.DTYPE_CODES["float16"])
     with pytest.raises(ValueError, match="at least one position"):
         ext.pixel_attention_forward(attention)
     attention.lk, attention.head_dim = 3, 129
     with pytest.raises(ValueError, match="head dims up to 128"):
         ext.pixel_attention_backward_q(attention)
+    attention.head_dim = 4
+    for dtype in (0, 3):  # float32 and no dtype: the kernels take 16-bit types only
+        attention.dtype = dtype
+        for launch in (ext.pixel_attention_forward, ext.pixel_attention_backward_delta,
+                       ext.pixel_attention_backward_kv, ext.pixel_attention_backward_q):
+            with pytest.raises(ValueError, match=rf"take dtype code 1 \(float16\) or 2 \(bfloat16\), got {dtype}"):
+                launch(attention)
+    attention.dtype = _extension.DTYPE_CODES["bfloat16"]
+    rows = dict(data=1024, stride_b=64, stride_h=16, stride_l=8)
+    for name in ("q", "k", "v", "grad_out"):
+        setattr(attention, name, _extension.struct(ext.AttentionRows, **rows))
+    for field, value in (("data", 0), ("data", 1032), ("stride_b", 4), ("stride_h", 12), ("stride_l", 1)):
+        for name, launch in (("k", ext.pixel_attention_forward), ("grad_out", ext.pixel_attention_backward_delta),
+                             ("q", ext.pixel_attention_backward_kv), ("v", ext.pixel_attention_backward_q)):
+            setattr(attention, name, _extension.struct(ext.AttentionRows, **{**rows, field: value}))
+            with pytest.raises(ValueError, match=f"read {name} as rows at a 16-byte aligned address"):
+                launch(attention)
+            setattr(attention, name, _extension.struct(ext.AttentionRows, **rows))

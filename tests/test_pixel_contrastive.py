@@ -383,14 +383,14 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
 
 
 def test_cuda_backend_refuses_float32_before_running(monkeypatch):
-    """The CUDA kernels take float16 and bfloat16 only (their pixel_attention takes float32 too): the
+    """The CUDA kernels take float16 and bfloat16 only (those of pixel_attention too): the
     registry refuses float32 naming where it runs, before anything runs (a CUDA device simulated:
     the availability check comes first)."""
     from pcd_kernels import backends
     from pcd_kernels.backends import cuda
 
     assert backends.dtypes("pixel_contrastive_loss", "cuda") == (torch.float16, torch.bfloat16)
-    assert torch.float32 in backends.dtypes("pixel_attention", "cuda")
+    assert backends.dtypes("pixel_attention", "cuda") == (torch.float16, torch.bfloat16)
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
     s, t, q, _ = make_inputs()
     message = (r"pixel_contrastive_loss: backend='cuda' supports float16 and bfloat16 inputs, got torch.float32; "

@@ -6,9 +6,9 @@
 // or libtorch.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <cutlass/numeric_types.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -40,19 +40,21 @@ struct TypeTag {
   using type = T;
 };
 
-// Calls f(TypeTag<T>{}) for the element type T of `dtype` (float, __half or __nv_bfloat16).
-template <typename F>
-void by_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return f(TypeTag<float>{});
-    case DType::kFloat16:
-      return f(TypeTag<__half>{});
-    case DType::kBFloat16:
-      return f(TypeTag<__nv_bfloat16>{});
+// Throws unless `dtype` is one the kernels take, float16 or bfloat16 (float32 inputs go to the
+// Triton or torch backends), naming the op's kernels.
+inline void check_dtype(DType dtype, const char* op) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) {
+    invalid_argument(std::string(op) + " CUDA kernels take dtype code 1 (float16) or 2 (bfloat16), got " +
+                     std::to_string(static_cast<int>(dtype)));
   }
-  invalid_argument("dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                   std::to_string(static_cast<int>(dtype)));
+}
+
+// Calls f(TypeTag<T>{}) for the element type T of `dtype`, cute::half_t or cute::bfloat16_t.
+template <typename F>
+void by_dtype(DType dtype, const char* op, F&& f) {
+  check_dtype(dtype, op);
+  if (dtype == DType::kFloat16) return f(TypeTag<cute::half_t>{});
+  return f(TypeTag<cute::bfloat16_t>{});
 }
 
 template <typename T>

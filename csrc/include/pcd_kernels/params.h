@@ -19,7 +19,8 @@
 #define PCD_KERNELS_ENUMERATOR(enumerator, name, number) enumerator = number,
 
 // Element types of a launch's tensors, numbered as pcd_kernels.backends.cuda._extension.DTYPE_CODES.
-// float32 runs on tensor cores as 3xTF32 (as accurate as an FP32 product).
+// The kernels take float16 and bfloat16 (check_dtype in dispatch.cuh); float32 keeps its code for
+// the numbers' sake.
 #define PCD_KERNELS_DTYPES(X) \
   X(kFloat32, float32, 0)     \
   X(kFloat16, float16, 1)     \

@@ -7,7 +7,9 @@ import torch
 
 from pcd_kernels.backends.cuda import _extension
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels copy their tiles 16 bytes (8 half-precision elements) at a time, asynchronously:
+# float32 inputs go to the Triton or torch backends.
+DTYPES = (torch.float16, torch.bfloat16)
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:

@@ -22,10 +22,6 @@ from pcd_kernels.backends._host import PixelContrastiveKernels, image_grid_limit
 from pcd_kernels.backends.cuda import _extension
 from pcd_kernels.backends.cuda._extension import pointer
 
-# The kernels load their tiles with asynchronous copies (cp.async) of 16 bytes, 8 half-precision
-# elements: float32 inputs go to the Triton or torch backends (the registry refuses them here,
-# while the package's DTYPES keeps float32 for pixel_attention's kernels).
-DTYPES = (torch.float16, torch.bfloat16)
 ROW_ALIGN = 8  # elements of a 16-byte copy: every operand row starts 16-byte aligned
 
 
