@@ -109,8 +109,7 @@ def pixel_attention(q: Tensor, k: Tensor, v: Tensor, *, num_heads: int, scale: O
             float32 with TF32 allowed; SDPA otherwise),
             ``"triton"``, ``"torch"`` (SDPA on reshaped views), ``"cuda"`` (the compiled
             extension's tensor-core kernels, ``pip install -e .`` with nvcc: CUDA tensors in
-            float16, bfloat16 or float32 (3xTF32, FP32-accurate whatever the TF32 setting),
-            head dims up to 128; ``"auto"`` does not choose it yet).
+            float16 or bfloat16, head dims up to 128; ``"auto"`` does not choose it yet).
 
     Returns:
         (B, heads*d, H, W) in the inputs' (promoted) dtype; under ``torch.autocast`` float32

@@ -174,8 +174,7 @@ def pixel_contrastive_loss(student: Tensor, teacher: Tensor, queue: Optional[Ten
     ``torch.autocast`` the op runs in the autocast dtype, as a matmul would. The Triton kernels take
     float16, bfloat16 and float32 and accumulate in float32; float32 inputs
     use TF32 tensor cores only when ``torch.backends.cuda.matmul.allow_tf32`` is True. The CUDA
-    kernels (``backend="cuda"``) take the same dtypes, accumulate in float32 and compute float32
-    logits with 3xTF32 tensor-core products (float32 accuracy) whatever ``allow_tf32`` says.
+    kernels (``backend="cuda"``) take float16 and bfloat16 and accumulate in float32.
     Gradients reach ``student``, ``teacher`` and ``queue`` wherever they require grad.
 
     Example::
