@@ -49,12 +49,13 @@ inline void check_dtype(DType dtype, const char* op) {
   }
 }
 
-// Calls f(TypeTag<T>{}) for the element type T of `dtype`, cute::half_t or cute::bfloat16_t.
+// Calls f(TypeTag<T>{}) for the element type T of `dtype`, cutlass::half_t or cutlass::bfloat16_t
+// (CuTe's half_t and bfloat16_t).
 template <typename F>
 void by_dtype(DType dtype, const char* op, F&& f) {
   check_dtype(dtype, op);
-  if (dtype == DType::kFloat16) return f(TypeTag<cute::half_t>{});
-  return f(TypeTag<cute::bfloat16_t>{});
+  if (dtype == DType::kFloat16) return f(TypeTag<cutlass::half_t>{});
+  return f(TypeTag<cutlass::bfloat16_t>{});
 }
 
 template <typename T>
