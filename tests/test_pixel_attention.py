@@ -71,14 +71,18 @@ def test_matches_reference(backend, device, dtype, shape):
 
 
 @pytest.mark.parametrize("backend,device,dtype", WIDE)
-@pytest.mark.parametrize("layout", ["qkv-slices", "channels-last", "transposed-map"])
+@pytest.mark.parametrize("layout", ["qkv-slices", "qkv-slices-channels-last", "channels-last", "transposed-map"])
 def test_any_strides(backend, device, dtype, layout):
-    """q, k, v as channel slices of one fused projection (what MHSA2d passes: read in place),
-    channels-last maps, and maps whose rows are not evenly strided (copied first)."""
+    """q, k, v as channel slices of one fused projection (what MHSA2d passes: read in place), the
+    same projection channels-last (each head's 16 channels contiguous: the CUDA kernels read its
+    rows in place), channels-last maps, and maps whose rows are not evenly strided (copied first)."""
     B, C, H, W, heads = 2, 32, 5, 6, 2
-    if layout == "qkv-slices":
+    if layout.startswith("qkv-slices"):
         qkv = torch.randn(B, 3 * C, H, W, dtype=torch.float64)
-        leaf = qkv.to(device, dtype).requires_grad_()
+        leaf = qkv.to(device, dtype)
+        if layout.endswith("channels-last"):
+            leaf = leaf.contiguous(memory_format=torch.channels_last)
+        leaf = leaf.requires_grad_()
         q, k, v = leaf.chunk(3, dim=1)
     elif layout == "channels-last":
         qkv = torch.randn(3, B, C, H, W, dtype=torch.float64)
@@ -92,13 +96,13 @@ def test_any_strides(backend, device, dtype, layout):
     out = pixel_attention(q, k, v, num_heads=heads, backend=backend)
     (grad,) = torch.autograd.grad(out, leaf, grad_out.to(device, dtype))
     ref_leaf = qkv.clone().requires_grad_()
-    rq, rk, rv = ref_leaf.chunk(3, dim=1) if layout == "qkv-slices" else ref_leaf.unbind(0)
+    rq, rk, rv = ref_leaf.chunk(3, dim=1) if layout.startswith("qkv-slices") else ref_leaf.unbind(0)
     ref = naive_pixel_attention(rq, rk, rv, heads)
     (ref_grad,) = torch.autograd.grad(ref, ref_leaf, grad_out)
 
     def plain(dtype, device, gradient=False):
         leaf = qkv.to(device, dtype).requires_grad_()
-        pq, pk, pv = leaf.chunk(3, dim=1) if layout == "qkv-slices" else leaf.unbind(0)
+        pq, pk, pv = leaf.chunk(3, dim=1) if layout.startswith("qkv-slices") else leaf.unbind(0)
         out = naive_pixel_attention(pq, pk, pv, heads)
         return torch.autograd.grad(out, leaf, grad_out.to(device, dtype))[0] if gradient else out
 
