@@ -106,9 +106,9 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
 
 
 def backend_dtypes(op: str, backend: str) -> Tuple[str, ...]:
-    """Those of DTYPES that ``backend`` takes for ``op``, from the registry (an op module may take
-    fewer than its backend's package: CUDA's pixel_contrastive_loss takes no float32). Imports the
-    op's backend module, not the CUDA extension, which may be being rebuilt."""
+    """Those of DTYPES that ``backend`` takes for ``op``, from the registry (the CUDA backend takes
+    no float32). Imports neither the op's backend module nor the CUDA extension, which may be
+    being rebuilt."""
     import torch
 
     from pcd_kernels.backends import dtypes

@@ -34,16 +34,6 @@ def _backend_package(backend):
     return importlib.import_module(f"pcd_kernels.backends.{backend}")
 
 
-def _dtypes_of(op, backend):
-    """The dtypes ``backend`` takes for ``op`` (the registry's: its op module's DTYPES, else its
-    package's), or its package's where the op module cannot be imported here (Triton not installed:
-    its cases skip anyway)."""
-    try:
-        return backend_dtypes(op, backend)
-    except ImportError:
-        return _backend_package(backend).DTYPES
-
-
 def _skip_reason(backend, device, dtype):
     """Why (backend, device, dtype) cannot run here, or None."""
     if device == "cuda" and not CUDA:
@@ -66,7 +56,7 @@ def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
         for backend in OPS[op].backends:
             if (backends is not None and backend not in backends) or (backend == "cuda" and device == "cpu"):
                 continue
-            takes = _dtypes_of(op, backend)
+            takes = backend_dtypes(op, backend)
             for dtype in dtypes:
                 if takes is not None and dtype not in takes:
                     continue
@@ -84,7 +74,7 @@ def op_cases(dtypes=(torch.float32,)):
     for op in OPS:
         cases += [(op, case) for case in backend_cases(op, dtypes)]
         for backend in OPS[op].backends:
-            takes = _dtypes_of(op, backend)
+            takes = backend_dtypes(op, backend)
             if takes is not None and not set(takes) & set(dtypes):
                 cases += [(op, case) for case in backend_cases(op, takes[:1], backends=(backend,))]
     return [pytest.param(op, *case.values, marks=case.marks, id=f"{op}-{case.id}") for op, case in cases]

@@ -14,8 +14,6 @@ and one module per op it implements, ``backends/<backend>/<op module>.py``, with
 * ``forward(...)`` and ``backward(...)``: the implementations of the op's two ``torch.library``
   custom ops (their signatures are the custom ops', in ``ops/<op module>.py``, without
   ``backend``), or for a backend that is differentiable by itself the function the op calls;
-* optionally ``DTYPES``, where its kernels of this op take fewer dtypes than its package says
-  (the CUDA kernels of pixel_contrastive_loss take no float32): :func:`dtypes` reads it.
 
 ``ops/<op module>.py`` registers its op, and reads: check the arguments, :func:`resolve` the
 backend, call the custom op, which calls :func:`implementation`. docs/contributing.md says how to
@@ -92,17 +90,16 @@ def _module(name: str):
 
 
 def dtypes(op: str, backend: str) -> Optional[Tuple[torch.dtype, ...]]:
-    """The input dtypes ``backend`` takes for ``op`` (None: every float dtype): the ``DTYPES`` of
-    its op module where it has one, else its package's. Imports the op module, which needs what
-    the backend needs (a Triton module imports Triton): ask once ``unavailable_reason`` is None."""
-    return getattr(implementation(op, backend), "DTYPES", _package(backend).DTYPES)
+    """The input dtypes ``backend`` takes for ``op`` (None: every float dtype): its package's
+    ``DTYPES``, which every op of the backend takes. Imports no op module."""
+    return _package(backend).DTYPES
 
 
 def _backends_taking(op: str, backend: str, dtype: torch.dtype) -> str:
     """The other backends of ``op`` whose packages take ``dtype``, torch last, as "backend='a' or 'b'"
-    (for an error message: the packages' DTYPES only, so nothing more is imported)."""
+    (for an error message)."""
     others = [b for b in BACKENDS[1:] if b not in (backend, "torch") and b in OPS[op].backends
-              and (_package(b).DTYPES is None or dtype in _package(b).DTYPES)] + ["torch"]
+              and (dtypes(op, b) is None or dtype in dtypes(op, b))] + ["torch"]
     return "backend=" + " or ".join(repr(b) for b in others)
 
 

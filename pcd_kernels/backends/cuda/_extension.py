@@ -69,6 +69,15 @@ def probe(device=None) -> int:
 # exported as _C.DType; tests/test_csrc.py checks that both agree).
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
 
+# Elements of the kernels' 16-byte asynchronous copies (csrc/include/pcd_kernels/cute_tiles.cuh
+# kVec): the rows they read start 16-byte aligned and hold a multiple of this many elements.
+ROW_ALIGN = 8
+
+
+def aligned_row_length(elements: int) -> int:
+    """``elements`` rounded up to a multiple of ROW_ALIGN: the length of a row the kernels read."""
+    return -(-elements // ROW_ALIGN) * ROW_ALIGN
+
 
 def dtype_code(tensor) -> int:
     """The launchers' code for ``tensor``'s dtype; TypeError for one the kernels do not take."""

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pcd_kernels.backends._host import attention_gradients, attention_outputs
 from pcd_kernels.backends.cuda import _extension
+from pcd_kernels.backends.cuda._extension import ROW_ALIGN, aligned_row_length
 
 # The widest head the kernels take (the padded tile widths are 32, 64 and 128).
 MAX_HEAD_DIM = 128
@@ -29,8 +30,6 @@ TILE = 64
 # One block per (tile, batch * head), all on the grid's x axis: at most 2^31 - 1 blocks, so there
 # is no 65,535 cap on batch x heads as on a grid's y axis.
 MAX_BLOCKS = 2 ** 31 - 1
-# Elements per asynchronous copy: the rows' alignment and stride unit.
-ROW_ALIGN = 8
 
 
 def limits(*, dtype, auto, batch: int, num_heads: int, head_dim: int, lq: int, lk: int) -> Optional[str]:
@@ -62,7 +61,7 @@ def _rows(x: Tensor, num_heads: int) -> Tuple[Tensor, Tuple[int, int, int]]:
     if stride_c == 1 and d % ROW_ALIGN == 0 and stride_b % ROW_ALIGN == 0 \
             and stride_l % ROW_ALIGN == 0 and x.data_ptr() % 16 == 0:
         return x, (stride_b, d, stride_l)
-    ld = -(-d // ROW_ALIGN) * ROW_ALIGN
+    ld = aligned_row_length(d)
     rows = x.new_empty((B, num_heads, L, ld))
     if ld != d:
         rows[..., d:].zero_()

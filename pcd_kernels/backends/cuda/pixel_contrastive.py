@@ -20,18 +20,10 @@ from torch import Tensor
 from pcd_kernels._conventions import NEGATIVES_MODES, NORM_EPS, logit_scale, pixel_rows
 from pcd_kernels.backends._host import PixelContrastiveKernels, image_grid_limit, key_side_weights, mask_bytes
 from pcd_kernels.backends.cuda import _extension
-from pcd_kernels.backends.cuda._extension import pointer
-
-ROW_ALIGN = 8  # elements of a 16-byte copy: every operand row starts 16-byte aligned
-
+from pcd_kernels.backends.cuda._extension import aligned_row_length, pointer
 
 def limits(*, dtype, auto, negatives, batch):
     return image_grid_limit(negatives, batch)
-
-
-def row_stride(channels: int) -> int:
-    """The operands' row length: C rounded up to a multiple of ROW_ALIGN."""
-    return -(-channels // ROW_ALIGN) * ROW_ALIGN
 
 
 def _operand(rows: Tensor, dtype: torch.dtype, normalize: bool, valid: Optional[Tensor] = None
@@ -41,7 +33,7 @@ def _operand(rows: Tensor, dtype: torch.dtype, normalize: bool, valid: Optional[
 
     The operand is what the kernels copy into shared memory unchanged (an asynchronous copy
     cannot scale what it moves, so the normalisation is done here, once, rather than per tile):
-    a contiguous (n, row_stride(C)) matrix in ``dtype`` holding x * inv (computed in float32,
+    a contiguous (n, aligned_row_length(C)) matrix in ``dtype`` holding x * inv (computed in float32,
     rounded once, as the Triton kernels do in registers) when normalising, else x; masked rows 0
     (a NaN there must not reach a tile's sums); channels past C 0. ``rows`` itself when nothing
     needs changing. inv = 1 / max(||x||, eps) and proj (inv where ||x|| >= eps, else 0: the factor
@@ -51,7 +43,7 @@ def _operand(rows: Tensor, dtype: torch.dtype, normalize: bool, valid: Optional[
     accumulate in float32 as they read, and the product is computed in float32 and rounded as it
     is stored (about 6 bytes of traffic per element rather than 24 through a float32 copy)."""
     n, C = rows.shape
-    stride = row_stride(C)
+    stride = aligned_row_length(C)
     rows = rows.to(dtype)  # x rounded to dtype, as the kernels' inputs are (no copy when it is)
     if not normalize and valid is None and stride == C and rows.is_contiguous() and rows.data_ptr() % 16 == 0:
         return rows, None, None  # (16-byte copies: the rows must start 16-byte aligned, as a view may not)
@@ -79,7 +71,7 @@ class _Inputs:
         B, C, H, W = student.shape
         dtype = student.dtype
         self.n_rows, self.channels, self.hw = B * H * W, C, H * W
-        self.row_stride = row_stride(C)
+        self.row_stride = aligned_row_length(C)
         self.mode = NEGATIVES_MODES[negatives]
         self.normalize = normalize
         self.valid = mask_bytes(mask) if mask is not None else None
