@@ -44,20 +44,26 @@ def _skip_reason(backend, device, dtype):
     return reason
 
 
-def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
+def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda"), every_backend=False):
     """The (backend, device, dtype) cases of ``op`` (a name in ``pcd_kernels.backends.OPS``): every
     backend the registry lists for it, on each of ``devices``, in each of ``dtypes`` the backend
     takes for it (the registry's: CUDA's pixel_contrastive_loss takes no float32, its
-    pixel_attention does); ``backends`` keeps only those named. A case that cannot run here is
-    skipped with the reason. backend='cuda' has no CPU case: on CPU tensors it is an error (tested in
-    test_build.py). Ids read ``<backend>-<device>-<dtype>`` (make gpu-smoke selects by them)."""
+    pixel_attention does); ``backends`` keeps only those named. With ``every_backend``, a backend
+    that takes none of ``dtypes`` is in with the first dtype it takes (CUDA's pixel_contrastive_loss
+    in float16 where ``dtypes`` is float32 alone): for tests whose error bounds follow the dtype. A
+    case that cannot run here is skipped with the reason. backend='cuda' has no CPU case: on CPU
+    tensors it is an error (tested in test_build.py). Ids read ``<backend>-<device>-<dtype>`` (make
+    gpu-smoke selects by them)."""
     cases = []
     for device in devices:
         for backend in OPS[op].backends:
             if (backends is not None and backend not in backends) or (backend == "cuda" and device == "cpu"):
                 continue
             takes = backend_dtypes(op, backend)
-            for dtype in dtypes:
+            wanted = dtypes
+            if every_backend and takes is not None and not set(takes) & set(dtypes):
+                wanted = takes[:1]
+            for dtype in wanted:
                 if takes is not None and dtype not in takes:
                     continue
                 reason = _skip_reason(backend, device, dtype)
@@ -67,16 +73,9 @@ def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda")):
 
 
 def op_cases(dtypes=(torch.float32,)):
-    """(op, backend, device, dtype) over every op of the registry: :func:`backend_cases` of each, and
-    a backend that takes none of ``dtypes`` for an op in the first dtype it takes (CUDA's
-    pixel_contrastive_loss in float16 where ``dtypes`` is float32 alone), so every backend is in."""
-    cases = []
-    for op in OPS:
-        cases += [(op, case) for case in backend_cases(op, dtypes)]
-        for backend in OPS[op].backends:
-            takes = backend_dtypes(op, backend)
-            if takes is not None and not set(takes) & set(dtypes):
-                cases += [(op, case) for case in backend_cases(op, takes[:1], backends=(backend,))]
+    """(op, backend, device, dtype) over every op of the registry: :func:`backend_cases` of each,
+    every backend in (``every_backend``)."""
+    cases = [(op, case) for op in OPS for case in backend_cases(op, dtypes, every_backend=True)]
     return [pytest.param(op, *case.values, marks=case.marks, id=f"{op}-{case.id}") for op, case in cases]
 
 

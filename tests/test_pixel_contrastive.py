@@ -12,6 +12,8 @@ from pcd_kernels.reference import naive_pixel_contrastive_loss, official_pcd_los
 OP = "pixel_contrastive_loss"
 CASES = backend_cases(OP)
 FP32 = backend_cases(OP, dtypes=(torch.float32,))
+# float32, or the first dtype of a backend that takes none (CUDA): for tests whose bounds follow the dtype
+ANY = backend_cases(OP, dtypes=(torch.float32,), every_backend=True)
 
 # C not a power of two (and wider than the interpreter's 32-channel tile: two C chunks), H*W = 35
 # not a multiple of any block, a queue of 37 rows.
@@ -85,7 +87,7 @@ def test_matches_reference(backend, device, dtype, negatives, masked, reduction)
                                    (2, 24, 3, 3, 0)],
                          ids=["C3-3x13", "no-queue", "C70-2x9", "1x1-map", "empty-queue"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_odd_shapes(backend, device, dtype, negatives, shape):
     if negatives == "none" and shape[-1] is None:
         pytest.skip("negatives='none' needs a queue (tested in test_bad_inputs)")
@@ -93,16 +95,16 @@ def test_odd_shapes(backend, device, dtype, negatives, shape):
     check_op(backend, device, dtype, inputs, negatives=negatives)
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_empty_batch(backend, device, dtype):
     for negatives in ("batch", "none"):
-        loss, grads = run_loss(*make_inputs(b=0), torch.float32, device, backend=backend, negatives=negatives)
+        loss, grads = run_loss(*make_inputs(b=0), dtype, device, backend=backend, negatives=negatives)
         assert loss.item() == 0.0
         assert [tuple(g.shape) for g in grads] == [(0, C, H, W), (0, C, H, W), (K, C)]
         assert not grads[2].any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
 def test_without_normalization(backend, device, dtype, negatives):
     student, teacher, queue, mask = make_inputs(masked=True)
@@ -110,7 +112,7 @@ def test_without_normalization(backend, device, dtype, negatives):
     check_op(backend, device, dtype, inputs, negatives=negatives, normalize=False, temperature=0.5)
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_tiny_temperature_is_stable(backend, device, dtype):
     check_op(backend, device, dtype, make_inputs(masked=True), negatives="batch", temperature=0.01)
     check_op(backend, device, dtype, make_inputs(), negatives="none", temperature=0.01)
@@ -144,7 +146,7 @@ def test_tiny_vectors_follow_f_normalize(backend, device, dtype, norm, negatives
 @pytest.mark.parametrize("grads", [(True, False, False), (False, True, False), (False, False, True),
                                    (False, True, True)], ids=["student", "teacher", "queue", "keys"])
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_gradients_only_where_required(backend, device, dtype, negatives, grads):
     check_op(backend, device, dtype, make_inputs(masked=True), grads=grads, negatives=negatives)
 
@@ -200,7 +202,7 @@ def _layouts(x):
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "permuted_view", "strided_slice"])
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_any_strides(backend, device, dtype, layout):
     student, teacher, queue, mask = make_inputs(masked=True)
     inputs = (_layouts(student)[layout], _layouts(teacher)[layout], queue, mask)
@@ -208,7 +210,7 @@ def test_any_strides(backend, device, dtype, layout):
     check_op(backend, device, dtype, inputs, negatives="image")
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_no_valid_anchor_gives_zero_not_nan(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     mask = torch.zeros(B, H, W, dtype=torch.bool)
@@ -221,7 +223,7 @@ def test_no_valid_anchor_gives_zero_not_nan(backend, device, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's numpy, on purpose
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_nan_in_nan_out_unless_masked(backend, device, dtype):
     student, teacher, queue, mask = make_inputs(masked=True)
     valid = mask.nonzero()[0].tolist()
@@ -251,7 +253,7 @@ def test_nan_in_nan_out_unless_masked(backend, device, dtype):
     assert all(g.isfinite().all() for g in grads)
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(backend, device, dtype):
     # With negatives="none" a teacher pixel is only its own anchor's positive: a NaN there makes
     # that anchor's loss and gradients NaN and no other's (a kernel that multiplies whole tiles of
@@ -270,6 +272,30 @@ def test_nan_teacher_pixel_reaches_only_its_own_anchor_without_pixel_negatives(b
     assert grad_q.isnan().any()  # every queue row is a key of the NaN anchor
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("negatives", ["image", "none"])
+@pytest.mark.parametrize("backend,device,dtype", ANY)
+def test_non_finite_upstream_gradient_reaches_only_what_its_anchor_sees(backend, device, dtype, negatives, bad):
+    # reduction="none" with a NaN (or inf) weight at one anchor: that anchor's gradients and those
+    # of the keys it sees are non-finite, no other's. The key-side kernels divide the weights by
+    # their largest magnitude, which must be taken over the finite ones, or one bad weight spreads
+    # to every key of every image.
+    student, teacher, queue, _ = make_inputs()
+    b, h, w = 0, 2, 3
+    weight = torch.rand(B, H, W, dtype=torch.float64) + 0.5
+    weight[b, h, w] = bad
+    _, (grad_s, grad_t, grad_q) = run(pixel_contrastive_loss, (student, teacher, queue), dtype, device,
+                                      weight=weight, backend=backend, negatives=negatives, reduction="none")
+    own = torch.zeros(B, H, W, dtype=torch.bool)
+    own[b, h, w] = True
+    grad_s, grad_t = pixel_rows(grad_s.cpu()).view(B, H, W, -1), pixel_rows(grad_t.cpu()).view(B, H, W, -1)
+    assert not grad_s[own].isfinite().all() and grad_s[~own].isfinite().all()
+    seen = own.clone() if negatives == "none" else own.any((1, 2), keepdim=True).expand(B, H, W)
+    assert not grad_t[seen].isfinite().all(1).any(), "a key the bad anchor sees kept a finite gradient"
+    assert grad_t[~seen].isfinite().all(), "a key the bad anchor does not see got a non-finite gradient"
+    assert not grad_q.isfinite().all(1).any()  # every queue row is a key of every anchor
+
+
 @pytest.mark.parametrize("backend,device,dtype", FP32)
 def test_mixed_dtypes_are_promoted(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
@@ -283,7 +309,7 @@ def test_mixed_dtypes_are_promoted(backend, device, dtype):
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("backend,device,dtype", FP32)
+@pytest.mark.parametrize("backend,device,dtype", ANY)
 def test_autocast_runs_the_op_in_the_autocast_dtype(backend, device, dtype):
     student, teacher, queue, _ = make_inputs()
     s = student.to(device, torch.float32).requires_grad_()
@@ -505,5 +531,6 @@ COMPILE_STEP = _compile_step
 # make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
 # backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
 GPU_SMOKE = ("test_matches_reference or test_odd_shapes or test_nan_in_nan_out_unless_masked or "
+             "test_non_finite_upstream_gradient_reaches_only_what_its_anchor_sees or "
              "test_any_strides or test_empty_batch or test_official_pcd_loss_with_transposed_queue")
 GPU_SMOKE_DRY = "(test_matches_reference and mean) or test_odd_shapes or test_nan_in_nan_out_unless_masked"

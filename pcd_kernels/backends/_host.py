@@ -68,8 +68,11 @@ def anchor_weights(grad_loss: Tensor, mask: Optional[Tensor]) -> Tensor:
 def key_side_weights(g: Tensor) -> Tuple[Tensor, Tensor]:
     """(g / max|g|, max|g| as a 1-element tensor): key-side kernels weigh each anchor by the
     first, which keeps the weights in half precision's range when a mean reduction makes every
-    g about 1 / anchors, and multiply by the second at the end."""
-    g_max = g.abs().amax().clamp_min(1e-30).reshape(1)
+    g about 1 / anchors, and multiply by the second at the end.
+
+    The maximum is over the finite g: a NaN or inf g then reaches only the keys its anchor sees
+    (as in the formula), where a NaN or inf maximum would reach every key."""
+    g_max = g.abs().where(g.isfinite(), 0.0).amax().clamp_min(1e-30).reshape(1)
     return g / g_max, g_max
 
 
