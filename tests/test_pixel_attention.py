@@ -124,6 +124,22 @@ def test_nan_in_nan_out(backend, device, dtype):
     assert head1.isnan().all()
 
 
+@pytest.mark.parametrize("backend,device,dtype", [c for c in WIDE if c.values[2] != torch.float16])  # 1e17: no float16
+def test_logits_far_below_minus_1e30_still_give_a_softmax(backend, device, dtype):
+    """Every logit of every row near -1e34 (float32 and bfloat16 hold such inputs): the softmax is
+    one-hot on each row's largest logit, so each output pixel is one value pixel. A running maximum
+    that starts at a finite -1e30 would stay above every logit, weigh them all 0 and give 0 / 0."""
+    q, k, v = make((1, 16, 2, (3, 4), None, None))
+    q = (q.abs() + 0.5) * 1e17  # positive queries, negative keys: every product is below -2.5e33
+    k = -(k.abs() + 0.5) * 1e17
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))  # the reference sees the rounded inputs
+    expected = naive_pixel_attention(q, k, v, 2)
+    out = pixel_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), num_heads=2,
+                          backend=backend).double().cpu()
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)  # one value pixel each, copied
+
+
 def test_large_finite_queries_stay_finite_and_an_infinite_one_gives_nan():
     """The NaN guard of the torch backend must not see NaN where the inputs hold none: a float16
     query row whose sum overflows is finite, and so is its output."""
@@ -430,5 +446,6 @@ COMPILE_STEP = _compile_step
 # make gpu-smoke (bench/gpu_smoke.py): the -k expression of this file's tests it runs per GPU
 # backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
 GPU_SMOKE = ("test_matches_reference or test_any_strides or test_nan_in_nan_out or "
+             "test_logits_far_below_minus_1e30_still_give_a_softmax or "
              "test_gpu_kernels_over_several_tiles or test_one_sided_gradients")
 GPU_SMOKE_DRY = GPU_SMOKE
