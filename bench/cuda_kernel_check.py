@@ -9,7 +9,8 @@ op-level test groups (which run every kernel of an op together) start.
     python bench/cuda_kernel_check.py KERNEL --backend torch --device cpu   # the problems themselves
 
 Each problem is chosen so that only the named kernel runs beyond the ones checked before it (the
-forward's check runs no backward; the anchor kernel's asks for no key-side gradient; the key
+TMA forward first, on sm_90 GPUs, then every other kernel with PCD_KERNELS_CUDA_TMA=0, the
+cp.async forward; the forwards' checks run no backward; the anchor kernel's asks for no key-side gradient; the key
 kernel's for no student gradient; attention's dK/dV and dQ kernels run apart), in float16 and
 bfloat16: for pixel_contrastive in every negatives mode, with masks, C that is no multiple of 8
 (padded operands) and C above 256 (gradient slices, chunked logits); for pixel_attention at odd
@@ -17,6 +18,7 @@ head dims and map sizes, cross-attention and several tiles.
 The comparison is the test suite's (tests/_helpers.py ``check_against_reference``). Prints one
 line per problem; exit 0 when every problem matched, 1 at the first mismatch.
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,14 +29,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 # (B, C, H, W, queue rows): one channel chunk of 64 with tile tails (81 pixels, C = 40 padded to
 # 40, queue 100); and C = 300 (two chunks of 256, two gradient slices), 65 pixels, queue 70.
 SHAPES = ((2, 40, 9, 9, 100), (1, 300, 5, 13, 70))
+# The TMA forward takes one chunk (C <= 256): chunks of 64, 256 and 128 channels, and 6 to 8 key
+# tiles per block in "batch" mode, so that its 3-stage ring turns twice (each mbarrier's phase
+# flips more than once).
+TMA_SHAPES = ((2, 40, 9, 9, 100), (2, 200, 7, 11, 300), (1, 128, 8, 8, 200))
 DTYPES = ("float16", "bfloat16")
 
 
-def _contrastive(grads_by_mode):
+def _contrastive(grads_by_mode, shapes=SHAPES):
     def check(dtype, backend, device):
         from test_pixel_contrastive import check_op, make_inputs
 
-        for shape in SHAPES:
+        for shape in shapes:
             for negatives, grads in grads_by_mode.items():
                 yield f"negatives={negatives} shape={shape}", lambda: check_op(
                     backend, device, dtype, make_inputs(*shape, masked=True), grads=grads, negatives=negatives)
@@ -63,10 +69,14 @@ def _attention(grads):
 
 
 # kernel -> the problems that run it: (student, teacher, queue) or (q, k, v) gradients asked for
-# (per mode).
+# (per mode). The forward has two kernels on an sm_90 GPU: forward_tma_kernel (TMA, exps beside
+# the MMAs) where one 256-channel chunk holds C, the default there; forward_kernel (cp.async)
+# elsewhere, for C > 256, and with PCD_KERNELS_CUDA_TMA=0, which the checks after the first set so
+# that each runs only the kernel it names beyond those already checked.
+FORWARD = {"none": (False, False, False), "image": (False, False, False), "batch": (False, False, False)}
 KERNELS = {
-    "pixel_contrastive.forward_kernel": _contrastive(
-        {"none": (False, False, False), "image": (False, False, False), "batch": (False, False, False)}),
+    "pixel_contrastive.forward_tma_kernel": _contrastive(FORWARD, TMA_SHAPES),
+    "pixel_contrastive.forward_kernel": _contrastive(FORWARD),
     # "none" also writes the teacher's gradient from the anchor kernel
     "pixel_contrastive.anchor_backward_kernel": _contrastive(
         {"none": (True, True, False), "image": (True, False, False), "batch": (True, False, False)}),
@@ -98,6 +108,14 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("cuda_kernel_check: needs a CUDA device", file=sys.stderr)
         return 2
+    if args.backend == "cuda" and args.kernel == "pixel_contrastive.forward_tma_kernel":
+        if torch.cuda.get_device_capability()[0] != 9:
+            print(f"skip {args.kernel}: the TMA forward runs on sm_90 GPUs only, this is "
+                  f"{torch.cuda.get_device_name()}", flush=True)
+            return 0
+        os.environ.pop("PCD_KERNELS_CUDA_TMA", None)
+    elif args.backend == "cuda":
+        os.environ["PCD_KERNELS_CUDA_TMA"] = "0"  # (the extension reads it at each launch)
     for dtype_name in DTYPES:
         dtype = getattr(torch, dtype_name)
         for label, problem in KERNELS[args.kernel](dtype, args.backend, args.device):

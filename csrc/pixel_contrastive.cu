@@ -38,11 +38,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "pcd_kernels/dispatch.cuh"
 #include "pcd_kernels/pixel_contrastive.h"
 #include "pcd_kernels/cute_tiles.cuh"
+#include "pcd_kernels/tma.cuh"
 
 namespace pcd_kernels {
 namespace {
@@ -143,21 +147,36 @@ __device__ __forceinline__ void load_rows(Tile tile, const T* rows, std::int64_t
 }
 
 #if PCD_KERNELS_WGMMA
-// acc += A . B^T, both operands read from shared memory by wgmma, which reads through the async
-// proxy: whatever filled them (cp.async, stores) was fenced for it before the last barrier.
+// acc += A . B^T (gemm_shared) issued and committed, not waited for: wait_mma(acc) waits. Until then acc's
+// registers belong to the tensor cores (the fences keep the compiler off them).
 template <typename Mma, typename Acc, typename SA, typename SB>
-__device__ __forceinline__ void gemm_shared(Acc& acc, const SA& sA, const SB& sB) {
+__device__ __forceinline__ void gemm_shared_async(Acc& acc, const SA& sA, const SB& sB) {
   Mma mma;
   auto thr_mma = mma.get_thread_slice(threadIdx.x);
-  Tensor rA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));  // shared-memory descriptors
+  Tensor rA = thr_mma.make_fragment_A(thr_mma.partition_A(sA));
   Tensor rB = thr_mma.make_fragment_B(thr_mma.partition_B(sB));
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
 #pragma unroll
   for (int k = 0; k < size<2>(rA); ++k) gemm(mma, rA(_, _, k), rB(_, _, k), acc);
   warpgroup_commit_batch();
-  warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
+}
+
+// Waits until at most kPending of this warpgroup's committed wgmma batches are still running
+// (0: all done); acc is the result the caller reads next.
+template <int kPending = 0, typename Acc>
+__device__ __forceinline__ void wait_mma(Acc& acc) {
+  warpgroup_wait<kPending>();
+  warpgroup_fence_operand(acc);
+}
+
+// acc += A . B^T, both operands read from shared memory by wgmma, which reads through the async
+// proxy: whatever filled them (cp.async, stores) was fenced for it before the last barrier.
+template <typename Mma, typename Acc, typename SA, typename SB>
+__device__ __forceinline__ void gemm_shared(Acc& acc, const SA& sA, const SB& sB) {
+  gemm_shared_async<Mma>(acc, sA, sB);
+  wait_mma(acc);
 }
 
 // Makes this thread's shared-memory writes (cp.async, stores) visible to wgmma's reads once a
@@ -423,6 +442,71 @@ using ForwardTraits = Traits<T, kC, 1>;
 template <typename T, int kC>
 using BackwardTraits = Traits<T, kC, 2>;
 
+// What a forward thread accumulates for its 2 anchor rows: their online lse2 and its share of
+// their positive logit2 (quad-summed at the end).
+struct ForwardRows {
+  OnlineLse online[2];
+  float pos[2] = {0.f, 0.f};
+
+};
+
+// Folds one key tile's scores S (this thread's fragment; `col` the tile's per-key 1 / 0 for
+// valid / not) into the rows' online lse2 and positives.
+template <typename Tr, typename T, typename Acc>
+__device__ __forceinline__ void fold_scores(ForwardRows& rows, Acc& S, const Params<T>& p, const Segment& seg,
+                                            const Schedule<T>& sch, int source, int key0, const float* col) {
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();  // (2 rows, 16 columns) of this thread
+  constexpr int kN = decltype(size<1>(coords))::value;
+  const Keys kind = source == 0 ? sch.src0.kind : Keys::kPlain;
+  Tensor s = make_tensor(S.data(), rowcol(S.layout()));
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int row = seg.row0 + get<0>(coords(m, 0));
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      const int c = get<1>(coords(m, n));
+      float v = col[c] != 0.f ? s(m, n) * p.logit_scale : -INFINITY;
+      const bool positive = key0 + c == row;
+      if (kind != Keys::kPlain && positive) rows.pos[m] += v;
+      if (kind == Keys::kPositiveOnly) v = -INFINITY;  // folded in at the end, once
+      s(m, n) = v;
+      tile_max = fmaxf(tile_max, v);
+    }
+    rows.online[m].rescale_to(quad_max(tile_max));
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) sum += exp2f(s(m, n) - rows.online[m].max);  // NaN stays NaN
+    rows.online[m].sum += quad_sum(sum);
+  }
+}
+
+// Writes loss and lse2 of the rows (0 at masked anchors).
+template <typename Tr, typename T>
+__device__ __forceinline__ void write_forward(ForwardRows& rows, const Params<T>& p, const Segment& seg, float* loss,
+                                              float* lse2_out) {
+  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const float positive = quad_sum(rows.pos[m]);
+    OnlineLse& online = rows.online[m];
+    if (p.negatives == Negatives::kNone) {
+      // "none": the positive is a key of its own, counted once here (fmaxf ignores a NaN
+      // positive, exp2f(NaN) then carries it into the sum).
+      const float new_max = fmaxf(online.max, positive);
+      online.sum = online.sum * exp2f(online.max - new_max) + exp2f(positive - new_max);
+      online.max = new_max;
+    }
+    const int row = seg.row0 + get<0>(coords(m, 0));
+    if (lane_in_group() == 0 && row < seg.hi) {
+      const bool valid = p.valid == nullptr || p.valid[row] != 0;
+      const float lse2 = online.lse2();
+      loss[row] = valid ? (lse2 - positive) * kLn2 : 0.f;
+      lse2_out[row] = valid ? lse2 : 0.f;
+    }
+  }
+}
+
 template <typename T, int kC>
 __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     forward_kernel(const __grid_constant__ Params<T> p, float* loss, float* lse2_out) {
@@ -430,55 +514,139 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
   const Segment seg = anchor_segment(p);
   const Schedule<T> sch = anchor_schedule(p, seg, false);
-  const auto coords = fragment_coords<typename Tr::ScoresMma, kRows, kCols>();  // (2 rows, 16 columns) of this thread
-  constexpr int kN = decltype(size<1>(coords))::value;
-  OnlineLse online[2];
-  float pos[2] = {0.f, 0.f};  // this lane's share of the positive logit2 (quad-summed at the end)
-
+  ForwardRows rows;
   stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
                    [&](auto& S, int source, int key0, const auto&, const float* col) {
-    const Keys kind = source == 0 ? sch.src0.kind : Keys::kPlain;
-    Tensor s = make_tensor(S.data(), rowcol(S.layout()));
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      const int row = seg.row0 + get<0>(coords(m, 0));
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int n = 0; n < kN; ++n) {
-        const int c = get<1>(coords(m, n));
-        float v = col[c] != 0.f ? s(m, n) * p.logit_scale : -INFINITY;
-        const bool positive = key0 + c == row;
-        if (kind != Keys::kPlain && positive) pos[m] += v;
-        if (kind == Keys::kPositiveOnly) v = -INFINITY;  // folded in at the end, once
-        s(m, n) = v;
-        tile_max = fmaxf(tile_max, v);
-      }
-      online[m].rescale_to(quad_max(tile_max));
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kN; ++n) sum += exp2f(s(m, n) - online[m].max);  // NaN stays NaN
-      online[m].sum += quad_sum(sum);
-    }
-  });
+                     fold_scores<Tr>(rows, S, p, seg, sch, source, key0, col);
+                   });
+  write_forward<Tr>(rows, p, seg, loss, lse2_out);
+}
 
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const float positive = quad_sum(pos[m]);
-    if (p.negatives == Negatives::kNone) {
-      // "none": the positive is a key of its own, counted once here (fmaxf ignores a NaN
-      // positive, exp2f(NaN) then carries it into the sum).
-      const float new_max = fmaxf(online[m].max, positive);
-      online[m].sum = online[m].sum * exp2f(online[m].max - new_max) + exp2f(positive - new_max);
-      online[m].max = new_max;
-    }
-    const int row = seg.row0 + get<0>(coords(m, 0));
-    if (lane_in_group() == 0 && row < seg.hi) {
-      const bool valid = p.valid == nullptr || p.valid[row] != 0;
-      const float lse2 = online[m].lse2();
-      loss[row] = valid ? (lse2 - positive) * kLn2 : 0.f;
-      lse2_out[row] = valid ? lse2 : 0.f;
-    }
+// The operands as TMA tensor maps (tma.cuh), for forward_tma_kernel; an absent or empty operand's
+// map is never read.
+struct TensorMaps {
+  CUtensorMap anchors, teacher, extra, queue;
+
+  __device__ __forceinline__ const CUtensorMap* of(Operand o) const {
+    return o == kAnchorRows ? &anchors : o == kTeacherRows ? &teacher : o == kExtraRows ? &extra : &queue;
   }
+};
+
+// Shared memory of forward_tma_kernel: the anchors' tile, 3 key tiles, 4 stages of 64 key flags,
+// 3 mbarriers (one per key tile).
+template <typename Tr>
+struct TmaForwardSmem {
+  static constexpr int kKeyStages = 3;
+  static constexpr int kFlagStages = 4;
+  static constexpr std::size_t kFlagsOffset = (1 + kKeyStages) * Tr::kTileElems * 2;
+  static constexpr std::size_t kBarriersOffset = kFlagsOffset + kFlagStages * kCols * sizeof(float);
+  static constexpr std::size_t kBytes = kBarriersOffset + kKeyStages * sizeof(std::uint64_t);
+};
+
+// The forward for sm_90a when one chunk holds C: forward_kernel's work with Hopper's copies, and
+// the exps of each key tile overlapping the next tile's MMA.
+//
+// * Tiles arrive by TMA (one thread issues kC / 64 boxes per tile) into 3 stages, each completing
+//   on its mbarrier, whose phase the threads wait on: no per-thread copy instructions, and rows
+//   past an operand's end are zero-filled. Rows past a segment's end (the next image's pixels)
+//   arrive as they are: their keys' logits are replaced by -inf (select: a NaN there cannot
+//   spread), their anchors' rows are not written.
+// * Step s: issue tile s + 1's S wgmma, wait until only it is running (tile s's S is complete),
+//   barrier (every warp's MMA has read tile s's stage, and every thread has read the flags of tile
+//   s - 1), refill that stage with tile s + 3, then fold tile s's S (the exps, on the
+//   multi-function unit, while the tensor cores compute tile s + 1). The fold reads the
+//   accumulator the next step's wgmma overwrites, so the compiler cannot move the exps past that
+//   wgmma, nor before the wait they depend on. Two accumulators; a tile has two steps to land.
+template <typename T, int kC>
+__global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
+    forward_tma_kernel(const __grid_constant__ Params<T> p, const __grid_constant__ TensorMaps maps, float* loss,
+                       float* lse2_out) {
+#if PCD_KERNELS_WGMMA && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+  using Tr = ForwardTraits<T, kC>;
+  using Sm = TmaForwardSmem<Tr>;
+  using SmemRows = typename Tr::SmemRows;
+  constexpr int kBoxes = kC / tma::kBoxChannels;
+  constexpr int kStages = Sm::kKeyStages;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];  // (the 128-byte swizzle repeats every 1 KB)
+  T* own_smem = reinterpret_cast<T*>(smem_raw);
+  T* key_smem = own_smem + Tr::kTileElems;
+  float* flags = reinterpret_cast<float*>(smem_raw + Sm::kFlagsOffset);
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_raw + Sm::kBarriersOffset);
+  const Segment seg = anchor_segment(p);
+  const Schedule<T> sch = anchor_schedule(p, seg, false);
+  const auto flag_columns = key_columns(p, sch);
+  const int steps = sch.steps();  // one chunk: a step is a key tile; at least the positives' tile
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Key tile s (and, with tile 0, the anchors' tile) into stage s % 3; its flags into s % 4.
+  auto issue = [&](int s) {
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    if (threadIdx.x == 0) {
+      std::uint64_t* barrier = &full[s % kStages];
+      tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
+      if (s == 0) tma::load_row_tile<kBoxes>(maps.of(kAnchorRows), barrier, own_smem, seg.row0);
+      tma::load_row_tile<kBoxes>(maps.of(sch.source(source).operand), barrier,
+                                 key_smem + (s % kStages) * Tr::kTileElems, row0);
+    }
+    if (threadIdx.x < kCols) flag_columns(flags + (s % Sm::kFlagStages) * kCols, source, row0);
+  };
+  const Tensor own = make_tensor(make_smem_ptr(own_smem), SmemRows{});
+  auto start_scores = [&](auto& S, int s) {  // S = anchors . key tile s^T, issued, not waited for
+    tma::wait_phase(&full[s % kStages], (s / kStages) & 1);
+    clear(S);
+    gemm_shared_async<typename Tr::ScoresMma>(
+        S, own, make_tensor(make_smem_ptr(key_smem + (s % kStages) * Tr::kTileElems), SmemRows{}));
+  };
+  ForwardRows rows;
+  auto fold = [&](auto& S, int s) {
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    fold_scores<Tr>(rows, S, p, seg, sch, source, row0, flags + (s % Sm::kFlagStages) * kCols);
+  };
+  // Step s < steps - 1: S_now receives tile s's scores (issued a step ago), S_next tile s + 1's.
+  // (Each wgmma issued and waited for in straight-line code, the last outside the loop: under
+  // separate conditions ptxas could not pair them and would serialise every wgmma.)
+  auto step = [&](auto& S_now, auto& S_next, int s) {
+    start_scores(S_next, s + 1);
+    wait_mma<1>(S_now);
+    __syncthreads();
+    if (s + 3 < steps) issue(s + 3);
+    fold(S_now, s);
+  };
+
+  using Acc = decltype(partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{}));
+  Acc S0, S1;
+  issue(0);
+  if (steps > 1) issue(1);
+  if (steps > 2) issue(2);
+  __syncthreads();  // the flags of tiles 0 to 2
+  start_scores(S0, 0);
+  int s = 0;
+  for (; s + 2 < steps; s += 2) {
+    step(S0, S1, s);
+    step(S1, S0, s + 1);
+  }
+  if (s + 1 < steps) {
+    step(S0, S1, s);
+    wait_mma(S1);
+    fold(S1, s + 1);
+  } else {
+    wait_mma(S0);
+    fold(S0, s);
+  }
+  write_forward<Tr>(rows, p, seg, loss, lse2_out);
+#else
+  __trap();  // the host launches this kernel only where its sm_90a code exists (forward_uses_tma)
+#endif
 }
 
 // Calls f(acc, m, row, col) for each of this thread's output accumulators whose row (its m-th,
@@ -823,6 +991,35 @@ void by_instance(const PixelContrastiveParams& in, F&& f) {
   by_dtype(in.dtype, "pixel_contrastive", with_chunk);
 }
 
+// Whether forward_tma_kernel can run on `device`: an sm_90 GPU running this module's sm_90a code
+// of the kernel (a module built without 90a runs its sm_80 code there, where the kernel is a
+// trap), unless PCD_KERNELS_CUDA_TMA=0 asks for the cp.async forward (the fallback while the TMA
+// path has not run on a GPU, and what make gpu-smoke checks apart).
+template <typename Kernel>
+bool forward_tma_ready(Kernel kernel, int device) {
+  const char* choice = std::getenv("PCD_KERNELS_CUDA_TMA");
+  if (choice != nullptr && std::string(choice) == "0") return false;
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  if (major != 9) return false;
+  cudaFuncAttributes attributes;
+  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes(forward_tma_kernel)");
+  return attributes.binaryVersion == 90;
+}
+
+// The forward's operands as tensor maps; false where the driver cannot encode one (the forward
+// then runs on cp.async).
+bool tensor_maps(TensorMaps& maps, const PixelContrastiveParams& in, bool bf16) {
+  std::memset(&maps, 0, sizeof(maps));
+  auto map = [&](CUtensorMap& m, std::uintptr_t base, std::int64_t rows) {
+    return rows == 0 || tma::row_tile_map(&m, reinterpret_cast<const void*>(base), rows, in.channels, in.row_stride, bf16);
+  };
+  return map(maps.anchors, in.anchors, in.n_rows) && map(maps.teacher, in.teacher, in.n_rows) &&
+         map(maps.extra, in.extra, in.negatives == Negatives::kBatch ? in.n_extra : 0) &&
+         map(maps.queue, in.queue, in.n_queue);
+}
+
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
 dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image, int z) {
   if (by_image) return dim3(ceil_div(in.hw, kRows), static_cast<int>(in.n_rows / in.hw), z);
@@ -833,12 +1030,21 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
 
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
+  if (in.n_rows == 0) return;
   by_instance<1>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = ForwardTraits<T, kC>;
-    launch(forward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1), Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
+    const dim3 grid = row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1);
+    TensorMaps maps;
+    if (p.chunks == 1 && forward_tma_ready(forward_tma_kernel<T, kC>, in.device) &&
+        tensor_maps(maps, in, std::is_same<T, cutlass::bfloat16_t>::value)) {
+      launch(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
+             "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
+      return;
+    }
+    launch(forward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
            device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
   });
 }

@@ -117,42 +117,70 @@ PIPELINE_KERNELS = {
     "pixel_contrastive": (("forward_kernel", "anchor_backward_kernel", "key_backward_kernel"), True),
     "pixel_attention": (("forward_kernel", "backward_kernel"), False),
 }
+# Kernels whose code exists for sm_90a alone (elsewhere a trap the host never launches), held there
+# to TMA (UTMALDG), warpgroup MMAs, no spill, and exps that overlap an MMA: MUFU.EX2 after a wait
+# that leaves one wgmma batch running (WARPGROUP.DEPBAR.LE gsb0, 0x1) and before the next HGMMA
+# issue or full wait (csrc/pixel_contrastive.cu forward_tma_kernel).
+HOPPER_KERNELS = {"pixel_contrastive": ("forward_tma_kernel",)}
 _SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
 
 
+def _exps_under_mma(body):
+    """How many MUFU.EX2 run while a wgmma batch is in flight (see HOPPER_KERNELS)."""
+    overlapped, in_flight = 0, False
+    for line in body:
+        if "WARPGROUP.DEPBAR" in line:
+            in_flight = not re.search(r"gsb0\s*,\s*0x0\b", line)
+        elif "HGMMA" in line:
+            in_flight = False
+        elif "MUFU.EX2" in line and in_flight:
+            overlapped += 1
+    return overlapped
+
+
 def _pipeline_problems(kernels, archs, op):
-    """What each instantiation of each of ``op``'s PIPELINE_KERNELS on each of ``archs`` lacks or has
-    too much of in its SASS (``kernels``: {(arch, mangled name): SASS lines}), one line each."""
+    """What each instantiation of each of ``op``'s PIPELINE_KERNELS (and HOPPER_KERNELS on sm_90*)
+    on each of ``archs`` lacks or has too much of in its SASS (``kernels``: {(arch, mangled name):
+    SASS lines}), one line each."""
     names, wgmma = PIPELINE_KERNELS[op]
     problems = []
     for arch in sorted(archs):
-        found = {kernel: [] for kernel in names}
+        hopper = HOPPER_KERNELS.get(op, ()) if arch.startswith("sm_90") else ()
+        found = {kernel: [] for kernel in names + hopper}
         for (arch_, name), body in kernels.items():
-            match = re.search(op + r".*?\d+(" + "|".join(names) + r")I(.*)", name)
+            match = re.search(op + r".*?\d+(" + "|".join(found) + r")I(.*)", name)
             if arch_ == arch and match:
                 # "<kernel><half_t, 256>" from the mangled template arguments (element type, then
                 # integers and booleans: channel chunk or head dim, pass)
                 args = re.findall(r"(half_t|bfloat16_t|__half|__nv_bfloat16|Li(\d+)E|Lb([01])E)", match.group(2))
                 label = match.group(1) + "<" + ", ".join(
                     a[1] or {"0": "false", "1": "true"}.get(a[2]) or a[0] for a in args[:3]) + ">"
-                found[match.group(1)].append((label, body))
+                found[match.group(1)].append((match.group(1) in hopper, label, body))
         for kernel, instances in found.items():
             if not instances:
                 problems.append(f"{arch}: no {op} {kernel} in the library")
-        for label, body in (i for instances in found.values() for i in instances):
+        for is_hopper, label, body in (i for instances in found.values() for i in instances):
             counts = {}
             for line in body:
                 for sass_op in _SASS_OP.findall(line):
                     counts[sass_op] = counts.get(sass_op, 0) + 1
             missing = []
-            if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
-                missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
-            if wgmma and arch.startswith("sm_90"):
+            if is_hopper:
+                if not counts.get("UTMALDG"):
+                    missing.append("TMA (no UTMALDG)")
                 if not counts.get("HGMMA"):
                     missing.append("warpgroup MMAs (no HGMMA)")
-            elif not (counts.get("HMMA") and counts.get("LDSM")):
-                missing.append(f"tensor-core MMAs fed by ldmatrix ({counts.get('HMMA', 0)} HMMA, "
-                               f"{counts.get('LDSM', 0)} LDSM)")
+                elif not _exps_under_mma(body):
+                    missing.append("exps overlapping an MMA (no MUFU.EX2 while a wgmma batch runs)")
+            else:
+                if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
+                    missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
+                if wgmma and arch.startswith("sm_90"):
+                    if not counts.get("HGMMA"):
+                        missing.append("warpgroup MMAs (no HGMMA)")
+                elif not (counts.get("HMMA") and counts.get("LDSM")):
+                    missing.append(f"tensor-core MMAs fed by ldmatrix ({counts.get('HMMA', 0)} HMMA, "
+                                   f"{counts.get('LDSM', 0)} LDSM)")
             if counts.get("STL") or counts.get("LDL"):
                 missing.append(f"spills: {counts.get('STL', 0)} STL and {counts.get('LDL', 0)} LDL (local memory)")
             if missing:
@@ -216,13 +244,26 @@ def test_sass_check_names_what_each_kernel_lacks():
                                                     "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24 ;"],
                ("sm_90a", name("key_backward_kernel")): ["/*0100*/ LDG.E.128 R4, desc[UR4][R2.64] ;"]}
     kernels[("sm_90a", name("anchor_backward_kernel"))] = good  # mma.sync where sm_90a needs wgmma
+    # the TMA forward: exps while a batch runs (passes); exps only after the full wait; cp.async
+    tma = ["/*0100*/ UTMALDG.2D [UR4], [UR6] ;", "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24, gsb0 ;",
+           "/*0120*/ WARPGROUP.DEPBAR.LE gsb0, 0x1 ;", "/*0130*/ MUFU.EX2 R3, R3 ;",
+           "/*0140*/ HGMMA.64x64x16.F32 R56, gdesc[UR8], R56, gsb0 ;", "/*0150*/ WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"]
+    kernels[("sm_90a", name("forward_tma_kernel", chunk=128))] = tma
+    kernels[("sm_90a", name("forward_tma_kernel", chunk=256))] = tma[:3] + tma[4:] + tma[3:4]
+    kernels[("sm_90a", name("forward_tma_kernel", "N7cutlass10bfloat16_tE"))] = good + tma[1:]
+    kernels[("sm_80", name("forward_tma_kernel"))] = ["/*0100*/ BPT.TRAP 0x1 ;"]  # a stub there: not held to it
     assert _pipeline_problems(kernels, {"sm_80", "sm_90a"}, "pixel_contrastive") == [
         "sm_80: no pixel_contrastive key_backward_kernel in the library",
         "sm_80 pixel_contrastive anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, "
         "0 LDSM); spills: 1 STL and 1 LDL (local memory)",
         "sm_90a pixel_contrastive anchor_backward_kernel<half_t, 64>: warpgroup MMAs (no HGMMA)",
         "sm_90a pixel_contrastive key_backward_kernel<half_t, 64>: asynchronous copies (no LDGSTS or UTMALDG); "
-        "warpgroup MMAs (no HGMMA)"]
+        "warpgroup MMAs (no HGMMA)",
+        "sm_90a pixel_contrastive forward_tma_kernel<half_t, 256>: exps overlapping an MMA (no MUFU.EX2 while a "
+        "wgmma batch runs)",
+        "sm_90a pixel_contrastive forward_tma_kernel<bfloat16_t, 64>: TMA (no UTMALDG)"]
+    assert _pipeline_problems({k: v for k, v in kernels.items() if "tma" not in k[1]}, {"sm_90a"},
+                              "pixel_contrastive")[0] == "sm_90a: no pixel_contrastive forward_tma_kernel in the library"
     # pixel_attention: the sm_80-class pipeline on sm_90a too; its delta_kernel is not held to it
     attention = {("sm_80", name("forward_kernel", chunk=128, op="pixel_attention")): good,
                  ("sm_80", name("backward_kernel", chunk=32, op="pixel_attention", extra="Lb1E")): good,
