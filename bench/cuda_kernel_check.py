@@ -9,8 +9,8 @@ op-level test groups (which run every kernel of an op together) start.
     python bench/cuda_kernel_check.py KERNEL --backend torch --device cpu   # the problems themselves
 
 Each problem is chosen so that only the named kernel runs beyond the ones checked before it (the
-TMA forward first, on sm_90 GPUs, then every other kernel with PCD_KERNELS_CUDA_TMA=0, the
-cp.async forward; the forwards' checks run no backward; the anchor kernel's asks for no key-side gradient; the key
+TMA forward first, on sm_90 GPUs, required (PCD_KERNELS_CUDA_TMA=1), then every other kernel with
+PCD_KERNELS_CUDA_TMA=0, the cp.async forward; the forwards' checks run no backward; the anchor kernel's asks for no key-side gradient; the key
 kernel's for no student gradient; attention's dK/dV and dQ kernels run apart), in float16 and
 bfloat16: for pixel_contrastive in every negatives mode, with masks, C that is no multiple of 8
 (padded operands) and C above 256 (gradient slices, chunked logits); for pixel_attention at odd
@@ -29,10 +29,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 # (B, C, H, W, queue rows): one channel chunk of 64 with tile tails (81 pixels, C = 40 padded to
 # 40, queue 100); and C = 300 (two chunks of 256, two gradient slices), 65 pixels, queue 70.
 SHAPES = ((2, 40, 9, 9, 100), (1, 300, 5, 13, 70))
-# The TMA forward takes one chunk (C <= 256): chunks of 64, 256 and 128 channels, and 6 to 8 key
-# tiles per block in "batch" mode, so that its 3-stage ring turns twice (each mbarrier's phase
-# flips more than once).
-TMA_SHAPES = ((2, 40, 9, 9, 100), (2, 200, 7, 11, 300), (1, 128, 8, 8, 200))
+# The TMA forward takes one chunk (C <= 256): chunks of 64, 256 and 128 channels; 6 to 8 key tiles
+# per block in "batch" mode, so that its ring of stages turns more than twice (each mbarrier's
+# phase flips more than once); 1 and 2 tiles ("none" mode without a queue, and with 50 rows: the
+# tails after its loop); C = 160 in 256-channel tiles, whose last 64-channel box lies wholly past C.
+TMA_SHAPES = ((2, 40, 9, 9, 100), (2, 200, 7, 11, 300), (1, 128, 8, 8, 200), (2, 160, 5, 7, 0), (1, 64, 4, 4, 50))
 DTYPES = ("float16", "bfloat16")
 
 
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             print(f"skip {args.kernel}: the TMA forward runs on sm_90 GPUs only, this is "
                   f"{torch.cuda.get_device_name()}", flush=True)
             return 0
-        os.environ.pop("PCD_KERNELS_CUDA_TMA", None)
+        os.environ["PCD_KERNELS_CUDA_TMA"] = "1"  # required: an error where it cannot run, not the other kernel
     elif args.backend == "cuda":
         os.environ["PCD_KERNELS_CUDA_TMA"] = "0"  # (the extension reads it at each launch)
     for dtype_name in DTYPES:

@@ -97,8 +97,9 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
                             ["tests/test_pixel_contrastive.py", "tests/test_pixel_attention.py", "-k",
                              "triton_backward_is_deterministic or triton_is_deterministic or triton_refuses or "
                              "grid_limit or every_autotune_candidate"], timeout=300))
-        groups.append(Group("CUDA determinism and limits", "kernels", "cuda",
-                            ["tests/test_pixel_attention.py", "-k", "cuda_is_deterministic or cuda_refuses or 65535"],
+        groups.append(Group("CUDA determinism, limits, both forward kernels", "kernels", "cuda",
+                            ["tests/test_pixel_attention.py", "tests/test_pixel_contrastive.py", "-k",
+                             "cuda_is_deterministic or cuda_refuses or 65535 or cuda_forward_kernels_agree"],
                             timeout=150, needs_extension=True))
         groups.append(Group("extension build and probe", "build", "cuda", ["tests/test_build.py"], timeout=120,
                             needs_extension=True))

@@ -425,11 +425,17 @@ __device__ __forceinline__ void sum_over_column_warps(float (&v)[2][kValues], fl
   }
 }
 
+// 1 where key `key` of the schedule's source exists and is not masked, else 0.
+template <typename T>
+__device__ __forceinline__ float key_flag(const Params<T>& p, const Schedule<T>& sch, int source, int key) {
+  const Source<T> src = sch.source(source);
+  return p.ok(src.operand, key, src.hi) ? 1.f : 0.f;
+}
+
 template <typename T>
 __device__ __forceinline__ auto key_columns(const Params<T>& p, const Schedule<T>& sch) {
   return [&p, &sch](float* col, int source, int key0) {
-    const Source<T> src = sch.source(source);
-    col[threadIdx.x] = p.ok(src.operand, key0 + static_cast<int>(threadIdx.x), src.hi) ? 1.f : 0.f;
+    col[threadIdx.x] = key_flag(p, sch, source, key0 + static_cast<int>(threadIdx.x));
   };
 }
 
@@ -532,41 +538,57 @@ struct TensorMaps {
   }
 };
 
-// Shared memory of forward_tma_kernel: the anchors' tile, 3 key tiles, 4 stages of 64 key flags,
-// 3 mbarriers (one per key tile).
+// Shared memory of forward_tma_kernel: the anchors' tile, kKeyStages key tiles, one more stage of
+// 64 key flags, an mbarrier per key stage. 3 key stages where tiles are narrower than 256
+// channels; at 256, 2 (99 KB: two blocks per SM, whose MMAs and exps interleave too, where 3
+// stages would leave room for one).
 template <typename Tr>
 struct TmaForwardSmem {
-  static constexpr int kKeyStages = 3;
-  static constexpr int kFlagStages = 4;
-  static constexpr std::size_t kFlagsOffset = (1 + kKeyStages) * Tr::kTileElems * 2;
+  static constexpr int kKeyStages = Tr::kChunk == kMaxChunk ? 2 : 3;
+  static constexpr int kFlagStages = kKeyStages + 1;
+  static constexpr std::size_t kFlagsOffset = (1 + kKeyStages) * Tr::kTileElems * sizeof(typename Smem<Tr>::T);
   static constexpr std::size_t kBarriersOffset = kFlagsOffset + kFlagStages * kCols * sizeof(float);
   static constexpr std::size_t kBytes = kBarriersOffset + kKeyStages * sizeof(std::uint64_t);
 };
 
+// Whether this compilation pass holds forward_tma_kernel's code (sm_90a), as a device variable the
+// host reads from the module loaded for its GPU: a plain sm_90 build runs on the same GPUs and
+// reports the same binary version, but holds only the kernel's trap.
+#if defined(__CUDA_ARCH__) && PCD_KERNELS_WGMMA && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+#define PCD_KERNELS_TMA_FORWARD 1
+#else
+#define PCD_KERNELS_TMA_FORWARD 0
+#endif
+}  // namespace
+__device__ int kTmaForwardBuilt = PCD_KERNELS_TMA_FORWARD;  // (external linkage: kept in every cubin)
+namespace {
+
 // The forward for sm_90a when one chunk holds C: forward_kernel's work with Hopper's copies, and
 // the exps of each key tile overlapping the next tile's MMA.
 //
-// * Tiles arrive by TMA (one thread issues kC / 64 boxes per tile) into 3 stages, each completing
-//   on its mbarrier, whose phase the threads wait on: no per-thread copy instructions, and rows
-//   past an operand's end are zero-filled. Rows past a segment's end (the next image's pixels)
-//   arrive as they are: their keys' logits are replaced by -inf (select: a NaN there cannot
-//   spread), their anchors' rows are not written.
+// * Tiles arrive by TMA (one thread issues kC / 64 boxes per tile) into a ring of L = kKeyStages
+//   stages, each completing on its mbarrier, whose phase the threads wait on: no per-thread copy
+//   instructions, and rows past an operand's end are zero-filled. Rows past a segment's end (the
+//   next image's pixels) arrive as they are: their keys' logits are replaced by -inf (select: a
+//   NaN there cannot spread), their anchors' rows are not written.
 // * Step s: issue tile s + 1's S wgmma, wait until only it is running (tile s's S is complete),
-//   barrier (every warp's MMA has read tile s's stage, and every thread has read the flags of tile
-//   s - 1), refill that stage with tile s + 3, then fold tile s's S (the exps, on the
-//   multi-function unit, while the tensor cores compute tile s + 1). The fold reads the
+//   barrier (every warp's MMA has read tile s's stage, every thread has read tile s - 1's flags),
+//   refill that stage with tile s + L, then fold tile s's S (the exps, on the multi-function unit,
+//   while the tensor cores compute tile s + 1), then store tile s + L's flags (loaded from global
+//   memory before the fold, so that the load's latency hides behind it). The fold reads the
 //   accumulator the next step's wgmma overwrites, so the compiler cannot move the exps past that
-//   wgmma, nor before the wait they depend on. Two accumulators; a tile has two steps to land.
+//   wgmma, nor before the wait they depend on. Two accumulators; a tile has L - 1 steps to land.
 template <typename T, int kC>
 __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     forward_tma_kernel(const __grid_constant__ Params<T> p, const __grid_constant__ TensorMaps maps, float* loss,
                        float* lse2_out) {
-#if PCD_KERNELS_WGMMA && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+#if PCD_KERNELS_TMA_FORWARD
   using Tr = ForwardTraits<T, kC>;
   using Sm = TmaForwardSmem<Tr>;
   using SmemRows = typename Tr::SmemRows;
   constexpr int kBoxes = kC / tma::kBoxChannels;
   constexpr int kStages = Sm::kKeyStages;
+  constexpr int kFlagStages = Sm::kFlagStages;
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // (the 128-byte swizzle repeats every 1 KB)
   T* own_smem = reinterpret_cast<T*>(smem_raw);
   T* key_smem = own_smem + Tr::kTileElems;
@@ -574,17 +596,18 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_raw + Sm::kBarriersOffset);
   const Segment seg = anchor_segment(p);
   const Schedule<T> sch = anchor_schedule(p, seg, false);
-  const auto flag_columns = key_columns(p, sch);
   const int steps = sch.steps();  // one chunk: a step is a key tile; at least the positives' tile
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
     cutlass::arch::fence_barrier_init();
+    cutlass::arch::fence_view_async_shared();
   }
   __syncthreads();
 
-  // Key tile s (and, with tile 0, the anchors' tile) into stage s % 3; its flags into s % 4.
+  // Key tile s (and, with tile 0, the anchors' tile) into stage s % L by TMA; returns its flag
+  // for key threadIdx.x (threads < 64), for the caller to store into flag stage s % (L + 1).
   auto issue = [&](int s) {
     int source, row0, chunk;
     bool first, last;
@@ -596,7 +619,10 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
       tma::load_row_tile<kBoxes>(maps.of(sch.source(source).operand), barrier,
                                  key_smem + (s % kStages) * Tr::kTileElems, row0);
     }
-    if (threadIdx.x < kCols) flag_columns(flags + (s % Sm::kFlagStages) * kCols, source, row0);
+    return threadIdx.x < kCols ? key_flag(p, sch, source, row0 + static_cast<int>(threadIdx.x)) : 0.f;
+  };
+  auto store_flag = [&](int s, float flag) {
+    if (threadIdx.x < kCols) flags[(s % kFlagStages) * kCols + threadIdx.x] = flag;
   };
   const Tensor own = make_tensor(make_smem_ptr(own_smem), SmemRows{});
   auto start_scores = [&](auto& S, int s) {  // S = anchors . key tile s^T, issued, not waited for
@@ -610,7 +636,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     int source, row0, chunk;
     bool first, last;
     sch.at(s, source, row0, chunk, first, last);
-    fold_scores<Tr>(rows, S, p, seg, sch, source, row0, flags + (s % Sm::kFlagStages) * kCols);
+    fold_scores<Tr>(rows, S, p, seg, sch, source, row0, flags + (s % kFlagStages) * kCols);
   };
   // Step s < steps - 1: S_now receives tile s's scores (issued a step ago), S_next tile s + 1's.
   // (Each wgmma issued and waited for in straight-line code, the last outside the loop: under
@@ -619,16 +645,19 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     start_scores(S_next, s + 1);
     wait_mma<1>(S_now);
     __syncthreads();
-    if (s + 3 < steps) issue(s + 3);
+    const bool refill = s + kStages < steps;
+    const float flag = refill ? issue(s + kStages) : 0.f;
     fold(S_now, s);
+    if (refill) store_flag(s + kStages, flag);
   };
 
   using Acc = decltype(partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{}));
   Acc S0, S1;
-  issue(0);
-  if (steps > 1) issue(1);
-  if (steps > 2) issue(2);
-  __syncthreads();  // the flags of tiles 0 to 2
+#pragma unroll
+  for (int t = 0; t < kStages; ++t) {
+    if (t < steps) store_flag(t, issue(t));
+  }
+  __syncthreads();  // the flags of the first tiles
   start_scores(S0, 0);
   int s = 0;
   for (; s + 2 < steps; s += 2) {
@@ -645,7 +674,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   }
   write_forward<Tr>(rows, p, seg, loss, lse2_out);
 #else
-  __trap();  // the host launches this kernel only where its sm_90a code exists (forward_uses_tma)
+  __trap();  // the host launches this kernel only where its sm_90a code exists (forward_tma_ready)
 #endif
 }
 
@@ -991,33 +1020,45 @@ void by_instance(const PixelContrastiveParams& in, F&& f) {
   by_dtype(in.dtype, "pixel_contrastive", with_chunk);
 }
 
-// Whether forward_tma_kernel can run on `device`: an sm_90 GPU running this module's sm_90a code
-// of the kernel (a module built without 90a runs its sm_80 code there, where the kernel is a
-// trap), unless PCD_KERNELS_CUDA_TMA=0 asks for the cp.async forward (the fallback while the TMA
-// path has not run on a GPU, and what make gpu-smoke checks apart).
-template <typename Kernel>
-bool forward_tma_ready(Kernel kernel, int device) {
-  const char* choice = std::getenv("PCD_KERNELS_CUDA_TMA");
-  if (choice != nullptr && std::string(choice) == "0") return false;
-  int major = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  if (major != 9) return false;
-  cudaFuncAttributes attributes;
-  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes(forward_tma_kernel)");
-  return attributes.binaryVersion == 90;
+// Whether the module loaded for `device` holds forward_tma_kernel's code (kTmaForwardBuilt),
+// read once per device.
+bool tma_forward_built(int device) {
+  static int built[256];  // 0 unknown, 1 no, 2 yes (a benign race: every writer writes the same)
+  if (device < 0 || device >= 256) return false;
+  if (built[device] == 0) {
+    int value = 0;
+    check_cuda(cudaMemcpyFromSymbol(&value, kTmaForwardBuilt, sizeof(value)), "cudaMemcpyFromSymbol(kTmaForwardBuilt)");
+    built[device] = value != 0 ? 2 : 1;
+  }
+  return built[device] == 2;
 }
 
-// The forward's operands as tensor maps; false where the driver cannot encode one (the forward
-// then runs on cp.async).
-bool tensor_maps(TensorMaps& maps, const PixelContrastiveParams& in, bool bf16) {
+// Why forward_tma_kernel cannot run this forward ("" when it can, with `maps` filled): it needs
+// one chunk to hold C, an sm_90 GPU running this module's sm_90a code (a build without 90a has
+// only a trap there), the shared memory, and the driver to encode the operands' tensor maps.
+template <typename T, int kC>
+std::string tma_forward_refusal(const PixelContrastiveParams& in, int chunks, TensorMaps& maps) {
+  if (chunks != 1) return "C = " + std::to_string(in.channels) + " takes more than one 256-channel chunk";
+  int major = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, in.device),
+             "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  if (major != 9) return "the GPU is not sm_90 (compute capability major " + std::to_string(major) + ")";
+  if (!tma_forward_built(in.device)) return "the extension was built without sm_90a code (PCD_KERNELS_CUDA_ARCHS)";
+  const std::size_t bytes = TmaForwardSmem<ForwardTraits<T, kC>>::kBytes;
+  if (bytes > static_cast<std::size_t>(shared_memory_per_block(in.device))) {
+    return "it needs " + std::to_string(bytes) + " bytes of shared memory per block";
+  }
   std::memset(&maps, 0, sizeof(maps));
+  const bool bf16 = std::is_same<T, cutlass::bfloat16_t>::value;
   auto map = [&](CUtensorMap& m, std::uintptr_t base, std::int64_t rows) {
     return rows == 0 || tma::row_tile_map(&m, reinterpret_cast<const void*>(base), rows, in.channels, in.row_stride, bf16);
   };
-  return map(maps.anchors, in.anchors, in.n_rows) && map(maps.teacher, in.teacher, in.n_rows) &&
-         map(maps.extra, in.extra, in.negatives == Negatives::kBatch ? in.n_extra : 0) &&
-         map(maps.queue, in.queue, in.n_queue);
+  if (!(map(maps.anchors, in.anchors, in.n_rows) && map(maps.teacher, in.teacher, in.n_rows) &&
+        map(maps.extra, in.extra, in.negatives == Negatives::kBatch ? in.n_extra : 0) &&
+        map(maps.queue, in.queue, in.n_queue))) {
+    return "the driver did not encode the operands' tensor maps (cuTensorMapEncodeTiled)";
+  }
+  return "";
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
@@ -1028,9 +1069,14 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
 
 }  // namespace
 
+// The forward runs forward_tma_kernel where it can (tma_forward_refusal), else forward_kernel.
+// PCD_KERNELS_CUDA_TMA (read at each call): "0" keeps forward_kernel, the fallback while the TMA
+// kernel has not run on a GPU; "1" requires forward_tma_kernel, a RuntimeError saying why where it
+// cannot run (make gpu-smoke's check of it, which must not pass on the other kernel).
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
-  if (in.n_rows == 0) return;
+  const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
+  const std::string choice = choice_env != nullptr ? choice_env : "";
   by_instance<1>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
@@ -1038,11 +1084,15 @@ void pixel_contrastive_forward(const PixelContrastiveParams& in) {
     using Tr = ForwardTraits<T, kC>;
     const dim3 grid = row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1);
     TensorMaps maps;
-    if (p.chunks == 1 && forward_tma_ready(forward_tma_kernel<T, kC>, in.device) &&
-        tensor_maps(maps, in, std::is_same<T, cutlass::bfloat16_t>::value)) {
+    const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_forward_refusal<T, kC>(in, p.chunks, maps);
+    if (refusal.empty()) {
       launch(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
              "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
       return;
+    }
+    if (choice == "1") {
+      throw std::runtime_error("pixel_contrastive: PCD_KERNELS_CUDA_TMA=1 asks for the TMA forward, which cannot run: " +
+                               refusal);
     }
     launch(forward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
            device_ptr<float>(in.loss), device_ptr<float>(in.lse2));

@@ -408,6 +408,27 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
         pixel_contrastive_loss(s.float(), t.float(), q.float(), backend="triton")
 
 
+@pytest.mark.skipif(not CUDA or cuda_extension_missing() is not None,
+                    reason="needs a GPU and the built extension: PCD_KERNELS_CUDA_TMA chooses between CUDA kernels")
+@pytest.mark.parametrize("negatives", ["batch", "image", "none"])
+def test_cuda_forward_kernels_agree_and_tma_required_says_why_not(negatives, monkeypatch):
+    """The CUDA forward has two kernels: forward_tma_kernel on sm_90 GPUs where one 256-channel chunk
+    holds C, forward_kernel (cp.async) elsewhere and with PCD_KERNELS_CUDA_TMA=0. Both against the
+    float64 formula; with PCD_KERNELS_CUDA_TMA=1 the TMA one is required: it runs, or a
+    RuntimeError says why (not sm_90, or C = 300 needing two chunks)."""
+    sm90 = torch.cuda.get_device_capability()[0] == 9
+    for c in (200, 300):
+        inputs = make_inputs(b=2, c=c, h=7, w=11, k=130, masked=True)
+        for choice in ("0", "1"):
+            monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", choice)
+            if choice == "1" and not (sm90 and c <= 256):
+                with pytest.raises(RuntimeError, match="PCD_KERNELS_CUDA_TMA=1 asks for the TMA forward, which "
+                                                       "cannot run: " + ("C = 300" if sm90 else "the GPU is not sm_90")):
+                    run_loss(*inputs, torch.float16, "cuda", backend="cuda", negatives=negatives)
+                continue
+            check_op("cuda", "cuda", torch.float16, inputs, grads=(False, False, False), negatives=negatives)
+
+
 def test_cuda_backend_refuses_float32_before_running(monkeypatch):
     """The CUDA kernels take float16 and bfloat16 only (those of pixel_attention too): the
     registry refuses float32 naming where it runs, before anything runs (a CUDA device simulated:

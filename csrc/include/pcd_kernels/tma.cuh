@@ -50,10 +50,8 @@ inline EncodeTiled encoder() {
 #else
     const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
 #endif
-    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();  // not sticky; clear it so that the next launch's check does not see it
-      return static_cast<EncodeTiled>(nullptr);
-    }
+    if (status != cudaSuccess) cudaGetLastError();  // not sticky: cleared, so no later check sees it
+    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess) return static_cast<EncodeTiled>(nullptr);
     return reinterpret_cast<EncodeTiled>(f);
   }();
   return fn;
