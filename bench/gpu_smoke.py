@@ -185,6 +185,9 @@ TARGETS = [
     Target("InfoNCE peak memory vs naive", "pcd-target", "memory", ("naive",), None, dry_case="pcd-quick"),
     Target("InfoNCE, CUDA backend vs naive", "pcd-target", "speedup", ("naive",), None, provider="ours-cuda",
            dry_case="pcd-quick"),
+    # (on sm_90: the TMA forward, its exps beside the MMAs, against the cp.async one; report only)
+    Target("InfoNCE, CUDA backend vs its cp.async forward", "pcd-target", "speedup", ("ours-cuda-cp.async",), None,
+           provider="ours-cuda", dry_case="pcd-quick"),
     Target("Af-DCD Cityscapes fwd+bwd vs official cdist", "citys", "speedup", ("naive",), 5.0, dry_case="citys-quick"),
     Target("Af-DCD Cityscapes peak memory vs official", "citys", "memory", ("naive",), 20.0, dry_case="citys-quick"),
     Target("Af-DCD unpooled 64x128 runs", "citys-unpooled", "runs", dry_case="citys-quick"),

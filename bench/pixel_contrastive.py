@@ -16,6 +16,7 @@ size): forward e*(2*N*C + Q*C) + 4*N (student and teacher maps, Q queue rows; th
 float32 loss), backward e*(3*N*C + Q*C) + 4*N (the maps and queue again, the per-anchor state,
 the student's gradient written).
 """
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -189,11 +190,29 @@ def providers(case: Case, device: str):
             raise Unavailable(reason)
         return _ours(case, "cuda")
 
+    def cuda_cp_async():
+        """The CUDA backend with its cp.async forward (PCD_KERNELS_CUDA_TMA=0, read by the
+        extension at each forward launch): beside ours-cuda, what the TMA forward gains on sm_90."""
+        loss = cuda()
+
+        def loss_fn(s, t, q):
+            previous = os.environ.get("PCD_KERNELS_CUDA_TMA")
+            os.environ["PCD_KERNELS_CUDA_TMA"] = "0"
+            try:
+                return loss(s, t, q)
+            finally:
+                if previous is None:
+                    del os.environ["PCD_KERNELS_CUDA_TMA"]
+                else:
+                    os.environ["PCD_KERNELS_CUDA_TMA"] = previous
+        return loss_fn
+
     return {
         "naive": lambda: _naive(case),
         "naive+compile": lambda: torch.compile(_naive(case)),
         "ours-torch": lambda: _ours(case, "torch"),
         "ours-triton": triton,
         "ours-cuda": cuda,
+        "ours-cuda-cp.async": cuda_cp_async,
         "flex-attention": lambda: _flex(case, device),
     }

@@ -183,6 +183,25 @@ def test_cuda_bound_overlaps_the_tma_forward_only_and_counts_the_preparation():
     assert len(rows) == 4 and all(row in doc for row in rows), "rerun python bench/model.py into performance.md"
 
 
+def test_cuda_cp_async_provider_runs_the_forward_with_tma_off_and_restores_the_environment(monkeypatch):
+    import os
+
+    import pixel_contrastive
+
+    seen = []
+    monkeypatch.setattr(pixel_contrastive, "cuda_extension_reason", lambda device: None)
+    monkeypatch.setattr(pixel_contrastive, "_ours",
+                        lambda case, backend: lambda s, t, q: seen.append((backend, os.environ.get("PCD_KERNELS_CUDA_TMA"))))
+    case = pixel_contrastive.cases("cuda", quick=True)[0]
+    for before in (None, "1"):
+        if before is None:
+            monkeypatch.delenv("PCD_KERNELS_CUDA_TMA", raising=False)
+        else:
+            monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", before)
+        pixel_contrastive.providers(case, "cuda")["ours-cuda-cp.async"]()(None, None, None)
+        assert seen.pop() == ("cuda", "0") and os.environ.get("PCD_KERNELS_CUDA_TMA") == before
+
+
 def test_gpu_results_are_reported_against_the_bound():
     import run
 
