@@ -29,11 +29,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 # (B, C, H, W, queue rows): one channel chunk of 64 with tile tails (81 pixels, C = 40 padded to
 # 40, queue 100); and C = 300 (two chunks of 256, two gradient slices), 65 pixels, queue 70.
 SHAPES = ((2, 40, 9, 9, 100), (1, 300, 5, 13, 70))
-# The TMA forward takes one chunk (C <= 256): chunks of 64, 256 and 128 channels; 6 to 8 key tiles
-# per block in "batch" mode, so that its ring of stages turns more than twice (each mbarrier's
-# phase flips more than once); 1 and 2 tiles ("none" mode without a queue, and with 50 rows: the
+# The TMA forward takes one chunk (C <= 256): chunks of 64, 256 and 128 channels with 8 key tiles
+# per block in "batch" mode, so that its ring of 3 (2 at 256 channels) stages turns more than twice
+# (each mbarrier's phase returns to 0); 1 and 2 tiles ("none" mode without a queue, and with 50 rows: the
 # tails after its loop); C = 160 in 256-channel tiles, whose last 64-channel box lies wholly past C.
-TMA_SHAPES = ((2, 40, 9, 9, 100), (2, 200, 7, 11, 300), (1, 128, 8, 8, 200), (2, 160, 5, 7, 0), (1, 64, 4, 4, 50))
+TMA_SHAPES = ((2, 40, 9, 9, 300), (2, 200, 7, 11, 300), (1, 128, 8, 8, 400), (2, 160, 5, 7, 0), (1, 64, 4, 4, 50))
 DTYPES = ("float16", "bfloat16")
 
 

@@ -157,7 +157,8 @@ def dtype_refused(op_name, provider, dtype):
     takes no float32). Ask once the provider is set up (its backend's modules import)."""
     from pcd_kernels.backends import OPS, dtypes
 
-    backend = provider[len("ours-"):] if provider.startswith("ours-") else None
+    # (ours-<backend>, or ours-<backend>-<variant> such as ours-cuda-cp.async)
+    backend = provider[len("ours-"):].split("-")[0] if provider.startswith("ours-") else None
     if op_name not in OPS or backend not in OPS[op_name].backends:
         return None
     takes = dtypes(op_name, backend)

@@ -226,9 +226,10 @@ __global__ void __launch_bounds__(kForwardThreads, 1) forward_kernel(const __gri
   Tensor o = make_tensor(O.data(), rowcol(O.layout()));
   const auto coords = fragment_coords<Mma, kTile>();  // (2 rows, 16 columns) of this thread's S
   constexpr int kN = decltype(size<1>(coords))::value;
-  // -inf, not OnlineLse's finite kMaxInit: every key tile holds a valid key (the first starts at 0 < lk),
-  // so the first rescale sees a finite maximum, and rows whose logits all lie below -1e30 (bf16 can
-  // reach that) still get a softmax rather than exp2(x + 1e30) = 0 everywhere and O = 0 / 0.
+  // -inf, not OnlineLse's finite kMaxInit: rows whose logits all lie below -1e30 (bf16 can reach
+  // that) still get a softmax rather than exp2(x + 1e30) = 0 everywhere and O = 0 / 0. (A tile
+  // whose logits all overflowed to -inf leaves the maximum at -inf; OnlineLse's shift keeps its
+  // exps 0, not NaN.)
   OnlineLse row[2] = {{-INFINITY, 0.f}, {-INFINITY, 0.f}};
   auto copy_vt = make_tiled_copy_B(Copy_Atom<SM75_U16x8_LDSM_T, T>{}, mma);
 
@@ -253,7 +254,7 @@ __global__ void __launch_bounds__(kForwardThreads, 1) forward_kernel(const __gri
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kN; ++n) {
-        const float x = exp2f(sc(m, n) - row[m].max);  // NaN logits give NaN weights: NaN in, NaN out
+        const float x = exp2f(sc(m, n) - row[m].shift());  // NaN logits give NaN weights: NaN in, NaN out
         sc(m, n) = x;
         sum += x;
       }

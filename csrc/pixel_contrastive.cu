@@ -37,6 +37,7 @@
 #include <cutlass/arch/barrier.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -1020,17 +1021,28 @@ void by_instance(const PixelContrastiveParams& in, F&& f) {
   by_dtype(in.dtype, "pixel_contrastive", with_chunk);
 }
 
-// Whether the module loaded for `device` holds forward_tma_kernel's code (kTmaForwardBuilt),
-// read once per device.
-bool tma_forward_built(int device) {
-  static int built[256];  // 0 unknown, 1 no, 2 yes (a benign race: every writer writes the same)
-  if (device < 0 || device >= 256) return false;
-  if (built[device] == 0) {
+// Whether the module loaded for `device` holds forward_tma_kernel's code (kTmaForwardBuilt): "" if
+// it does, else why not. Read once per device (a synchronous copy); not while `stream` is being
+// captured into a CUDA graph, where the copy is not allowed (that forward then takes the cp.async
+// kernel; torch.compile's CUDA graphs run each function eagerly before capturing it).
+std::string tma_forward_built(int device, std::uintptr_t stream) {
+  static std::atomic<int> built[64];  // 0 unknown, 1 no, 2 yes (each writer writes the same)
+  if (device < 0 || device >= 64) return "device " + std::to_string(device) + " is past the 64 this check counts";
+  int state = built[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &capture), "cudaStreamIsCapturing");
+    if (capture != cudaStreamCaptureStatusNone) {
+      return "the first forward on this GPU is being captured into a CUDA graph, before the extension's sm_90a code "
+             "could be checked";
+    }
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
     int value = 0;
     check_cuda(cudaMemcpyFromSymbol(&value, kTmaForwardBuilt, sizeof(value)), "cudaMemcpyFromSymbol(kTmaForwardBuilt)");
-    built[device] = value != 0 ? 2 : 1;
+    state = value != 0 ? 2 : 1;
+    built[device].store(state, std::memory_order_relaxed);
   }
-  return built[device] == 2;
+  return state == 2 ? "" : "the extension was built without sm_90a code (PCD_KERNELS_CUDA_ARCHS)";
 }
 
 // Why forward_tma_kernel cannot run this forward ("" when it can, with `maps` filled): it needs
@@ -1043,7 +1055,8 @@ std::string tma_forward_refusal(const PixelContrastiveParams& in, int chunks, Te
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, in.device),
              "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
   if (major != 9) return "the GPU is not sm_90 (compute capability major " + std::to_string(major) + ")";
-  if (!tma_forward_built(in.device)) return "the extension was built without sm_90a code (PCD_KERNELS_CUDA_ARCHS)";
+  const std::string built = tma_forward_built(in.device, in.stream);
+  if (!built.empty()) return built;
   const std::size_t bytes = TmaForwardSmem<ForwardTraits<T, kC>>::kBytes;
   if (bytes > static_cast<std::size_t>(shared_memory_per_block(in.device))) {
     return "it needs " + std::to_string(bytes) + " bytes of shared memory per block";
@@ -1086,6 +1099,11 @@ void pixel_contrastive_forward(const PixelContrastiveParams& in) {
     TensorMaps maps;
     const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_forward_refusal<T, kC>(in, p.chunks, maps);
     if (refusal.empty()) {
+      // As much of the unified L1 / shared memory as shared memory: at 256 channels two blocks of
+      // 99 KB fit an SM only then (the driver may otherwise size it for one block).
+      check_cuda(cudaFuncSetAttribute(forward_tma_kernel<T, kC>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                      cudaSharedmemCarveoutMaxShared),
+                 "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)", "pixel_contrastive forward_tma_kernel");
       launch(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
              "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
       return;

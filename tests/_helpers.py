@@ -47,8 +47,8 @@ def _skip_reason(backend, device, dtype):
 def backend_cases(op, dtypes=DTYPES, backends=None, devices=("cpu", "cuda"), every_backend=False):
     """The (backend, device, dtype) cases of ``op`` (a name in ``pcd_kernels.backends.OPS``): every
     backend the registry lists for it, on each of ``devices``, in each of ``dtypes`` the backend
-    takes for it (the registry's: CUDA's pixel_contrastive_loss takes no float32, its
-    pixel_attention does); ``backends`` keeps only those named. With ``every_backend``, a backend
+    takes for it (the registry's: the CUDA ops take float16 and bfloat16 only); ``backends`` keeps
+    only those named. With ``every_backend``, a backend
     that takes none of ``dtypes`` is in with the first dtype it takes (CUDA's pixel_contrastive_loss
     in float16 where ``dtypes`` is float32 alone): for tests whose error bounds follow the dtype. A
     case that cannot run here is skipped with the reason. backend='cuda' has no CPU case: on CPU

@@ -140,6 +140,25 @@ def test_logits_far_below_minus_1e30_still_give_a_softmax(backend, device, dtype
     torch.testing.assert_close(out, expected, rtol=0, atol=0)  # one value pixel each, copied
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in matmul")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("backend,device,dtype", [c for c in WIDE if c.values[2] != torch.float16])  # 1e38: no float16
+def test_keys_whose_logits_overflow_to_minus_inf_get_zero_weight(backend, device, dtype):
+    """190 of 200 keys so large (-1e38 per channel against positive queries) that their logits
+    overflow float32 to -inf, and they come first: every kernel's first key tiles hold nothing else
+    (a running maximum still -inf after them). Their weights are 0, as the float64 formula's are,
+    and the output is the softmax over the other 10 keys, not NaN."""
+    q, k, v = make((1, 16, 2, (2, 3), (20, 10), None))
+    q = q.abs() + 0.5
+    k[:, :, :19] = -1e38  # key pixels 0..189 in (h, w) order
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))  # the reference sees the rounded inputs
+    expected = naive_pixel_attention(q, k, v, 2)
+    assert expected.isfinite().all()
+    out = pixel_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), num_heads=2,
+                          backend=backend).double().cpu()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_large_finite_queries_stay_finite_and_an_infinite_one_gives_nan():
     """The NaN guard of the torch backend must not see NaN where the inputs hold none: a float16
     query row whose sum overflows is finite, and so is its output."""
@@ -447,5 +466,6 @@ COMPILE_STEP = _compile_step
 # backend, and on its CPU dry run (the interpreter is slow: there, fewer where it costs)
 GPU_SMOKE = ("test_matches_reference or test_any_strides or test_nan_in_nan_out or "
              "test_logits_far_below_minus_1e30_still_give_a_softmax or "
+             "test_keys_whose_logits_overflow_to_minus_inf_get_zero_weight or "
              "test_gpu_kernels_over_several_tiles or test_one_sided_gradients")
 GPU_SMOKE_DRY = GPU_SMOKE

@@ -183,11 +183,18 @@ struct OnlineLse {
   float max = kMaxInit;
   float sum = 0.f;
 
+  // What exps are taken relative to: the maximum, or 0 while it is -inf (where a row starts at
+  // -inf and its first tiles' logits overflowed to -inf), so that exp2(-inf - shift) = 0, not
+  // exp2(-inf + inf) = NaN. With the finite kMaxInit it is the maximum.
+  __device__ __forceinline__ static float shift_of(float m) { return m == -INFINITY ? 0.f : m; }
+  __device__ __forceinline__ float shift() const { return shift_of(max); }
+
   // Fold in a tile's row maximum (already reduced over the quad) and return the factor the
-  // previous sum and any accumulator of this row must be rescaled by.
+  // previous sum and any accumulator of this row must be rescaled by (0 while the maximum was
+  // -inf: nothing was summed yet).
   __device__ __forceinline__ float rescale_to(float tile_max) {
     const float new_max = fmaxf(max, tile_max);
-    const float factor = exp2f(max - new_max);
+    const float factor = exp2f(max - shift_of(new_max));
     sum *= factor;
     max = new_max;
     return factor;

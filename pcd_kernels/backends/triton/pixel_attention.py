@@ -79,8 +79,11 @@ def _forward_kernel(Q, K, V, O, LSE, LQ, LK, HEADS, D, qk_scale2,
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale2  # base-2 logits
         s = tl.where(k_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
+        # exps relative to 0 while a row's maximum is -inf (a first tile whose logits all overflowed
+        # float32 to -inf): exp2(-inf - 0) = 0, where exp2(-inf + inf) would be NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
         v = _tile(V, keys, k_ok, svl, dims, d_ok, svc)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
