@@ -69,6 +69,16 @@ def test_junit_counts_per_dtype_and_failures(tmp_path):
     assert failures == ["test_a[triton-cuda-bfloat16]"]
 
 
+def test_a_command_that_says_skip_is_reported_as_skipped(tmp_path):
+    """A command group (bench/cuda_kernel_check.py) whose last line says why it did not apply here
+    (the TMA forward on a GPU that is not sm_90) is a skip, not a pass."""
+    log = gpu_smoke.Log(tmp_path / "log")
+    for line, verdict in (("skip k: the TMA forward runs on sm_90 GPUs only", "skip"), ("ok   k", "pass")):
+        command = gpu_smoke.Group("k", "op", "cuda", ["-c", f"print({line!r})"], 10, pytest=False)
+        row = gpu_smoke.run_group(command, {**os.environ}, tmp_path, log, False)
+        assert row["verdict"] == verdict, row
+
+
 def test_a_gpu_group_where_a_dtype_or_everything_skipped_fails(tmp_path, monkeypatch):
     group = gpu_smoke.Group("g", "op", "triton", ["tests/x.py"], timeout=10, every_dtype=True)
     xml = ('<testsuites><testsuite><testcase name="t[triton-cuda-float32]"/><testcase name="t[triton-cuda-float16]"/>'
