@@ -326,8 +326,10 @@ __device__ __forceinline__ Schedule<T> anchor_schedule(const Params<T>& p, const
 
 // The pipeline every kernel runs: own rows [own0, own0 + 64) of `own` (rows < own_hi), and the
 // schedule's tiles through two shared-memory stages, the copy of step s + 1 in flight while step
-// s multiplies. When a step's copies are issued, columns(col, source, row0) runs on threads
-// 0..63 (thread c for streamed row row0 + c) and fills its values col[64 v + c]. Per step: S
+// s multiplies. When a step's copies are issued, columns(v, source, row0) runs on threads 0..63
+// (thread c for streamed row row0 + c) and fills its kColumnValues values v; they reach shared
+// memory (col[64 j + c]) only after step s's tile_done, so that their global loads' latency hides
+// behind step s's MMAs rather than holding up the barrier that starts step s. Per step: S
 // (64 x 64 float32, this thread's fragment) accumulates own . tile^T over the step's chunk, and
 // on a tile's last step tile_done(S, source, row0, tile, col) runs, `tile` the streamed rows'
 // shared tile holding the schedule's slice z.
@@ -344,6 +346,7 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
   auto str_tile = [&](int stage) { return make_tensor(make_smem_ptr(str_smem + stage * Tr::kTileElems), SmemRows{}); };
 
   const int steps = sch.steps();
+  float values[kColumnValues] = {0.f, 0.f, 0.f};  // the column values of the step last issued
   auto issue = [&](int s) {
     int source, row0, chunk;
     bool first, last;
@@ -356,16 +359,25 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
     const Source<T> src = sch.source(source);
     load_rows<Tr>(str_tile(s % 2), p.rows_of(src.operand), p.ld, row0, src.hi, chunk * kC);
     cp_async_fence();
-    if (last && threadIdx.x < kCols) columns(col_smem + (s % 2) * kColumnValues * kCols, source, row0);
+    const bool has_values = last && threadIdx.x < kCols;
+    if (has_values) columns(values, source, row0);
+    return has_values;
+  };
+  // Stage s % 2's column values: its last reader was step s - 2's tile_done, before the barrier
+  // that ended step s - 2; its next is step s's, after the barrier that starts it.
+  auto store_values = [&](int s) {
+#pragma unroll
+    for (int j = 0; j < kColumnValues; ++j) col_smem[((s % 2) * kColumnValues + j) * kCols + threadIdx.x] = values[j];
   };
 
   Tensor S = partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{});
   // cute_tiles::run_pipeline's loop, written out: as a call with the body a lambda, the anchor
   // kernel at 256 channels spilled 8 bytes on sm_80 (255 registers either way).
-  if (steps > 0) issue(0);
+  if (steps > 0 && issue(0)) store_values(0);
   for (int s = 0; s < steps; ++s) {
+    bool next_values = false;
     if (s + 1 < steps) {
-      issue(s + 1);  // into the stage step s - 1 used; the barrier ending step s - 1 freed it
+      next_values = issue(s + 1);  // into the stage step s - 1 used; the barrier ending step s - 1 freed it
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -378,6 +390,7 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
     if (first) clear(S);
     scores<Tr>(S, own_tile(sch.chunks > 1 ? s % 2 : 0), str_tile(s % 2));
     if (last) tile_done(S, source, row0, str_tile(s % 2), col_smem + (s % 2) * kColumnValues * kCols);
+    if (next_values) store_values(s + 1);
     __syncthreads();
   }
 }
@@ -435,8 +448,8 @@ __device__ __forceinline__ float key_flag(const Params<T>& p, const Schedule<T>&
 
 template <typename T>
 __device__ __forceinline__ auto key_columns(const Params<T>& p, const Schedule<T>& sch) {
-  return [&p, &sch](float* col, int source, int key0) {
-    col[threadIdx.x] = key_flag(p, sch, source, key0 + static_cast<int>(threadIdx.x));
+  return [&p, &sch](float (&v)[kColumnValues], int source, int key0) {
+    v[0] = key_flag(p, sch, source, key0 + static_cast<int>(threadIdx.x));
   };
 }
 
@@ -851,12 +864,12 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   float e_sum[2] = {0.f, 0.f};  // this lane's share of sum_i (g_i / g_max) q_ik logit2_ik
 
   // per streamed anchor: 1 where it exists, its lse2, its g / g_max
-  auto anchor_columns = [&](float* col, int, int a0) {
+  auto anchor_columns = [&](float (&v)[kColumnValues], int, int a0) {
     const int a = a0 + static_cast<int>(threadIdx.x);
     const bool ok = p.ok(kAnchorRows, a, anchors.hi);
-    col[threadIdx.x] = ok ? 1.f : 0.f;
-    col[kCols + threadIdx.x] = ok ? lse2[a] : 0.f;
-    col[2 * kCols + threadIdx.x] = ok ? grad_scaled[a] : 0.f;
+    v[0] = ok ? 1.f : 0.f;
+    v[1] = ok ? lse2[a] : 0.f;
+    v[2] = ok ? grad_scaled[a] : 0.f;
   };
   stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, keys_are_teacher ? kTeacherRows : kQueueRows, key0, hi, sch,
                    anchor_columns,
