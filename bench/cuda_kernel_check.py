@@ -9,9 +9,9 @@ op-level test groups (which run every kernel of an op together) start.
     python bench/cuda_kernel_check.py KERNEL --backend torch --device cpu   # the problems themselves
 
 Each problem is chosen so that only the named kernel runs beyond the ones checked before it (the
-TMA forward first, on sm_90 GPUs, required (PCD_KERNELS_CUDA_TMA=1), then every other kernel with
-PCD_KERNELS_CUDA_TMA=0, the cp.async forward; the forwards' checks run no backward; the anchor kernel's asks for no key-side gradient; the key
-kernel's for no student gradient; attention's dK/dV and dQ kernels run apart), in float16 and
+TMA kernels first, on sm_90 GPUs, required (PCD_KERNELS_CUDA_TMA=1): forward, anchor backward,
+key backward; then the cp.async kernels with PCD_KERNELS_CUDA_TMA=0; the forwards' checks run no
+backward; the anchor kernels' ask for no key-side gradient; the key kernels' for no student gradient; attention's dK/dV and dQ kernels run apart), in float16 and
 bfloat16: for pixel_contrastive in every negatives mode, with masks, C that is no multiple of 8
 (padded operands) and C above 256 (gradient slices, chunked logits); for pixel_attention at odd
 head dims and map sizes, cross-attention and several tiles.
@@ -34,6 +34,9 @@ SHAPES = ((2, 40, 9, 9, 100), (1, 300, 5, 13, 70))
 # (each mbarrier's phase returns to 0); 1 and 2 tiles ("none" mode without a queue, and with 50 rows: the
 # tails after its loop); C = 160 in 256-channel tiles, whose last 64-channel box lies wholly past C.
 TMA_SHAPES = ((2, 40, 9, 9, 300), (2, 200, 7, 11, 300), (1, 128, 8, 8, 400), (2, 160, 5, 7, 0), (1, 64, 4, 4, 50))
+# The TMA backward kernels' ring has 4 stages: the key kernel streams anchors, 9 tiles of them per
+# block at 544 pixels ("batch", and the queue's keys), 5 per image; 1 tile in an image of 16 pixels.
+TMA_BACKWARD_SHAPES = (*TMA_SHAPES, (2, 96, 17, 16, 70))
 DTYPES = ("float16", "bfloat16")
 
 
@@ -70,19 +73,21 @@ def _attention(grads):
 
 
 # kernel -> the problems that run it: (student, teacher, queue) or (q, k, v) gradients asked for
-# (per mode). The forward has two kernels on an sm_90 GPU: forward_tma_kernel (TMA, exps beside
-# the MMAs) where one 256-channel chunk holds C, the default there; forward_kernel (cp.async)
-# elsewhere, for C > 256, and with PCD_KERNELS_CUDA_TMA=0, which the checks after the first set so
-# that each runs only the kernel it names beyond those already checked.
+# (per mode). Each pixel_contrastive kernel has two versions on an sm_90 GPU: *_tma_kernel (TMA,
+# exps beside the MMAs) where one 256-channel chunk holds C, the default there; the cp.async one
+# elsewhere, for C > 256, and with PCD_KERNELS_CUDA_TMA=0, which the checks after the TMA ones set
+# so that each runs only the kernel it names beyond those already checked.
 FORWARD = {"none": (False, False, False), "image": (False, False, False), "batch": (False, False, False)}
+# "none" also writes the teacher's gradient from the anchor kernel
+ANCHOR_BACKWARD = {"none": (True, True, False), "image": (True, False, False), "batch": (True, False, False)}
+KEY_BACKWARD = {"none": (False, False, True), "image": (False, True, True), "batch": (False, True, True)}
 KERNELS = {
     "pixel_contrastive.forward_tma_kernel": _contrastive(FORWARD, TMA_SHAPES),
+    "pixel_contrastive.anchor_backward_tma_kernel": _contrastive(ANCHOR_BACKWARD, TMA_BACKWARD_SHAPES),
+    "pixel_contrastive.key_backward_tma_kernel": _contrastive(KEY_BACKWARD, TMA_BACKWARD_SHAPES),
     "pixel_contrastive.forward_kernel": _contrastive(FORWARD),
-    # "none" also writes the teacher's gradient from the anchor kernel
-    "pixel_contrastive.anchor_backward_kernel": _contrastive(
-        {"none": (True, True, False), "image": (True, False, False), "batch": (True, False, False)}),
-    "pixel_contrastive.key_backward_kernel": _contrastive(
-        {"none": (False, False, True), "image": (False, True, True), "batch": (False, True, True)}),
+    "pixel_contrastive.anchor_backward_kernel": _contrastive(ANCHOR_BACKWARD),
+    "pixel_contrastive.key_backward_kernel": _contrastive(KEY_BACKWARD),
     "pixel_attention.forward_kernel": _attention((False, False, False)),
     # each after the delta kernel (rowsum(dO * O)), which every backward runs first
     "pixel_attention.backward_kernel(dK, dV)": _attention((False, True, True)),
@@ -109,9 +114,9 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("cuda_kernel_check: needs a CUDA device", file=sys.stderr)
         return 2
-    if args.backend == "cuda" and args.kernel == "pixel_contrastive.forward_tma_kernel":
+    if args.backend == "cuda" and args.kernel.endswith("_tma_kernel"):
         if torch.cuda.get_device_capability()[0] != 9:
-            print(f"skip {args.kernel}: the TMA forward runs on sm_90 GPUs only, this is "
+            print(f"skip {args.kernel}: the TMA kernels run on sm_90 GPUs only, this is "
                   f"{torch.cuda.get_device_name()}", flush=True)
             return 0
         os.environ["PCD_KERNELS_CUDA_TMA"] = "1"  # required: an error where it cannot run, not the other kernel

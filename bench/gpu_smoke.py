@@ -97,9 +97,9 @@ def check_groups(device: str, dry_run: bool) -> List[Group]:
                             ["tests/test_pixel_contrastive.py", "tests/test_pixel_attention.py", "-k",
                              "triton_backward_is_deterministic or triton_is_deterministic or triton_refuses or "
                              "grid_limit or every_autotune_candidate"], timeout=300))
-        groups.append(Group("CUDA determinism, limits, both forward kernels", "kernels", "cuda",
+        groups.append(Group("CUDA determinism, limits, TMA and cp.async kernels", "kernels", "cuda",
                             ["tests/test_pixel_attention.py", "tests/test_pixel_contrastive.py", "-k",
-                             "cuda_is_deterministic or cuda_refuses or 65535 or cuda_forward_kernels_agree"],
+                             "cuda_is_deterministic or cuda_refuses or 65535 or cuda_tma_and_cp_async_kernels_agree"],
                             timeout=150, needs_extension=True))
         groups.append(Group("extension build and probe", "build", "cuda", ["tests/test_build.py"], timeout=120,
                             needs_extension=True))
@@ -185,8 +185,8 @@ TARGETS = [
     Target("InfoNCE peak memory vs naive", "pcd-target", "memory", ("naive",), None, dry_case="pcd-quick"),
     Target("InfoNCE, CUDA backend vs naive", "pcd-target", "speedup", ("naive",), None, provider="ours-cuda",
            dry_case="pcd-quick"),
-    # (on sm_90: the TMA forward, its exps beside the MMAs, against the cp.async one; report only)
-    Target("InfoNCE, CUDA backend vs its cp.async forward", "pcd-target", "speedup", ("ours-cuda-cp.async",), None,
+    # (on sm_90: the TMA kernels, their exps beside the MMAs, against the cp.async ones; report only)
+    Target("InfoNCE, CUDA backend vs its cp.async kernels", "pcd-target", "speedup", ("ours-cuda-cp.async",), None,
            provider="ours-cuda", dry_case="pcd-quick"),
     Target("Af-DCD Cityscapes fwd+bwd vs official cdist", "citys", "speedup", ("naive",), 5.0, dry_case="citys-quick"),
     Target("Af-DCD Cityscapes peak memory vs official", "citys", "memory", ("naive",), 20.0, dry_case="citys-quick"),

@@ -124,6 +124,29 @@ def _naive(case):
         s, t, q if case.queue else None, negatives=case.negatives, temperature=TEMPERATURE)
 
 
+def _set_environment(name: str, value):
+    """Sets (a string) or removes (None) an environment variable."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+class _EnvironmentInBackward(torch.autograd.Function):
+    """The identity, whose backward sets an environment variable (_set_environment): applied to an
+    op's output it runs before the op's backward, applied to its input after it."""
+
+    @staticmethod
+    def forward(ctx, x, name, value):
+        ctx.name, ctx.value = name, value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _set_environment(ctx.name, ctx.value)
+        return grad, None, None
+
+
 def _ours(case, backend):
     # (the torch backend accumulates in float32 whatever the input dtype: on CUDA it is a
     # memory-bounded fallback, not a fast path)
@@ -191,20 +214,20 @@ def providers(case: Case, device: str):
         return _ours(case, "cuda")
 
     def cuda_cp_async():
-        """The CUDA backend with its cp.async forward (PCD_KERNELS_CUDA_TMA=0, read by the
-        extension at each forward launch): beside ours-cuda, what the TMA forward gains on sm_90."""
+        """The CUDA backend with its cp.async kernels (PCD_KERNELS_CUDA_TMA=0, read by the extension
+        at each launch, through the forward and the backward): beside ours-cuda, what the TMA
+        kernels gain on sm_90."""
         loss = cuda()
 
         def loss_fn(s, t, q):
             previous = os.environ.get("PCD_KERNELS_CUDA_TMA")
-            os.environ["PCD_KERNELS_CUDA_TMA"] = "0"
+            _set_environment("PCD_KERNELS_CUDA_TMA", "0")
             try:
-                return loss(s, t, q)
+                # (the student's identity's backward runs after the op's: it restores the variable)
+                out = loss(_EnvironmentInBackward.apply(s, "PCD_KERNELS_CUDA_TMA", previous), t, q)
             finally:
-                if previous is None:
-                    del os.environ["PCD_KERNELS_CUDA_TMA"]
-                else:
-                    os.environ["PCD_KERNELS_CUDA_TMA"] = previous
+                _set_environment("PCD_KERNELS_CUDA_TMA", previous)
+            return _EnvironmentInBackward.apply(out, "PCD_KERNELS_CUDA_TMA", "0")  # (before the op's backward)
         return loss_fn
 
     return {

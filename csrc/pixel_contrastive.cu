@@ -1,5 +1,8 @@
 // CUDA kernels of pixel_contrastive_loss (DESIGN.md 3.1) on CUTLASS's CuTe: an sm_80-class
-// pipeline (cp.async into swizzled shared memory, ldmatrix, mma.sync) built for every architecture.
+// pipeline (cp.async into swizzled shared memory, ldmatrix, mma.sync) built for every architecture,
+// and on sm_90a, where one chunk holds C, the same three kernels fed by TMA with each tile's exps
+// beside the next tile's wgmma (forward_tma_kernel, anchor_backward_tma_kernel,
+// key_backward_tma_kernel; the launchers' prefer_tma chooses).
 //
 // Three kernels, none storing anything of size anchors x keys, every output element written by
 // exactly one thread (no atomics: deterministic). A block of 4 warps owns 64 rows ("own": anchors,
@@ -71,6 +74,13 @@ constexpr int kColumnValues = 3;
 #define PCD_KERNELS_WGMMA 1
 #else
 #define PCD_KERNELS_WGMMA 0
+#endif
+// Whether it holds the TMA kernels (forward_tma_kernel, anchor_backward_tma_kernel,
+// key_backward_tma_kernel): sm_90a device code. Elsewhere they are traps the host never launches.
+#if defined(__CUDA_ARCH__) && PCD_KERNELS_WGMMA && defined(CUTE_ARCH_TMA_SM90_ENABLED)
+#define PCD_KERNELS_TMA 1
+#else
+#define PCD_KERNELS_TMA 0
 #endif
 
 // Layouts, MMAs and the two products of one (element type, channel chunk, column groups)
@@ -395,6 +405,18 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
   }
 }
 
+// This thread's weights (float32 accumulators of S's layout, or zeros where !nonzero) into the
+// weights tile in the element type.
+template <typename Tr, typename Acc>
+__device__ __forceinline__ void store_weights(typename Smem<Tr>::T* w_smem, const Acc& weights, bool nonzero) {
+  using T = typename Smem<Tr>::T;
+  typename Tr::ScoresMma mma;
+  Tensor sW = make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{});
+  const Tensor at = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+#pragma unroll
+  for (int i = 0; i < size(weights); ++i) sW(get<0>(at(i)), get<1>(at(i))) = static_cast<T>(nonzero ? weights(i) : 0.f);
+}
+
 // out += weights @ tile for the weights of a tile (float32 accumulators of S's layout): they go
 // to shared memory in the element type, where every warp reads the 16 rows x 64 columns it
 // multiplies (each warp computed half of those columns), then the product with the streamed
@@ -402,15 +424,10 @@ __device__ __forceinline__ void stream_tiles(T* smem, const Params<T>& p, Operan
 template <typename Tr, typename Acc, typename Out, typename Tile>
 __device__ __forceinline__ void weights_times_rows(Out& out, const Acc& weights, typename Smem<Tr>::T* w_smem,
                                                    const Tile& tile) {
-  using T = typename Smem<Tr>::T;
-  typename Tr::ScoresMma mma;
-  Tensor sW = make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{});
-  const Tensor at = mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
-#pragma unroll
-  for (int i = 0; i < size(weights); ++i) sW(get<0>(at(i)), get<1>(at(i))) = static_cast<T>(weights(i));
+  store_weights<Tr>(w_smem, weights, true);
   fence_for_mma();
   __syncthreads();
-  product<Tr>(out, sW, tile);
+  product<Tr>(out, make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{}), tile);
 }
 
 // Sums each own row's values over the column warps of a backward block: v[m][j] holds this
@@ -542,14 +559,32 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   write_forward<Tr>(rows, p, seg, loss, lse2_out);
 }
 
-// The operands as TMA tensor maps (tma.cuh), for forward_tma_kernel; an absent or empty operand's
-// map is never read.
+// The operands as TMA tensor maps (tma.cuh), for the TMA kernels; an absent or empty operand's map
+// is never read. With by_image the anchors' and teacher's maps are segmented by image (hw rows):
+// a tile of an image's pixels then reads zeros past the image's end, and the grid's y is the image.
 struct TensorMaps {
   CUtensorMap anchors, teacher, extra, queue;
+  int by_image;
 
+#if PCD_KERNELS_TMA
   __device__ __forceinline__ const CUtensorMap* of(Operand o) const {
     return o == kAnchorRows ? &anchors : o == kTeacherRows ? &teacher : o == kExtraRows ? &extra : &queue;
   }
+  // The map coordinates (row within its segment, segment) of operand o's row row0 (in this block's
+  // image when segmented).
+  __device__ __forceinline__ void coords(Operand o, int row0, int hw, int& row, int& segment) const {
+    const bool segmented = by_image != 0 && (o == kAnchorRows || o == kTeacherRows);
+    segment = segmented ? static_cast<int>(blockIdx.y) : 0;
+    row = segmented ? row0 - segment * hw : row0;
+  }
+  // One thread: copy operand o's 64-row tile at row0 into smem, completing on barrier.
+  template <int kBoxes, typename T>
+  __device__ __forceinline__ void load(Operand o, int row0, int hw, std::uint64_t* barrier, T* smem) const {
+    int row, segment;
+    coords(o, row0, hw, row, segment);
+    tma::load_row_tile<kBoxes>(of(o), barrier, smem, row, segment);
+  }
+#endif
 };
 
 // Shared memory of forward_tma_kernel: the anchors' tile, kKeyStages key tiles, one more stage of
@@ -567,16 +602,11 @@ struct TmaForwardSmem {
   static_assert(kBytes <= 227 * 1024, "forward_tma_kernel's shared memory fits an sm_90 block");
 };
 
-// Whether this compilation pass holds forward_tma_kernel's code (sm_90a), as a device variable the
-// host reads from the module loaded for its GPU: a plain sm_90 build runs on the same GPUs and
-// reports the same binary version, but holds only the kernel's trap.
-#if defined(__CUDA_ARCH__) && PCD_KERNELS_WGMMA && defined(CUTE_ARCH_TMA_SM90_ENABLED)
-#define PCD_KERNELS_TMA_FORWARD 1
-#else
-#define PCD_KERNELS_TMA_FORWARD 0
-#endif
+// Whether this compilation pass holds the TMA kernels' code (PCD_KERNELS_TMA), as a device
+// variable the host reads from the module loaded for its GPU: a plain sm_90 build runs on the same
+// GPUs and reports the same binary version, but holds only the kernels' traps.
 }  // namespace
-__device__ int kTmaForwardBuilt = PCD_KERNELS_TMA_FORWARD;  // (external linkage: kept in every cubin)
+__device__ int kTmaKernelsBuilt = PCD_KERNELS_TMA;  // (external linkage: kept in every cubin)
 namespace {
 
 // The forward for sm_90a when one chunk holds C: forward_kernel's work with Hopper's copies, and
@@ -598,7 +628,7 @@ template <typename T, int kC>
 __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     forward_tma_kernel(const __grid_constant__ Params<T> p, const __grid_constant__ TensorMaps maps, float* loss,
                        float* lse2_out) {
-#if PCD_KERNELS_TMA_FORWARD
+#if PCD_KERNELS_TMA
   using Tr = ForwardTraits<T, kC>;
   using Sm = TmaForwardSmem<Tr>;
   using SmemRows = typename Tr::SmemRows;
@@ -631,9 +661,8 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     if (threadIdx.x == 0) {
       std::uint64_t* barrier = &full[s % kStages];
       tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
-      if (s == 0) tma::load_row_tile<kBoxes>(maps.of(kAnchorRows), barrier, own_smem, seg.row0);
-      tma::load_row_tile<kBoxes>(maps.of(sch.source(source).operand), barrier,
-                                 key_smem + (s % kStages) * Tr::kTileElems, row0);
+      if (s == 0) maps.load<kBoxes>(kAnchorRows, seg.row0, p.hw, barrier, own_smem);
+      maps.load<kBoxes>(sch.source(source).operand, row0, p.hw, barrier, key_smem + (s % kStages) * Tr::kTileElems);
     }
     return threadIdx.x < kCols ? key_flag(p, sch, source, row0 + static_cast<int>(threadIdx.x)) : 0.f;
   };
@@ -690,7 +719,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   }
   write_forward<Tr>(rows, p, seg, loss, lse2_out);
 #else
-  __trap();  // the host launches this kernel only where its sm_90a code exists (tma_forward_refusal)
+  __trap();  // the host launches this kernel only where its sm_90a code exists (tma_refusal)
 #endif
 }
 
@@ -716,17 +745,185 @@ __device__ __forceinline__ float to_float(cute::half_t x) { return static_cast<f
 __device__ __forceinline__ float to_float(cute::bfloat16_t x) { return static_cast<float>(x); }
 
 // ------------------------------------------------------------------------------------------
+// The backward kernels' pipeline on sm_90a
+// ------------------------------------------------------------------------------------------
+
+// Shared memory of a TMA backward block: the own rows' tile, a ring of kStages streamed tiles, the
+// weights, kStages stages of per-column values, the per-row partial sums (Smem's), an mbarrier
+// per stage. At 256 channels 173 KB: one block per SM, as the cp.async kernels; two at 128.
+template <typename Tr>
+struct TmaBackwardSmem {
+  using T = typename Smem<Tr>::T;
+  static constexpr int kStages = 4;
+  static constexpr std::size_t kTileBytes = Tr::kTileElems * sizeof(T);
+  static constexpr std::size_t kWeightsOffset = (1 + kStages) * kTileBytes;
+  static constexpr std::size_t kColumnsOffset = kWeightsOffset + kRows * kCols * sizeof(T);
+  static constexpr std::size_t kRowPartOffset = kColumnsOffset + kStages * kColumnValues * kCols * sizeof(float);
+  static constexpr std::size_t kBarriersOffset = kRowPartOffset + 2 * Smem<Tr>::kRowValues * kRows * sizeof(float);
+  static constexpr std::size_t kBytes = kBarriersOffset + kStages * sizeof(std::uint64_t);
+  static_assert(kBytes <= 227 * 1024, "a TMA backward block's shared memory fits an sm_90 block");
+};
+
+// Where a backward block's weights tile and per-row partial sums lie: after the cp.async
+// pipeline's tiles (chunks decides how many), or at TmaBackwardSmem's offsets.
+template <typename Tr, bool kTma>
+__device__ __forceinline__ typename Smem<Tr>::T* weights_smem(unsigned char* smem, int chunks) {
+  using T = typename Smem<Tr>::T;
+  if constexpr (kTma) return reinterpret_cast<T*>(smem + TmaBackwardSmem<Tr>::kWeightsOffset);
+  return reinterpret_cast<T*>(smem) + Smem<Tr>::own_and_streamed(chunks);
+}
+template <typename Tr, bool kTma>
+__device__ __forceinline__ float* row_part_smem(unsigned char* smem, int chunks) {
+  if constexpr (kTma) return reinterpret_cast<float*>(smem + TmaBackwardSmem<Tr>::kRowPartOffset);
+  return reinterpret_cast<float*>(smem + Smem<Tr>::bytes(chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
+}
+
+// stream_tiles' work for a backward block on sm_90a when one chunk holds C, with the products
+// done here: the own rows' tile (own0, of operand own_rows) and the schedule's tiles by TMA, each
+// tile's exps overlapping the next tile's S, out += W . tile accumulated for every tile whose
+// weights(S, source, row0, col) (which turns S into the tile's weights in place) returns true;
+// a tile for which it returns false adds nothing (its stage is zeroed: 0 times a NaN there
+// would be NaN). columns(v, source, row0) as in stream_tiles.
+//
+// Tiles land in a ring of L = kStages stages by TMA, rows past an operand's end, or an image's
+// when the maps are segmented, read as zeros (the product sums over the streamed rows: another
+// image's NaN must not reach them). Step s, with S(s) issued a step earlier:
+// * wait for tile s + 1, issue S(s + 1);
+// * wait until only it runs: S(s) and product(s - 1), committed before it, are complete;
+// * barrier: every warp's product(s - 1) is done with tile s - 1's stage and the weights tile,
+//   every thread with tile s - 1's column values; refill that stage with tile s - 1 + L;
+// * weights(S(s)) (the exps, on the multi-function unit while the tensor cores run S(s + 1)) into
+//   the weights tile; store tile s - 1 + L's column values (their global loads issued with its
+//   copy, their latency behind the exps);
+// * fence, barrier (both column groups' weights), issue product(s) (not waited for).
+// A tile has L - 2 steps to land; two S accumulators alternate (the loop unrolled by 2, each
+// wgmma and its wait in straight-line code: ptxas serialises wgmmas under separate conditions).
+template <typename Tr, typename T, typename Columns, typename Weights, typename Out>
+__device__ __forceinline__ void stream_tiles_tma(unsigned char* smem_raw, const Params<T>& p, const TensorMaps& maps,
+                                                 Operand own_rows, int own0, const Schedule<T>& sch, Columns&& columns,
+                                                 Weights&& weights, Out& out) {
+#if PCD_KERNELS_TMA
+  using Sm = TmaBackwardSmem<Tr>;
+  using SmemRows = typename Tr::SmemRows;
+  constexpr int kBoxes = Tr::kChunk / tma::kBoxChannels;
+  constexpr int kStages = Sm::kStages;
+  T* own_smem = reinterpret_cast<T*>(smem_raw);
+  T* str_smem = own_smem + Tr::kTileElems;
+  T* w_smem = weights_smem<Tr, true>(smem_raw, 1);
+  float* col_smem = reinterpret_cast<float*>(smem_raw + Sm::kColumnsOffset);
+  std::uint64_t* full = reinterpret_cast<std::uint64_t*>(smem_raw + Sm::kBarriersOffset);
+  const int steps = sch.steps();  // one chunk: a step is a tile; at least one
+  auto stage = [&](int s) { return str_smem + (s % kStages) * Tr::kTileElems; };
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
+    cutlass::arch::fence_barrier_init();
+    cutlass::arch::fence_view_async_shared();
+  }
+  __syncthreads();
+
+  float values[kColumnValues] = {0.f, 0.f, 0.f};  // the column values of the tile last issued
+  auto issue = [&](int s) {  // tile s (with tile 0 the own rows) into stage s % L
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    if (threadIdx.x == 0) {
+      std::uint64_t* barrier = &full[s % kStages];
+      tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
+      if (s == 0) maps.load<kBoxes>(own_rows, own0, p.hw, barrier, own_smem);
+      maps.load<kBoxes>(sch.source(source).operand, row0, p.hw, barrier, stage(s));
+    }
+    if (threadIdx.x < kCols) columns(values, source, row0);
+  };
+  auto store_values = [&](int s) {
+    if (threadIdx.x < kCols) {
+#pragma unroll
+      for (int j = 0; j < kColumnValues; ++j) col_smem[((s % kStages) * kColumnValues + j) * kCols + threadIdx.x] = values[j];
+    }
+  };
+  const Tensor own = make_tensor(make_smem_ptr(own_smem), SmemRows{});
+  auto start_scores = [&](auto& S, int s) {  // S = own . tile s^T, issued, not waited for
+    tma::wait_phase(&full[s % kStages], (s / kStages) & 1);
+    clear(S);
+    gemm_shared_async<typename Tr::ScoresMma>(S, own, make_tensor(make_smem_ptr(stage(s)), SmemRows{}));
+  };
+  // S(s) complete and every warp past the barrier after it: tile s's weights, product(s) issued.
+  auto start_product = [&](auto& S, int s, bool refilled) {
+    int source, row0, chunk;
+    bool first, last;
+    sch.at(s, source, row0, chunk, first, last);
+    const bool nonzero = weights(S, source, row0, col_smem + (s % kStages) * kColumnValues * kCols);
+    store_weights<Tr>(w_smem, S, nonzero);
+    if (!nonzero) {  // S(s), its last reader, is complete
+      uint4* tile = reinterpret_cast<uint4*>(stage(s));
+      for (int i = threadIdx.x; i < Tr::kTileElems / kVec; i += Tr::kThreads) tile[i] = make_uint4(0, 0, 0, 0);
+    }
+    if (refilled) store_values(s - 1 + kStages);
+    fence_for_mma();
+    __syncthreads();
+    gemm_shared_async<typename Tr::OutMma>(out, make_tensor(make_smem_ptr(w_smem), typename Tr::SmemWeights{}),
+                                           make_tensor(make_smem_ptr(stage(s)), typename Tr::SmemRowsT{}));
+  };
+  auto step = [&](auto& S_now, auto& S_next, int s) {  // s < steps - 1
+    start_scores(S_next, s + 1);
+    wait_mma<1>(S_now);
+    __syncthreads();
+    const bool refill = s >= 1 && s - 1 + kStages < steps;
+    if (refill) issue(s - 1 + kStages);
+    start_product(S_now, s, refill);
+  };
+  auto last_step = [&](auto& S_now, int s) {
+    wait_mma(S_now);
+    __syncthreads();
+    start_product(S_now, s, false);
+    wait_mma(out);
+  };
+
+  using Acc = decltype(partition_fragment_C(typename Tr::ScoresMma{}, Shape<Int<kRows>, Int<kCols>>{}));
+  Acc S0, S1;
+#pragma unroll
+  for (int t = 0; t < kStages; ++t) {
+    if (t < steps) {
+      issue(t);
+      store_values(t);
+    }
+  }
+  __syncthreads();  // the first tiles' column values
+  // (out's initial values in its registers before any wgmma: else the compiler copies them there
+  // after S(0) is issued, and ptxas waits for S(0) to allow that)
+  warpgroup_fence_operand(out);
+  start_scores(S0, 0);
+  int s = 0;
+  for (; s + 2 < steps; s += 2) {
+    step(S0, S1, s);
+    step(S1, S0, s + 1);
+  }
+  if (s + 1 < steps) {
+    step(S0, S1, s);
+    last_step(S1, s + 1);
+  } else {
+    last_step(S0, s);
+  }
+#else
+  __trap();  // the host launches the TMA kernels only where their sm_90a code exists (tma_refusal)
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
 // Anchor backward
 // ------------------------------------------------------------------------------------------
 
-template <typename T, int kC>
-__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
-    anchor_backward_kernel(const __grid_constant__ Params<T> p, const float* lse2, const float* grad, const float* proj_a,
-                           const float* proj_t, T* grad_a, T* grad_t) {
+// anchor_backward_kernel's work, its tiles streamed by stream_tiles (cp.async), or with kTma by
+// stream_tiles_tma (`maps` then the operands').
+template <typename T, int kC, bool kTma>
+__device__ __forceinline__ void anchor_backward(const Params<T>& p, const TensorMaps* maps, const float* lse2,
+                                                const float* grad, const float* proj_a, const float* proj_t, T* grad_a,
+                                                T* grad_t) {
   using Tr = BackwardTraits<T, kC>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
-  T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
-  float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
+  T* w_smem = weights_smem<Tr, kTma>(smem_raw, p.chunks);
+  float* row_part = row_part_smem<Tr, kTma>(smem_raw, p.chunks);
   // "none" mode: each anchor's positive logit2 and p - 1, written by the one thread holding the
   // positive (in shared memory: 4 registers less through the loop), after the 2 x 64 partial sums
   float* positives = row_part + 2 * kRows;
@@ -751,8 +948,8 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   }
   float d[2] = {0.f, 0.f};  // this lane's share of sum_k q logit2
 
-  stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
-                   [&](auto& S, int source, int key0, const auto& tile, const float* col) {
+  // A key tile's S into the weights q (in place); whether they multiply the tile's rows.
+  auto tile_weights = [&](auto& S, int source, int key0, const float* col) {
     const Keys kind = source == 0 ? sch.src0.kind : Keys::kPlain;
     Tensor s = make_tensor(S.data(), rowcol(S.layout()));
 #pragma unroll
@@ -778,8 +975,16 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
     }
     // The epilogue adds a positives-only tile's (p - 1) t_hat_i to row i alone: weights 0 times
     // another pixel's NaN or Inf in an MMA over the tile would reach every anchor of the tile.
-    if (kind != Keys::kPositiveOnly && grad_a != nullptr) weights_times_rows<Tr>(out, S, w_smem, tile);
-  });
+    return kind != Keys::kPositiveOnly && grad_a != nullptr;
+  };
+  if constexpr (kTma) {
+    stream_tiles_tma<Tr>(smem_raw, p, *maps, kAnchorRows, seg.row0, sch, key_columns(p, sch), tile_weights, out);
+  } else {
+    stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, kAnchorRows, seg.row0, seg.hi, sch, key_columns(p, sch),
+                     [&](auto& S, int source, int key0, const auto& tile, const float* col) {
+                       if (tile_weights(S, source, key0, col)) weights_times_rows<Tr>(out, S, w_smem, tile);
+                     });
+  }
 
   const bool normalize = p.inv_anchors != nullptr;
   const bool none = p.negatives == Negatives::kNone;
@@ -828,18 +1033,41 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
   });
 }
 
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    anchor_backward_kernel(const __grid_constant__ Params<T> p, const float* lse2, const float* grad, const float* proj_a,
+                           const float* proj_t, T* grad_a, T* grad_t) {
+  anchor_backward<T, kC, false>(p, nullptr, lse2, grad, proj_a, proj_t, grad_a, grad_t);
+}
+
+// anchor_backward_kernel on sm_90a where one chunk holds C: tiles by TMA, each tile's exps beside
+// the next tile's S (stream_tiles_tma).
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    anchor_backward_tma_kernel(const __grid_constant__ Params<T> p, const __grid_constant__ TensorMaps maps,
+                               const float* lse2, const float* grad, const float* proj_a, const float* proj_t, T* grad_a,
+                               T* grad_t) {
+#if PCD_KERNELS_TMA
+  anchor_backward<T, kC, true>(p, &maps, lse2, grad, proj_a, proj_t, grad_a, grad_t);
+#else
+  __trap();  // the host launches this kernel only where its sm_90a code exists (tma_refusal)
+#endif
+}
+
 // ------------------------------------------------------------------------------------------
 // Key backward
 // ------------------------------------------------------------------------------------------
 
-template <typename T, int kC>
-__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
-    key_backward_kernel(const __grid_constant__ Params<T> p, bool keys_are_teacher, const float* lse2, const float* grad_scaled,
-                        const float* grad_max, const float* proj_k, T* grad_k) {
+// key_backward_kernel's work, its tiles streamed by stream_tiles (cp.async), or with kTma by
+// stream_tiles_tma (`maps` then the operands').
+template <typename T, int kC, bool kTma>
+__device__ __forceinline__ void key_backward(const Params<T>& p, const TensorMaps* maps, bool keys_are_teacher,
+                                             const float* lse2, const float* grad_scaled, const float* grad_max,
+                                             const float* proj_k, T* grad_k) {
   using Tr = BackwardTraits<T, kC>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];  // (GMMA's 128-byte swizzle repeats every 1 KB)
-  T* w_smem = reinterpret_cast<T*>(smem_raw) + Smem<Tr>::own_and_streamed(p.chunks);
-  float* row_part = reinterpret_cast<float*>(smem_raw + Smem<Tr>::bytes(p.chunks)) - 2 * Smem<Tr>::kRowValues * kRows;
+  T* w_smem = weights_smem<Tr, kTma>(smem_raw, p.chunks);
+  float* row_part = row_part_smem<Tr, kTma>(smem_raw, p.chunks);
   // The block's keys and the anchors that see them: the pixels of image blockIdx.y and its
   // anchors ("image" mode), else all teacher pixels or queue rows, and every anchor.
   const T* keys = keys_are_teacher ? p.teacher : p.queue;
@@ -873,9 +1101,8 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
     v[1] = ok ? lse2[a] : 0.f;
     v[2] = ok ? grad_scaled[a] : 0.f;
   };
-  stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, keys_are_teacher ? kTeacherRows : kQueueRows, key0, hi, sch,
-                   anchor_columns,
-                   [&](auto& S, int, int a0, const auto& tile, const float* col) {
+  // An anchor tile's S into the weights (in place); every tile multiplies.
+  auto tile_weights = [&](auto& S, int, int a0, const float* col) {
     Tensor s = make_tensor(S.data(), rowcol(S.layout()));
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
@@ -892,8 +1119,18 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
         s(m, n) = w;
       }
     }
-    weights_times_rows<Tr>(out, S, w_smem, tile);
-  });
+    return true;
+  };
+  const Operand own_rows = keys_are_teacher ? kTeacherRows : kQueueRows;
+  if constexpr (kTma) {
+    stream_tiles_tma<Tr>(smem_raw, p, *maps, own_rows, key0, sch, anchor_columns, tile_weights, out);
+  } else {
+    stream_tiles<Tr>(reinterpret_cast<T*>(smem_raw), p, own_rows, key0, hi, sch, anchor_columns,
+                     [&](auto& S, int source, int a0, const auto& tile, const float* col) {
+                       tile_weights(S, source, a0, col);
+                       weights_times_rows<Tr>(out, S, w_smem, tile);
+                     });
+  }
 
   const bool normalize = inv_k != nullptr;
   const float g_max = *grad_max;
@@ -916,6 +1153,27 @@ __global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
     const float k_hat = normalize ? to_float(keys[static_cast<std::int64_t>(key) * p.ld + col]) : 0.f;
     grad_k[static_cast<std::int64_t>(key) * p.C + col] = static_cast<T>(key_ok[m] ? scale[m] * acc - proj[m] * k_hat : 0.f);
   });
+}
+
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    key_backward_kernel(const __grid_constant__ Params<T> p, bool keys_are_teacher, const float* lse2,
+                        const float* grad_scaled, const float* grad_max, const float* proj_k, T* grad_k) {
+  key_backward<T, kC, false>(p, nullptr, keys_are_teacher, lse2, grad_scaled, grad_max, proj_k, grad_k);
+}
+
+// key_backward_kernel on sm_90a where one chunk holds C: tiles by TMA, each tile's exps beside the
+// next tile's S (stream_tiles_tma).
+template <typename T, int kC>
+__global__ void __launch_bounds__(BackwardTraits<T, kC>::kThreads, 1)
+    key_backward_tma_kernel(const __grid_constant__ Params<T> p, const __grid_constant__ TensorMaps maps,
+                            bool keys_are_teacher, const float* lse2, const float* grad_scaled, const float* grad_max,
+                            const float* proj_k, T* grad_k) {
+#if PCD_KERNELS_TMA
+  key_backward<T, kC, true>(p, &maps, keys_are_teacher, lse2, grad_scaled, grad_max, proj_k, grad_k);
+#else
+  __trap();  // the host launches this kernel only where its sm_90a code exists (tma_refusal)
+#endif
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1036,11 +1294,11 @@ void by_instance(const PixelContrastiveParams& in, F&& f) {
   by_dtype(in.dtype, "pixel_contrastive", with_chunk);
 }
 
-// Whether the module loaded for `device` holds forward_tma_kernel's code (kTmaForwardBuilt): "" if
-// it does, else why not. Read once per device (a synchronous copy); not while `stream` is being
-// captured into a CUDA graph, where the copy is not allowed (that forward then takes the cp.async
+// Whether the module loaded for `device` holds the TMA kernels' code (kTmaKernelsBuilt): "" if it
+// does, else why not. Read once per device (a synchronous copy); not while `stream` is being
+// captured into a CUDA graph, where the copy is not allowed (that launch then takes the cp.async
 // kernel; torch.compile's CUDA graphs run each function eagerly before capturing it).
-std::string tma_forward_built(int device, std::uintptr_t stream) {
+std::string tma_kernels_built(int device, std::uintptr_t stream) {
   static std::atomic<int> built[64];  // 0 unknown, 1 no, 2 yes (each writer writes the same)
   if (device < 0 || device >= 64) return "device " + std::to_string(device) + " is past the 64 this check counts";
   int state = built[device].load(std::memory_order_relaxed);
@@ -1048,41 +1306,74 @@ std::string tma_forward_built(int device, std::uintptr_t stream) {
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     check_cuda(cudaStreamIsCapturing(reinterpret_cast<cudaStream_t>(stream), &capture), "cudaStreamIsCapturing");
     if (capture != cudaStreamCaptureStatusNone) {
-      return "the first forward on this GPU is being captured into a CUDA graph, before the extension's sm_90a code "
+      return "the first launch on this GPU is being captured into a CUDA graph, before the extension's sm_90a code "
              "could be checked";
     }
     check_cuda(cudaSetDevice(device), "cudaSetDevice");
     int value = 0;
-    check_cuda(cudaMemcpyFromSymbol(&value, kTmaForwardBuilt, sizeof(value)), "cudaMemcpyFromSymbol(kTmaForwardBuilt)");
+    check_cuda(cudaMemcpyFromSymbol(&value, kTmaKernelsBuilt, sizeof(value)), "cudaMemcpyFromSymbol(kTmaKernelsBuilt)");
     state = value != 0 ? 2 : 1;
     built[device].store(state, std::memory_order_relaxed);
   }
   return state == 2 ? "" : "the extension was built without sm_90a code (PCD_KERNELS_CUDA_ARCHS)";
 }
 
-// Why forward_tma_kernel cannot run this forward ("" when it can, with `maps` filled): it needs
+// Why the TMA kernels cannot run this launch ("" when they can, with `maps` filled; by_image: the
+// grid's y is the image, and the anchors' and teacher's maps are segmented by image): they need
 // one chunk to hold C, an sm_90 GPU running this module's sm_90a code (a build without 90a has
-// only a trap there), and the driver to encode the operands' tensor maps.
-template <typename T, int kC>
-std::string tma_forward_refusal(const PixelContrastiveParams& in, int chunks, TensorMaps& maps) {
+// only traps there), and the driver to encode the operands' tensor maps.
+template <typename T>
+std::string tma_refusal(const PixelContrastiveParams& in, int chunks, bool by_image, TensorMaps& maps) {
   if (chunks != 1) return "C = " + std::to_string(in.channels) + " takes more than one 256-channel chunk";
   int major = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, in.device),
              "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
   if (major != 9) return "the GPU is not sm_90 (compute capability major " + std::to_string(major) + ")";
-  const std::string built = tma_forward_built(in.device, in.stream);
+  const std::string built = tma_kernels_built(in.device, in.stream);
   if (!built.empty()) return built;
   std::memset(&maps, 0, sizeof(maps));
+  maps.by_image = by_image ? 1 : 0;
   const bool bf16 = std::is_same<T, cutlass::bfloat16_t>::value;
-  auto map = [&](CUtensorMap& m, std::uintptr_t base, std::int64_t rows) {
-    return rows == 0 || tma::row_tile_map(&m, reinterpret_cast<const void*>(base), rows, in.channels, in.row_stride, bf16);
+  auto map = [&](CUtensorMap& m, std::uintptr_t base, std::int64_t rows, bool segmented) {
+    return rows == 0 || tma::row_tile_map(&m, reinterpret_cast<const void*>(base), rows, segmented ? in.hw : rows,
+                                          in.channels, in.row_stride, bf16);
   };
-  if (!(map(maps.anchors, in.anchors, in.n_rows) && map(maps.teacher, in.teacher, in.n_rows) &&
-        map(maps.extra, in.extra, in.negatives == Negatives::kBatch ? in.n_extra : 0) &&
-        map(maps.queue, in.queue, in.n_queue))) {
+  if (!(map(maps.anchors, in.anchors, in.n_rows, by_image) && map(maps.teacher, in.teacher, in.n_rows, by_image) &&
+        map(maps.extra, in.extra, in.negatives == Negatives::kBatch ? in.n_extra : 0, false) &&
+        map(maps.queue, in.queue, in.n_queue, false))) {
     return "the driver did not encode the operands' tensor maps (cuTensorMapEncodeTiled)";
   }
   return "";
+}
+
+// Runs launch_tma(maps) where the TMA kernel can run (tma_refusal), else fallback().
+// PCD_KERNELS_CUDA_TMA (read at each call): "0" keeps the cp.async kernels, the fallback while the
+// TMA kernels have not run on a GPU; "1" requires the TMA kernel, a RuntimeError saying why where
+// it cannot run (make gpu-smoke's checks of them, which must not pass on the other kernels).
+template <typename T, typename LaunchTma, typename Fallback>
+void prefer_tma(const PixelContrastiveParams& in, int chunks, bool by_image, const char* what, LaunchTma&& launch_tma,
+                Fallback&& fallback) {
+  const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
+  const std::string choice = choice_env != nullptr ? choice_env : "";
+  TensorMaps maps;
+  const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_refusal<T>(in, chunks, by_image, maps);
+  if (refusal.empty()) return launch_tma(maps);
+  if (choice == "1") {
+    throw std::runtime_error(std::string("pixel_contrastive: PCD_KERNELS_CUDA_TMA=1 asks for the TMA ") + what +
+                             ", which cannot run: " + refusal);
+  }
+  fallback();
+}
+
+// launch() for a TMA kernel, with as much of the unified L1 / shared memory as shared memory: two
+// blocks of 99 KB (the forward at 256 channels) fit an SM only then (the driver may otherwise size
+// it for one block).
+template <typename... KernelArgs, typename... Args>
+void launch_tma(void (*kernel)(KernelArgs...), dim3 grid, int threads, std::size_t smem, std::uintptr_t stream,
+                const char* name, Args&&... args) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)", name);
+  launch(kernel, grid, threads, smem, stream, name, std::forward<Args>(args)...);
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
@@ -1093,38 +1384,27 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
 
 }  // namespace
 
-// The forward runs forward_tma_kernel where it can (tma_forward_refusal), else forward_kernel.
-// PCD_KERNELS_CUDA_TMA (read at each call): "0" keeps forward_kernel, the fallback while the TMA
-// kernel has not run on a GPU; "1" requires forward_tma_kernel, a RuntimeError saying why where it
-// cannot run (make gpu-smoke's check of it, which must not pass on the other kernel).
+// Each launcher runs its TMA kernel where it can (prefer_tma), else its cp.async kernel.
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
-  const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
-  const std::string choice = choice_env != nullptr ? choice_env : "";
   by_instance<1>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = ForwardTraits<T, kC>;
-    const dim3 grid = row_grid(in, in.n_rows, in.negatives == Negatives::kImage, 1);
-    TensorMaps maps;
-    const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_forward_refusal<T, kC>(in, p.chunks, maps);
-    if (refusal.empty()) {
-      // As much of the unified L1 / shared memory as shared memory: at 256 channels two blocks of
-      // 99 KB fit an SM only then (the driver may otherwise size it for one block).
-      check_cuda(cudaFuncSetAttribute(forward_tma_kernel<T, kC>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                      cudaSharedmemCarveoutMaxShared),
-                 "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)", "pixel_contrastive forward_tma_kernel");
-      launch(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
-             "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
-      return;
-    }
-    if (choice == "1") {
-      throw std::runtime_error("pixel_contrastive: PCD_KERNELS_CUDA_TMA=1 asks for the TMA forward, which cannot run: " +
-                               refusal);
-    }
-    launch(forward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
-           device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
+    const bool by_image = in.negatives == Negatives::kImage;
+    const dim3 grid = row_grid(in, in.n_rows, by_image, 1);
+    prefer_tma<T>(
+        in, p.chunks, by_image, "forward",
+        [&](const TensorMaps& maps) {
+          launch_tma(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
+                     "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss),
+                     device_ptr<float>(in.lse2));
+        },
+        [&] {
+          launch(forward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
+                 device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
+        });
   });
 }
 
@@ -1139,11 +1419,27 @@ void pixel_contrastive_backward_anchors(const PixelContrastiveParams& in) {
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
-    launch(anchor_backward_kernel<T, kC>, row_grid(in, in.n_rows, in.negatives == Negatives::kImage, p.chunks),
-           Tr::kThreads, smem, in.stream, "pixel_contrastive anchor_backward_kernel", p,
-           device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad),
-           device_ptr<const float>(in.proj_anchors), device_ptr<const float>(in.proj_teacher),
-           device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
+    const bool by_image = in.negatives == Negatives::kImage;
+    const dim3 grid = row_grid(in, in.n_rows, by_image, p.chunks);
+    auto args = [&](auto&& launch_with) {
+      launch_with(device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad),
+                  device_ptr<const float>(in.proj_anchors), device_ptr<const float>(in.proj_teacher),
+                  device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
+    };
+    prefer_tma<T>(
+        in, p.chunks, by_image, "anchor backward",
+        [&](const TensorMaps& maps) {
+          args([&](auto... a) {
+            launch_tma(anchor_backward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaBackwardSmem<Tr>::kBytes, in.stream,
+                       "pixel_contrastive anchor_backward_tma_kernel", p, maps, a...);
+          });
+        },
+        [&] {
+          args([&](auto... a) {
+            launch(anchor_backward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream,
+                   "pixel_contrastive anchor_backward_kernel", p, a...);
+          });
+        });
   });
 }
 
@@ -1160,9 +1456,26 @@ void pixel_contrastive_backward_keys(const PixelContrastiveParams& in) {
     constexpr int kC = decltype(kc)::value;
     const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
-    launch(key_backward_kernel<T, kC>, row_grid(in, keys, by_image, p.chunks), Tr::kThreads, smem, in.stream, "pixel_contrastive key_backward_kernel", p,
-           in.keys_are_teacher, device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
-           device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys), device_ptr<T>(in.grad_keys));
+    const dim3 grid = row_grid(in, keys, by_image, p.chunks);
+    auto args = [&](auto&& launch_with) {
+      launch_with(in.keys_are_teacher, device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
+                  device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys),
+                  device_ptr<T>(in.grad_keys));
+    };
+    prefer_tma<T>(
+        in, p.chunks, by_image, "key backward",
+        [&](const TensorMaps& maps) {
+          args([&](auto... a) {
+            launch_tma(key_backward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaBackwardSmem<Tr>::kBytes, in.stream,
+                       "pixel_contrastive key_backward_tma_kernel", p, maps, a...);
+          });
+        },
+        [&] {
+          args([&](auto... a) {
+            launch(key_backward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream,
+                   "pixel_contrastive key_backward_kernel", p, a...);
+          });
+        });
   });
 }
 

@@ -156,7 +156,7 @@ def test_modelled_bound_adds_exps_to_matmuls_and_meets_the_infonce_goal():
     assert model.H200.measured({"matmul_dtype": "float32", "matmul_tflops": 0.2, "copy_gbps": 28.0}) == model.H200
 
 
-def test_cuda_bound_overlaps_the_tma_forward_only_and_counts_the_preparation():
+def test_cuda_bound_overlaps_where_the_tma_kernels_run_and_counts_the_preparation():
     import dataclasses
 
     import model
@@ -164,14 +164,18 @@ def test_cuda_bound_overlaps_the_tma_forward_only_and_counts_the_preparation():
 
     device = model.Device("test", sms=2, clock_ghz=1.0, bf16_tflops=1e-3, fp32_tflops=1e-4, memory_gbps=1.0)
     target = next(c for c in pixel_contrastive.cases("cuda", quick=False) if c.name == "pcd-target")
-    for channels, overlapped in ((256, True), (512, False)):  # one 256-channel chunk: the TMA forward
+    for channels, overlapped in ((256, True), (512, False)):  # one 256-channel chunk: the TMA kernels
         case = dataclasses.replace(target, channels=channels)
         forward = model.case_bound(pixel_contrastive, case, mode="forward", device=device)
         backward = model.case_bound(pixel_contrastive, case, mode="backward", device=device)
         got = model.cuda_contrastive_bound(case, device)
         assert got["forward_ms"] == pytest.approx(forward["overlapped_ms" if overlapped else "bound_ms"])
         assert got["forward_ms"] < forward["bound_ms"] if overlapped else True
-        assert got["backward_ms"] == pytest.approx(backward["bound_ms"])
+        # the backward's exps beside its S, half its MMAs; its products still wait for them
+        half = backward["tensor_ms"] / 2
+        assert got["backward_ms"] == pytest.approx(
+            max(half + max(half, backward["exp_ms"]), backward["memory_ms"]) if overlapped else backward["bound_ms"])
+        assert backward["overlapped_ms"] <= got["backward_ms"] <= backward["bound_ms"]
         elements = (2 * case.anchors + case.queue) * channels  # student, teacher, queue: 6 B each, per pass
         assert got["preparation_ms"] == pytest.approx(2 * 6 * elements / 1e9 * 1e3)
         assert got["bound_ms"] == pytest.approx(got["forward_ms"] + got["backward_ms"] + got["preparation_ms"])
@@ -183,23 +187,41 @@ def test_cuda_bound_overlaps_the_tma_forward_only_and_counts_the_preparation():
     assert len(rows) == 4 and all(row in doc for row in rows), "rerun python bench/model.py into performance.md"
 
 
-def test_cuda_cp_async_provider_runs_the_forward_with_tma_off_and_restores_the_environment(monkeypatch):
+def test_cuda_cp_async_provider_runs_forward_and_backward_with_tma_off_and_restores_the_environment(monkeypatch):
     import os
 
     import pixel_contrastive
+    import torch
 
     seen = []
+
+    class Op(torch.autograd.Function):  # records the variable where the extension would read it
+        @staticmethod
+        def forward(ctx, s):
+            seen.append(("forward", os.environ.get("PCD_KERNELS_CUDA_TMA")))
+            return s.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", os.environ.get("PCD_KERNELS_CUDA_TMA")))
+            return grad.expand(3)
+
     monkeypatch.setattr(pixel_contrastive, "cuda_extension_reason", lambda device: None)
     monkeypatch.setattr(pixel_contrastive, "_ours",
-                        lambda case, backend: lambda s, t, q: seen.append((backend, os.environ.get("PCD_KERNELS_CUDA_TMA"))))
+                        lambda case, backend: lambda s, t, q: seen.append(backend) or Op.apply(s))
     case = pixel_contrastive.cases("cuda", quick=True)[0]
     for before in (None, "1"):
         if before is None:
             monkeypatch.delenv("PCD_KERNELS_CUDA_TMA", raising=False)
         else:
             monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", before)
-        pixel_contrastive.providers(case, "cuda")["ours-cuda-cp.async"]()(None, None, None)
-        assert seen.pop() == ("cuda", "0") and os.environ.get("PCD_KERNELS_CUDA_TMA") == before
+        student = torch.ones(3, requires_grad=True)
+        out = pixel_contrastive.providers(case, "cuda")["ours-cuda-cp.async"]()(student, None, None)
+        assert os.environ.get("PCD_KERNELS_CUDA_TMA") == before
+        out.backward()
+        assert seen == ["cuda", ("forward", "0"), ("backward", "0")] and student.grad.tolist() == [1.0] * 3
+        assert os.environ.get("PCD_KERNELS_CUDA_TMA") == before
+        seen.clear()
 
 
 def test_gpu_results_are_reported_against_the_bound():

@@ -120,8 +120,8 @@ PIPELINE_KERNELS = {
 # Kernels whose code exists for sm_90a alone (elsewhere a trap the host never launches), held there
 # to TMA (UTMALDG), warpgroup MMAs, no spill, and exps that overlap an MMA: MUFU.EX2 after a wait
 # that leaves one wgmma batch running (WARPGROUP.DEPBAR.LE gsb0, 0x1) and before the next HGMMA
-# issue or full wait (csrc/pixel_contrastive.cu forward_tma_kernel).
-HOPPER_KERNELS = {"pixel_contrastive": ("forward_tma_kernel",)}
+# issue or full wait (csrc/pixel_contrastive.cu forward_tma_kernel, and stream_tiles_tma's backward).
+HOPPER_KERNELS = {"pixel_contrastive": ("forward_tma_kernel", "anchor_backward_tma_kernel", "key_backward_tma_kernel")}
 _SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
 
 
@@ -252,6 +252,8 @@ def test_sass_check_names_what_each_kernel_lacks():
     kernels[("sm_90a", name("forward_tma_kernel", chunk=256))] = tma[:3] + tma[4:] + tma[3:4]
     kernels[("sm_90a", name("forward_tma_kernel", "N7cutlass10bfloat16_tE"))] = good + tma[1:]
     kernels[("sm_80", name("forward_tma_kernel"))] = ["/*0100*/ BPT.TRAP 0x1 ;"]  # a stub there: not held to it
+    kernels[("sm_90a", name("anchor_backward_tma_kernel"))] = tma
+    kernels[("sm_90a", name("key_backward_tma_kernel", chunk=256))] = tma + ["/*0200*/ STL [R1+0x10], R61 ;"]
     assert _pipeline_problems(kernels, {"sm_80", "sm_90a"}, "pixel_contrastive") == [
         "sm_80: no pixel_contrastive key_backward_kernel in the library",
         "sm_80 pixel_contrastive anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, "
@@ -261,7 +263,8 @@ def test_sass_check_names_what_each_kernel_lacks():
         "warpgroup MMAs (no HGMMA)",
         "sm_90a pixel_contrastive forward_tma_kernel<half_t, 256>: exps overlapping an MMA (no MUFU.EX2 while a "
         "wgmma batch runs)",
-        "sm_90a pixel_contrastive forward_tma_kernel<bfloat16_t, 64>: TMA (no UTMALDG)"]
+        "sm_90a pixel_contrastive forward_tma_kernel<bfloat16_t, 64>: TMA (no UTMALDG)",
+        "sm_90a pixel_contrastive key_backward_tma_kernel<half_t, 256>: spills: 1 STL and 0 LDL (local memory)"]
     assert _pipeline_problems({k: v for k, v in kernels.items() if "tma" not in k[1]}, {"sm_90a"},
                               "pixel_contrastive")[0] == "sm_90a: no pixel_contrastive forward_tma_kernel in the library"
     # pixel_attention: the sm_80-class pipeline on sm_90a too; its delta_kernel is not held to it

@@ -411,18 +411,19 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
 @pytest.mark.skipif(not CUDA or cuda_extension_missing() is not None,
                     reason="needs a GPU and the built extension: PCD_KERNELS_CUDA_TMA chooses between CUDA kernels")
 @pytest.mark.parametrize("negatives", ["batch", "image", "none"])
-def test_cuda_forward_kernels_agree_and_tma_required_says_why_not(negatives, monkeypatch):
-    """The CUDA forward has two kernels: forward_tma_kernel on sm_90 GPUs where one 256-channel chunk
-    holds C, forward_kernel (cp.async) elsewhere and with PCD_KERNELS_CUDA_TMA=0. Both against the
-    float64 formula; with PCD_KERNELS_CUDA_TMA=1 the TMA one is required: it runs, or a
-    RuntimeError says why (not sm_90, or C = 300 needing two chunks)."""
+def test_cuda_tma_and_cp_async_kernels_agree_and_tma_required_says_why_not(negatives, monkeypatch):
+    """Each CUDA kernel of the op (forward, anchor and key backward) has two versions: the TMA one
+    on sm_90 GPUs where one 256-channel chunk holds C, the cp.async one elsewhere and with
+    PCD_KERNELS_CUDA_TMA=0. Both, with every gradient, against the float64 formula; with
+    PCD_KERNELS_CUDA_TMA=1 the TMA ones are required: they run, or a RuntimeError says why (not
+    sm_90, or C = 300 needing two chunks)."""
     from pcd_kernels.backends.cuda import _extension
 
     sm90 = torch.cuda.get_device_capability()[0] == 9
     has_90a = "90a" in _extension.extension().cuda_architectures.split(",")
     for c in (200, 300):
         inputs = make_inputs(b=2, c=c, h=7, w=11, k=130, masked=True)
-        # the first of its conditions the TMA forward fails (csrc/pixel_contrastive.cu tma_forward_refusal)
+        # the first of its conditions the TMA kernels fail (csrc/pixel_contrastive.cu tma_refusal)
         refusal = ("C = 300" if c > 256 else "the GPU is not sm_90" if not sm90 else
                    None if has_90a else "the extension was built without sm_90a code")
         for choice in ("0", "1"):
@@ -432,7 +433,7 @@ def test_cuda_forward_kernels_agree_and_tma_required_says_why_not(negatives, mon
                                                        "cannot run: " + refusal):
                     run_loss(*inputs, torch.float16, "cuda", backend="cuda", negatives=negatives)
                 continue
-            check_op("cuda", "cuda", torch.float16, inputs, grads=(False, False, False), negatives=negatives)
+            check_op("cuda", "cuda", torch.float16, inputs, grads=(True, True, True), negatives=negatives)
 
 
 def test_cuda_backend_refuses_float32_before_running(monkeypatch):

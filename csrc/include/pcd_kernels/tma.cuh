@@ -2,11 +2,14 @@
 // its copies complete.
 //
 // Host: row_tile_map() describes a (rows, C) matrix of 16-bit elements with 16-byte aligned rows
-// as a 2-D tensor map whose box is 64 rows x 64 channels (128 bytes), written into shared memory
+// as a 3-D tensor map (channels, row within a segment, segment), segments of `segment_rows` rows
+// (an image's pixels, or all rows as one segment), whose box is 64 rows x 64 channels (128 bytes)
+// of one segment, written into shared memory
 // in the 128-byte swizzle that GMMA's K-major SW128 layouts read: a tile of 64 rows x kC channels
 // laid out as tile_to_shape(GMMA::Layout_K_SW128_Atom<T>, (64, kC)) is kC / 64 boxes, box j at
 // element 4096 j (checked on the host against CuTe's layout: every element of kC = 64, 128, 256).
-// Rows and channels past the matrix are zero-filled by the copy. The driver's encoder is reached
+// Rows past the segment and channels past C are zero-filled by the copy: a tile that starts in one
+// image holds nothing of the next. The driver's encoder is reached
 // through the runtime (cudaGetDriverEntryPoint*): the module links no libcuda, so it still loads
 // on machines without a driver.
 //
@@ -58,18 +61,21 @@ inline EncodeTiled encoder() {
 }
 
 // A tensor map of rows [0, rows) x channels [0, channels) of `base` (16-bit elements, bfloat16
-// when `bf16`, row stride `ld` elements), boxes of 64 x 64 in the 128-byte swizzle. False when
-// the driver cannot encode it (the caller falls back to cp.async); rows > 0 and the alignment
-// (16-byte base and row stride) are the caller's to ensure.
-inline bool row_tile_map(CUtensorMap* map, const void* base, std::int64_t rows, std::int64_t channels, std::int64_t ld,
-                         bool bf16) {
+// when `bf16`, row stride `ld` elements) as rows / segment_rows segments, boxes of 64 x 64 x 1 in
+// the 128-byte swizzle. False when the driver cannot encode it (the caller falls back to
+// cp.async); rows > 0, segment_rows dividing rows and the alignment (16-byte base and row stride)
+// are the caller's to ensure.
+inline bool row_tile_map(CUtensorMap* map, const void* base, std::int64_t rows, std::int64_t segment_rows,
+                         std::int64_t channels, std::int64_t ld, bool bf16) {
   const EncodeTiled encode = encoder();
   if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(channels), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};  // bytes, of dimension 1
-  const cuuint32_t box[2] = {kBoxChannels, kBoxRows};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult status = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(channels), static_cast<cuuint64_t>(segment_rows),
+                              static_cast<cuuint64_t>(rows / segment_rows)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(ld) * 2,  // bytes, of dimensions 1 and 2
+                                 static_cast<cuuint64_t>(ld) * 2 * static_cast<cuuint64_t>(segment_rows)};
+  const cuuint32_t box[3] = {kBoxChannels, kBoxRows, 1};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult status = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
                                  const_cast<void*>(base), dims, strides, box, element_strides,
                                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -103,14 +109,15 @@ __device__ __forceinline__ void expect_boxes(std::uint64_t* barrier, int boxes) 
                                                                  static_cast<std::uint32_t>(boxes * kBoxElems * 2));
 }
 
-// ... and copy rows [row0, row0 + 64) x channels [0, 64 kBoxes) of `map` into `smem` (1024-byte
-// aligned), box j at element 4096 j, completing on `barrier`.
+// ... and copy rows [row0, row0 + 64) of segment `segment` x channels [0, 64 kBoxes) of `map`
+// into `smem` (1024-byte aligned), box j at element 4096 j, completing on `barrier`.
 template <int kBoxes, typename T>
-__device__ __forceinline__ void load_row_tile(const CUtensorMap* map, std::uint64_t* barrier, T* smem, int row0) {
+__device__ __forceinline__ void load_row_tile(const CUtensorMap* map, std::uint64_t* barrier, T* smem, int row0,
+                                              int segment) {
 #pragma unroll
   for (int j = 0; j < kBoxes; ++j) {
-    cute::SM90_TMA_LOAD_2D::copy(map, barrier, static_cast<std::uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
-                                 smem + j * kBoxElems, j * kBoxChannels, row0);
+    cute::SM90_TMA_LOAD_3D::copy(map, barrier, static_cast<std::uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL),
+                                 smem + j * kBoxElems, j * kBoxChannels, row0, segment);
   }
 }
 
