@@ -614,9 +614,9 @@ namespace {
 //
 // * Tiles arrive by TMA (one thread issues kC / 64 boxes per tile) into a ring of L = kKeyStages
 //   stages, each completing on its mbarrier, whose phase the threads wait on: no per-thread copy
-//   instructions, and rows past an operand's end are zero-filled. Rows past a segment's end (the
-//   next image's pixels) arrive as they are: their keys' logits are replaced by -inf (select: a
-//   NaN there cannot spread), their anchors' rows are not written.
+//   instructions, and rows past an operand's end, or in "image" mode an image's, are zero-filled
+//   (TensorMaps). Keys past a segment's end get logit -inf all the same (a select), their
+//   anchors' rows are not written.
 // * Step s: issue tile s + 1's S wgmma, wait until only it is running (tile s's S is complete),
 //   barrier (every warp's MMA has read tile s's stage, every thread has read tile s - 1's flags),
 //   refill that stage with tile s + L, then fold tile s's S (the exps, on the multi-function unit,
@@ -750,11 +750,14 @@ __device__ __forceinline__ float to_float(cute::bfloat16_t x) { return static_ca
 
 // Shared memory of a TMA backward block: the own rows' tile, a ring of kStages streamed tiles, the
 // weights, kStages stages of per-column values, the per-row partial sums (Smem's), an mbarrier
-// per stage. At 256 channels 173 KB: one block per SM, as the cp.async kernels; two at 128.
+// per stage. 173 KB at 256 channels, 93 KB at 128; one block per SM either way (the registers:
+// 160 to 210 per thread), as the cp.async kernels.
 template <typename Tr>
 struct TmaBackwardSmem {
   using T = typename Smem<Tr>::T;
   static constexpr int kStages = 4;
+  // a tile is waited for L - 2 steps after its copy is issued (stream_tiles_tma)
+  static_assert(kStages >= 3, "the ring holds the tile in use, the next one, and one landing");
   static constexpr std::size_t kTileBytes = Tr::kTileElems * sizeof(T);
   static constexpr std::size_t kWeightsOffset = (1 + kStages) * kTileBytes;
   static constexpr std::size_t kColumnsOffset = kWeightsOffset + kRows * kCols * sizeof(T);
@@ -1324,13 +1327,14 @@ std::string tma_kernels_built(int device, std::uintptr_t stream) {
 // only traps there), and the driver to encode the operands' tensor maps.
 template <typename T>
 std::string tma_refusal(const PixelContrastiveParams& in, int chunks, bool by_image, TensorMaps& maps) {
-  if (chunks != 1) return "C = " + std::to_string(in.channels) + " takes more than one 256-channel chunk";
   int major = 0;
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, in.device),
              "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
   if (major != 9) return "the GPU is not sm_90 (compute capability major " + std::to_string(major) + ")";
   const std::string built = tma_kernels_built(in.device, in.stream);
   if (!built.empty()) return built;
+  // (on sm_90 by_instance keeps 256-channel chunks: the block's shared memory allows them)
+  if (chunks != 1) return "C = " + std::to_string(in.channels) + " takes more than one 256-channel chunk";
   std::memset(&maps, 0, sizeof(maps));
   maps.by_image = by_image ? 1 : 0;
   const bool bf16 = std::is_same<T, cutlass::bfloat16_t>::value;
@@ -1349,12 +1353,17 @@ std::string tma_refusal(const PixelContrastiveParams& in, int chunks, bool by_im
 // Runs launch_tma(maps) where the TMA kernel can run (tma_refusal), else fallback().
 // PCD_KERNELS_CUDA_TMA (read at each call): "0" keeps the cp.async kernels, the fallback while the
 // TMA kernels have not run on a GPU; "1" requires the TMA kernel, a RuntimeError saying why where
-// it cannot run (make gpu-smoke's checks of them, which must not pass on the other kernels).
+// it cannot run (make gpu-smoke's checks of them, which must not pass on the other kernels); any
+// other value but unset or empty is a ValueError.
 template <typename T, typename LaunchTma, typename Fallback>
 void prefer_tma(const PixelContrastiveParams& in, int chunks, bool by_image, const char* what, LaunchTma&& launch_tma,
                 Fallback&& fallback) {
   const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
   const std::string choice = choice_env != nullptr ? choice_env : "";
+  if (choice != "" && choice != "0" && choice != "1") {
+    invalid_argument("PCD_KERNELS_CUDA_TMA must be 0 (the cp.async kernels), 1 (require the TMA kernels) or unset "
+                     "(the TMA kernels where they can run), got '" + choice + "'");
+  }
   TensorMaps maps;
   const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_refusal<T>(in, chunks, by_image, maps);
   if (refusal.empty()) return launch_tma(maps);

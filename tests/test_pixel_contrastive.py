@@ -414,9 +414,10 @@ def test_backends_that_cannot_run_say_why(monkeypatch):
 def test_cuda_tma_and_cp_async_kernels_agree_and_tma_required_says_why_not(negatives, monkeypatch):
     """Each CUDA kernel of the op (forward, anchor and key backward) has two versions: the TMA one
     on sm_90 GPUs where one 256-channel chunk holds C, the cp.async one elsewhere and with
-    PCD_KERNELS_CUDA_TMA=0. Both, with every gradient, against the float64 formula; with
+    PCD_KERNELS_CUDA_TMA=0. Both, with every gradient, against the float64 formula, and against
+    each other bit for bit (the same operands, MMAs and order: only the copies differ); with
     PCD_KERNELS_CUDA_TMA=1 the TMA ones are required: they run, or a RuntimeError says why (not
-    sm_90, or C = 300 needing two chunks)."""
+    sm_90, no sm_90a code, or C = 300 needing two chunks); another value is a ValueError."""
     from pcd_kernels.backends.cuda import _extension
 
     sm90 = torch.cuda.get_device_capability()[0] == 9
@@ -424,16 +425,27 @@ def test_cuda_tma_and_cp_async_kernels_agree_and_tma_required_says_why_not(negat
     for c in (200, 300):
         inputs = make_inputs(b=2, c=c, h=7, w=11, k=130, masked=True)
         # the first of its conditions the TMA kernels fail (csrc/pixel_contrastive.cu tma_refusal)
-        refusal = ("C = 300" if c > 256 else "the GPU is not sm_90" if not sm90 else
-                   None if has_90a else "the extension was built without sm_90a code")
-        for choice in ("0", "1"):
-            monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", choice)
-            if choice == "1" and refusal is not None:
-                with pytest.raises(RuntimeError, match="PCD_KERNELS_CUDA_TMA=1 asks for the TMA forward, which "
-                                                       "cannot run: " + refusal):
-                    run_loss(*inputs, torch.float16, "cuda", backend="cuda", negatives=negatives)
-                continue
-            check_op("cuda", "cuda", torch.float16, inputs, grads=(True, True, True), negatives=negatives)
+        refusal = ("the GPU is not sm_90" if not sm90 else "the extension was built without sm_90a code"
+                   if not has_90a else "C = 300" if c > 256 else None)
+        for dtype in (torch.float16, torch.bfloat16):
+            results = {}
+            for choice in ("0", "1"):
+                monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", choice)
+                if choice == "1" and refusal is not None:
+                    with pytest.raises(RuntimeError, match="PCD_KERNELS_CUDA_TMA=1 asks for the TMA forward, which "
+                                                           "cannot run: " + refusal):
+                        run_loss(*inputs, dtype, "cuda", backend="cuda", negatives=negatives)
+                    continue
+                check_op("cuda", "cuda", dtype, inputs, grads=(True, True, True), negatives=negatives)
+                results[choice] = run_loss(*inputs, dtype, "cuda", backend="cuda", negatives=negatives)
+            if len(results) == 2:
+                (loss0, grads0), (loss1, grads1) = results["0"], results["1"]
+                assert torch.equal(loss0, loss1)
+                for name, g0, g1 in zip(("student", "teacher", "queue"), grads0, grads1):
+                    assert torch.equal(g0, g1), f"{name} gradient: TMA and cp.async kernels differ"
+    monkeypatch.setenv("PCD_KERNELS_CUDA_TMA", "off")
+    with pytest.raises(ValueError, match="PCD_KERNELS_CUDA_TMA must be 0 .* or unset .*, got 'off'"):
+        run_loss(*make_inputs(b=1, c=8, h=3, w=3, k=5), torch.float16, "cuda", backend="cuda", negatives=negatives)
 
 
 def test_cuda_backend_refuses_float32_before_running(monkeypatch):
