@@ -2,7 +2,7 @@
 // pipeline (cp.async into swizzled shared memory, ldmatrix, mma.sync) built for every architecture,
 // and on sm_90a, where one chunk holds C, the same three kernels fed by TMA with each tile's exps
 // beside the next tile's wgmma (forward_tma_kernel, anchor_backward_tma_kernel,
-// key_backward_tma_kernel; the launchers' prefer_tma chooses).
+// key_backward_tma_kernel; launch_preferring_tma chooses).
 //
 // Three kernels, none storing anything of size anchors x keys, every output element written by
 // exactly one thread (no atomics: deterministic). A block of 4 warps owns 64 rows ("own": anchors,
@@ -584,6 +584,17 @@ struct TensorMaps {
     coords(o, row0, hw, row, segment);
     tma::load_row_tile<kBoxes>(of(o), barrier, smem, row, segment);
   }
+  // Thread 0: a TMA kernel's step s, operand o's tile at row0 into stage_smem (and with step 0 the
+  // own rows' tile at own0 into own_smem), completing on full[s % kStages].
+  template <int kBoxes, int kStages, typename T>
+  __device__ __forceinline__ void load_step(std::uint64_t* full, int s, Operand own, int own0, T* own_smem, Operand o,
+                                            int row0, T* stage_smem, int hw) const {
+    if (threadIdx.x != 0) return;
+    std::uint64_t* barrier = &full[s % kStages];
+    tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
+    if (s == 0) load<kBoxes>(own, own0, hw, barrier, own_smem);
+    load<kBoxes>(o, row0, hw, barrier, stage_smem);
+  }
 #endif
 };
 
@@ -608,6 +619,28 @@ struct TmaForwardSmem {
 }  // namespace
 __device__ int kTmaKernelsBuilt = PCD_KERNELS_TMA;  // (external linkage: kept in every cubin)
 namespace {
+
+// The TMA kernels' loop over steps [0, steps) with two accumulators: start(S0, 0), then
+// step(S_now, S_next, s) for each s < steps - 1 (S_now holds step s's, S_next receives step
+// s + 1's) and finish(S, steps - 1). Unrolled by 2 with the tail peeled, so that each wgmma and its
+// wait lie in straight-line code: under separate conditions ptxas could not pair them and would
+// serialise every wgmma (C7514).
+template <typename Acc, typename Start, typename Step, typename Finish>
+__device__ __forceinline__ void run_alternating(int steps, Acc& S0, Acc& S1, Start&& start, Step&& step,
+                                                Finish&& finish) {
+  start(S0, 0);
+  int s = 0;
+  for (; s + 2 < steps; s += 2) {
+    step(S0, S1, s);
+    step(S1, S0, s + 1);
+  }
+  if (s + 1 < steps) {
+    step(S0, S1, s);
+    finish(S1, s + 1);
+  } else {
+    finish(S0, s);
+  }
+}
 
 // The forward for sm_90a when one chunk holds C: forward_kernel's work with Hopper's copies, and
 // the exps of each key tile overlapping the next tile's MMA.
@@ -644,13 +677,7 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
   const Schedule<T> sch = anchor_schedule(p, seg, false);
   const int steps = sch.steps();  // one chunk: a step is a key tile; at least the positives' tile
 
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
-    cutlass::arch::fence_barrier_init();
-    cutlass::arch::fence_view_async_shared();
-  }
-  __syncthreads();
+  tma::init_stage_barriers<kStages>(full);
 
   // Key tile s (and, with tile 0, the anchors' tile) into stage s % L by TMA; returns its flag
   // for key threadIdx.x (threads < 64), for the caller to store into flag stage s % (L + 1).
@@ -658,12 +685,8 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     int source, row0, chunk;
     bool first, last;
     sch.at(s, source, row0, chunk, first, last);
-    if (threadIdx.x == 0) {
-      std::uint64_t* barrier = &full[s % kStages];
-      tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
-      if (s == 0) maps.load<kBoxes>(kAnchorRows, seg.row0, p.hw, barrier, own_smem);
-      maps.load<kBoxes>(sch.source(source).operand, row0, p.hw, barrier, key_smem + (s % kStages) * Tr::kTileElems);
-    }
+    maps.load_step<kBoxes, kStages>(full, s, kAnchorRows, seg.row0, own_smem, sch.source(source).operand, row0,
+                                    key_smem + (s % kStages) * Tr::kTileElems, p.hw);
     return threadIdx.x < kCols ? key_flag(p, sch, source, row0 + static_cast<int>(threadIdx.x)) : 0.f;
   };
   auto store_flag = [&](int s, float flag) {
@@ -684,8 +707,6 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     fold_scores<Tr>(rows, S, p, seg, sch, source, row0, flags + (s % kFlagStages) * kCols);
   };
   // Step s < steps - 1: S_now receives tile s's scores (issued a step ago), S_next tile s + 1's.
-  // (Each wgmma issued and waited for in straight-line code, the last outside the loop: under
-  // separate conditions ptxas could not pair them and would serialise every wgmma.)
   auto step = [&](auto& S_now, auto& S_next, int s) {
     start_scores(S_next, s + 1);
     wait_mma<1>(S_now);
@@ -703,20 +724,10 @@ __global__ void __launch_bounds__(ForwardTraits<T, kC>::kThreads, 1)
     if (t < steps) store_flag(t, issue(t));
   }
   __syncthreads();  // the flags of the first tiles
-  start_scores(S0, 0);
-  int s = 0;
-  for (; s + 2 < steps; s += 2) {
-    step(S0, S1, s);
-    step(S1, S0, s + 1);
-  }
-  if (s + 1 < steps) {
-    step(S0, S1, s);
-    wait_mma(S1);
-    fold(S1, s + 1);
-  } else {
-    wait_mma(S0);
-    fold(S0, s);
-  }
+  run_alternating(steps, S0, S1, start_scores, step, [&](auto& S, int s) {
+    wait_mma(S);
+    fold(S, s);
+  });
   write_forward<Tr>(rows, p, seg, loss, lse2_out);
 #else
   __trap();  // the host launches this kernel only where its sm_90a code exists (tma_refusal)
@@ -799,8 +810,7 @@ __device__ __forceinline__ float* row_part_smem(unsigned char* smem, int chunks)
 //   the weights tile; store tile s - 1 + L's column values (their global loads issued with its
 //   copy, their latency behind the exps);
 // * fence, barrier (both column groups' weights), issue product(s) (not waited for).
-// A tile has L - 2 steps to land; two S accumulators alternate (the loop unrolled by 2, each
-// wgmma and its wait in straight-line code: ptxas serialises wgmmas under separate conditions).
+// A tile has L - 2 steps to land; two S accumulators alternate (run_alternating).
 template <typename Tr, typename T, typename Columns, typename Weights, typename Out>
 __device__ __forceinline__ void stream_tiles_tma(unsigned char* smem_raw, const Params<T>& p, const TensorMaps& maps,
                                                  Operand own_rows, int own0, const Schedule<T>& sch, Columns&& columns,
@@ -818,25 +828,15 @@ __device__ __forceinline__ void stream_tiles_tma(unsigned char* smem_raw, const 
   const int steps = sch.steps();  // one chunk: a step is a tile; at least one
   auto stage = [&](int s) { return str_smem + (s % kStages) * Tr::kTileElems; };
 
-  if (threadIdx.x == 0) {
-#pragma unroll
-    for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
-    cutlass::arch::fence_barrier_init();
-    cutlass::arch::fence_view_async_shared();
-  }
-  __syncthreads();
+  tma::init_stage_barriers<kStages>(full);
 
   float values[kColumnValues] = {0.f, 0.f, 0.f};  // the column values of the tile last issued
   auto issue = [&](int s) {  // tile s (with tile 0 the own rows) into stage s % L
     int source, row0, chunk;
     bool first, last;
     sch.at(s, source, row0, chunk, first, last);
-    if (threadIdx.x == 0) {
-      std::uint64_t* barrier = &full[s % kStages];
-      tma::expect_boxes(barrier, (s == 0 ? 2 : 1) * kBoxes);
-      if (s == 0) maps.load<kBoxes>(own_rows, own0, p.hw, barrier, own_smem);
-      maps.load<kBoxes>(sch.source(source).operand, row0, p.hw, barrier, stage(s));
-    }
+    maps.load_step<kBoxes, kStages>(full, s, own_rows, own0, own_smem, sch.source(source).operand, row0, stage(s),
+                                    p.hw);
     if (threadIdx.x < kCols) columns(values, source, row0);
   };
   auto store_values = [&](int s) {
@@ -896,18 +896,7 @@ __device__ __forceinline__ void stream_tiles_tma(unsigned char* smem_raw, const 
   // (out's initial values in its registers before any wgmma: else the compiler copies them there
   // after S(0) is issued, and ptxas waits for S(0) to allow that)
   warpgroup_fence_operand(out);
-  start_scores(S0, 0);
-  int s = 0;
-  for (; s + 2 < steps; s += 2) {
-    step(S0, S1, s);
-    step(S1, S0, s + 1);
-  }
-  if (s + 1 < steps) {
-    step(S0, S1, s);
-    last_step(S1, s + 1);
-  } else {
-    last_step(S0, s);
-  }
+  run_alternating(steps, S0, S1, start_scores, step, last_step);
 #else
   __trap();  // the host launches the TMA kernels only where their sm_90a code exists (tma_refusal)
 #endif
@@ -1350,14 +1339,19 @@ std::string tma_refusal(const PixelContrastiveParams& in, int chunks, bool by_im
   return "";
 }
 
-// Runs launch_tma(maps) where the TMA kernel can run (tma_refusal), else fallback().
-// PCD_KERNELS_CUDA_TMA (read at each call): "0" keeps the cp.async kernels, the fallback while the
-// TMA kernels have not run on a GPU; "1" requires the TMA kernel, a RuntimeError saying why where
-// it cannot run (make gpu-smoke's checks of them, which must not pass on the other kernels); any
-// other value but unset or empty is a ValueError.
-template <typename T, typename LaunchTma, typename Fallback>
-void prefer_tma(const PixelContrastiveParams& in, int chunks, bool by_image, const char* what, LaunchTma&& launch_tma,
-                Fallback&& fallback) {
+// Launches tma_kernel(p, maps, args...) where the TMA kernels can run (tma_refusal), else
+// kernel(p, args...); `what` names the pass in errors. PCD_KERNELS_CUDA_TMA (read at each call):
+// "0" keeps the cp.async kernels, the fallback while the TMA kernels have not run on a GPU; "1"
+// requires the TMA kernel, a RuntimeError saying why where it cannot run (make gpu-smoke's checks
+// of them, which must not pass on the other kernels); any other value but unset or empty is a
+// ValueError. A TMA kernel asks for as much of the unified L1 / shared memory as shared memory:
+// two blocks of 99 KB (the forward at 256 channels) fit an SM only then (the driver may otherwise
+// size it for one block).
+template <typename T, typename... TmaParams, typename... KernelParams, typename... Args>
+void launch_preferring_tma(const PixelContrastiveParams& in, const Params<T>& p, dim3 grid, int threads, bool by_image,
+                           const char* what, void (*tma_kernel)(TmaParams...), std::size_t tma_smem,
+                           const char* tma_name, void (*kernel)(KernelParams...), std::size_t smem, const char* name,
+                           Args... args) {
   const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
   const std::string choice = choice_env != nullptr ? choice_env : "";
   if (choice != "" && choice != "0" && choice != "1") {
@@ -1365,24 +1359,19 @@ void prefer_tma(const PixelContrastiveParams& in, int chunks, bool by_image, con
                      "(the TMA kernels where they can run), got '" + choice + "'");
   }
   TensorMaps maps;
-  const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_refusal<T>(in, chunks, by_image, maps);
-  if (refusal.empty()) return launch_tma(maps);
+  const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_refusal<T>(in, p.chunks, by_image, maps);
+  if (refusal.empty()) {
+    check_cuda(cudaFuncSetAttribute(tma_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    cudaSharedmemCarveoutMaxShared),
+               "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)", tma_name);
+    launch(tma_kernel, grid, threads, tma_smem, in.stream, tma_name, p, maps, args...);
+    return;
+  }
   if (choice == "1") {
     throw std::runtime_error(std::string("pixel_contrastive: PCD_KERNELS_CUDA_TMA=1 asks for the TMA ") + what +
                              ", which cannot run: " + refusal);
   }
-  fallback();
-}
-
-// launch() for a TMA kernel, with as much of the unified L1 / shared memory as shared memory: two
-// blocks of 99 KB (the forward at 256 channels) fit an SM only then (the driver may otherwise size
-// it for one block).
-template <typename... KernelArgs, typename... Args>
-void launch_tma(void (*kernel)(KernelArgs...), dim3 grid, int threads, std::size_t smem, std::uintptr_t stream,
-                const char* name, Args&&... args) {
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-             "cudaFuncSetAttribute(PreferredSharedMemoryCarveout)", name);
-  launch(kernel, grid, threads, smem, stream, name, std::forward<Args>(args)...);
+  launch(kernel, grid, threads, smem, in.stream, name, p, args...);
 }
 
 // Blocks of kRows rows over `rows` rows, or over each image's pixels when by_image, times z.
@@ -1393,27 +1382,18 @@ dim3 row_grid(const PixelContrastiveParams& in, std::int64_t rows, bool by_image
 
 }  // namespace
 
-// Each launcher runs its TMA kernel where it can (prefer_tma), else its cp.async kernel.
+// Each launcher runs its TMA kernel where it can (launch_preferring_tma), else its cp.async kernel.
 void pixel_contrastive_forward(const PixelContrastiveParams& in) {
   check_params(in);
   by_instance<1>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
-    const Params<T> p = kernel_params<T>(in, kC);
     using Tr = ForwardTraits<T, kC>;
     const bool by_image = in.negatives == Negatives::kImage;
-    const dim3 grid = row_grid(in, in.n_rows, by_image, 1);
-    prefer_tma<T>(
-        in, p.chunks, by_image, "forward",
-        [&](const TensorMaps& maps) {
-          launch_tma(forward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaForwardSmem<Tr>::kBytes, in.stream,
-                     "pixel_contrastive forward_tma_kernel", p, maps, device_ptr<float>(in.loss),
-                     device_ptr<float>(in.lse2));
-        },
-        [&] {
-          launch(forward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream, "pixel_contrastive forward_kernel", p,
-                 device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
-        });
+    launch_preferring_tma(in, kernel_params<T>(in, kC), row_grid(in, in.n_rows, by_image, 1), Tr::kThreads, by_image,
+                          "forward", forward_tma_kernel<T, kC>, TmaForwardSmem<Tr>::kBytes,
+                          "pixel_contrastive forward_tma_kernel", forward_kernel<T, kC>, smem,
+                          "pixel_contrastive forward_kernel", device_ptr<float>(in.loss), device_ptr<float>(in.lse2));
   });
 }
 
@@ -1426,29 +1406,16 @@ void pixel_contrastive_backward_anchors(const PixelContrastiveParams& in) {
   by_instance<2>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
-    const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
+    const Params<T> p = kernel_params<T>(in, kC);
     const bool by_image = in.negatives == Negatives::kImage;
-    const dim3 grid = row_grid(in, in.n_rows, by_image, p.chunks);
-    auto args = [&](auto&& launch_with) {
-      launch_with(device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad),
-                  device_ptr<const float>(in.proj_anchors), device_ptr<const float>(in.proj_teacher),
-                  device_ptr<T>(in.grad_anchors), device_ptr<T>(in.grad_teacher));
-    };
-    prefer_tma<T>(
-        in, p.chunks, by_image, "anchor backward",
-        [&](const TensorMaps& maps) {
-          args([&](auto... a) {
-            launch_tma(anchor_backward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaBackwardSmem<Tr>::kBytes, in.stream,
-                       "pixel_contrastive anchor_backward_tma_kernel", p, maps, a...);
-          });
-        },
-        [&] {
-          args([&](auto... a) {
-            launch(anchor_backward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream,
-                   "pixel_contrastive anchor_backward_kernel", p, a...);
-          });
-        });
+    launch_preferring_tma(in, p, row_grid(in, in.n_rows, by_image, p.chunks), Tr::kThreads, by_image,
+                          "anchor backward", anchor_backward_tma_kernel<T, kC>, TmaBackwardSmem<Tr>::kBytes,
+                          "pixel_contrastive anchor_backward_tma_kernel", anchor_backward_kernel<T, kC>, smem,
+                          "pixel_contrastive anchor_backward_kernel", device_ptr<const float>(in.lse2),
+                          device_ptr<const float>(in.grad), device_ptr<const float>(in.proj_anchors),
+                          device_ptr<const float>(in.proj_teacher), device_ptr<T>(in.grad_anchors),
+                          device_ptr<T>(in.grad_teacher));
   });
 }
 
@@ -1463,28 +1430,15 @@ void pixel_contrastive_backward_keys(const PixelContrastiveParams& in) {
   by_instance<2>(in, [&](auto tag, auto kc, std::size_t smem) {
     using T = typename decltype(tag)::type;
     constexpr int kC = decltype(kc)::value;
-    const Params<T> p = kernel_params<T>(in, kC);
     using Tr = BackwardTraits<T, kC>;
-    const dim3 grid = row_grid(in, keys, by_image, p.chunks);
-    auto args = [&](auto&& launch_with) {
-      launch_with(in.keys_are_teacher, device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
-                  device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys),
-                  device_ptr<T>(in.grad_keys));
-    };
-    prefer_tma<T>(
-        in, p.chunks, by_image, "key backward",
-        [&](const TensorMaps& maps) {
-          args([&](auto... a) {
-            launch_tma(key_backward_tma_kernel<T, kC>, grid, Tr::kThreads, TmaBackwardSmem<Tr>::kBytes, in.stream,
-                       "pixel_contrastive key_backward_tma_kernel", p, maps, a...);
-          });
-        },
-        [&] {
-          args([&](auto... a) {
-            launch(key_backward_kernel<T, kC>, grid, Tr::kThreads, smem, in.stream,
-                   "pixel_contrastive key_backward_kernel", p, a...);
-          });
-        });
+    const Params<T> p = kernel_params<T>(in, kC);
+    launch_preferring_tma(in, p, row_grid(in, keys, by_image, p.chunks), Tr::kThreads, by_image, "key backward",
+                          key_backward_tma_kernel<T, kC>, TmaBackwardSmem<Tr>::kBytes,
+                          "pixel_contrastive key_backward_tma_kernel", key_backward_kernel<T, kC>, smem,
+                          "pixel_contrastive key_backward_kernel", in.keys_are_teacher,
+                          device_ptr<const float>(in.lse2), device_ptr<const float>(in.grad_scaled),
+                          device_ptr<const float>(in.grad_max), device_ptr<const float>(in.proj_keys),
+                          device_ptr<T>(in.grad_keys));
   });
 }
 

@@ -94,6 +94,19 @@ __device__ __forceinline__ std::uint64_t global_time_ns() {
   return t;
 }
 
+// Initialises kStages mbarriers of one arrival each (thread 0) and makes them visible to every
+// thread and to the copies (every thread calls it: it holds a barrier).
+template <int kStages>
+__device__ __forceinline__ void init_stage_barriers(std::uint64_t* full) {
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int b = 0; b < kStages; ++b) cutlass::arch::ClusterBarrier::init(&full[b], 1);
+    cutlass::arch::fence_barrier_init();
+    cutlass::arch::fence_view_async_shared();
+  }
+  __syncthreads();
+}
+
 // Waits until the mbarrier completes the phase of parity `phase`, trapping after kWaitLimitNs.
 __device__ __forceinline__ void wait_phase(std::uint64_t* barrier, std::uint32_t phase) {
   if (cutlass::arch::ClusterBarrier::try_wait(barrier, phase)) return;
