@@ -185,6 +185,9 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
     refused = dtype_refused(result["op"], provider, dtype)
     if refused:
         return dict(result, status="unavailable", reason=refused)
+    # What a provider sets in the environment ends with it, also where its step raised midway (the
+    # CUDA kernel choice of ours-cuda-cp.async would otherwise outlive a failed backward).
+    environment = dict(os.environ)
     try:
         prepare = getattr(loss_fn, "prepare", None)  # a layout change the provider does untimed
         input_sets = [op.make_inputs(case, device, dtype, seed)]
@@ -227,6 +230,9 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
             return dict(result, status="oom", reason="out of memory")
         return dict(result, status="error", reason=_one_line(exc))
     finally:
+        if os.environ != environment:
+            os.environ.clear()
+            os.environ.update(environment)
         if device == "cuda":
             try:
                 torch.cuda.empty_cache()

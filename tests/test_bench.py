@@ -179,6 +179,14 @@ def test_cuda_bound_overlaps_where_the_tma_kernels_run_and_counts_the_preparatio
         elements = (2 * case.anchors + case.queue) * channels  # student, teacher, queue: 6 B each, per pass
         assert got["preparation_ms"] == pytest.approx(2 * 6 * elements / 1e9 * 1e3)
         assert got["bound_ms"] == pytest.approx(got["forward_ms"] + got["backward_ms"] + got["preparation_ms"])
+    # C = 4 on a device of fast MMAs: the exps outweigh half the backward's MMAs (4 N K C flops,
+    # N K exps in the model's count), which then wait for them: tensor / 2 + exp.
+    fast = model.Device("test", sms=2, clock_ghz=1.0, bf16_tflops=1.0, fp32_tflops=0.1, memory_gbps=1e6)
+    case = dataclasses.replace(target, channels=4)
+    pairs = case.anchors * case.keys
+    tensor_ms, exp_ms = 4 * pairs * 4 / 1e12 * 1e3, pairs / (2 * 1e9 * 16) * 1e3
+    assert exp_ms > tensor_ms / 2
+    assert model.cuda_contrastive_bound(case, fast)["backward_ms"] == pytest.approx(tensor_ms / 2 + exp_ms)
     # on an H200 the GPU target's CUDA bound passes the serial one (Triton's), as docs/performance.md says
     assert model.cuda_contrastive_bound(target)["bound_ms"] < model.case_bound(pixel_contrastive, target)["bound_ms"]
     # docs/performance.md quotes the table python bench/model.py prints
@@ -222,6 +230,39 @@ def test_cuda_cp_async_provider_runs_forward_and_backward_with_tma_off_and_resto
         assert seen == ["cuda", ("forward", "0"), ("backward", "0")] and student.grad.tolist() == [1.0] * 3
         assert os.environ.get("PCD_KERNELS_CUDA_TMA") == before
         seen.clear()
+
+
+def test_what_a_provider_sets_in_the_environment_ends_with_it_even_when_its_backward_raises(monkeypatch):
+    """bench/run.py run_provider restores the environment: ours-cuda-cp.async sets
+    PCD_KERNELS_CUDA_TMA=0 until its op's backward has run, and a backward that raises must not
+    leave every later ours-cuda measuring the cp.async kernels."""
+    import os
+
+    import pixel_contrastive
+    import run
+    import torch
+
+    class Failing(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s):
+            return s.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("the kernel failed")
+
+    def factory():
+        def loss_fn(s, t, q):
+            os.environ["PCD_KERNELS_CUDA_TMA"] = "0"
+            return Failing.apply(s)
+        return loss_fn
+
+    monkeypatch.setattr(pixel_contrastive, "providers", lambda case, device: {"failing": factory})
+    monkeypatch.delenv("PCD_KERNELS_CUDA_TMA", raising=False)
+    case = pixel_contrastive.cases("cpu", quick=True)[0]
+    result = run.run_provider(pixel_contrastive, case, "failing", "cpu", torch.float32, repeats=1, warmup=1)
+    assert result["status"] == "error" and "the kernel failed" in result["reason"]
+    assert "PCD_KERNELS_CUDA_TMA" not in os.environ
 
 
 def test_gpu_results_are_reported_against_the_bound():

@@ -71,9 +71,9 @@ def test_junit_counts_per_dtype_and_failures(tmp_path):
 
 def test_a_command_that_says_skip_is_reported_as_skipped(tmp_path):
     """A command group (bench/cuda_kernel_check.py) whose last line says why it did not apply here
-    (the TMA forward on a GPU that is not sm_90) is a skip, not a pass."""
+    (a TMA kernel on a GPU that is not sm_90) is a skip, not a pass."""
     log = gpu_smoke.Log(tmp_path / "log")
-    for line, verdict in (("skip k: the TMA forward runs on sm_90 GPUs only", "skip"), ("ok   k", "pass")):
+    for line, verdict in (("skip k: the TMA kernels run on sm_90 GPUs only", "skip"), ("ok   k", "pass")):
         command = gpu_smoke.Group("k", "op", "cuda", ["-c", f"print({line!r})"], 10, pytest=False)
         row = gpu_smoke.run_group(command, {**os.environ}, tmp_path, log, False)
         assert row["verdict"] == verdict, row
@@ -140,6 +140,12 @@ def test_every_group_selects_tests_and_every_target_names_a_benchmark_case():
         listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                                  *group.argv], capture_output=True, text=True, cwd=gpu_smoke.ROOT)
         assert listed.returncode == 0 and " tests collected" in listed.stdout, (group.name, listed.stdout[-500:])
+        if group.op == "kernels":  # a list of names: each must still name a test (a renamed one would not)
+            files, expression = group.argv[:group.argv.index("-k")], group.argv[group.argv.index("-k") + 1]
+            every = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                    *files], capture_output=True, text=True, cwd=gpu_smoke.ROOT).stdout.lower()
+            for term in expression.split(" or "):
+                assert term.strip().lower() in every, (group.name, term)
     from common import op_modules
 
     names = {c.name for op in op_modules().values() for device, quick in (("cuda", False), ("cpu", True))
@@ -161,3 +167,19 @@ def test_each_cuda_kernel_runs_alone_first_and_its_problems_are_well_posed(capsy
         assert cuda_kernel_check.main([kernel, "--backend", "torch", "--device", "cpu"]) == 0, capsys.readouterr().out
         lines = capsys.readouterr().out.splitlines()
         assert lines and all(line.startswith("ok ") for line in lines), lines
+
+
+def test_the_benchmark_runs_the_cp_async_kernels_where_a_tma_kernel_failed_its_check():
+    import gpu_smoke
+
+    def rows(verdict):
+        return [{"check": "cuda kernel pixel_contrastive.forward_kernel", "verdict": "FAIL"},
+                {"check": "cuda kernel pixel_contrastive.key_backward_tma_kernel", "verdict": verdict},
+                {"check": "pixel_contrastive_loss triton", "verdict": "pass"}]
+
+    env = {"PATH": "/bin"}
+    for verdict in ("pass", "skip"):
+        assert gpu_smoke.bench_environment(rows(verdict), env) == ({"PATH": "/bin", "PCD_KERNELS_AUTOTUNE": "1"}, "")
+    environment, note = gpu_smoke.bench_environment(rows("FAIL"), env)
+    assert environment == {"PATH": "/bin", "PCD_KERNELS_AUTOTUNE": "1", "PCD_KERNELS_CUDA_TMA": "0"}
+    assert note.startswith("key_backward_tma_kernel failed: the benchmark runs the cp.async kernels")
