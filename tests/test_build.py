@@ -120,7 +120,9 @@ PIPELINE_KERNELS = {
 # Kernels whose code exists for sm_90a alone (elsewhere a trap the host never launches), held there
 # to TMA (UTMALDG), warpgroup MMAs, no spill, and exps that overlap an MMA: MUFU.EX2 after a wait
 # that leaves one wgmma batch running (WARPGROUP.DEPBAR.LE gsb0, 0x1) and before the next HGMMA
-# issue or full wait (csrc/pixel_contrastive.cu forward_tma_kernel, and stream_tiles_tma's backward).
+# issue or full wait (csrc/pixel_contrastive.cu forward_tma_kernel, and stream_tiles_tma's backward),
+# in a main loop that never waits for every batch (no WARPGROUP.DEPBAR.LE gsb0, 0x0 there: ptxas
+# serialising the wgmmas shows as one).
 HOPPER_KERNELS = {"pixel_contrastive": ("forward_tma_kernel", "anchor_backward_tma_kernel", "key_backward_tma_kernel")}
 _SASS_OP = re.compile(r"\b(LDGSTS|UTMALDG|HMMA|HGMMA|LDSM|STL|LDL)\b")
 
@@ -136,6 +138,22 @@ def _exps_under_mma(body):
         elif "MUFU.EX2" in line and in_flight:
             overlapped += 1
     return overlapped
+
+
+def _full_waits_in_main_loop(body):
+    """How many full wgmma waits (WARPGROUP.DEPBAR.LE gsb0, 0x0) lie in the kernel's main loop:
+    the range of the backward branch that spans the most HGMMA (None: no loop holds two)."""
+    at = [(int(m.group(1), 16), m.group(2)) for m in (re.search(r"/\*([0-9a-f]+)\*/\s+(.*)", line) for line in body)
+          if m]
+    best = None
+    for address, instruction in at:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instruction)
+        if target and int(target.group(1), 16) < address:
+            inside = [i for a, i in at if int(target.group(1), 16) <= a <= address]
+            mmas = sum("HGMMA" in i for i in inside)
+            if mmas >= 2 and (best is None or mmas > best[0]):
+                best = (mmas, sum(bool(re.search(r"DEPBAR.*gsb0\s*,\s*0x0\b", i)) for i in inside))
+    return None if best is None else best[1]
 
 
 def _pipeline_problems(kernels, archs, op):
@@ -172,6 +190,11 @@ def _pipeline_problems(kernels, archs, op):
                     missing.append("warpgroup MMAs (no HGMMA)")
                 elif not _exps_under_mma(body):
                     missing.append("exps overlapping an MMA (no MUFU.EX2 while a wgmma batch runs)")
+                waits = _full_waits_in_main_loop(body)
+                if waits is None:
+                    missing.append("a main loop (no backward branch over two HGMMA)")
+                elif waits:
+                    missing.append(f"a main loop that never waits for every wgmma (full waits there: {waits})")
             else:
                 if not (counts.get("LDGSTS") or counts.get("UTMALDG")):
                     missing.append("asynchronous copies (no LDGSTS or UTMALDG)")
@@ -247,13 +270,18 @@ def test_sass_check_names_what_each_kernel_lacks():
     # the TMA forward: exps while a batch runs (passes); exps only after the full wait; cp.async
     tma = ["/*0100*/ UTMALDG.2D [UR4], [UR6] ;", "/*0110*/ HGMMA.64x64x16.F32 R24, gdesc[UR8], R24, gsb0 ;",
            "/*0120*/ WARPGROUP.DEPBAR.LE gsb0, 0x1 ;", "/*0130*/ MUFU.EX2 R3, R3 ;",
-           "/*0140*/ HGMMA.64x64x16.F32 R56, gdesc[UR8], R56, gsb0 ;", "/*0150*/ WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"]
+           "/*0140*/ HGMMA.64x64x16.F32 R56, gdesc[UR8], R56, gsb0 ;", "/*0150*/ @P0 BRA 0x110 ;",
+           "/*0160*/ WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"]
     kernels[("sm_90a", name("forward_tma_kernel", chunk=128))] = tma
     kernels[("sm_90a", name("forward_tma_kernel", chunk=256))] = tma[:3] + tma[4:] + tma[3:4]
     kernels[("sm_90a", name("forward_tma_kernel", "N7cutlass10bfloat16_tE"))] = good + tma[1:]
     kernels[("sm_80", name("forward_tma_kernel"))] = ["/*0100*/ BPT.TRAP 0x1 ;"]  # a stub there: not held to it
     kernels[("sm_90a", name("anchor_backward_tma_kernel"))] = tma
     kernels[("sm_90a", name("key_backward_tma_kernel", chunk=256))] = tma + ["/*0200*/ STL [R1+0x10], R61 ;"]
+    # serialised: a full wait after each wgmma of the loop; no loop at all
+    kernels[("sm_90a", name("key_backward_tma_kernel", chunk=128))] = tma[:5] + [
+        "/*0148*/ WARPGROUP.DEPBAR.LE gsb0, 0x0 ;"] + tma[5:]
+    kernels[("sm_90a", name("anchor_backward_tma_kernel", chunk=128))] = tma[:5] + tma[6:]
     assert _pipeline_problems(kernels, {"sm_80", "sm_90a"}, "pixel_contrastive") == [
         "sm_80: no pixel_contrastive key_backward_kernel in the library",
         "sm_80 pixel_contrastive anchor_backward_kernel<bfloat16_t, 256>: tensor-core MMAs fed by ldmatrix (1 HMMA, "
@@ -264,7 +292,11 @@ def test_sass_check_names_what_each_kernel_lacks():
         "sm_90a pixel_contrastive forward_tma_kernel<half_t, 256>: exps overlapping an MMA (no MUFU.EX2 while a "
         "wgmma batch runs)",
         "sm_90a pixel_contrastive forward_tma_kernel<bfloat16_t, 64>: TMA (no UTMALDG)",
-        "sm_90a pixel_contrastive key_backward_tma_kernel<half_t, 256>: spills: 1 STL and 0 LDL (local memory)"]
+        "sm_90a pixel_contrastive anchor_backward_tma_kernel<half_t, 128>: a main loop (no backward branch over two "
+        "HGMMA)",
+        "sm_90a pixel_contrastive key_backward_tma_kernel<half_t, 256>: spills: 1 STL and 0 LDL (local memory)",
+        "sm_90a pixel_contrastive key_backward_tma_kernel<half_t, 128>: a main loop that never waits for every wgmma "
+        "(full waits there: 1)"]
     assert _pipeline_problems({k: v for k, v in kernels.items() if "tma" not in k[1]}, {"sm_90a"},
                               "pixel_contrastive")[0] == "sm_90a: no pixel_contrastive forward_tma_kernel in the library"
     # pixel_attention: the sm_80-class pipeline on sm_90a too; its delta_kernel is not held to it
