@@ -1178,7 +1178,20 @@ bool is_known(Negatives negatives) {
   return negatives == Negatives::kNone || negatives == Negatives::kImage || negatives == Negatives::kBatch;
 }
 
+// PCD_KERNELS_CUDA_TMA, read at each launch (launch_preferring_tma): "0", "1" or "" (unset); any
+// other value is a ValueError, raised by check_params before any CUDA call.
+std::string tma_choice() {
+  const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
+  const std::string choice = choice_env != nullptr ? choice_env : "";
+  if (choice != "" && choice != "0" && choice != "1") {
+    invalid_argument("PCD_KERNELS_CUDA_TMA must be 0 (the cp.async kernels), 1 (require the TMA kernels) or unset "
+                     "(the TMA kernels where they can run), got '" + choice + "'");
+  }
+  return choice;
+}
+
 void check_params(const PixelContrastiveParams& in) {
+  tma_choice();
   if (!is_known(in.negatives)) {
     invalid_argument("pixel_contrastive: negatives code must be 0 (none), 1 (image) or 2 (batch), got " +
                      std::to_string(static_cast<int>(in.negatives)));
@@ -1343,8 +1356,8 @@ std::string tma_refusal(const PixelContrastiveParams& in, int chunks, bool by_im
 // kernel(p, args...); `what` names the pass in errors. PCD_KERNELS_CUDA_TMA (read at each call):
 // "0" keeps the cp.async kernels, the fallback while the TMA kernels have not run on a GPU; "1"
 // requires the TMA kernel, a RuntimeError saying why where it cannot run (make gpu-smoke's checks
-// of them, which must not pass on the other kernels); any other value but unset or empty is a
-// ValueError. A TMA kernel asks for as much of the unified L1 / shared memory as shared memory:
+// of them, which must not pass on the other kernels); tma_choice() refuses any other value. A TMA
+// kernel asks for as much of the unified L1 / shared memory as shared memory:
 // two blocks of 99 KB (the forward at 256 channels) fit an SM only then (the driver may otherwise
 // size it for one block).
 template <typename T, typename... TmaParams, typename... KernelParams, typename... Args>
@@ -1352,12 +1365,7 @@ void launch_preferring_tma(const PixelContrastiveParams& in, const Params<T>& p,
                            const char* what, void (*tma_kernel)(TmaParams...), std::size_t tma_smem,
                            const char* tma_name, void (*kernel)(KernelParams...), std::size_t smem, const char* name,
                            Args... args) {
-  const char* choice_env = std::getenv("PCD_KERNELS_CUDA_TMA");
-  const std::string choice = choice_env != nullptr ? choice_env : "";
-  if (choice != "" && choice != "0" && choice != "1") {
-    invalid_argument("PCD_KERNELS_CUDA_TMA must be 0 (the cp.async kernels), 1 (require the TMA kernels) or unset "
-                     "(the TMA kernels where they can run), got '" + choice + "'");
-  }
+  const std::string choice = tma_choice();
   TensorMaps maps;
   const std::string refusal = choice == "0" ? "PCD_KERNELS_CUDA_TMA=0" : tma_refusal<T>(in, p.chunks, by_image, maps);
   if (refusal.empty()) {

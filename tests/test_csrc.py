@@ -268,6 +268,12 @@ def test_launchers_refuse_bad_arguments_before_any_cuda_call():
                        ext.pixel_contrastive_backward_keys):
             with pytest.raises(ValueError, match=message):
                 launch(_extension.struct(ext.PixelContrastiveParams, **{**ok, field: value}))
+    with pytest.MonkeyPatch.context() as env:  # the extension reads it at each launch
+        env.setenv("PCD_KERNELS_CUDA_TMA", "off")
+        for launch in (ext.pixel_contrastive_forward, ext.pixel_contrastive_backward_anchors,
+                       ext.pixel_contrastive_backward_keys):
+            with pytest.raises(ValueError, match="PCD_KERNELS_CUDA_TMA must be 0 .*, 1 .* or unset .*, got 'off'"):
+                launch(contrastive)
     contrastive.grad_teacher, contrastive.negatives = 1, NEGATIVES_MODES["image"]
     with pytest.raises(ValueError, match="teacher gradient in negatives='none' mode only"):
         ext.pixel_contrastive_backward_anchors(contrastive)
