@@ -124,29 +124,6 @@ def _naive(case):
         s, t, q if case.queue else None, negatives=case.negatives, temperature=TEMPERATURE)
 
 
-def _set_environment(name: str, value):
-    """Sets (a string) or removes (None) an environment variable."""
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-class _EnvironmentInBackward(torch.autograd.Function):
-    """The identity, whose backward sets an environment variable (_set_environment): applied to an
-    op's output it runs before the op's backward, applied to its input after it."""
-
-    @staticmethod
-    def forward(ctx, x, name, value):
-        ctx.name, ctx.value = name, value
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _set_environment(ctx.name, ctx.value)
-        return grad, None, None
-
-
 def _ours(case, backend):
     # (the torch backend accumulates in float32 whatever the input dtype: on CUDA it is a
     # memory-bounded fallback, not a fast path)
@@ -214,21 +191,13 @@ def providers(case: Case, device: str):
         return _ours(case, "cuda")
 
     def cuda_cp_async():
-        """The CUDA backend with its cp.async kernels (PCD_KERNELS_CUDA_TMA=0, read by the extension
-        at each launch, through the forward and the backward): beside ours-cuda, what the TMA
-        kernels gain on sm_90."""
+        """The CUDA backend with its cp.async kernels: PCD_KERNELS_CUDA_TMA=0 (read by the extension
+        at each launch) from here on, through every forward and backward of the provider's steps
+        (bench/run.py run_provider restores the environment after it): beside ours-cuda, what the
+        TMA kernels gain on sm_90."""
         loss = cuda()
-
-        def loss_fn(s, t, q):
-            previous = os.environ.get("PCD_KERNELS_CUDA_TMA")
-            _set_environment("PCD_KERNELS_CUDA_TMA", "0")
-            try:
-                # (the student's identity's backward runs after the op's: it restores the variable)
-                out = loss(_EnvironmentInBackward.apply(s, "PCD_KERNELS_CUDA_TMA", previous), t, q)
-            finally:
-                _set_environment("PCD_KERNELS_CUDA_TMA", previous)
-            return _EnvironmentInBackward.apply(out, "PCD_KERNELS_CUDA_TMA", "0")  # (before the op's backward)
-        return loss_fn
+        os.environ["PCD_KERNELS_CUDA_TMA"] = "0"
+        return loss
 
     return {
         "naive": lambda: _naive(case),

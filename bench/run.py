@@ -172,7 +172,18 @@ def dtype_refused(op_name, provider, dtype):
 def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, seed=0):
     """One provider on one case: a result dict (status ok / unavailable / oom / error). The
     timed steps cycle through input sets of different seeds, as many as make twice ``cache``
-    bytes together (at most 8)."""
+    bytes together (at most 8). What the provider sets in the environment (ours-cuda-cp.async: the
+    CUDA kernel choice) holds through its steps and ends with it, also where a step raised."""
+    environment = dict(os.environ)
+    try:
+        return _run_provider(op, case, provider, device, dtype, repeats, warmup, cache, seed)
+    finally:
+        if os.environ != environment:
+            os.environ.clear()
+            os.environ.update(environment)
+
+
+def _run_provider(op, case, provider, device, dtype, repeats, warmup, cache, seed):
     dtype = getattr(op, "DTYPE", None) or dtype
     result = {"op": getattr(case, "op_name", op.OP), "case": case.name, "provider": provider, "describe": case.describe(),
               "dtype": str(dtype).replace("torch.", ""), "sweep": case.sweep, "x": case.x}
@@ -185,9 +196,6 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
     refused = dtype_refused(result["op"], provider, dtype)
     if refused:
         return dict(result, status="unavailable", reason=refused)
-    # What a provider sets in the environment ends with it, also where its step raised midway (the
-    # CUDA kernel choice of ours-cuda-cp.async would otherwise outlive a failed backward).
-    environment = dict(os.environ)
     try:
         prepare = getattr(loss_fn, "prepare", None)  # a layout change the provider does untimed
         input_sets = [op.make_inputs(case, device, dtype, seed)]
@@ -230,9 +238,6 @@ def run_provider(op, case, provider, device, dtype, repeats, warmup, cache=0, se
             return dict(result, status="oom", reason="out of memory")
         return dict(result, status="error", reason=_one_line(exc))
     finally:
-        if os.environ != environment:
-            os.environ.clear()
-            os.environ.update(environment)
         if device == "cuda":
             try:
                 torch.cuda.empty_cache()
